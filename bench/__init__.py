@@ -1,0 +1,6 @@
+"""Tether's bench: time-to-task-id, stop and disconnect latency, scale and a cancel storm.
+
+Run ``python -m bench --quick`` (under 3 minutes on 2 cores) or ``python -m bench --full``.
+Every process (the loopback fakes, the Tether server, the payload-first baseline) is a real
+separate process on 127.0.0.1; see ``bench/README.md``.
+"""

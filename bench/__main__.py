@@ -1,0 +1,119 @@
+"""``python -m bench --quick | --full [--scenario NAME ...] [--name NAME] [--profile]``.
+
+Starts the fakes, the Tether server and the payload-first baseline as separate processes on
+127.0.0.1, runs the scenarios, writes ``bench/results/<name>.json``, ``<name>.md`` and one PNG
+chart per scenario, and ends every process it started by its pid. Exits 1 when a check
+failed (events lost or out of order, tasks or connections left behind, errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import trio
+
+from bench.config import FULL, QUICK, SCENARIOS, BenchConfig
+from bench.context import Bench
+from bench.procs import ProcessSet
+from bench.progress import Progress
+from bench.results import RESULTS_DIR, Results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores "
+                      "(the default)")
+    mode.add_argument("--full", action="store_true", help="the full sample counts and levels")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS, metavar="NAME",
+                        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    parser.add_argument("--name", help="results name (default: quick or full)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the server under pyinstrument; the text report goes to "
+                        "bench/results/<name>-profile.txt")
+    parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser.parse_args(argv)
+
+
+async def run_all(b: Bench, scenarios: list[str]) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def on_sigterm() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    b.results.errors.append(f"interrupted by signal {signum}")
+                    b.progress.warn("interrupted: stopping")
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(on_sigterm)
+        b.progress.section("start-up")
+        await b.start()
+        b.results.settings["server_env"] = b.server_env()
+        b.results.settings["model_id"] = b.model_id
+        b.results.settings["websocket"] = b.ws_available
+        for name in scenarios:
+            b.progress.section(name)
+            module = importlib.import_module(f"bench.scenarios.{name}")
+            try:
+                await module.run(b)
+            except Exception as exc:
+                b.results.errors.append(f"{name} crashed: {type(exc).__name__}: {exc}")
+                b.progress.warn(f"{name} crashed: {exc!r}")
+                traceback.print_exc()
+            if not b.tether.alive():
+                b.results.errors.append(f"the server exited during {name}:\n"
+                                        f"{b.tether.log_tail()}")
+                break
+            b.results.write_json()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg: BenchConfig = FULL if args.full else QUICK
+    name = args.name or cfg.mode
+    scenarios = args.scenario or list(SCENARIOS)
+    progress = Progress(args.quiet)
+    results = Results(name, cfg.mode)
+    results.settings.update({"config": cfg.to_json(), "scenarios": scenarios})
+    log_dir = Path(tempfile.mkdtemp(prefix=f"tether-bench-{name}-"))
+    procs = ProcessSet(log_dir)
+    b = Bench(cfg, progress, procs, results)
+    if args.profile:
+        b.profile_path = str(RESULTS_DIR / f"{name}-profile.txt")
+    progress.step(f"{cfg.mode} run {name!r}: {', '.join(scenarios)}; process logs in {log_dir}")
+    try:
+        trio.run(run_all, b, scenarios)
+    except KeyboardInterrupt:
+        results.errors.append("interrupted (SIGINT)")
+        progress.warn("interrupted")
+    except BaseException as exc:  # report whatever broke, then clean up below
+        results.errors.append(f"bench failed: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    finally:
+        progress.step("stopping every process the bench started")
+        procs.kill_all()
+    from bench.report import write_outputs
+
+    paths = write_outputs(results, charts=not args.no_charts)
+    for path in paths:
+        progress.step(f"wrote {path}")
+    for check in results.checks:
+        if not check.ok:
+            progress.warn(f"check failed: {check.name}: {check.detail}")
+    for error in results.errors:
+        progress.warn(error.splitlines()[0])
+    progress.step(f"{'OK' if results.ok else 'FAILED'} in {progress.elapsed():.0f} s")
+    return 0 if results.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""What a quick and a full run measure: sample counts, levels, delays."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCENARIOS = ("time_to_task_id", "stop_latency", "disconnect", "scale", "cancel_storm")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    mode: str
+    # 1. time-to-task-id
+    search_delays_s: tuple[float, ...] = (0.0, 10.0, 30.0)
+    ttid_sequential: int = 500  # Tether samples per delay, one client, interleaved with the floor
+    ttid_concurrent_clients: int = 50
+    ttid_concurrent_rounds: int = 10  # requests per concurrent client per delay
+    payload_first_sequential: int = 500  # at delay 0, interleaved like Tether's samples
+    payload_first_delayed: int = 20  # at delays > 0, sent concurrently (each takes ~delay)
+    ws_chat_samples: int = 500
+    # 2. stop latency, 3. disconnect latency
+    stop_samples: int = 30  # per phase and transport
+    disconnect_samples: int = 30  # per client kind and phase
+    # 4. scale
+    scale_levels: tuple[int, ...] = (1, 10, 100, 1000)
+    scale_tokens: int = 200
+    scale_rate: float = 50.0
+    scale_probe_interval_s: float = 0.02
+    scale_spawn_concurrency: int = 50
+    # 5. cancel storm
+    storm_tasks: int = 10_000
+    storm_concurrency: int = 200
+    storm_max_delay_s: float = 1.5
+    # server settings the bench runs with (TETHER_* environment)
+    server_env: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SERVER_ENV = {
+    "TETHER_SEARCH_PROVIDER": "searxng",
+    "TETHER_SEARCH_QUERY_GENERATION": "false",
+    "TETHER_SEARCH_FETCH_PAGES": "true",
+    "TETHER_SEARCH_RESULT_COUNT": "3",
+    "TETHER_LLM_API_KEY": "bench-key",
+    # Admission limits out of the way: the bench measures, it does not test 429s.
+    "TETHER_MAX_ACTIVE_TASKS": "50000",
+    "TETHER_MAX_ACTIVE_TASKS_PER_USER": "50000",
+    # Ended tasks expire quickly so that the cancel storm can check memory afterwards.
+    "TETHER_TASK_RETENTION_S": "5",
+    # The default pool (200) would cap concurrent model streams below the top scale level.
+    "TETHER_HTTP_MAX_CONNECTIONS": "1500",
+}
+
+FULL = BenchConfig(mode="full", server_env=dict(_SERVER_ENV))
+
+QUICK = BenchConfig(
+    mode="quick",
+    ttid_sequential=150,
+    ttid_concurrent_rounds=4,
+    payload_first_sequential=150,
+    payload_first_delayed=5,
+    ws_chat_samples=100,
+    stop_samples=8,
+    disconnect_samples=8,
+    scale_levels=(1, 10, 100),
+    storm_tasks=1000,
+    storm_concurrency=100,
+    server_env=dict(_SERVER_ENV),
+)

@@ -1,0 +1,245 @@
+"""The running bench: its processes, the clients that talk to them, and shared helpers."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import trio
+
+from bench.config import BenchConfig
+from bench.fakes import FakeControl
+from bench.httpclient import HttpConnection, HttpError, get_json
+from bench.procs import Proc, ProcessError, ProcessSet, free_port
+from bench.progress import Progress
+from bench.results import Results
+from bench.wsclient import ws_client
+
+# The model fake's answer for ordinary tasks: short, instant.
+DEFAULT_REPLY: dict[str, Any] = {"kind": "text", "chunks": ["Hello", " from", " the", " fake."]}
+
+
+@dataclass
+class Bench:
+    cfg: BenchConfig
+    progress: Progress
+    procs: ProcessSet
+    results: Results
+    server: Proc | None = None
+    payload_first: Proc | None = None
+    search: FakeControl | None = None
+    pages: FakeControl | None = None
+    model: FakeControl | None = None
+    model_id: str = "fake-model"
+    ws_available: bool = False
+    profile_path: str | None = None
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        fakes: dict[str, Proc] = {}
+
+        async def start_fake(name: str, module: str) -> None:
+            fakes[name] = await self.procs.start_fake(name, module)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_fake, "search", "tests.fakes.search")
+            nursery.start_soon(start_fake, "pages", "tests.fakes.pages")
+            nursery.start_soon(start_fake, "model", "tests.fakes.model")
+        self.search = FakeControl("search", fakes["search"].port)
+        self.pages = FakeControl("pages", fakes["pages"].port)
+        self.model = FakeControl("model", fakes["model"].port)
+        await self.reset_fakes()
+        self.progress.step(f"fakes up: search :{self.search.port}, pages :{self.pages.port}, "
+                           f"model :{self.model.port}")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._start_server)
+            nursery.start_soon(self._start_payload_first)
+        await self._discover_model()
+        self.ws_available = await self._probe_ws()
+        self.progress.step(f"tether :{self.tether.port} (pid {self.tether.pid}), payload-first "
+                           f":{self.pf.port}; model {self.model_id!r}; "
+                           f"WebSocket {'yes' if self.ws_available else 'NOT available'}")
+
+    def server_env(self) -> dict[str, str]:
+        env = dict(self.cfg.server_env)
+        env["TETHER_LLM_BASE_URL"] = self.fake("model").base_url + "/v1"
+        env["TETHER_SEARXNG_URL"] = self.fake("search").base_url
+        return env
+
+    async def _start_server(self) -> None:
+        port = free_port()
+        args = ["-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        if self.profile_path:
+            args = ["-m", "pyinstrument", "-o", self.profile_path, "-r", "text", *args]
+        proc = self.procs.spawn("tether", args, self.server_env(),
+                                interrupt_first=bool(self.profile_path))
+        proc.port = port
+        self.server = proc
+        await self._wait_healthz(proc)
+
+    async def _start_payload_first(self) -> None:
+        args = ["-m", "bench.baselines.payload_first", "--port", "0",
+                "--searxng-url", self.fake("search").base_url,
+                "--llm-base-url", self.fake("model").base_url + "/v1"]
+        proc = self.procs.spawn("payload_first", args)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not proc.port:
+            for line in proc.log_path.read_text(errors="replace").splitlines():
+                if line.startswith("READY "):
+                    proc.port = int(line.split()[1])
+            if not proc.alive():
+                raise ProcessError(f"payload-first exited:\n{proc.log_tail()}")
+            await trio.sleep(0.05)
+        if not proc.port:
+            raise ProcessError(f"payload-first printed no READY line:\n{proc.log_tail()}")
+        self.payload_first = proc
+        await self._wait_healthz(proc)
+
+    async def _wait_healthz(self, proc: Proc, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise ProcessError(f"{proc.name} exited:\n{proc.log_tail()}")
+            try:
+                await get_json("127.0.0.1", proc.port, "/healthz")
+                return
+            except (OSError, HttpError, ValueError):
+                await trio.sleep(0.05)
+        raise ProcessError(f"{proc.name} did not answer /healthz in {timeout} s:\n"
+                           f"{proc.log_tail()}")
+
+    async def _discover_model(self) -> None:
+        """The id under which the server lists the fake model (its list is refreshed in the
+        background, so it may take a moment to appear)."""
+        deadline = time.monotonic() + 15
+        ids: list[str] = []
+        while time.monotonic() < deadline:
+            try:
+                answer = await get_json("127.0.0.1", self.tether.port, "/api/models")
+                ids = [str(m.get("id")) for m in answer.get("data", [])]
+            except (OSError, HttpError, ValueError):
+                ids = []
+            fake = [i for i in ids if "fake-model" in i]
+            if fake:
+                self.model_id = fake[0]
+                return
+            await trio.sleep(0.1)
+        raise ProcessError(f"the server never listed the fake model (models: {ids})")
+
+    async def _probe_ws(self) -> bool:
+        try:
+            with trio.move_on_after(5):
+                async with ws_client(self.ws_url) as client:
+                    await client.ping()
+                    return True
+        except Exception as exc:  # any failure means: no usable /ws yet
+            self.results.notes.append(f"WebSocket /ws not usable: {type(exc).__name__}: {exc}")
+        return False
+
+    # -- accessors ------------------------------------------------------------------------
+
+    @property
+    def tether(self) -> Proc:
+        assert self.server is not None
+        return self.server
+
+    @property
+    def pf(self) -> Proc:
+        assert self.payload_first is not None
+        return self.payload_first
+
+    def fake(self, name: str) -> FakeControl:
+        fake = {"search": self.search, "pages": self.pages, "model": self.model}[name]
+        assert fake is not None
+        return fake
+
+    @property
+    def fakes(self) -> list[FakeControl]:
+        return [self.fake("search"), self.fake("pages"), self.fake("model")]
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.tether.port}/ws"
+
+    def conn(self) -> HttpConnection:
+        return HttpConnection("127.0.0.1", self.tether.port)
+
+    def pf_conn(self) -> HttpConnection:
+        return HttpConnection("127.0.0.1", self.pf.port)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def marker(self, prefix: str) -> str:
+        """A unique word for one sample: it becomes the search query and the page URLs."""
+        return f"{prefix}{next(self._ids)}x{uuid.uuid4().hex[:6]}"
+
+    def chat_body(self, text: str, *, chat_id: str, web_search: bool = False,
+                  background: bool = False, stream: bool = False,
+                  session_id: str | None = None, tool_ids: list[str] | None = None
+                  ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": [{"role": "user", "content": text}],
+            "stream": stream,
+            "chat_id": chat_id,
+            "message_id": "m-" + uuid.uuid4().hex[:8],
+            "features": {"web_search": web_search},
+        }
+        if background:
+            body["background"] = True
+        if session_id is not None:
+            body["session_id"] = session_id
+        if tool_ids:
+            body["tool_ids"] = tool_ids
+        return body
+
+    async def reset_fakes(self) -> None:
+        """Clear the fakes' records and settings, then restore the bench's base settings."""
+        for fake in self.fakes:
+            await fake.reset()
+        await self.fake("search").configure(page_base_url=self.fake("pages").base_url)
+        await self.fake("model").configure(default_reply=DEFAULT_REPLY)
+
+    async def stop_chat(self, chat_id: str) -> float:
+        """Stop every task of a chat; returns how long the stop took (s)."""
+        conn = self.conn()
+        try:
+            answer = await conn.request("POST", f"/api/chats/{chat_id}/stop", {})
+        finally:
+            await conn.aclose()
+        if answer.status != 200:
+            raise HttpError(f"chat stop -> {answer.status}: {answer.body[:200]!r}")
+        return answer.elapsed
+
+    async def running_tasks(self) -> list[dict[str, Any]]:
+        answer = await get_json("127.0.0.1", self.tether.port, "/api/tasks")
+        tasks: list[dict[str, Any]] = answer.get("tasks", [])
+        return tasks
+
+    async def wait_no_tasks(self, timeout: float = 30.0) -> float | None:
+        """Wait until ``GET /api/tasks`` is empty; the time it took, or None."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if not await self.running_tasks():
+                return time.monotonic() - start
+            await trio.sleep(0.05)
+        return None
+
+    def server_process(self) -> psutil.Process:
+        return psutil.Process(self.tether.pid)
+
+    def server_rss_mb(self) -> float:
+        return float(self.server_process().memory_info().rss) / 2**20
+
+    def server_cpu_s(self) -> float:
+        times = self.server_process().cpu_times()
+        return float(times.user + times.system)
+
+    async def open_fake_connections(self) -> dict[str, int]:
+        return {f.name: len(await f.open_connections()) for f in self.fakes}

@@ -1,0 +1,211 @@
+"""The run's outputs: ``<name>.json``, ``<name>.md`` (the table the README quotes) and charts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.results import RESULTS_DIR, Results
+
+
+def _ms(value: Any) -> str:
+    if value is None:
+        return "–"
+    value = float(value)
+    if value >= 1000:
+        return f"{value / 1000:.2f} s"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _x(value: Any) -> str:
+    if value is None:
+        return "–"
+    value = float(value)
+    return f"{value:.0f}×" if value >= 100 else f"{value:.1f}×" if value >= 10 else f"{value:.2f}×"
+
+
+def _pair(a: Any, b: Any, fmt: Any = _ms) -> str:
+    return f"{fmt(a)} / {fmt(b)}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def _time_to_task_id(res: Results) -> list[str]:
+    rows = res.figures.get("time_to_task_id") or []
+    if not rows:
+        return []
+    out = ["## 1. Time to task id", "",
+           "Background request with web search on, from sending it to the 202 (WebSocket: "
+           "`chat` to `task`). Floor: `GET /healthz` on the same server and connection "
+           "(WebSocket: `ping`), interleaved in random order. Payload-first: the same "
+           "pipeline answering only after search and page fetches, against its own "
+           "`/healthz` floor. p50 / p99.", ""]
+    table = []
+    for r in rows:
+        table.append([
+            str(r["path"]), f"{r['search_delay_s']:g} s", str(r["clients"]),
+            _pair(r["floor_p50"], r["floor_p99"]), _pair(r["tether_p50"], r["tether_p99"]),
+            f"**{_pair(r['tether_ratio_p50'], r['tether_ratio_p99'], _x)}**",
+            _pair(r["pf_p50"], r["pf_p99"]),
+            _pair(r["pf_ratio_p50"], r["pf_ratio_p99"], _x),
+        ])
+    out += _table(["path", "search delay", "clients", "floor ms", "Tether ms",
+                   "Tether / floor", "payload-first ms", "payload-first / floor"], table)
+    return out + [""]
+
+
+def _stop_latency(res: Results) -> list[str]:
+    rows = res.figures.get("stop_latency") or []
+    if not rows:
+        return []
+    out = ["## 2. Stop latency", "",
+           "From sending the stop to: the HTTP answer; the `task:cancelled` event at a "
+           "subscribed client; the fake upstream seeing its connection closed (its "
+           "CLOCK_MONOTONIC record). p50 / p99 in ms, and p50 as a multiple of a WebSocket "
+           "`ping` round trip measured in the same run.", ""]
+    table = []
+    for r in rows:
+        table.append([
+            str(r["phase"]), str(r["transport"]), str(r["n"]),
+            _pair(r.get("answer_p50"), r.get("answer_p99")),
+            _pair(r.get("cancelled_p50"), r.get("cancelled_p99")),
+            _pair(r.get("upstream_p50"), r.get("upstream_p99")),
+            _x(r.get("cancelled_ratio_p50")), str(r.get("ended_in", "")),
+        ])
+    out += _table(["phase", "stop by", "n", "answer ms", "`task:cancelled` ms",
+                   "upstream closed ms", "cancelled / ping", "ended in phase"], table)
+    ping = res.figures.get("stop_latency_ping")
+    if ping:
+        out += ["", f"WebSocket ping round trip (baseline): p50 {_ms(ping['p50'])} ms, "
+                f"p99 {_ms(ping['p99'])} ms (n={ping['n']})."]
+    return out + [""]
+
+
+def _disconnect(res: Results) -> list[str]:
+    rows = res.figures.get("disconnect") or []
+    if not rows:
+        return []
+    out = ["## 3. Disconnect latency", "",
+           "The client closes its socket mid-search or mid-generation; time until the fake "
+           "upstream sees its connection closed. p50 / p99 / max in ms.", ""]
+    table = [[str(r["client"]), str(r["phase"]), str(r["n"]),
+              f"{_ms(r['p50'])} / {_ms(r['p99'])} / {_ms(r['max'])}",
+              str(r.get("status", ""))] for r in rows]
+    out += _table(["client", "phase", "n", "to upstream closed ms", "task ended as"], table)
+    return out + [""]
+
+
+def _scale(res: Results) -> list[str]:
+    fig = res.figures.get("scale") or {}
+    rows = fig.get("levels") or []
+    if not rows:
+        return []
+    out = ["## 4. Scale", "",
+           f"Concurrent background tasks, each streaming {fig.get('tokens')} tokens at "
+           f"{fig.get('rate'):g} tokens/s from the fake model to its own subscribed "
+           "WebSocket client. Time to task id: probe requests sent during the streaming, "
+           "interleaved with the `/healthz` floor. Event lag: arrival at the client minus the "
+           "fake's send schedule.", ""]
+    table = []
+    for r in rows:
+        table.append([
+            str(r["tasks"]), _pair(r["ttid_p50"], r["ttid_p99"]),
+            _pair(r["floor_p50"], r["floor_p99"]),
+            _pair(r["ttid_ratio_p50"], r["ttid_ratio_p99"], _x),
+            _pair(r["lag_p50"], r["lag_p99"]), f"{r['lost']} / {r['out_of_order']}",
+            f"{r['cpu_percent']:.0f} %", f"{r['peak_rss_mb']:.0f}",
+            f"{r['kb_per_task']:.0f}" if r.get("kb_per_task") is not None else "–",
+            "yes" if r["holds"] else "no",
+        ])
+    out += _table(["tasks", "task id ms", "floor ms", "task id / floor", "event lag ms",
+                   "lost / out of order", "server CPU", "peak RSS MB", "KB per task",
+                   "holds"], table)
+    limit = fig.get("highest_level_held")
+    out += ["", f"Highest level held (task id p99 < 50 ms, no lost event): **{limit}**."
+            if limit else "No level held (task id p99 < 50 ms and no lost event)."]
+    return out + [""]
+
+
+def _storm(res: Results) -> list[str]:
+    fig = res.figures.get("cancel_storm")
+    if not fig:
+        return []
+    out = ["## 5. Cancel storm", "",
+           f"{fig['tasks']} tasks cancelled at random points "
+           f"({fig.get('concurrency')} at a time), by HTTP stop, WebSocket stop and client "
+           "disconnect.", ""]
+    table = [
+        ["tasks ended as", ", ".join(f"{k}: {v}" for k, v in sorted(fig["outcomes"].items()))],
+        ["phases at cancel", ", ".join(f"{k}: {v}" for k, v in sorted(fig["phases"].items()))],
+        ["stop answer p50 / p99 ms", _pair(fig.get("stop_p50"), fig.get("stop_p99"))],
+        ["registry empty after", f"{fig['drained_s']} s" if fig.get("drained_s") is not None
+         else "never (timeout)"],
+        ["open connections at the fakes", ", ".join(
+            f"{k}: {v}" for k, v in fig["open_connections"].items())],
+        ["server RSS start / peak / end MB",
+         f"{fig['rss_start_mb']:.0f} / {fig['rss_peak_mb']:.0f} / {fig['rss_end_mb']:.0f}"],
+    ]
+    out += _table(["", ""], table)
+    return out + [""]
+
+
+def markdown(res: Results) -> str:
+    data = res.to_json()
+    m = data["machine"]
+    v = data["versions"]
+    status = "all checks passed" if data["ok"] else "**FAILED** (see Checks)"
+    out = [
+        f"# Tether bench: `{res.name}` ({res.mode} run)", "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(res.started_at))}, "
+        f"{data['duration_s']:.0f} s, {status}. Machine: {m['cores']} cores ({m['cpu_model']}),"
+        f" load average {m['load_average_start'][0]:.2f} at start, "
+        f"{m['load_average_end'][0]:.2f} at end; Python {m['python']}, trio {v['trio']}, "
+        f"hypercorn {v['hypercorn']}, quart-trio {v['quart-trio']}, httpx2 {v['httpx2']}; "
+        f"Tether {v['tether_commit']}.", "",
+        "How to read it: every headline figure is a ratio to a baseline measured in the same "
+        "run, interleaved with the samples, so a noisy machine moves both; raw milliseconds "
+        "are beside the ratios. All processes (server, fakes, bench client) share this "
+        "machine's cores.", "",
+    ]
+    for section in (_time_to_task_id, _stop_latency, _disconnect, _scale, _storm):
+        out += section(res)
+    if res.checks:
+        out += ["## Checks", ""]
+        out += [f"- {'✅' if c.ok else '❌'} {c.name}: {c.detail}" for c in res.checks]
+        out.append("")
+    if res.errors:
+        out += ["## Errors", ""] + [f"- {e.splitlines()[0]}" for e in res.errors] + [""]
+    if res.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
+    if res.charts:
+        out += ["## Charts", ""] + [f"![{Path(c).stem}]({Path(c).name})" for c in res.charts]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_outputs(res: Results, *, charts: bool = True, directory: Path = RESULTS_DIR
+                  ) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    if charts:
+        from bench.charts import draw_all
+
+        try:
+            paths += draw_all(res, directory)
+        except Exception as exc:  # a chart must not lose the figures
+            res.errors.append(f"charts failed: {type(exc).__name__}: {exc}")
+        res.charts = [str(p) for p in paths]
+    md = directory / f"{res.name}.md"
+    md.write_text(markdown(res))
+    paths.insert(0, md)
+    paths.insert(0, res.write_json(directory))
+    return paths

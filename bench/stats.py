@@ -1,0 +1,44 @@
+"""Summaries of latency samples: n, p50, p90, p99, max (milliseconds)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` (0..100) of already sorted values."""
+    if not sorted_values:
+        return math.nan
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    frac = pos - lo
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac)
+
+
+def summarize(values_s: Sequence[float], *, scale: float = 1000.0) -> dict[str, Any]:
+    """Summary of samples given in seconds, reported in ms (``scale`` = 1000)."""
+    vals = sorted(v * scale for v in values_s)
+    if not vals:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None, "min": None,
+                "mean": None}
+    return {
+        "n": len(vals),
+        "p50": round(percentile(vals, 50), 3),
+        "p90": round(percentile(vals, 90), 3),
+        "p99": round(percentile(vals, 99), 3),
+        "max": round(vals[-1], 3),
+        "min": round(vals[0], 3),
+        "mean": round(sum(vals) / len(vals), 3),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` rounded, or None when either is missing or ``b`` is zero."""
+    if a is None or b is None or b <= 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return round(a / b, 2)

@@ -1,0 +1,163 @@
+"""POST /api/chat/completions in its three modes: background, streaming and sync.
+
+Every mode spawns the same task. The background answer awaits nothing but admission. The
+streaming and sync answers follow the task's event log and are bound to their connection:
+when quart-trio cancels the handler because the client went away, the ``finally`` stops the
+task with reason ``disconnect`` (``stop`` is synchronous, so nothing needs shielding).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from quart import Blueprint, Response
+
+from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
+from server.schemas import Event, RequestError, TaskRecord, parse_chat_request
+
+blueprint = Blueprint("chat", __name__)
+
+
+@blueprint.post("/api/chat/completions")
+@blueprint.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    arrived = time.perf_counter()
+    rt = runtime()
+    user = current_user()
+    chat = parse_chat_request(await read_json_body(), default_model=rt.settings.default_model)
+    unknown = [t for t in chat.tool_ids if t not in rt.tools]
+    if unknown:
+        raise RequestError(400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.",
+                           param="tool_ids")
+    if rt.models.resolve(chat.model) is None:
+        raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.",
+                           param="model")
+    session_check = rt.extensions.get("session_check")
+    if chat.session_id is not None and callable(session_check):
+        session_check(user, chat.session_id)
+    record = await rt.manager.spawn(user, chat)
+    rt.metrics.time_to_task_id.labels(record.mode).observe(time.perf_counter() - arrived)
+    headers = {"X-Task-Id": record.id}
+    if record.mode == "background":
+        body = {"task_id": record.id, "chat_id": record.chat_id,
+                "message_id": record.message_id, "status": "queued"}
+        return json_response(body, 202, headers)
+    if record.mode == "stream":
+        include_usage = bool((chat.passthrough.get("stream_options") or {}).get("include_usage"))
+        response = Response(_stream(record, include_usage), headers=sse_headers(record.id))
+        response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
+        return response
+    try:
+        await rt.manager.wait_ended(record.id)
+    finally:
+        rt.manager.stop(record.id, "disconnect")
+    return _completion_response(record, headers)
+
+
+def _completion_response(record: TaskRecord, headers: dict[str, str]) -> Response:
+    if record.status == "failed" and record.error is not None:
+        code = record.error["type"]
+        status = 404 if code == "model_not_found" else 502 if code == "upstream_error" else 500
+        error = RequestError(status, code, record.error["message"])
+        return json_response(error.body(), status, headers)
+    message: dict[str, Any] = {"role": "assistant", "content": record.content}
+    client_calls = [c for c in record.tool_calls if not c.get("server")]
+    if client_calls:
+        message["tool_calls"] = client_calls
+    if record.reasoning:
+        message["reasoning_content"] = record.reasoning
+    finish = "cancelled" if record.status == "cancelled" else record.finish_reason or "stop"
+    body = {
+        "id": "chatcmpl-" + record.id,
+        "object": "chat.completion",
+        "created": int(record.created_at),
+        "model": record.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                     "logprobs": None}],
+        "usage": record.usage,
+        "sources": record.sources,
+        "task_id": record.id,
+    }
+    return json_response(body, 200, headers)
+
+
+def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
+           **extra: Any) -> str:
+    body = {
+        "id": "chatcmpl-" + record.id,
+        "object": "chat.completion.chunk",
+        "created": int(record.created_at),
+        "model": record.model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        **extra,
+    }
+    return "data: " + json.dumps(body, separators=(",", ":")) + "\n\n"
+
+
+async def _stream(record: TaskRecord, include_usage: bool) -> AsyncIterator[str]:
+    """The OpenAI chunk stream of one task.
+
+    Status steps go out as SSE comment lines, which clients ignore and proxies see as
+    traffic; a comment is also sent every ``sse_keepalive_s`` while nothing else happens.
+    If the client goes away, this generator is cancelled or closed and its ``finally``
+    stops the task.
+    """
+    rt = runtime()
+    backend = rt.manager.backend
+    keepalive = rt.settings.sse_keepalive_s
+    cursor = 0
+    role_sent = False
+    try:
+        yield ": task " + record.id + "\n\n"
+        while True:
+            events: list[Event] = await backend.read(record.id, cursor)
+            if not events:
+                with trio.move_on_after(keepalive) as waited:
+                    await backend.wait_beyond(record.id, cursor)
+                if waited.cancelled_caught:
+                    yield ": keepalive\n\n"
+                continue
+            for event in events:
+                cursor = event.seq
+                if event.type == "delta":
+                    delta: dict[str, Any] = {}
+                    if not role_sent:
+                        delta["role"] = "assistant"
+                        role_sent = True
+                    delta["content"] = event.data.get("content", "")
+                    if "reasoning" in event.data:
+                        delta["reasoning_content"] = event.data["reasoning"]
+                    if "tool_calls" in event.data:
+                        delta["tool_calls"] = [
+                            {"index": i, **call} for i, call in enumerate(event.data["tool_calls"])
+                        ]
+                    yield _chunk(record, delta)
+                elif event.type == "status":
+                    yield ": " + str(event.data.get("description", "")).replace("\n", " ") + "\n\n"
+                elif event.terminal:
+                    for text in _stream_end(record, include_usage):
+                        yield text
+                    return
+    finally:
+        rt.manager.stop(record.id, "disconnect")
+
+
+def _stream_end(record: TaskRecord, include_usage: bool) -> list[str]:
+    if record.status == "failed" and record.error is not None:
+        error = RequestError(502 if record.error["type"] == "upstream_error" else 500,
+                             record.error["type"], record.error["message"])
+        payload = {**error.body(), "task_id": record.id}
+        return ["data: " + json.dumps(payload) + "\n\n", "data: [DONE]\n\n"]
+    finish = "cancelled" if record.status == "cancelled" else record.finish_reason or "stop"
+    out = [_chunk(record, {}, finish, sources=record.sources, task_id=record.id)]
+    if include_usage and record.usage is not None:
+        body = {"id": "chatcmpl-" + record.id, "object": "chat.completion.chunk",
+                "created": int(record.created_at), "model": record.model, "choices": [],
+                "usage": record.usage}
+        out.append("data: " + json.dumps(body) + "\n\n")
+    out.append("data: [DONE]\n\n")
+    return out

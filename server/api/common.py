@@ -1,0 +1,60 @@
+"""Helpers shared by the thin HTTP adapters."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from quart import Response, current_app, request
+
+from server.runtime import Runtime
+from server.schemas import RequestError
+
+
+def runtime() -> Runtime:
+    return cast(Runtime, current_app.extensions["tether"])
+
+
+def current_user() -> str:
+    return runtime().auth.user_for(request.headers.get("Authorization"))
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        json.dumps(data, separators=(",", ":")),
+        status=status,
+        headers=headers or {},
+        mimetype="application/json",
+    )
+
+
+def error_response(error: RequestError) -> Response:
+    return json_response(error.body(), error.status, error.headers)
+
+
+async def read_json_body() -> Any:
+    """The request body as JSON; 413 past the size limit, 400 when it is not JSON."""
+    limit = runtime().settings.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestError(413, "payload_too_large",
+                           f"The request body is larger than {limit} bytes.")
+    body = await request.get_data(cache=False)
+    if len(body) > limit:
+        raise RequestError(413, "payload_too_large",
+                           f"The request body is larger than {limit} bytes.")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "invalid_request", "The request body is not valid JSON.") from None
+
+
+def sse_headers(task_id: str) -> dict[str, str]:
+    return {
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        "X-Task-Id": task_id,
+    }

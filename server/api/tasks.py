@@ -1,0 +1,111 @@
+"""Task routes: list, read, stop (two paths), stop a chat, and the events SSE."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import trio
+from quart import Blueprint, Response, request
+
+from server.api.common import current_user, json_response, runtime, sse_headers
+from server.schemas import RequestError, TaskRecord
+
+blueprint = Blueprint("tasks", __name__)
+
+
+def _not_found(task_id: str) -> RequestError:
+    return RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
+
+
+async def _own_task(task_id: str) -> tuple[str, TaskRecord]:
+    user = current_user()
+    record = await runtime().manager.get(user, task_id)
+    if record is None:
+        raise _not_found(task_id)
+    return user, record
+
+
+@blueprint.get("/api/tasks")
+async def list_tasks() -> Response:
+    user = current_user()
+    include = request.args.get("include_finished", "false").lower() in ("1", "true", "yes")
+    records = await runtime().manager.backend.list_tasks(
+        user, chat_id=request.args.get("chat_id"), include_finished=include
+    )
+    records.sort(key=lambda r: r.created_at)
+    return json_response({"tasks": [r.to_dict() for r in records]})
+
+
+@blueprint.get("/api/tasks/<task_id>")
+async def get_task(task_id: str) -> Response:
+    _, record = await _own_task(task_id)
+    return json_response(record.to_dict(), headers={"X-Task-Id": record.id})
+
+
+@blueprint.post("/api/tasks/<task_id>/stop")
+@blueprint.post("/api/tasks/stop/<task_id>")
+async def stop_task(task_id: str) -> Response:
+    user, _ = await _own_task(task_id)
+    record = await runtime().manager.stop_and_wait(user, task_id, "stop")
+    if record is None:
+        raise _not_found(task_id)
+    return json_response(record.to_dict(), headers={"X-Task-Id": record.id})
+
+
+@blueprint.post("/api/chats/<chat_id>/stop")
+async def stop_chat(chat_id: str) -> Response:
+    user = current_user()
+    manager = runtime().manager
+    records = await manager.backend.list_tasks(user, chat_id=chat_id)
+    for record in records:
+        manager.stop(record.id, "stop")
+    for record in records:
+        await manager.wait_ended(record.id)
+    return json_response({"tasks": [r.to_dict() for r in records]})
+
+
+@blueprint.get("/api/tasks/<task_id>/events")
+async def task_events(task_id: str) -> Response:
+    _, record = await _own_task(task_id)
+    after = _cursor()
+    response = Response(_events(record.id, after), headers=sse_headers(record.id))
+    response.timeout = None
+    return response
+
+
+def _cursor() -> int:
+    raw = request.args.get("after") or request.headers.get("Last-Event-ID") or "0"
+    try:
+        after = int(raw)
+    except ValueError:
+        raise RequestError(400, "invalid_request", "'after' must be an integer.",
+                           param="after") from None
+    if after < 0:
+        raise RequestError(400, "invalid_request", "'after' must be >= 0.", param="after")
+    return after
+
+
+async def _events(task_id: str, after: int) -> AsyncIterator[str]:
+    """Replay the log past ``after``, then follow it live until the terminal event.
+
+    Closing the connection ends only this reader; the task goes on.
+    """
+    rt = runtime()
+    backend = rt.manager.backend
+    cursor = after
+    while True:
+        events = await backend.read(task_id, cursor, 500)
+        if not events:
+            if cursor > 0 and not await backend.read(task_id, cursor - 1, 1):
+                return  # the task expired from retention while we followed it
+            with trio.move_on_after(rt.settings.sse_keepalive_s) as waited:
+                await backend.wait_beyond(task_id, cursor)
+            if waited.cancelled_caught:
+                yield ": keepalive\n\n"
+            continue
+        for event in events:
+            cursor = event.seq
+            yield f"id: {event.seq}\ndata: {json.dumps(event.to_dict())}\n\n"
+            if event.terminal:
+                return

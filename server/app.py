@@ -1,0 +1,84 @@
+"""``create_app(settings)``: the quart-trio app, its routes and its lifecycle.
+
+The app owns the runtime (HTTP client, providers, task manager). The task manager runs in
+its own nursery, started from ``app.nursery`` at start-up, so that no task's failure can
+close the app's nursery (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from server.api import chat, health, models, tasks, ws
+from server.api.common import error_response
+from server.config import Settings
+from server.runtime import Runtime, build_runtime
+from server.schemas import RequestError
+from server.sessions import SessionRegistry
+
+log = logging.getLogger("tether")
+
+_HTTP_CODES = {
+    400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+    413: "payload_too_large", 429: "too_many_tasks", 503: "shutting_down",
+}
+
+
+def create_app(settings: Settings | None = None) -> QuartTrio:
+    settings = settings or Settings.from_env()
+    app = QuartTrio("tether")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 60
+    runtime: Runtime = build_runtime(settings)
+    app.extensions["tether"] = runtime
+    sessions = SessionRegistry(runtime.manager, settings.ws_reconnect_grace_s)
+    runtime.extensions["sessions"] = sessions
+    runtime.extensions["session_check"] = sessions.owned
+
+    for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
+                      ws.blueprint):
+        app.register_blueprint(blueprint)
+
+    @app.before_serving
+    async def start() -> None:
+        await app.nursery.start(runtime.manager.run)
+        await app.nursery.start(sessions.run)
+        app.nursery.start_soon(_refresh_models, runtime)
+
+    @app.after_serving
+    async def stop() -> None:
+        await runtime.manager.shutdown()
+        await runtime.http.aclose()
+
+    @app.errorhandler(RequestError)
+    async def request_error(error: RequestError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        message = error.description or error.name
+        if status == 413:
+            message = f"The request body is larger than {settings.max_body_bytes} bytes."
+        return error_response(RequestError(status, code, message))
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Response:
+        log.error("unhandled error", exc_info=error)
+        return error_response(RequestError(500, "internal_error", "Internal server error."))
+
+    return app
+
+
+async def _refresh_models(runtime: Runtime) -> None:
+    """Keep the upstream's model list fresh so that validating a model needs no I/O."""
+    while True:
+        await runtime.models.refresh()
+        await trio.sleep(60)

@@ -1,0 +1,112 @@
+"""``tether serve``: run the server under hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from quart_trio import QuartTrio
+
+from server.app import create_app
+from server.config import Settings, SettingsError
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.websocket_ping_interval = settings.ws_ping_interval_s or None
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 10
+    config.accesslog = None
+    return config
+
+
+# Hypercorn sends WebSocket pings but does not wait for pongs. What makes a vanished peer
+# noticed is the kernel: with TCP_USER_TIMEOUT set on the listening socket (accepted
+# sockets inherit it), a ping that stays unacknowledged that long aborts the connection,
+# the handler sees the disconnect, and the session's grace period starts.
+def dead_peer_timeout_ms(settings: Settings) -> int:
+    return int(max(settings.ws_ping_interval_s, 1.0) * 1000)
+
+
+async def serve_app(
+    app: QuartTrio,
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the app with hypercorn's trio worker until ``shutdown_trigger`` returns.
+    Cancelling it closes every connection (tasks end with reason ``shutdown``)."""
+    config = hypercorn_config(settings)
+    sockets = config.create_sockets()
+    for sock in sockets.insecure_sockets:
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            dead_peer_timeout_ms(settings))
+        sock.listen(config.backlog)
+    await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets,
+                       shutdown_trigger=shutdown_trigger, task_status=task_status)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tether", description="Tether chat server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = sub.add_parser("serve", help="run the server")
+    serve_cmd.add_argument("--host", help="address to bind (default TETHER_HOST or 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, help="port (default TETHER_PORT or 8080)")
+    serve_cmd.add_argument("--insecure", action="store_true",
+                           help="allow a non-loopback bind with no API keys configured")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = Settings.from_env()
+    except (SettingsError, OSError) as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 2
+    overrides: dict[str, object] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.insecure:
+        overrides["insecure"] = True
+    settings = settings.with_overrides(**overrides)
+    if not settings.api_keys and not settings.insecure and not is_loopback(settings.host):
+        print("tether: refusing to bind to a non-loopback address with no API keys "
+              "(set TETHER_API_KEYS, or pass --insecure)", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 2
+    print(f"tether: serving on http://{settings.host}:{settings.port}", flush=True)
+    trio.run(serve_app, app, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

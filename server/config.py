@@ -1,0 +1,128 @@
+"""Settings, read once from ``TETHER_*`` environment variables into a typed object.
+
+Nothing else in the server reads the environment: ``Settings`` is built at start-up
+(``Settings.from_env()``) and passed down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """A TETHER_* variable has a value that cannot be used."""
+
+
+def _default_max_tasks() -> int:
+    # Tasks are mostly waiting on sockets, so the limit is about memory and file
+    # descriptors rather than cores: 2,000 per core fits comfortably in a few GiB.
+    return 2000 * (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    insecure: bool = False
+    api_keys: Mapping[str, str] = field(default_factory=dict)
+    api_keys_file: str | None = None
+
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_timeout_s: float = 300.0
+    default_model: str = "local"
+    query_model: str | None = None
+    local_model_tokens_per_s: float = 40.0
+
+    search_provider: str = "local"
+    searxng_url: str | None = None
+    brave_api_key: str | None = None
+    brave_base_url: str = "https://api.search.brave.com"
+    tavily_api_key: str | None = None
+    tavily_base_url: str = "https://api.tavily.com"
+    search_local_dir: str = str(PROJECT_ROOT / "docs")
+    search_result_count: int = 3
+    search_fetch_pages: bool = True
+    search_query_generation: bool = True
+    search_timeout_s: float = 30.0
+    search_max_queries: int = 3
+    page_timeout_s: float = 10.0
+    page_max_bytes: int = 2_000_000
+    page_max_chars: int = 4000
+
+    tool_timeout_s: float = 30.0
+    max_tool_rounds: int = 8
+
+    max_active_tasks: int = field(default_factory=_default_max_tasks)
+    max_active_tasks_per_user: int = field(default_factory=_default_max_tasks)
+    task_retention_s: float = 600.0
+    task_timeout_s: float = 1800.0
+    max_body_bytes: int = 1_000_000
+    sse_keepalive_s: float = 15.0
+    http_max_connections: int = 200
+
+    ws_reconnect_grace_s: float = 10.0
+    ws_ping_interval_s: float = 20.0
+    ws_max_lag_events: int = 10_000
+    ws_send_timeout_s: float = 30.0
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``TETHER_<FIELD>`` variable; unknown fields keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get("TETHER_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        settings = cls(**values)
+        if settings.api_keys_file:
+            keys = dict(settings.api_keys)
+            keys.update(_parse_keys(Path(settings.api_keys_file).read_text()))
+            settings = replace(settings, api_keys=keys)
+        return settings
+
+
+def _parse_keys(raw: str) -> dict[str, str]:
+    """``key=user`` pairs separated by commas or new lines."""
+    keys: dict[str, str] = {}
+    for item in raw.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        key, sep, user = item.partition("=")
+        if not sep or not key.strip() or not user.strip():
+            raise SettingsError(f"API key entry {item!r} is not key=user")
+        keys[key.strip()] = user.strip()
+    return keys
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if name == "api_keys":
+            return _parse_keys(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"TETHER_{name.upper()}={raw!r} is not a valid {kind}") from exc

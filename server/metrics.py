@@ -1,0 +1,39 @@
+"""Prometheus metrics, one registry per app so that several apps can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.tasks_active = Gauge(
+            "tether_tasks_active", "Tasks running now, by phase", ["phase"], registry=self.registry
+        )
+        self.tasks_total = Counter(
+            "tether_tasks", "Tasks ended, by mode and final status", ["mode", "status"],
+            registry=self.registry,
+        )
+        self.time_to_task_id = Histogram(
+            "tether_time_to_task_id_seconds",
+            "From a chat request's arrival to its task being admitted and answered",
+            ["mode"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
+        self.cancels = Counter(
+            "tether_task_cancels", "Tasks cancelled, by reason and phase", ["reason", "phase"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "tether_upstream_errors", "Failures of the outside world, by kind", ["kind"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "tether_tasks_rejected", "Requests refused by admission", ["reason"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,27 @@
+"""What the pipeline reports through. It never sees HTTP or WebSocket objects."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from server.schemas import Phase
+
+
+class Emitter(Protocol):
+    async def __call__(self, type_: str, data: dict[str, Any]) -> None:
+        """Record an event on the task (``status``, ``source``, ``delta``)."""
+        ...
+
+    async def set_phase(self, phase: Phase) -> None:
+        """Say where the task is now (``web_search``, ``tools``, ``generating``)."""
+        ...
+
+    def set_result(
+        self,
+        *,
+        usage: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Record facts about the answer that are not events."""
+        ...

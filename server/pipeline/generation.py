@@ -1,0 +1,179 @@
+"""The response phase, with the server-side tool loop (OpenAI function calling).
+
+Each round streams the model's answer. Content is emitted as ``delta`` events as it comes,
+so the task holds the partial answer at every moment. When the model asks for server tools
+instead, they run side by side in a nursery, each under its own timeout, their results are
+appended, and the model is called again, up to ``max_tool_rounds`` rounds. Tool calls for
+tools the client declared itself (``tools`` without ``tool_ids``) are not run: they end the
+task and go back to the client, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from server.pipeline.emit import Emitter
+from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
+from server.providers.tools.base import Tool, ToolError
+from server.schemas import TaskFailure
+
+
+@dataclass
+class _PendingCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+    def openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class RoundResult:
+    tool_calls: list[_PendingCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter) -> RoundResult:
+    """One model call: emit content deltas, assemble tool calls.
+
+    Cancelling it closes the model connection; the content emitted so far stays on the task.
+    """
+    calls: dict[int, _PendingCall] = {}
+    result = RoundResult()
+
+    async def on_delta(delta: ModelDelta) -> None:
+        if delta.content or delta.reasoning:
+            data: dict[str, Any] = {"content": delta.content}
+            if delta.reasoning:
+                data["reasoning"] = delta.reasoning
+            await emit("delta", data)
+        for piece in delta.tool_calls:
+            call = calls.setdefault(piece.index, _PendingCall())
+            call.id = piece.id or call.id
+            call.name = piece.name or call.name
+            call.arguments += piece.arguments
+        if delta.finish_reason:
+            result.finish_reason = delta.finish_reason
+        if delta.usage:
+            result.usage = delta.usage
+
+    try:
+        await model.stream_chat(body, on_delta)
+    except ModelError as exc:
+        status = f" (upstream status {exc.status})" if exc.status else ""
+        raise TaskFailure("upstream_error", exc.message + status) from None
+    result.tool_calls = [calls[i] for i in sorted(calls)]
+    for i, call in enumerate(result.tool_calls):
+        call.id = call.id or f"call_{i}"
+    return result
+
+
+def _add_usage(total: dict[str, Any] | None, more: dict[str, Any] | None) -> dict[str, Any] | None:
+    if more is None:
+        return total
+    if total is None:
+        return dict(more)
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if isinstance(more.get(key), int):
+            total[key] = int(total.get(key, 0)) + int(more[key])
+    return total
+
+
+async def run_tool_call(tool: Tool, call: _PendingCall, timeout: float) -> tuple[str, bool]:
+    """Run one tool call; returns (result text for the model, whether it failed).
+
+    A tool that raises, times out or gets bad arguments gives the model an error result.
+    Cancelling it (the task stopped) cancels the tool and closes its connections.
+    """
+    try:
+        arguments = json.loads(call.arguments or "{}")
+        if not isinstance(arguments, dict):
+            raise ValueError("arguments must be a JSON object")
+    except ValueError as exc:
+        return f"Error: invalid arguments for {call.name}: {exc}", True
+    try:
+        with trio.fail_after(timeout):
+            return await tool.run(arguments), False
+    except trio.TooSlowError:
+        return f"Error: {call.name} timed out after {timeout:g} s", True
+    except ToolError as exc:
+        return f"Error: {exc}", True
+    except Exception as exc:  # a tool's bug must not end the task
+        return f"Error: {call.name} failed ({type(exc).__name__})", True
+
+
+async def generate(
+    model: ModelProvider,
+    body: dict[str, Any],
+    emit: Emitter,
+    *,
+    tools: dict[str, Tool],
+    max_rounds: int,
+    tool_timeout_s: float,
+) -> None:
+    """Stream the answer, running server tools between rounds. Raises ``TaskFailure`` on a
+    model failure; cancelling it closes whatever model or tool connection is open."""
+    messages = list(body["messages"])
+    usage: dict[str, Any] | None = None
+    for round_number in range(max_rounds + 1):
+        round_body = {**body, "messages": messages}
+        if tools and round_number == max_rounds:
+            # Out of rounds: the model must answer with what it has.
+            round_body["tool_choice"] = "none"
+        await emit.set_phase("generating")
+        result = await stream_round(model, round_body, emit)
+        usage = _add_usage(usage, result.usage)
+        server_calls = [c for c in result.tool_calls if c.name in tools]
+        client_calls = [c for c in result.tool_calls if c.name not in tools]
+        if client_calls:
+            openai_calls = [c.openai() for c in client_calls]
+            await emit("delta", {"content": "", "tool_calls": openai_calls})
+            emit.set_result(usage=usage, finish_reason="tool_calls", tool_calls=openai_calls)
+            return
+        if not server_calls or round_number == max_rounds:
+            emit.set_result(usage=usage, finish_reason=result.finish_reason or "stop")
+            return
+        await emit.set_phase("tools")
+        outputs = await _run_tools(server_calls, tools, emit, tool_timeout_s)
+        messages.append({"role": "assistant", "content": None,
+                         "tool_calls": [c.openai() for c in server_calls]})
+        for call, output in zip(server_calls, outputs, strict=True):
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
+
+
+async def _run_tools(
+    calls: list[_PendingCall], tools: dict[str, Tool], emit: Emitter, timeout: float
+) -> list[str]:
+    outputs = [""] * len(calls)
+
+    async def one(i: int, call: _PendingCall) -> None:
+        await emit("status", {"phase": "tools", "action": "tool_call",
+                              "description": f"Calling {call.name}", "done": False,
+                              "tool": call.name, "tool_call_id": call.id,
+                              "arguments": call.arguments})
+        started = time.monotonic()
+        output, failed = await run_tool_call(tools[call.name], call, timeout)
+        outputs[i] = output
+        status: dict[str, Any] = {
+            "phase": "tools", "action": "tool_call",
+            "description": f"{call.name} {'failed' if failed else 'done'}", "done": True,
+            "tool": call.name, "tool_call_id": call.id, "result": output[:2000],
+            "duration_s": round(time.monotonic() - started, 4),
+        }
+        if failed:
+            status["error"] = True
+        emit.set_result(tool_calls=[{**call.openai(), "result": output[:2000], "server": True}])
+        await emit("status", status)
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    return outputs

@@ -1,0 +1,202 @@
+"""The web-search step of the payload phase.
+
+Queries are generated (by the model when query generation is on, else the last user
+message), run against the search provider side by side, and the top result pages are
+fetched side by side, each with its own timeout and size cap. A failing query or page is
+reported as a ``status`` event with ``error: true`` and the task goes on without it. All of
+it runs in nurseries inside the task's cancel scope, so one stop closes every connection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import trio
+
+from server.config import Settings
+from server.pipeline.emit import Emitter
+from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
+from server.providers.llm.local import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
+from server.providers.search.base import SearchError, SearchProvider, SearchResult
+from server.providers.web.base import PageError
+from server.providers.web.pages import fetch_page
+from server.schemas import ChatRequest
+
+
+@dataclass
+class Source:
+    index: int
+    url: str
+    title: str
+    snippet: str
+    text: str
+
+    def event_data(self) -> dict[str, Any]:
+        return {"index": self.index, "url": self.url, "title": self.title,
+                "snippet": self.snippet}
+
+
+def _status(action: str, description: str, *, done: bool, **extra: Any) -> dict[str, Any]:
+    return {"phase": "web_search", "action": action, "description": description,
+            "done": done, **extra}
+
+
+async def generate_queries(
+    request: ChatRequest, model: ModelProvider | None, model_id: str, emit: Emitter,
+    max_queries: int,
+) -> list[str]:
+    """Ask the model for search queries; fall back to the last user message.
+
+    Cancelling it closes the connection to the model.
+    """
+    question = request.last_user_text().strip()
+    if model is None or not question:
+        return [question] if question else []
+    prompt = (
+        f"{QUERY_PROMPT_MARKER}\n"
+        "Write up to 3 short web search queries that would find the information needed to "
+        'answer the question. Answer only with JSON: {"queries": ["..."]}.\n'
+        f"Question: {question}"
+    )
+    pieces: list[str] = []
+
+    async def collect(delta: ModelDelta) -> None:
+        pieces.append(delta.content)
+
+    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0}
+    try:
+        await model.stream_chat(body, collect)
+    except ModelError as exc:
+        await emit("status", _status("queries", f"Query generation failed: {exc.message}",
+                                     done=True, error=True))
+        return [question]
+    queries = parse_queries("".join(pieces))[:max_queries]
+    return queries or [question]
+
+
+def parse_queries(text: str) -> list[str]:
+    """The ``queries`` list from a model's JSON answer, tolerating text around the JSON."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return []
+    try:
+        value = json.loads(text[start : end + 1])
+    except ValueError:
+        return []
+    queries = value.get("queries") if isinstance(value, dict) else None
+    if not isinstance(queries, list):
+        return []
+    return [q.strip() for q in queries if isinstance(q, str) and q.strip()]
+
+
+async def run_web_search(
+    request: ChatRequest,
+    emit: Emitter,
+    *,
+    settings: Settings,
+    search: SearchProvider,
+    http: httpx2.AsyncClient,
+    query_model: ModelProvider | None,
+    query_model_id: str,
+) -> list[Source]:
+    """Search, read the top pages, emit ``status`` and ``source`` events; return the sources.
+
+    Cancelling it closes every search and page connection in flight.
+    """
+    await emit("status", _status("queries", "Generating search queries", done=False))
+    queries = await generate_queries(
+        request,
+        query_model if settings.search_query_generation else None,
+        query_model_id,
+        emit,
+        settings.search_max_queries,
+    )
+    if not queries:
+        await emit("status", _status("queries", "Nothing to search for", done=True))
+        return []
+    await emit("status", _status("search", "Searching: " + "; ".join(queries),
+                                 done=False, queries=queries))
+
+    per_query: dict[int, list[SearchResult]] = {}
+
+    async def one_query(i: int, query: str) -> None:
+        try:
+            per_query[i] = await search.search(query, settings.search_result_count)
+        except SearchError as exc:
+            await emit("status", _status("search", f"Search failed for {query!r}: {exc}",
+                                         done=True, error=True, query=query))
+
+    async with trio.open_nursery() as nursery:
+        for i, query in enumerate(queries):
+            nursery.start_soon(one_query, i, query)
+
+    results = _merge(per_query, settings.search_result_count)
+    await emit("status", _status("search", f"Found {len(results)} results", done=True,
+                                 count=len(results), urls=[r.url for r in results]))
+    if not results:
+        return []
+
+    texts: dict[int, str] = {}
+    to_fetch = [
+        (i, r) for i, r in enumerate(results) if r.content is None and settings.search_fetch_pages
+    ]
+    if to_fetch:
+        await emit("status", _status("fetch", f"Reading {len(to_fetch)} pages", done=False,
+                                     urls=[r.url for _, r in to_fetch]))
+
+        async def one_page(i: int, result: SearchResult) -> None:
+            try:
+                page = await fetch_page(
+                    http, result.url, timeout=settings.page_timeout_s,
+                    max_bytes=settings.page_max_bytes, max_chars=settings.page_max_chars,
+                )
+            except PageError as exc:
+                await emit("status", _status("fetch", f"Could not read {result.url}: {exc}",
+                                             done=True, error=True, url=result.url))
+                return
+            texts[i] = page.text
+
+        async with trio.open_nursery() as nursery:
+            for i, result in to_fetch:
+                nursery.start_soon(one_page, i, result)
+        await emit("status", _status("fetch", f"Read {len(texts)} of {len(to_fetch)} pages",
+                                     done=True))
+
+    sources: list[Source] = []
+    for i, result in enumerate(results):
+        text = result.content if result.content is not None else texts.get(i, result.snippet)
+        source = Source(len(sources) + 1, result.url, result.title, result.snippet,
+                        (text or "")[: settings.page_max_chars])
+        sources.append(source)
+        await emit("source", source.event_data())
+    return sources
+
+
+def _merge(per_query: dict[int, list[SearchResult]], limit: int) -> list[SearchResult]:
+    """Round-robin over the queries' results, without duplicate URLs, up to ``limit``."""
+    seen: set[str] = set()
+    merged: list[SearchResult] = []
+    lists = [per_query[i] for i in sorted(per_query)]
+    depth = max((len(rs) for rs in lists), default=0)
+    for rank in range(depth):
+        for rs in lists:
+            if rank < len(rs) and rs[rank].url not in seen and len(merged) < limit:
+                seen.add(rs[rank].url)
+                merged.append(rs[rank])
+    return merged
+
+
+def inject_sources(messages: list[dict[str, Any]], sources: list[Source]) -> list[dict[str, Any]]:
+    """Put the sources in a system message just before the last user message."""
+    blocks = [f"[{s.index}] {s.title} ({s.url})\n{s.text.strip()}" for s in sources]
+    context = (
+        "Answer the user's question using these web sources. Cite a source by its number "
+        "in brackets, like [1].\n"
+        f"{SOURCES_OPEN}\n" + "\n\n".join(blocks) + f"\n{SOURCES_CLOSE}"
+    )
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
+    return [*messages[:last_user], {"role": "system", "content": context}, *messages[last_user:]]

@@ -1,0 +1,66 @@
+"""A tool that reads a web page for the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+
+from server.config import Settings
+from server.providers.tools.base import ToolError, ToolSpec
+from server.providers.web.base import PageError
+from server.providers.web.pages import fetch_page
+
+__all__ = ["FetchUrlTool"]
+
+SPEC = ToolSpec(
+    name="fetch_url",
+    description=(
+        "Fetch a web page (http or https) and return its title and readable text. "
+        "Long pages are cut short."
+    ),
+    parameters={
+        "type": "object",
+        "properties": {
+            "url": {"type": "string", "description": "The absolute http(s) URL to read."}
+        },
+        "required": ["url"],
+        "additionalProperties": False,
+    },
+)
+
+
+class FetchUrlTool:
+    """The ``fetch_url`` tool: ``{"url": str}`` → ``"Title: ...\\n\\n<text>"``."""
+
+    def __init__(self, http: httpx2.AsyncClient, settings: Settings) -> None:
+        self.spec = SPEC
+        self._http = http
+        self._timeout = settings.page_timeout_s
+        self._max_bytes = settings.page_max_bytes
+        self._max_chars = settings.page_max_chars
+
+    async def run(self, arguments: dict[str, Any]) -> str:
+        """Fetch the page; ``ToolError`` when it cannot be fetched or read.
+
+        Cancelling it closes the connection to the web server (and abandons a parse
+        running in a worker thread).
+        """
+        url = arguments.get("url")
+        if not isinstance(url, str) or not url.strip():
+            raise ToolError("fetch_url needs a 'url' string")
+        url = url.strip()
+        try:
+            page = await fetch_page(
+                self._http,
+                url,
+                timeout=self._timeout,
+                max_bytes=self._max_bytes,
+                max_chars=self._max_chars,
+            )
+        except PageError as exc:
+            raise ToolError(f"could not fetch {url}: {exc}") from None
+        text = page.text or "(the page has no readable text)"
+        if page.truncated:
+            text += "\n\n[cut short]"
+        return f"Title: {page.title or page.url}\n\n{text}"

@@ -1,0 +1,59 @@
+"""Everything a running server holds: settings, the shared HTTP client, providers, the
+pipeline and the task manager. Built at start-up, closed at shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httpx2
+
+from server.auth import Authenticator
+from server.config import Settings
+from server.metrics import Metrics
+from server.pipeline.chat import ChatPipeline
+from server.providers.llm.router import ModelRouter, build_model_router
+from server.providers.search.base import SearchProvider
+from server.providers.search.factory import build_search_provider
+from server.providers.tools.base import Tool
+from server.providers.tools.registry import build_tools
+from server.tasks.manager import TaskManager
+from server.tasks.memory import MemoryBackend
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    auth: Authenticator
+    metrics: Metrics
+    http: httpx2.AsyncClient
+    models: ModelRouter
+    search: SearchProvider
+    tools: dict[str, Tool]
+    pipeline: ChatPipeline
+    manager: TaskManager
+    extensions: dict[str, object] = field(default_factory=dict)
+
+
+def build_http_client(settings: Settings) -> httpx2.AsyncClient:
+    """The one client for all outgoing HTTP. Timeouts here are outer bounds; each step
+    also has its own deadline inside the task's cancel scope."""
+    limits = httpx2.Limits(
+        max_connections=settings.http_max_connections,
+        max_keepalive_connections=min(50, settings.http_max_connections),
+    )
+    timeout = httpx2.Timeout(settings.llm_timeout_s, connect=10.0)
+    return httpx2.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True,
+                              trust_env=False)
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    http = build_http_client(settings)
+    metrics = Metrics()
+    models = build_model_router(settings, http)
+    search = build_search_provider(settings, http)
+    tools = build_tools(settings, http)
+    pipeline = ChatPipeline(settings, models, search, tools, http)
+    manager = TaskManager(settings, MemoryBackend(), pipeline.run_chat, metrics)
+    return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
+                   models=models, search=search, tools=tools, pipeline=pipeline,
+                   manager=manager)

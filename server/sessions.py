@@ -1,0 +1,114 @@
+"""WebSocket sessions: which connections belong to a session, and its reconnect grace.
+
+A session belongs to one user and may have several connections at once (two browser
+tabs). Tasks started with its ``session_id`` (and not ``background: true``) are bound to
+it: when its last connection closes, they go on for the grace period; a connection to the
+same session within it keeps them; after it they are stopped with reason ``disconnect``.
+This module holds that state and the grace timers; it moves no bytes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from server.schemas import RequestError, TaskRecord
+from server.tasks.manager import TaskManager
+
+
+class SessionConnection(Protocol):
+    def follow(self, task_id: str, after: int) -> None:
+        """Start following a task's events (synchronously schedules the follower)."""
+        ...
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    user: str
+    connections: set[SessionConnection] = field(default_factory=set)
+    grace: trio.CancelScope | None = None
+
+
+def new_session_id() -> str:
+    return "sess_" + secrets.token_hex(12)
+
+
+class SessionRegistry:
+    def __init__(self, manager: TaskManager, grace_s: float) -> None:
+        self._manager = manager
+        self._grace_s = grace_s
+        self._sessions: dict[str, Session] = {}
+        self._nursery: trio.Nursery | None = None
+        manager.add_spawn_listener(self._on_spawn)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery of the grace timers. Cancelling it drops pending timers (the
+        task manager's shutdown stops the tasks anyway)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def owned(self, user: str, session_id: str) -> Session:
+        """The user's session, created if unknown; another user's is not found (404)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = Session(session_id, user)
+            self._sessions[session_id] = session
+            # Nobody is connected yet: its tasks live for the grace period unless one comes.
+            self._start_grace(session)
+        elif session.user != user:
+            raise RequestError(404, "not_found", f"No session {session_id!r}.",
+                               param="session_id")
+        return session
+
+    def attach(self, user: str, session_id: str | None, conn: SessionConnection) -> Session:
+        session = self.owned(user, session_id or new_session_id())
+        if session.grace is not None:
+            session.grace.cancel()
+            session.grace = None
+        session.connections.add(conn)
+        return session
+
+    def detach(self, session: Session, conn: SessionConnection) -> None:
+        """Called when a connection closes (synchronously, also from a cancelled handler)."""
+        session.connections.discard(conn)
+        if not session.connections:
+            self._start_grace(session)
+
+    def _start_grace(self, session: Session) -> None:
+        if self._grace_s <= 0 or self._nursery is None:
+            self._expire(session)
+            return
+        scope = trio.CancelScope()
+        session.grace = scope
+        self._nursery.start_soon(self._grace_timer, session, scope)
+
+    async def _grace_timer(self, session: Session, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(self._grace_s)
+            if session.grace is scope and not session.connections:
+                self._expire(session)
+
+    def _expire(self, session: Session) -> None:
+        session.grace = None
+        for task_id in self._manager.session_tasks(session.id):
+            self._manager.stop(task_id, "disconnect")
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+
+    def _on_spawn(self, record: TaskRecord) -> None:
+        if record.session_id is None:
+            return
+        session = self._sessions.get(record.session_id)
+        if session is None:
+            return
+        for conn in list(session.connections):
+            conn.follow(record.id, 0)

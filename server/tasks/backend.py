@@ -1,0 +1,53 @@
+"""Where task state lives: the registry, the event logs and the retained results.
+
+``TaskBackend`` is the seam for more than one process: the in-memory backend serves one
+process (the embedded default); a Redis backend would implement the same coroutines with
+streams for the logs and pub/sub for stop signals. Nothing outside ``server.tasks`` knows
+which backend is in use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from server.schemas import Event, TaskRecord
+
+
+class TaskBackend(Protocol):
+    async def admit(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
+        """Register ``record`` if the limits allow it (checked and inserted atomically)."""
+        ...
+
+    async def save(self, record: TaskRecord) -> None:
+        """Persist changes to ``record``'s fields."""
+        ...
+
+    async def get(self, task_id: str) -> TaskRecord | None: ...
+
+    async def list_tasks(
+        self,
+        user: str,
+        *,
+        chat_id: str | None = None,
+        session_id: str | None = None,
+        include_finished: bool = False,
+    ) -> list[TaskRecord]: ...
+
+    async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
+        """Append an event to the task's log and set ``record.last_seq``."""
+        ...
+
+    async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]: ...
+
+    async def wait_beyond(self, task_id: str, after: int) -> None:
+        """Wait until the log has an event past ``after`` or is closed. Cancel just stops
+        the wait."""
+        ...
+
+    async def expire(self, now: float, retention_s: float) -> list[str]:
+        """Forget ended tasks that ended more than ``retention_s`` ago; return their ids."""
+        ...
+
+    async def counts(self) -> tuple[int, dict[str, int]]:
+        """Active tasks in all and per user."""
+        ...

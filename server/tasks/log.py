@@ -1,0 +1,67 @@
+"""The append-only event log of one task, read through cursors.
+
+A reader holds nothing but the last ``seq`` it has seen; it reads what lies beyond it and,
+when it is caught up, waits for the next append. Slow readers therefore cost no queue and
+no memory, resuming is the same operation as reading, and replay is free. The log accepts
+exactly one terminal event and nothing after it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from server.schemas import Event
+
+
+class LogClosed(Exception):
+    """An append after the terminal event."""
+
+
+class EventLog:
+    def __init__(self, task_id: str, chat_id: str | None, message_id: str | None) -> None:
+        self.task_id = task_id
+        self.chat_id = chat_id
+        self.message_id = message_id
+        self._events: list[Event] = []
+        # Replaced on every append: waiters wake, re-read, and wait on the new one.
+        self._changed = trio.Event()
+
+    @property
+    def last_seq(self) -> int:
+        return len(self._events)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._events) and self._events[-1].terminal
+
+    def append(self, type_: str, data: dict[str, Any]) -> Event:
+        if self.closed:
+            raise LogClosed(f"task {self.task_id} already ended; {type_} not written")
+        event = Event(
+            task_id=self.task_id,
+            chat_id=self.chat_id,
+            message_id=self.message_id,
+            seq=len(self._events) + 1,
+            type=type_,
+            data=data,
+        )
+        self._events.append(event)
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        return event
+
+    def read(self, after: int, limit: int | None = None) -> list[Event]:
+        """Events with ``seq > after`` (at most ``limit``), in order."""
+        start = max(after, 0)
+        end = None if limit is None else start + limit
+        return self._events[start:end]
+
+    async def wait_beyond(self, after: int) -> None:
+        """Return once an event with ``seq > after`` exists or the log is closed.
+
+        Cancelling it just stops the wait; nothing is consumed.
+        """
+        while self.last_seq <= after and not self.closed:
+            await self._changed.wait()

@@ -1,0 +1,100 @@
+"""The in-memory task backend: one process, no persistence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.schemas import Event, TaskRecord
+from server.tasks.log import EventLog
+
+
+class UnknownTask(KeyError):
+    pass
+
+
+class MemoryBackend:
+    def __init__(self) -> None:
+        self._records: dict[str, TaskRecord] = {}
+        self._logs: dict[str, EventLog] = {}
+        self._active_ids: set[str] = set()
+        self._active_total = 0
+        self._active_by_user: dict[str, int] = {}
+
+    # Admission counts are kept incrementally so that admitting a task is O(1) even with
+    # thousands of tasks in the registry.
+    async def admit(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
+        user_count = self._active_by_user.get(record.user, 0)
+        if self._active_total >= max_total or user_count >= max_per_user:
+            return False
+        self._records[record.id] = record
+        self._logs[record.id] = EventLog(record.id, record.chat_id, record.message_id)
+        self._active_ids.add(record.id)
+        self._active_total += 1
+        self._active_by_user[record.user] = user_count + 1
+        return True
+
+    async def save(self, record: TaskRecord) -> None:
+        # Records are shared objects here; the only bookkeeping is the active counts.
+        if not record.active and record.id in self._active_ids:
+            self._release(record)
+
+    def _release(self, record: TaskRecord) -> None:
+        self._active_ids.discard(record.id)
+        self._active_total -= 1
+        remaining = self._active_by_user.get(record.user, 1) - 1
+        if remaining <= 0:
+            self._active_by_user.pop(record.user, None)
+        else:
+            self._active_by_user[record.user] = remaining
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        return self._records.get(task_id)
+
+    async def list_tasks(
+        self,
+        user: str,
+        *,
+        chat_id: str | None = None,
+        session_id: str | None = None,
+        include_finished: bool = False,
+    ) -> list[TaskRecord]:
+        return [
+            r
+            for r in self._records.values()
+            if r.user == user
+            and (include_finished or r.active)
+            and (chat_id is None or r.chat_id == chat_id)
+            and (session_id is None or r.session_id == session_id)
+        ]
+
+    def _log(self, task_id: str) -> EventLog:
+        log = self._logs.get(task_id)
+        if log is None:
+            raise UnknownTask(task_id)
+        return log
+
+    async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
+        event = self._log(record.id).append(type_, data)
+        record.last_seq = event.seq
+        return event
+
+    async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
+        log = self._logs.get(task_id)
+        return [] if log is None else log.read(after, limit)
+
+    async def wait_beyond(self, task_id: str, after: int) -> None:
+        await self._log(task_id).wait_beyond(after)
+
+    async def expire(self, now: float, retention_s: float) -> list[str]:
+        expired = [
+            r.id
+            for r in self._records.values()
+            if not r.active and r.ended_at is not None and now - r.ended_at >= retention_s
+        ]
+        for task_id in expired:
+            del self._records[task_id]
+            del self._logs[task_id]
+        return expired
+
+    async def counts(self) -> tuple[int, dict[str, int]]:
+        return self._active_total, dict(self._active_by_user)

@@ -1,0 +1,137 @@
+"""Fixtures: the loopback fakes and a real Tether server (hypercorn, trio worker) on a
+loopback port, talked to over sockets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import httpx2
+import pytest
+import trio
+
+from server.app import create_app
+from server.cli import serve_app
+from server.config import Settings
+from server.runtime import Runtime
+from tests.fakes.model import FakeModel
+from tests.fakes.pages import FakePages
+from tests.fakes.search import FakeSearxng
+
+WAIT = 10.0  # generous upper bound for anything a test waits on
+
+
+@dataclass
+class Fakes:
+    model: FakeModel
+    search: FakeSearxng
+    pages: FakePages
+
+
+@pytest.fixture
+async def fakes(nursery: trio.Nursery) -> Fakes:
+    model, search, pages = FakeModel(), FakeSearxng(), FakePages()
+    for fake in (model, search, pages):
+        await fake.start(nursery)
+    search.configure(page_base_url=pages.base_url)
+    return Fakes(model, search, pages)
+
+
+@dataclass
+class Tether:
+    base_url: str
+    runtime: Runtime
+    client: httpx2.AsyncClient
+    stop_serving: trio.Event
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://") + "/ws"
+
+    async def chat(self, body: dict[str, Any], key: str | None = None) -> httpx2.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return await self.client.post("/api/chat/completions", json=body, headers=headers)
+
+    async def background(self, body: dict[str, Any], key: str | None = None) -> str:
+        response = await self.chat({**body, "background": True}, key)
+        assert response.status_code == 202, response.text
+        return str(response.json()["task_id"])
+
+    async def events(self, task_id: str, after: int = 0,
+                     key: str | None = None) -> list[dict[str, Any]]:
+        """All events of a task through the SSE route, up to the terminal one."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        out: list[dict[str, Any]] = []
+        async with self.client.stream("GET", f"/api/tasks/{task_id}/events?after={after}",
+                                      headers=headers) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    out.append(json.loads(line[6:]))
+        return out
+
+    async def wait_phase(self, task_id: str, phase: str, key: str | None = None) -> None:
+        """Follow the task's events until it reports being in ``phase``."""
+        record = await self.runtime.manager.backend.get(task_id)
+        assert record is not None
+        after = 0
+        while record.phase != phase:
+            assert record.active, f"task ended in {record.phase} before reaching {phase}"
+            after = record.last_seq
+            await self.runtime.manager.backend.wait_beyond(task_id, after)
+
+
+def base_settings(fakes: Fakes, **overrides: Any) -> Settings:
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        llm_base_url=fakes.model.base_url + "/v1",
+        llm_api_key="sk-fake",
+        default_model="fake-model",
+        search_provider="searxng",
+        searxng_url=fakes.search.base_url,
+        search_query_generation=False,
+        search_result_count=3,
+        local_model_tokens_per_s=0,
+        sse_keepalive_s=15,
+        ws_reconnect_grace_s=0,
+    )
+    return settings.with_overrides(**overrides)
+
+
+StartTether = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_tether(
+    nursery: trio.Nursery, fakes: Fakes
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start a Tether server with the test settings plus overrides; returns a ``Tether``."""
+    started: list[Tether] = []
+
+    async def start(**overrides: Any) -> Tether:
+        settings = base_settings(fakes, **overrides)
+        app = create_app(settings)
+        stop = trio.Event()
+        binds = await nursery.start(
+            partial(serve_app, app, settings, shutdown_trigger=stop.wait)
+        )
+        base_url = binds[0]
+        client = httpx2.AsyncClient(base_url=base_url, timeout=WAIT, trust_env=False)
+        tether = Tether(base_url, app.extensions["tether"], client, stop)
+        started.append(tether)
+        return tether
+
+    yield start
+    for tether in started:
+        await tether.client.aclose()
+        tether.stop_serving.set()
+
+
+@pytest.fixture
+async def tether(start_tether: Callable[..., Any]) -> Tether:
+    result: Tether = await start_tether()
+    return result

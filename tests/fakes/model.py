@@ -1,0 +1,509 @@
+"""Fake OpenAI-compatible model provider.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream or not),
+plus the common ``/_fake/`` control API and ``POST /_fake/script`` (append
+replies to the FIFO).
+
+Which reply a chat request gets: the first rule in ``rules`` whose substring
+occurs in the last user message, else the head of the ``script`` FIFO (popped),
+else ``default_reply``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import trio
+
+from .base import Exchange, FakeServer, run_main
+
+__all__ = [
+    "DieMidwayReply",
+    "EchoReply",
+    "ErrorReply",
+    "FakeModel",
+    "HangReply",
+    "Reply",
+    "TextReply",
+    "ToolCallReply",
+    "main",
+    "reply_from_json",
+]
+
+
+@dataclass
+class TextReply:
+    """Plain assistant text. Streamed one delta per chunk, ``interval`` seconds
+    apart, after ``first_delay`` (headers go out first). ``reasoning_chunks`` are
+    streamed before the content as ``delta.reasoning_content`` (the key is
+    ``reasoning_field``, e.g. "reasoning"). With ``tokens`` set, the chunks are
+    generated as ``"tok{i} "`` and paced at ``rate`` tokens/s (if given)."""
+
+    kind: ClassVar[str] = "text"
+    chunks: list[str] = field(default_factory=list)
+    interval: float = 0.0
+    first_delay: float = 0.0
+    reasoning_chunks: list[str] = field(default_factory=list)
+    tokens: int | None = None
+    rate: float | None = None
+    finish_reason: str = "stop"
+    reasoning_field: str = "reasoning_content"
+
+    def content_chunks(self) -> list[str]:
+        if self.tokens is not None:
+            return [f"tok{i} " for i in range(self.tokens)]
+        return list(self.chunks)
+
+    def pace(self) -> float:
+        if self.rate:
+            return 1.0 / self.rate
+        return self.interval
+
+
+@dataclass
+class ToolCallReply:
+    """Assistant tool calls; ``calls`` is a list of ``(name, arguments_json)``.
+    ``delay`` is waited after the headers (stream) / before the response."""
+
+    kind: ClassVar[str] = "tool_calls"
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    delay: float = 0.0
+    content: str = ""
+
+    def __post_init__(self) -> None:
+        norm: list[tuple[str, str]] = []
+        for call in self.calls:
+            if isinstance(call, dict):
+                name, args = call["name"], call.get("arguments", "{}")
+            else:
+                name, args = call[0], call[1]
+            if not isinstance(args, str):
+                args = json.dumps(args)
+            norm.append((str(name), args))
+        self.calls = norm
+
+
+def _default_error_body() -> dict[str, Any]:
+    return {"error": {"message": "boom", "type": "server_error"}}
+
+
+@dataclass
+class ErrorReply:
+    """HTTP error with a JSON body, after ``delay`` seconds."""
+
+    kind: ClassVar[str] = "error"
+    status: int = 500
+    body: dict[str, Any] = field(default_factory=_default_error_body)
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DieMidwayReply:
+    """Send ``chunks`` then close the socket without the terminating chunk /
+    ``[DONE]`` (``rst=True``: reset instead of FIN). Non-stream: headers with the
+    full Content-Length, half the body, then close."""
+
+    kind: ClassVar[str] = "die_midway"
+    chunks: list[str] = field(default_factory=list)
+    interval: float = 0.0
+    rst: bool = False
+
+
+@dataclass
+class HangReply:
+    """Send headers (unless ``send_headers`` is false) and then nothing, until
+    the client goes away."""
+
+    kind: ClassVar[str] = "hang"
+    send_headers: bool = True
+
+
+@dataclass
+class EchoReply:
+    """Stream back the last user message split on spaces."""
+
+    kind: ClassVar[str] = "echo"
+    interval: float = 0.0
+
+
+Reply = TextReply | ToolCallReply | ErrorReply | DieMidwayReply | HangReply | EchoReply
+
+_KINDS: dict[str, type[Reply]] = {
+    "text": TextReply,
+    "tool_calls": ToolCallReply,
+    "tool_call": ToolCallReply,
+    "tool": ToolCallReply,
+    "error": ErrorReply,
+    "die_midway": DieMidwayReply,
+    "die": DieMidwayReply,
+    "hang": HangReply,
+    "echo": EchoReply,
+}
+
+
+def reply_from_json(obj: Reply | dict[str, Any]) -> Reply:
+    """Build a Reply from e.g. ``{"kind": "text", "chunks": ["a"], "interval": 0.05}``."""
+    if not isinstance(obj, dict):
+        return obj
+    data = dict(obj)
+    kind = data.pop("kind", "text")
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown reply kind {kind!r}; known: {sorted(_KINDS)}")
+    return cls(**data)
+
+
+def default_reply() -> Reply:
+    return TextReply(["Hello", " from", " the", " fake", " model."])
+
+
+def _message_text(message: Any) -> str:
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        return "".join(p for p in parts if isinstance(p, str))
+    return ""
+
+
+def last_user_text(body: Any) -> str:
+    """Text of the last ``role == "user"`` message of a chat request body."""
+    if not isinstance(body, dict):
+        return ""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return ""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return _message_text(message)
+    return ""
+
+
+def _split(text: str, pieces: int) -> list[str]:
+    pieces = max(2, pieces)
+    size = max(1, -(-len(text) // pieces))
+    out = [text[i : i + size] for i in range(0, len(text), size)]
+    while len(out) < pieces:
+        out.append("")
+    return out
+
+
+class FakeModel(FakeServer):
+    SETTING_NAMES: ClassVar[tuple[str, ...]] = (
+        "script",
+        "rules",
+        "default_reply",
+        "models",
+        "require_api_key",
+    )
+
+    script: list[Reply]
+    rules: list[tuple[str, Reply]]
+    default_reply: Reply
+    models: list[str]
+    require_api_key: str | None
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        super().__init__()
+
+    def _reset_settings(self) -> None:
+        self.script = []
+        self.rules = []
+        self.default_reply = default_reply()
+        self.models = ["fake-model", "fake-tools"]
+        self.require_api_key = None
+
+    def _apply_setting(self, key: str, value: Any) -> None:
+        if key == "script":
+            value = [reply_from_json(v) for v in value]
+        elif key == "rules":
+            value = [(str(sub), reply_from_json(r)) for sub, r in value]
+        elif key == "default_reply":
+            value = reply_from_json(value)
+        elif key == "models":
+            value = [str(v) for v in value]
+        super()._apply_setting(key, value)
+
+    # ------------------------------------------------------------------ helpers
+    def push(self, *replies: Reply | dict[str, Any]) -> None:
+        """Append replies to the script FIFO."""
+        self.script.extend(reply_from_json(r) for r in replies)
+
+    def add_rule(self, substring: str, reply: Reply | dict[str, Any]) -> None:
+        self.rules.append((substring, reply_from_json(reply)))
+
+    @property
+    def chat_requests(self) -> list[Any]:
+        """Parsed JSON bodies of every chat completion request, in order."""
+        return [r.json_body for r in self.requests_for("/v1/chat/completions")]
+
+    def pick_reply(self, body: Any) -> Reply:
+        text = last_user_text(body)
+        for substring, reply in self.rules:
+            if substring in text:
+                return reply
+        if self.script:
+            return self.script.pop(0)
+        return self.default_reply
+
+    async def handle_control(self, ex: Exchange, name: str) -> bool:
+        if name == "script" and ex.request.method == "POST":
+            body = ex.request.json_body
+            items = body if isinstance(body, list) else [body]
+            try:
+                self.push(*items)
+            except (TypeError, ValueError, KeyError) as exc:
+                await ex.respond_json({"error": str(exc)}, 400)
+                return True
+            self._notify()
+            await ex.respond_json({"script_len": len(self.script)})
+            return True
+        return False
+
+    # ------------------------------------------------------------------ HTTP
+    async def handle(self, ex: Exchange) -> None:
+        req = ex.request
+        if self.require_api_key is not None:
+            auth = req.headers.get("authorization", "")
+            if auth != f"Bearer {self.require_api_key}":
+                await ex.respond_json(
+                    {"error": {"message": "bad api key", "type": "invalid_request_error"}}, 401
+                )
+                return
+        path = req.path.rstrip("/")
+        if path == "/v1/models" and req.method == "GET":
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models
+            ]
+            await ex.respond_json({"object": "list", "data": data})
+        elif path == "/v1/chat/completions" and req.method == "POST":
+            await self._chat(ex)
+        else:
+            await ex.respond_json(
+                {"error": {"message": f"no route {req.method} {req.path}", "type": "not_found"}},
+                404,
+            )
+
+    async def _chat(self, ex: Exchange) -> None:
+        body = ex.request.json_body
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            await ex.respond_json(
+                {"error": {"message": "invalid JSON body", "type": "invalid_request_error"}}, 400
+            )
+            return
+        reply = self.pick_reply(body)
+        ex.request.meta["reply_kind"] = reply.kind
+        self._notify()
+        call = _Call(self, ex, body, f"chatcmpl-fake-{next(self._ids)}")
+        if isinstance(reply, ErrorReply):
+            await trio.sleep(reply.delay)
+            await ex.respond_json(reply.body, reply.status, reply.headers.items())
+        elif isinstance(reply, HangReply):
+            if reply.send_headers:
+                ctype = "text/event-stream" if call.stream else "application/json"
+                await ex.start_response(200, [("content-type", ctype)])
+            await trio.sleep_forever()
+        elif isinstance(reply, TextReply):
+            await call.text(
+                reply.content_chunks(),
+                reply.reasoning_chunks,
+                reply.pace(),
+                reply.first_delay,
+                reply.finish_reason,
+                reply.reasoning_field,
+            )
+        elif isinstance(reply, EchoReply):
+            words = last_user_text(body).split(" ")
+            chunks = [w if i == 0 else " " + w for i, w in enumerate(words)]
+            await call.text(chunks, [], reply.interval, 0.0, "stop")
+        elif isinstance(reply, ToolCallReply):
+            await call.tool_calls(reply)
+        else:
+            await call.die_midway(reply)
+
+
+class _Call:
+    """One chat completion response being produced."""
+
+    def __init__(self, model: FakeModel, ex: Exchange, body: dict[str, Any], cid: str) -> None:
+        self.ex = ex
+        self.body = body
+        self.id = cid
+        self.stream = bool(body.get("stream"))
+        default_name = model.models[0] if model.models else "fake-model"
+        self.model_name = str(body.get("model") or default_name)
+        self.created = int(time.time())
+        self.prompt_tokens = sum(
+            len(_message_text(m).split()) for m in body.get("messages", []) if isinstance(m, dict)
+        )
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        if usage is not None:
+            obj["usage"] = usage
+        obj["fake_sent_at"] = time.monotonic()
+        return obj
+
+    def completion(
+        self, message: dict[str, Any], finish_reason: str, completion_tokens: int
+    ) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+            "usage": self.usage(completion_tokens),
+            "fake_sent_at": time.monotonic(),
+        }
+
+    async def start_sse(self) -> None:
+        await self.ex.start_response(
+            200,
+            [
+                ("content-type", "text/event-stream; charset=utf-8"),
+                ("cache-control", "no-cache"),
+            ],
+        )
+
+    async def sse(self, obj: dict[str, Any] | str) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+        await self.ex.send(f"data: {data}\n\n")
+
+    async def text(
+        self,
+        chunks: list[str],
+        reasoning: list[str],
+        pace: float,
+        first_delay: float,
+        finish_reason: str,
+        reasoning_field: str = "reasoning_content",
+    ) -> None:
+        pieces = [(reasoning_field, r) for r in reasoning] + [("content", c) for c in chunks]
+        if not self.stream:
+            total = first_delay + pace * max(0, len(pieces) - 1)
+            await trio.sleep(total)
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(chunks)}
+            if reasoning:
+                message[reasoning_field] = "".join(reasoning)
+            await self.ex.respond_json(self.completion(message, finish_reason, len(chunks)))
+            return
+        await self.start_sse()
+        await trio.sleep(first_delay)
+        t0 = trio.current_time()
+        for i, (key, piece) in enumerate(pieces):
+            if i and pace > 0:
+                await trio.sleep_until(t0 + i * pace)
+            delta: dict[str, Any] = {key: piece}
+            if i == 0:
+                delta = {"role": "assistant", **delta}
+            await self.sse(self.chunk(delta))
+        final_delta: dict[str, Any] = {} if pieces else {"role": "assistant", "content": ""}
+        await self.sse(self.chunk(final_delta, finish_reason, self.usage(len(chunks))))
+        await self.sse("[DONE]")
+        await self.ex.finish()
+
+    async def tool_calls(self, reply: ToolCallReply) -> None:
+        n_tokens = sum(len(args) for _, args in reply.calls) // 4 + 1
+        if not self.stream:
+            await trio.sleep(reply.delay)
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": reply.content or None,
+                "tool_calls": [
+                    {
+                        "id": f"call_fake_{i}",
+                        "type": "function",
+                        "function": {"name": name, "arguments": args},
+                    }
+                    for i, (name, args) in enumerate(reply.calls)
+                ],
+            }
+            await self.ex.respond_json(self.completion(message, "tool_calls", n_tokens))
+            return
+        await self.start_sse()
+        await trio.sleep(reply.delay)
+        first = True
+        if reply.content:
+            await self.sse(self.chunk({"role": "assistant", "content": reply.content}))
+            first = False
+        for i, (name, args) in enumerate(reply.calls):
+            head: dict[str, Any] = {
+                "tool_calls": [
+                    {
+                        "index": i,
+                        "id": f"call_fake_{i}",
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }
+                ]
+            }
+            if first:
+                head = {"role": "assistant", "content": None, **head}
+                first = False
+            await self.sse(self.chunk(head))
+            for piece in _split(args, min(4, max(2, len(args) // 8))):
+                await self.sse(
+                    self.chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+                )
+        await self.sse(self.chunk({}, "tool_calls", self.usage(n_tokens)))
+        await self.sse("[DONE]")
+        await self.ex.finish()
+
+    async def die_midway(self, reply: DieMidwayReply) -> None:
+        if not self.stream:
+            message = {"role": "assistant", "content": "".join(reply.chunks)}
+            full = json.dumps(self.completion(message, "stop", len(reply.chunks))).encode()
+            await self.ex.start_response(
+                200, [("content-type", "application/json")], content_length=len(full)
+            )
+            await self.ex.send(full[: len(full) // 2])
+            await trio.sleep(reply.interval * len(reply.chunks))
+            self.ex.abort(reply.rst)
+        await self.start_sse()
+        t0 = trio.current_time()
+        for i, piece in enumerate(reply.chunks):
+            if i and reply.interval > 0:
+                await trio.sleep_until(t0 + i * reply.interval)
+            delta: dict[str, Any] = {"content": piece}
+            if i == 0:
+                delta = {"role": "assistant", **delta}
+            await self.sse(self.chunk(delta))
+        if reply.interval > 0:
+            await trio.sleep(reply.interval)
+        self.ex.abort(reply.rst)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(FakeModel, argv, "Fake OpenAI-compatible model provider")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Bad input gets the documented error; users cannot see each other's tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from tests.conftest import WAIT, Fakes, Tether
+from tests.fakes.model import DieMidwayReply, ErrorReply, HangReply
+from tests.helpers import assert_log_well_formed, chat_body
+
+KEYS = {"key-alice": "alice", "key-bob": "bob"}
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert error["message"]
+    assert "Traceback" not in response.text
+    return dict(error)
+
+
+async def test_malformed_json_is_invalid_request(tether: Tether) -> None:
+    response = await tether.client.post("/api/chat/completions", content=b"{not json",
+                                        headers={"Content-Type": "application/json"})
+    assert_error(response, 400, "invalid_request")
+
+
+async def test_missing_messages_is_invalid_request(tether: Tether) -> None:
+    error = assert_error(await tether.chat({"model": "fake-model"}), 400, "invalid_request")
+    assert error["param"] == "messages"
+
+
+async def test_wrong_type_is_invalid_request(tether: Tether) -> None:
+    error = assert_error(await tether.chat(chat_body(stream="yes")), 400, "invalid_request")
+    assert error["param"] == "stream"
+    error = assert_error(await tether.chat({"model": "fake-model", "messages": "hi"}), 400,
+                         "invalid_request")
+    assert error["param"] == "messages"
+    assert_error(await tether.chat([1, 2]), 400, "invalid_request")  # type: ignore[arg-type]
+
+
+async def test_unknown_model_is_model_not_found(tether: Tether) -> None:
+    response = await tether.chat(chat_body(model="no-such-model"))
+    error = assert_error(response, 404, "model_not_found")
+    assert error["param"] == "model"
+
+
+async def test_unknown_tool_id_is_invalid_request(tether: Tether) -> None:
+    error = assert_error(await tether.chat(chat_body(tool_ids=["rm_rf"])), 400,
+                         "invalid_request")
+    assert error["param"] == "tool_ids"
+
+
+async def test_oversized_body_is_payload_too_large(start_tether: Any) -> None:
+    tether: Tether = await start_tether(max_body_bytes=10_000)
+    response = await tether.chat(chat_body("x" * 20_000))
+    assert_error(response, 413, "payload_too_large")
+
+
+async def test_unknown_route_and_task_are_not_found(tether: Tether) -> None:
+    assert_error(await tether.client.get("/api/nothing"), 404, "not_found")
+    assert_error(await tether.client.get("/api/tasks/task_nope"), 404, "not_found")
+    assert_error(await tether.client.post("/api/tasks/task_nope/stop"), 404, "not_found")
+
+
+async def test_upstream_500_fails_task_with_phase(tether: Tether, fakes: Fakes) -> None:
+    fakes.model.push(ErrorReply(500, {"error": {"message": "model exploded"}}))
+    task_id = await tether.background(chat_body())
+    terminal = assert_log_well_formed(await tether.events(task_id))
+    assert terminal["type"] == "task:failed"
+    error = terminal["data"]["error"]
+    assert error["type"] == "upstream_error"
+    assert error["phase"] == "generating"
+    assert "model exploded" in error["message"]
+    fakes.model.push(ErrorReply(500, {"error": {"message": "model exploded"}}))
+    assert_error(await tether.chat(chat_body()), 502, "upstream_error")
+
+
+async def test_stream_dying_midway_fails_task_and_keeps_partial(
+    tether: Tether, fakes: Fakes
+) -> None:
+    fakes.model.push(DieMidwayReply(["partial ", "answer "]))
+    task_id = await tether.background(chat_body())
+    terminal = assert_log_well_formed(await tether.events(task_id))
+    assert terminal["type"] == "task:failed"
+    assert terminal["data"]["error"]["phase"] == "generating"
+    assert terminal["data"]["content"] == "partial answer "
+
+
+async def test_too_many_tasks_is_429_with_retry_after(start_tether: Any, fakes: Fakes) -> None:
+    tether: Tether = await start_tether(max_active_tasks=10, max_active_tasks_per_user=2)
+    fakes.model.configure(default_reply={"kind": "hang"})
+    ids = [await tether.background(chat_body()) for _ in range(2)]
+    response = await tether.chat(chat_body(background=True))
+    assert_error(response, 429, "too_many_tasks")
+    assert int(response.headers["Retry-After"]) >= 1
+    await tether.client.post(f"/api/tasks/{ids[0]}/stop")
+    assert (await tether.chat(chat_body(background=True))).status_code == 202
+    for task in (await tether.client.get("/api/tasks")).json()["tasks"]:
+        await tether.client.post(f"/api/tasks/{task['id']}/stop")
+
+
+async def test_missing_or_wrong_key_is_unauthorized(start_tether: Any) -> None:
+    tether: Tether = await start_tether(api_keys=KEYS)
+    assert_error(await tether.chat(chat_body()), 401, "unauthorized")
+    assert_error(await tether.chat(chat_body(), key="wrong"), 401, "unauthorized")
+    assert (await tether.client.get("/healthz")).status_code == 200
+
+
+async def test_another_users_task_is_not_found(start_tether: Any, fakes: Fakes) -> None:
+    tether: Tether = await start_tether(api_keys=KEYS)
+    fakes.model.push(HangReply())
+    task_id = await tether.background(chat_body(chat_id="shared"), key="key-alice")
+    with trio.fail_after(WAIT):
+        await fakes.model.wait_for_request("/v1/chat/completions")
+    bob = {"Authorization": "Bearer key-bob"}
+    assert_error(await tether.client.get(f"/api/tasks/{task_id}", headers=bob), 404, "not_found")
+    assert_error(await tether.client.post(f"/api/tasks/{task_id}/stop", headers=bob), 404,
+                 "not_found")
+    assert_error(await tether.client.get(f"/api/tasks/{task_id}/events", headers=bob), 404,
+                 "not_found")
+    assert (await tether.client.get("/api/tasks", headers=bob)).json()["tasks"] == []
+    bob_stop = await tether.client.post("/api/chats/shared/stop", headers=bob)
+    assert bob_stop.json()["tasks"] == []
+    alice = {"Authorization": "Bearer key-alice"}
+    task = (await tether.client.get(f"/api/tasks/{task_id}", headers=alice)).json()
+    assert task["status"] == "running" and task["user"] == "alice"
+    stopped = await tether.client.post(f"/api/tasks/{task_id}/stop", headers=alice)
+    assert stopped.json()["status"] == "cancelled"
+
+
+async def test_ended_task_stays_readable_for_retention_then_goes(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether(task_retention_s=0.2)
+    task_id = await tether.background(chat_body())
+    events = await tether.events(task_id)
+    assert events[-1]["type"] == "task:completed"
+    listed = (await tether.client.get("/api/tasks?include_finished=true")).json()["tasks"]
+    assert task_id in [t["id"] for t in listed]
+    with trio.fail_after(WAIT):
+        while (await tether.client.get(f"/api/tasks/{task_id}")).status_code == 200:
+            await tether.runtime.manager.wait_sweep()
+    assert (await tether.client.get(f"/api/tasks/{task_id}")).status_code == 404
+
+
+async def test_models_health_ready_and_metrics(tether: Tether) -> None:
+    models = (await tether.client.get("/v1/models")).json()
+    assert models["object"] == "list"
+    ids = [m["id"] for m in models["data"]]
+    assert "local" in ids and "fake-model" in ids
+    assert (await tether.client.get("/healthz")).json() == {"status": "ok"}
+    assert (await tether.client.get("/readyz")).status_code == 200
+    await tether.chat(chat_body())
+    metrics = (await tether.client.get("/metrics")).text
+    for name in ("tether_tasks_active", "tether_time_to_task_id_seconds",
+                 "tether_task_cancels", "tether_upstream_errors"):
+        assert name in metrics
