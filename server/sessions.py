@@ -56,21 +56,23 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
-    def owned(self, user: str, session_id: str) -> Session:
+    def owned(self, user: str, session_id: str, *, connecting: bool = False) -> Session:
         """The user's session, created if unknown; another user's is not found (404)."""
         session = self._sessions.get(session_id)
         if session is None:
             session = Session(session_id, user)
             self._sessions[session_id] = session
-            # Nobody is connected yet: its tasks live for the grace period unless one comes.
-            self._start_grace(session)
+            if not connecting:
+                # Named by an HTTP request with nobody connected: its tasks live for the
+                # grace period unless a connection comes.
+                self._start_grace(session)
         elif session.user != user:
             raise RequestError(404, "not_found", f"No session {session_id!r}.",
                                param="session_id")
         return session
 
     def attach(self, user: str, session_id: str | None, conn: SessionConnection) -> Session:
-        session = self.owned(user, session_id or new_session_id())
+        session = self.owned(user, session_id or new_session_id(), connecting=True)
         if session.grace is not None:
             session.grace.cancel()
             session.grace = None

@@ -4,6 +4,7 @@ connection, and keep the partial answer."""
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Any
 
 import httpx2
@@ -138,8 +139,8 @@ async def test_closing_sync_client_cancels_task_and_closes_search_connection(
     fakes.search.configure(delay=30)
     client = httpx2.AsyncClient(base_url=tether.base_url, timeout=WAIT, trust_env=False)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.post, "/api/chat/completions",
-                           chat_body(features={"web_search": True}))  # type: ignore[arg-type]
+        nursery.start_soon(partial(client.post, "/api/chat/completions",
+                                   json=chat_body(features={"web_search": True})))
         with trio.fail_after(WAIT):
             request = await fakes.search.wait_for_request("/search")
         tasks = (await tether.client.get("/api/tasks")).json()["tasks"]

@@ -17,6 +17,7 @@ import trio
 from quart import Blueprint, Response
 
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
+from server.runtime import Runtime
 from server.schemas import Event, RequestError, TaskRecord, parse_chat_request
 
 blueprint = Blueprint("chat", __name__)
@@ -48,7 +49,7 @@ async def chat_completions() -> Response:
         return json_response(body, 202, headers)
     if record.mode == "stream":
         include_usage = bool((chat.passthrough.get("stream_options") or {}).get("include_usage"))
-        response = Response(_stream(record, include_usage), headers=sse_headers(record.id))
+        response = Response(_stream(rt, record, include_usage), headers=sse_headers(record.id))
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
         return response
     try:
@@ -98,7 +99,7 @@ def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
     return "data: " + json.dumps(body, separators=(",", ":")) + "\n\n"
 
 
-async def _stream(record: TaskRecord, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> AsyncIterator[str]:
     """The OpenAI chunk stream of one task.
 
     Status steps go out as SSE comment lines, which clients ignore and proxies see as
@@ -106,7 +107,6 @@ async def _stream(record: TaskRecord, include_usage: bool) -> AsyncIterator[str]
     If the client goes away, this generator is cancelled or closed and its ``finally``
     stops the task.
     """
-    rt = runtime()
     backend = rt.manager.backend
     keepalive = rt.settings.sse_keepalive_s
     cursor = 0

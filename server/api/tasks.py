@@ -9,6 +9,7 @@ import trio
 from quart import Blueprint, Response, request
 
 from server.api.common import current_user, json_response, runtime, sse_headers
+from server.runtime import Runtime
 from server.schemas import RequestError, TaskRecord
 
 blueprint = Blueprint("tasks", __name__)
@@ -69,7 +70,7 @@ async def stop_chat(chat_id: str) -> Response:
 async def task_events(task_id: str) -> Response:
     _, record = await _own_task(task_id)
     after = _cursor()
-    response = Response(_events(record.id, after), headers=sse_headers(record.id))
+    response = Response(_events(runtime(), record.id, after), headers=sse_headers(record.id))
     response.timeout = None
     return response
 
@@ -86,12 +87,11 @@ def _cursor() -> int:
     return after
 
 
-async def _events(task_id: str, after: int) -> AsyncIterator[str]:
+async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
     """Replay the log past ``after``, then follow it live until the terminal event.
 
     Closing the connection ends only this reader; the task goes on.
     """
-    rt = runtime()
     backend = rt.manager.backend
     cursor = after
     while True:

@@ -40,6 +40,7 @@ class WsConnection:
         self.session: Session | None = None
         self._nursery: trio.Nursery | None = None
         self._followers: dict[str, trio.CancelScope] = {}
+        self._cursors: dict[str, int] = {}
         self._out_send, self._out_recv = trio.open_memory_channel[str](64)
         self.too_slow = trio.Event()
 
@@ -52,12 +53,14 @@ class WsConnection:
         old = self._followers.pop(task_id, None)
         if old is not None:
             old.cancel()
+        self._cursors[task_id] = after
         scope = trio.CancelScope()
         self._followers[task_id] = scope
         self._nursery.start_soon(self._follow, task_id, after, scope)
 
     def unfollow(self, task_id: str) -> bool:
         scope = self._followers.pop(task_id, None)
+        self._cursors.pop(task_id, None)
         if scope is not None:
             scope.cancel()
         return scope is not None
@@ -66,7 +69,6 @@ class WsConnection:
         """Replay the log past ``after`` then follow it live; one cursor, so the seam
         between replay and live has no gap and no duplicate."""
         backend = self.rt.manager.backend
-        max_lag = self.rt.settings.ws_max_lag_events
         cursor = after
         with scope:
             while True:
@@ -77,18 +79,30 @@ class WsConnection:
                         break  # closed log with nothing new, or the task expired
                     continue
                 for event in events:
-                    record = await backend.get(task_id)
-                    if record is not None and record.last_seq - event.seq > max_lag:
-                        self.too_slow.set()
-                        return
-                    cursor = event.seq
                     await self._out_send.send(
                         json.dumps({"type": "event", "event": event.to_dict()})
                     )
+                    cursor = event.seq
+                    if self._followers.get(task_id) is scope:
+                        self._cursors[task_id] = cursor
                     if event.terminal:
                         if self._followers.get(task_id) is scope:
                             del self._followers[task_id]
+                            del self._cursors[task_id]
                         return
+
+    async def _watch_lag(self) -> None:
+        """Close a connection whose followers fall too far behind their tasks. Followers
+        that wait on a full writer cannot check this themselves."""
+        backend = self.rt.manager.backend
+        max_lag = self.rt.settings.ws_max_lag_events
+        while True:
+            await trio.sleep(0.5)
+            for task_id, cursor in list(self._cursors.items()):
+                record = await backend.get(task_id)
+                if record is not None and record.last_seq - cursor > max_lag:
+                    self.too_slow.set()
+                    return
 
     # -- sending --------------------------------------------------------------------------
 
@@ -118,6 +132,7 @@ class WsConnection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._writer)
+            nursery.start_soon(self._watch_lag)
             assert self.session is not None
             await self.send({"type": "session", "session_id": self.session.id})
             nursery.start_soon(self._receive_loop)
