@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 from hypercorn.config import Config
@@ -58,6 +60,14 @@ async def serve_app(
                        shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
+async def _termination_signal() -> None:
+    """Return on SIGINT or SIGTERM: hypercorn then shuts down gracefully, and running
+    tasks end with ``cancel_reason: "shutdown"``."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
     print(f"tether: serving on http://{settings.host}:{settings.port}", flush=True)
-    trio.run(serve_app, app, settings)
+    trio.run(partial(serve_app, app, settings, shutdown_trigger=_termination_signal))
     return 0
 
 

@@ -55,6 +55,8 @@ class Settings:
     page_timeout_s: float = 10.0
     page_max_bytes: int = 2_000_000
     page_max_chars: int = 4000
+    # Page fetches (search results, fetch_url) refuse non-public addresses unless allowed.
+    fetch_allow_private: bool = False
 
     tool_timeout_s: float = 30.0
     max_tool_rounds: int = 8

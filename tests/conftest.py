@@ -98,6 +98,7 @@ def base_settings(fakes: Fakes, **overrides: Any) -> Settings:
         local_model_tokens_per_s=0,
         sse_keepalive_s=15,
         ws_reconnect_grace_s=0,
+        fetch_allow_private=True,  # the fakes live on loopback
     )
     return settings.with_overrides(**overrides)
 

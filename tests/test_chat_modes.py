@@ -121,3 +121,22 @@ async def test_local_model_answers_web_search_from_local_docs(start_tether: obje
     assert body["sources"], body
     assert all(s["url"].startswith("local://") for s in body["sources"])
     assert "[1]" in body["choices"][0]["message"]["content"]
+
+
+async def test_stream_sends_keepalive_comments_while_search_runs(
+    start_tether: object, fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether(sse_keepalive_s=0.05)  # type: ignore[operator]
+    fakes.search.configure(delay=30)
+    comments = 0
+    with trio.fail_after(WAIT):
+        async with tether.client.stream(
+            "POST", "/api/chat/completions",
+            json=chat_body(stream=True, features={"web_search": True}),
+        ) as response:
+            async for line in response.aiter_lines():
+                if line == ": keepalive":
+                    comments += 1
+                    if comments == 3:
+                        break
+    assert comments == 3

@@ -148,3 +148,26 @@ async def test_local_model_calls_the_calculator(start_tether: Any) -> None:
                                   "messages": [{"role": "user", "content": "What is 12 * 11?"}]})
     body = response.json()
     assert "132" in body["choices"][0]["message"]["content"]
+
+
+async def test_private_addresses_are_refused_unless_allowed(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether(fetch_allow_private=False)
+    fakes.model.push(ToolCallReply([("fetch_url", {"url": fakes.pages.base_url + "/page/x"})]),
+                     TextReply(["ok"]))
+    await tether.chat(chat_body("read", tool_ids=["fetch_url"]))
+    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"]
+                    if m["role"] == "tool"][0]
+    assert "non-public address" in tool_message["content"]
+    assert not fakes.pages.requests_for("/page")
+
+
+async def test_redirects_are_followed_for_pages(tether: Tether, fakes: Fakes) -> None:
+    fakes.model.push(
+        ToolCallReply([("fetch_url", {"url": fakes.pages.base_url + "/redirect/moved"})]),
+        TextReply(["ok"]))
+    await tether.chat(chat_body("read", tool_ids=["fetch_url"]))
+    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"]
+                    if m["role"] == "tool"][0]
+    assert "moved" in tool_message["content"]

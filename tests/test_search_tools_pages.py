@@ -311,7 +311,7 @@ async def test_fetch_url_tool_returns_title_and_text(
 ) -> None:
     page = b"<html><head><title>Cats</title></head><body><p>Cats purr.</p></body></html>"
     server = await serve(nursery, constant(200, page, "text/html; charset=utf-8"))
-    tool = FetchUrlTool(http, Settings())
+    tool = FetchUrlTool(http, Settings(fetch_allow_private=True))
     assert await tool.run({"url": server.url + "/cats"}) == "Title: Cats\n\nCats purr."
 
 
@@ -319,7 +319,7 @@ async def test_fetch_url_tool_turns_page_errors_into_tool_errors(
     nursery: trio.Nursery, http: httpx2.AsyncClient
 ) -> None:
     server = await serve(nursery, constant(404, b"nope", "text/plain"))
-    tool = FetchUrlTool(http, Settings())
+    tool = FetchUrlTool(http, Settings(fetch_allow_private=True))
     with pytest.raises(ToolError, match="404"):
         await tool.run({"url": server.url + "/missing"})
     with pytest.raises(ToolError):

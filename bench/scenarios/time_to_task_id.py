@@ -123,7 +123,7 @@ async def _payload_first_delayed(b: Bench, samples: Samples, chat_id: str) -> No
         try:
             body = b.chat_body(b.marker("q"), chat_id=chat_id, web_search=True,
                                background=True)
-            await _post(conn, body, samples, "payload_first/concurrent")
+            await _post(conn, body, samples, "payload_first/delayed")
         finally:
             await conn.aclose()
 
@@ -153,7 +153,7 @@ async def _websocket(b: Bench, samples: Samples, chat_id: str) -> None:
         samples.values.pop("ws_ping/sequential", None)
         samples.values.pop("ws_chat/sequential", None)
         await _rounds([ping, chat], b.cfg.ws_chat_samples, rng)
-        # The session's tasks are cancelled when this connection closes (grace 0).
+        # Stop the session's tasks now rather than after the reconnect grace period.
         await b.stop_chat(chat_id)
 
 
@@ -200,13 +200,17 @@ def _headline_rows(b: Bench, prefix: str, delay: float) -> list[dict[str, object
         tether = res.get_set(SCENARIO, f"{prefix}/tether/{mode}")
         pf_floor = res.get_set(SCENARIO, f"{prefix}/pf_floor/{mode}")
         pf = res.get_set(SCENARIO, f"{prefix}/payload_first/{mode}")
-        if pf is None and mode == "concurrent":
-            pf = res.get_set(SCENARIO, f"{prefix}/payload_first/concurrent")
+        clients = "1" if mode == "sequential" else str(b.cfg.ttid_concurrent_clients)
+        if pf is None and mode == "sequential":
+            # At delays above 0, a few payload-first requests were sent at once instead.
+            pf = res.get_set(SCENARIO, f"{prefix}/payload_first/delayed")
+            if pf is not None:
+                clients += f" (payload-first: {pf['n']} at once)"
         if floor is None or tether is None:
             continue
-        pf_base = pf_floor or res.get_set(SCENARIO, f"{prefix}/pf_floor/sequential")
+        pf_base = pf_floor
         rows.append({
-            "path": "HTTP", "search_delay_s": delay, "clients": mode,
+            "path": "HTTP", "search_delay_s": delay, "clients": clients,
             "floor_p50": floor["p50"], "floor_p99": floor["p99"],
             "tether_p50": tether["p50"], "tether_p99": tether["p99"], "tether_n": tether["n"],
             "tether_ratio_p50": ratio(tether["p50"], floor["p50"]),
@@ -220,7 +224,7 @@ def _headline_rows(b: Bench, prefix: str, delay: float) -> list[dict[str, object
     chat = res.get_set(SCENARIO, f"{prefix}/ws_chat/sequential")
     if ping and chat:
         rows.append({
-            "path": "WebSocket", "search_delay_s": delay, "clients": "sequential",
+            "path": "WebSocket", "search_delay_s": delay, "clients": "1",
             "floor_p50": ping["p50"], "floor_p99": ping["p99"],
             "tether_p50": chat["p50"], "tether_p99": chat["p99"], "tether_n": chat["n"],
             "tether_ratio_p50": ratio(chat["p50"], ping["p50"]),

@@ -84,7 +84,7 @@ def parse_sources(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
             header = _SOURCE_HEADER.match(line)
             if header:
                 sources.append((int(header.group(1)), []))
-            elif sources and line.strip():
+            elif sources and line.strip() and not line.lstrip().startswith("#"):
                 sources[-1][1].append(line.strip())
         return [(n, " ".join(lines)) for n, lines in sources]
     return []

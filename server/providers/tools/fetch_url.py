@@ -39,6 +39,7 @@ class FetchUrlTool:
         self._timeout = settings.page_timeout_s
         self._max_bytes = settings.page_max_bytes
         self._max_chars = settings.page_max_chars
+        self._allow_private = settings.fetch_allow_private
 
     async def run(self, arguments: dict[str, Any]) -> str:
         """Fetch the page; ``ToolError`` when it cannot be fetched or read.
@@ -57,6 +58,7 @@ class FetchUrlTool:
                 timeout=self._timeout,
                 max_bytes=self._max_bytes,
                 max_chars=self._max_chars,
+                allow_private=self._allow_private,
             )
         except PageError as exc:
             raise ToolError(f"could not fetch {url}: {exc}") from None
