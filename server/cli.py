@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import logging
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config
@@ -18,7 +20,7 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from server.app import create_app
-from server.config import Settings, SettingsError
+from server.config import Settings, SettingsError, read_dotenv
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        settings = Settings.from_env()
+        environ = {**read_dotenv(Path(".env")), **os.environ}
+        settings = Settings.from_env(environ)
     except (SettingsError, OSError) as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2

@@ -95,6 +95,25 @@ class Settings:
         return settings
 
 
+def read_dotenv(path: Path) -> dict[str, str]:
+    """``TETHER_*`` assignments from a ``.env`` file (``NAME=value`` lines, ``#`` comments,
+    optional quotes). Variables already in the environment win over the file."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if name.strip().startswith("TETHER_"):
+            values[name.strip()] = value
+    return values
+
+
 def _parse_keys(raw: str) -> dict[str, str]:
     """``key=user`` pairs separated by commas or new lines."""
     keys: dict[str, str] = {}
