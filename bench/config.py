@@ -45,6 +45,8 @@ _SERVER_ENV = {
     "TETHER_SEARCH_FETCH_PAGES": "true",
     "TETHER_SEARCH_RESULT_COUNT": "3",
     "TETHER_LLM_API_KEY": "bench-key",
+    # The fakes are on 127.0.0.1, which page fetches refuse by default.
+    "TETHER_FETCH_ALLOW_PRIVATE": "true",
     # Admission limits out of the way: the bench measures, it does not test 429s.
     "TETHER_MAX_ACTIVE_TASKS": "50000",
     "TETHER_MAX_ACTIVE_TASKS_PER_USER": "50000",
