@@ -15,6 +15,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from server.api import chat, health, models, tasks, ws
+from server.api.binding import bind_to_connection
 from server.api.common import error_response
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     runtime.extensions["sessions"] = sessions
     runtime.extensions["session_check"] = sessions.owned
 
+    app.asgi_app = bind_to_connection(app.asgi_app)  # type: ignore[method-assign,assignment]
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
                       ws.blueprint):
         app.register_blueprint(blueprint)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import trio
 from quart import Blueprint, Response
 
+from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
 from server.runtime import Runtime
 from server.schemas import Event, RequestError, TaskRecord, parse_chat_request
@@ -41,6 +43,9 @@ async def chat_completions() -> Response:
     if chat.session_id is not None and callable(session_check):
         session_check(user, chat.session_id)
     record = await rt.manager.spawn(user, chat)
+    if record.mode != "background":
+        # Bound to this connection however it ends (see app.bind_to_connection).
+        on_connection_close(partial(rt.manager.stop, record.id, "disconnect"))
     rt.metrics.time_to_task_id.labels(record.mode).observe(time.perf_counter() - arrived)
     headers = {"X-Task-Id": record.id}
     if record.mode == "background":
@@ -52,10 +57,7 @@ async def chat_completions() -> Response:
         response = Response(_stream(rt, record, include_usage), headers=sse_headers(record.id))
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
         return response
-    try:
-        await rt.manager.wait_ended(record.id)
-    finally:
-        rt.manager.stop(record.id, "disconnect")
+    await rt.manager.wait_ended(record.id)
     return _completion_response(record, headers)
 
 
@@ -104,46 +106,43 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> Async
 
     Status steps go out as SSE comment lines, which clients ignore and proxies see as
     traffic; a comment is also sent every ``sse_keepalive_s`` while nothing else happens.
-    If the client goes away, this generator is cancelled or closed and its ``finally``
-    stops the task.
+    If the client goes away, the task is stopped by the connection binding that the
+    handler registered (``binding.bind_to_connection``), started or not.
     """
     backend = rt.manager.backend
     keepalive = rt.settings.sse_keepalive_s
     cursor = 0
     role_sent = False
-    try:
-        yield ": task " + record.id + "\n\n"
-        while True:
-            events: list[Event] = await backend.read(record.id, cursor)
-            if not events:
-                with trio.move_on_after(keepalive) as waited:
-                    await backend.wait_beyond(record.id, cursor)
-                if waited.cancelled_caught:
-                    yield ": keepalive\n\n"
-                continue
-            for event in events:
-                cursor = event.seq
-                if event.type == "delta":
-                    delta: dict[str, Any] = {}
-                    if not role_sent:
-                        delta["role"] = "assistant"
-                        role_sent = True
-                    delta["content"] = event.data.get("content", "")
-                    if "reasoning" in event.data:
-                        delta["reasoning_content"] = event.data["reasoning"]
-                    if "tool_calls" in event.data:
-                        delta["tool_calls"] = [
-                            {"index": i, **call} for i, call in enumerate(event.data["tool_calls"])
-                        ]
-                    yield _chunk(record, delta)
-                elif event.type == "status":
-                    yield ": " + str(event.data.get("description", "")).replace("\n", " ") + "\n\n"
-                elif event.terminal:
-                    for text in _stream_end(record, include_usage):
-                        yield text
-                    return
-    finally:
-        rt.manager.stop(record.id, "disconnect")
+    yield ": task " + record.id + "\n\n"
+    while True:
+        events: list[Event] = await backend.read(record.id, cursor)
+        if not events:
+            with trio.move_on_after(keepalive) as waited:
+                await backend.wait_beyond(record.id, cursor)
+            if waited.cancelled_caught:
+                yield ": keepalive\n\n"
+            continue
+        for event in events:
+            cursor = event.seq
+            if event.type == "delta":
+                delta: dict[str, Any] = {}
+                if not role_sent:
+                    delta["role"] = "assistant"
+                    role_sent = True
+                delta["content"] = event.data.get("content", "")
+                if "reasoning" in event.data:
+                    delta["reasoning_content"] = event.data["reasoning"]
+                if "tool_calls" in event.data:
+                    delta["tool_calls"] = [
+                        {"index": i, **call} for i, call in enumerate(event.data["tool_calls"])
+                    ]
+                yield _chunk(record, delta)
+            elif event.type == "status":
+                yield ": " + str(event.data.get("description", "")).replace("\n", " ") + "\n\n"
+            elif event.terminal:
+                for text in _stream_end(record, include_usage):
+                    yield text
+                return
 
 
 def _stream_end(record: TaskRecord, include_usage: bool) -> list[str]:

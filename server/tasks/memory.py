@@ -83,7 +83,9 @@ class MemoryBackend:
         return [] if log is None else log.read(after, limit)
 
     async def wait_beyond(self, task_id: str, after: int) -> None:
-        await self._log(task_id).wait_beyond(after)
+        log = self._logs.get(task_id)
+        if log is not None:  # an expired task has nothing more to wait for
+            await log.wait_beyond(after)
 
     async def expire(self, now: float, retention_s: float) -> list[str]:
         expired = [
