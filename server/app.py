@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.extensions["tether"] = runtime
     sessions = SessionRegistry(runtime.manager, settings.ws_reconnect_grace_s)
     runtime.extensions["sessions"] = sessions
-    runtime.extensions["session_check"] = sessions.owned
+    runtime.extensions["session_check"] = sessions.check_owner
 
     app.asgi_app = bind_to_connection(app.asgi_app)  # type: ignore[method-assign,assignment]
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,

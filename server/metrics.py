@@ -18,7 +18,7 @@ class Metrics:
         self.time_to_task_id = Histogram(
             "tether_time_to_task_id_seconds",
             "From a chat request's arrival to its task being admitted and answered",
-            ["mode"],
+            ["transport"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )

@@ -96,6 +96,7 @@ class ChatRequestModel(BaseModel):
     features: Features = Field(default_factory=Features)
     tool_ids: list[str] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    stream_options: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     chat_id: str | None = None
     message_id: str | None = None
@@ -105,7 +106,8 @@ class ChatRequestModel(BaseModel):
 
 # Tether's own fields: they never reach the model.
 TETHER_FIELDS = frozenset(
-    {"features", "tool_ids", "chat_id", "message_id", "session_id", "background", "stream"}
+    {"features", "tool_ids", "chat_id", "message_id", "session_id", "background", "stream",
+     "stream_options"}
 )
 
 
@@ -124,6 +126,7 @@ class ChatRequest:
     background: bool
     # Everything the model should see besides model and messages (temperature, tools, ...).
     passthrough: dict[str, Any]
+    stream_options: dict[str, Any] | None = None
 
     @property
     def mode(self) -> Mode:
@@ -179,6 +182,7 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
         session_id=parsed.session_id,
         background=parsed.background,
         passthrough=passthrough,
+        stream_options=parsed.stream_options,
     )
 
 
@@ -231,6 +235,8 @@ class TaskRecord:
     cancel_reason: CancelReason | None = None
     last_seq: int = 0
     finish_reason: str | None = None
+    # Bound to its WebSocket session's lifetime (a session_id without background: true).
+    session_bound: bool = False
 
     @property
     def active(self) -> bool:

@@ -20,8 +20,8 @@ from server.tasks.manager import TaskManager
 
 
 class SessionConnection(Protocol):
-    def follow(self, task_id: str, after: int) -> None:
-        """Start following a task's events (synchronously schedules the follower)."""
+    def auto_follow(self, task_id: str) -> None:
+        """Start following a new task of the session (synchronously schedules it)."""
         ...
 
 
@@ -56,23 +56,23 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
-    def owned(self, user: str, session_id: str, *, connecting: bool = False) -> Session:
-        """The user's session, created if unknown; another user's is not found (404)."""
+    def check_owner(self, user: str, session_id: str) -> None:
+        """Another user's session is not found (404); an unknown one is fine."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.user != user:
+            raise RequestError(404, "not_found", f"No session {session_id!r}.",
+                               param="session_id")
+
+    def _owned(self, user: str, session_id: str) -> Session:
+        self.check_owner(user, session_id)
         session = self._sessions.get(session_id)
         if session is None:
             session = Session(session_id, user)
             self._sessions[session_id] = session
-            if not connecting:
-                # Named by an HTTP request with nobody connected: its tasks live for the
-                # grace period unless a connection comes.
-                self._start_grace(session)
-        elif session.user != user:
-            raise RequestError(404, "not_found", f"No session {session_id!r}.",
-                               param="session_id")
         return session
 
     def attach(self, user: str, session_id: str | None, conn: SessionConnection) -> Session:
-        session = self.owned(user, session_id or new_session_id(), connecting=True)
+        session = self._owned(user, session_id or new_session_id())
         if session.grace is not None:
             session.grace.cancel()
             session.grace = None
@@ -109,8 +109,13 @@ class SessionRegistry:
     def _on_spawn(self, record: TaskRecord) -> None:
         if record.session_id is None:
             return
-        session = self._sessions.get(record.session_id)
-        if session is None:
-            return
-        for conn in list(session.connections):
-            conn.follow(record.id, 0)
+        if not record.session_bound:
+            session = self._sessions.get(record.session_id)
+        else:
+            session = self._owned(record.user, record.session_id)
+            if not session.connections and session.grace is None:
+                # Started over HTTP for a session nobody is connected to: its tasks live
+                # for the grace period unless a connection comes (grace 0: not at all).
+                self._start_grace(session)
+        for conn in list(session.connections if session else ()):
+            conn.auto_follow(record.id)

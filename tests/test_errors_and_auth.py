@@ -160,3 +160,44 @@ async def test_models_health_ready_and_metrics(tether: Tether) -> None:
     for name in ("tether_tasks_active", "tether_time_to_task_id_seconds",
                  "tether_task_cancels", "tether_upstream_errors"):
         assert name in metrics
+
+
+async def test_events_after_the_terminal_seq_end_at_once(tether: Tether) -> None:
+    task_id = await tether.background(chat_body())
+    events = await tether.events(task_id)
+    last = events[-1]["seq"]
+    with trio.fail_after(WAIT):
+        assert await tether.events(task_id, after=last) == []
+        assert await tether.events(task_id, after=last + 100) == []
+        async with tether.client.stream("GET", f"/api/tasks/{task_id}/events",
+                                        headers={"Last-Event-ID": str(last - 1)}) as response:
+            body = (await response.aread()).decode()
+    assert f"id: {last}\n" in body and body.count("data: ") == 1
+    assert (await tether.client.get("/healthz")).status_code == 200
+
+
+async def test_bad_stream_options_is_invalid_request_and_spawns_nothing(tether: Tether) -> None:
+    for value in ("x", [1], True):
+        error = assert_error(await tether.chat(chat_body(stream=True, stream_options=value)),
+                             400, "invalid_request")
+        assert error["param"] == "stream_options"
+    listed = (await tether.client.get("/api/tasks?include_finished=true")).json()["tasks"]
+    assert listed == []
+
+
+async def test_deeply_nested_json_is_invalid_request(tether: Tether) -> None:
+    response = await tether.client.post("/api/chat/completions", content=b"[" * 50_000,
+                                        headers={"Content-Type": "application/json"})
+    assert_error(response, 400, "invalid_request")
+
+
+async def test_session_request_with_nobody_connected_and_zero_grace_is_cancelled(
+    tether: Tether, fakes: Fakes
+) -> None:
+    fakes.model.push(HangReply())
+    response = await tether.chat(chat_body(session_id="sess_nobody"))
+    assert response.status_code == 202
+    events = await tether.events(response.json()["task_id"])
+    terminal = assert_log_well_formed(events)
+    assert terminal["type"] == "task:cancelled"
+    assert terminal["data"]["cancel_reason"] == "disconnect"

@@ -171,27 +171,40 @@ async def test_background_task_is_not_bound_to_the_session(
 async def test_reconnect_within_grace_keeps_task_and_resume_delivers_missed_events(
     start_tether: Any, fakes: Fakes
 ) -> None:
-    tether: Tether = await start_tether(ws_reconnect_grace_s=30)
-    gate = trio.Event()
-    fakes.model.push(TextReply([f"p{i} " for i in range(40)], interval=0.01))
-    async with connect(tether) as client:
-        session_id = client.session_id
-        task_id = await client.chat(chat_body())
-        seen = await client.events_until_terminal(
-            task_id, stop_when=lambda e: e["type"] == "delta")
-        gate.set()
-    last_seen = seen[-1]["seq"]
-    # Disconnected: the task goes on, and ends while nobody is connected.
-    with trio.fail_after(WAIT):
-        await tether.runtime.manager.wait_ended(task_id)
-    async with connect(tether, session_id=session_id) as client:
-        assert client.session_id == session_id
-        await client.send({"type": "subscribe", "task_id": task_id, "after": last_seen})
-        missed = await client.events_until_terminal(task_id)
-    everything = await tether.events(task_id)
-    assert missed == everything[last_seen:]
-    assert everything[-1]["type"] == "task:completed"
-    assert everything[-1]["data"]["cancel_reason"] is None
+    tether: Tether = await start_tether(ws_reconnect_grace_s=0.5)
+    manager = tether.runtime.manager
+    fakes.model.configure(default_reply={"kind": "hang"})
+    fakes.model.add_rule("streaming", TextReply([f"p{i} " for i in range(20)], interval=0.02))
+    async with connect(tether) as first:
+        session_id = first.session_id
+        streaming = await first.chat(chat_body("streaming"))
+        seen = await first.events_until_terminal(
+            streaming, stop_when=lambda e: e["type"] == "delta")
+        hanging = await first.chat(chat_body("hanging"))
+        with trio.fail_after(WAIT):
+            await fakes.model.wait_for_request("/v1/chat/completions", count=2)
+    # The session's only connection closed: its grace period runs. Reconnect within it.
+    async with connect(tether, session_id=session_id) as back:
+        assert back.session_id == session_id
+        # A control session closed after the first one: when its task is cancelled for
+        # disconnect, the first grace period would have run out too.
+        async with connect(tether) as control:
+            control_task = await control.chat(chat_body("control"))
+            with trio.fail_after(WAIT):
+                await fakes.model.wait_for_request("/v1/chat/completions", count=3)
+        with trio.fail_after(WAIT):
+            await manager.wait_ended(control_task)
+        control_end = assert_log_well_formed(await tether.events(control_task))
+        assert control_end["data"]["cancel_reason"] == "disconnect"
+        assert manager.is_running(hanging)
+        # Resume the streaming task from the last event seen: exactly the missed ones.
+        await back.send({"type": "subscribe", "task_id": streaming, "after": seen[-1]["seq"]})
+        missed = await back.events_until_terminal(streaming)
+        assert missed == (await tether.events(streaming))[seen[-1]["seq"]:]
+        assert missed[-1]["type"] == "task:completed"
+        await back.send({"type": "stop", "task_id": hanging})
+        stopped = await back.events_until_terminal(hanging)
+        assert stopped[-1]["data"]["cancel_reason"] == "stop"
 
 
 async def test_subscribe_replays_then_follows_live_without_gap_or_duplicate(
@@ -266,6 +279,8 @@ async def test_bad_messages_get_errors_and_the_connection_keeps_working(
         ({"type": "chat"}, "invalid_request", "chat"),
         ({"type": "chat", "request": {"model": "fake-model"}}, "invalid_request", "chat"),
         ({"type": "chat", "request": chat_body(model="nope")}, "model_not_found", "chat"),
+        ("[" * 50_000, "invalid_json", None),
+        ({"type": "chat", "request": chat_body("x" * 2_000_000)}, "payload_too_large", "chat"),
     ]
     async with connect(tether) as client:
         for message, code, ref in cases:
@@ -283,18 +298,22 @@ async def test_bad_messages_get_errors_and_the_connection_keeps_working(
 
 
 async def test_slow_reader_does_not_delay_a_fast_one(start_tether: Any, fakes: Fakes) -> None:
-    tether: Tether = await start_tether(ws_max_lag_events=200, ws_reconnect_grace_s=30,
-                                        ws_send_timeout_s=2)
-    big = "z" * 16384
-    # 10 MB in all: more than the kernel buffers between the server and a client that
-    # does not read can hold.
-    fakes.model.push(TextReply([big] * 600, interval=0.004))
+    tether: Tether = await start_tether(ws_send_timeout_s=1, ws_reconnect_grace_s=30)
+    big = "z" * 32768
+    # 20 MB in all: more than the kernel buffers between the server and a client that
+    # does not read can hold, so the slow connection's writer blocks.
+    fakes.model.push(TextReply([big] * 600, interval=0.002))
     async with connect(tether) as fast, connect(tether, session_id=fast.session_id) as slow:
         task_id = await fast.chat(chat_body())
-        # The slow connection never reads: its socket buffers fill and it falls behind.
         events = await fast.events_until_terminal(task_id)
+        received_terminal_at = trio.current_time()
         assert_log_well_formed(events)
         assert len(events) == 600 + 3
+        record = await tether.runtime.manager.backend.get(task_id)
+        assert record is not None and record.ended_at is not None
+        # The task was not held back by the slow reader: it ended about when the fake
+        # finished sending, and the fast reader had everything right after.
+        assert record.ended_at - record.started_at < 10  # type: ignore[operator]
         # The slow one is closed with 4008 and told to resume with `after`.
         with trio.fail_after(WAIT):
             try:
@@ -302,3 +321,4 @@ async def test_slow_reader_does_not_delay_a_fast_one(start_tether: Any, fakes: F
                     await slow.ws.get_message()
             except ConnectionClosed as exc:
                 assert exc.reason.code == 4008
+        assert received_terminal_at <= trio.current_time()

@@ -46,14 +46,14 @@ async def chat_completions() -> Response:
     if record.mode != "background":
         # Bound to this connection however it ends (see app.bind_to_connection).
         on_connection_close(partial(rt.manager.stop, record.id, "disconnect"))
-    rt.metrics.time_to_task_id.labels(record.mode).observe(time.perf_counter() - arrived)
+    rt.metrics.time_to_task_id.labels("http").observe(time.perf_counter() - arrived)
     headers = {"X-Task-Id": record.id}
     if record.mode == "background":
         body = {"task_id": record.id, "chat_id": record.chat_id,
                 "message_id": record.message_id, "status": "queued"}
         return json_response(body, 202, headers)
     if record.mode == "stream":
-        include_usage = bool((chat.passthrough.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((chat.stream_options or {}).get("include_usage"))
         response = Response(_stream(rt, record, include_usage), headers=sse_headers(record.id))
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
         return response
@@ -117,10 +117,13 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> Async
     while True:
         events: list[Event] = await backend.read(record.id, cursor)
         if not events:
+            more = True
             with trio.move_on_after(keepalive) as waited:
-                await backend.wait_beyond(record.id, cursor)
+                more = await backend.wait_beyond(record.id, cursor)
             if waited.cancelled_caught:
                 yield ": keepalive\n\n"
+            elif not more:
+                return  # expired from retention under us
             continue
         for event in events:
             cursor = event.seq

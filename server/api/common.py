@@ -47,7 +47,7 @@ async def read_json_body() -> Any:
                            f"The request body is larger than {limit} bytes.")
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RequestError(400, "invalid_request", "The request body is not valid JSON.") from None
 
 

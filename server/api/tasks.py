@@ -97,12 +97,13 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
     while True:
         events = await backend.read(task_id, cursor, 500)
         if not events:
-            if cursor > 0 and not await backend.read(task_id, cursor - 1, 1):
-                return  # the task expired from retention while we followed it
+            more = True
             with trio.move_on_after(rt.settings.sse_keepalive_s) as waited:
-                await backend.wait_beyond(task_id, cursor)
+                more = await backend.wait_beyond(task_id, cursor)
             if waited.cancelled_caught:
                 yield ": keepalive\n\n"
+            elif not more:
+                return  # ended before the cursor, or expired from retention
             continue
         for event in events:
             cursor = event.seq

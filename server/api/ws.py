@@ -13,6 +13,8 @@ with ``after`` set to the last ``seq`` it saw, losing nothing.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 import trio
@@ -24,6 +26,7 @@ from server.schemas import RequestError, parse_chat_request
 from server.sessions import Session, SessionRegistry
 
 blueprint = Blueprint("ws", __name__)
+log = logging.getLogger("tether.ws")
 
 CLOSE_TOO_SLOW = 4008
 CLOSE_NOT_FOUND = 4404
@@ -43,8 +46,16 @@ class WsConnection:
         self._cursors: dict[str, int] = {}
         self._out_send, self._out_recv = trio.open_memory_channel[str](64)
         self.too_slow = trio.Event()
+        self._spawning = False
+        self._sending_since: float | None = None
 
     # -- following ------------------------------------------------------------------------
+
+    def auto_follow(self, task_id: str) -> None:
+        """A task was started in this session: follow it from the start. While this
+        connection's own ``chat`` is spawning, it follows later, after its ``task`` answer."""
+        if not self._spawning:
+            self.follow(task_id, 0)
 
     def follow(self, task_id: str, after: int) -> None:
         """Follow a task from ``after`` (replacing any follower of it). Synchronous."""
@@ -70,34 +81,40 @@ class WsConnection:
         between replay and live has no gap and no duplicate."""
         backend = self.rt.manager.backend
         cursor = after
-        with scope:
-            while True:
-                events = await backend.read(task_id, cursor, 256)
-                if not events:
-                    await backend.wait_beyond(task_id, cursor)
-                    if not await backend.read(task_id, cursor, 1):
-                        break  # closed log with nothing new, or the task expired
-                    continue
-                for event in events:
-                    await self._out_send.send(
-                        json.dumps({"type": "event", "event": event.to_dict()})
-                    )
-                    cursor = event.seq
-                    if self._followers.get(task_id) is scope:
-                        self._cursors[task_id] = cursor
-                    if event.terminal:
+        try:
+            with scope:
+                while True:
+                    events = await backend.read(task_id, cursor, 256)
+                    if not events:
+                        if not await backend.wait_beyond(task_id, cursor):
+                            return  # ended before the cursor, or expired
+                        continue
+                    for event in events:
+                        await self._out_send.send(
+                            json.dumps({"type": "event", "event": event.to_dict()})
+                        )
+                        cursor = event.seq
                         if self._followers.get(task_id) is scope:
-                            del self._followers[task_id]
-                            del self._cursors[task_id]
-                        return
+                            self._cursors[task_id] = cursor
+                        if event.terminal:
+                            return
+        finally:
+            if self._followers.get(task_id) is scope:
+                del self._followers[task_id]
+                self._cursors.pop(task_id, None)
 
     async def _watch_lag(self) -> None:
         """Close a connection whose followers fall too far behind their tasks. Followers
         that wait on a full writer cannot check this themselves."""
         backend = self.rt.manager.backend
         max_lag = self.rt.settings.ws_max_lag_events
+        send_timeout = self.rt.settings.ws_send_timeout_s
         while True:
-            await trio.sleep(0.5)
+            await trio.sleep(min(0.5, send_timeout / 2))
+            since = self._sending_since
+            if since is not None and trio.current_time() - since > send_timeout:
+                self.too_slow.set()
+                return
             for task_id, cursor in list(self._cursors.items()):
                 record = await backend.get(task_id)
                 if record is not None and record.last_seq - cursor > max_lag:
@@ -109,39 +126,46 @@ class WsConnection:
     async def send(self, message: dict[str, Any]) -> None:
         await self._out_send.send(json.dumps(message))
 
-    def send_now(self, message: dict[str, Any]) -> None:
-        """Queue a reply ahead of anything a follower started by this command sends."""
-        try:
-            self._out_send.send_nowait(json.dumps(message))
-        except trio.WouldBlock:
-            assert self._nursery is not None
-            self._nursery.start_soon(self.send, message)
-
     async def _writer(self) -> None:
-        timeout = self.rt.settings.ws_send_timeout_s
+        """Send queued messages in order. A send is never cancelled half-way (that would
+        corrupt the stream): once the client is too slow, the writer stops after the
+        message in hand."""
         async for text in self._out_recv:
-            with trio.move_on_after(timeout) as waited:
-                await websocket.send(text)
-            if waited.cancelled_caught:
-                self.too_slow.set()
+            if self.too_slow.is_set():
                 return
+            self._sending_since = trio.current_time()
+            await websocket.send(text)
+            self._sending_since = None
 
     # -- commands -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._writer)
-            nursery.start_soon(self._watch_lag)
-            assert self.session is not None
-            await self.send({"type": "session", "session_id": self.session.id})
-            nursery.start_soon(self._receive_loop)
-            await self.too_slow.wait()
-            nursery.cancel_scope.cancel()
-        # Only reached when the client fell behind: tell it how to resume, if it listens.
-        with trio.move_on_after(1.0):
-            await websocket.close(CLOSE_TOO_SLOW,
-                                  "too slow: reconnect with session_id, subscribe with after")
+        """Serve the connection until the client goes (quart-trio cancels this) or falls
+        too far behind (then close it with 4008)."""
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._writer)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._watch_lag)
+                    assert self.session is not None
+                    await self.send({"type": "session", "session_id": self.session.id})
+                    nursery.start_soon(self._receive_loop)
+                    await self.too_slow.wait()
+                    nursery.cancel_scope.cancel()
+                self._nursery = None
+                # Wake the writer if it waits for a message; it stops after the one in hand.
+                self._out_send.close()
+        finally:
+            self._nursery = None
+            if self.session is not None:
+                sessions().detach(self.session, self)
+        # Only reached when the client fell behind. The close frame queues behind what
+        # the kernel already holds for the client: a slow reader gets it after those
+        # messages; a dead one is dropped by TCP_USER_TIMEOUT (see cli.py). The session
+        # was detached above, so waiting here holds nothing else.
+        await websocket.close(CLOSE_TOO_SLOW,
+                              "too slow: reconnect with session_id, subscribe with after")
 
     async def _receive_loop(self) -> None:
         while True:
@@ -153,7 +177,7 @@ class WsConnection:
         try:
             try:
                 message = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise RequestError(400, "invalid_json", "The message is not valid JSON.") from None
             if not isinstance(message, dict):
                 raise RequestError(400, "invalid_request", "A message must be a JSON object.")
@@ -162,7 +186,7 @@ class WsConnection:
             if kind == "ping":
                 await self.send({"type": "pong"})
             elif kind == "chat":
-                await self._chat(message)
+                await self._chat(message, len(raw))
             elif kind == "subscribe":
                 task_id = await self._own_task(message)
                 after = message.get("after", 0)
@@ -187,6 +211,11 @@ class WsConnection:
         except RequestError as exc:
             await self.send({"type": "error", "error": {"code": exc.code, "message": exc.message},
                              "ref": ref})
+        except Exception:  # a bug must cost one message, not the connection
+            log.exception("WebSocket message failed")
+            await self.send({"type": "error", "error": {"code": "internal_error",
+                                                        "message": "Internal error."},
+                             "ref": ref})
 
     async def _own_task(self, message: dict[str, Any]) -> str:
         task_id = message.get("task_id")
@@ -196,7 +225,12 @@ class WsConnection:
             raise RequestError(404, "not_found", f"No task {task_id!r}.")
         return task_id
 
-    async def _chat(self, message: dict[str, Any]) -> None:
+    async def _chat(self, message: dict[str, Any], size: int) -> None:
+        arrived = time.perf_counter()
+        if size > self.rt.settings.max_body_bytes:
+            raise RequestError(413, "payload_too_large",
+                               f"The request is larger than {self.rt.settings.max_body_bytes} "
+                               "bytes.")
         body = message.get("request")
         if not isinstance(body, dict):
             raise RequestError(400, "invalid_request", "Missing field 'request' (an object).")
@@ -208,11 +242,16 @@ class WsConnection:
             raise RequestError(400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.")
         if self.rt.models.resolve(chat.model) is None:
             raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.")
-        record = await self.rt.manager.spawn(self.user, chat)
-        # spawn() scheduled this connection's follower but it has not run yet: the answer
-        # is queued first.
-        self.send_now({"type": "task", "task_id": record.id, "chat_id": record.chat_id,
-                       "message_id": record.message_id})
+        self._spawning = True
+        try:
+            record = await self.rt.manager.spawn(self.user, chat)
+        finally:
+            self._spawning = False
+        self.rt.metrics.time_to_task_id.labels("ws").observe(time.perf_counter() - arrived)
+        # The answer goes out first; the follower then replays the task's log from seq 1.
+        await self.send({"type": "task", "task_id": record.id, "chat_id": record.chat_id,
+                         "message_id": record.message_id})
+        self.follow(record.id, 0)
 
 
 def sessions() -> SessionRegistry:
@@ -239,8 +278,5 @@ async def ws() -> Response | None:
         await websocket.close(CLOSE_NOT_FOUND, exc.message)
         return None
     conn.session = session
-    try:
-        await conn.run()
-    finally:
-        sessions().detach(session, conn)
+    await conn.run()
     return None

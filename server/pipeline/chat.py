@@ -54,7 +54,6 @@ class ChatPipeline:
         server_tools = {name: self.tools[name] for name in request.tool_ids}
         body: dict[str, Any] = {**request.passthrough, "model": request.model,
                                 "messages": messages}
-        body.pop("stream_options", None)
         if server_tools:
             declared = list(body.get("tools") or [])
             body["tools"] = declared + [t.spec.openai_schema() for t in server_tools.values()]

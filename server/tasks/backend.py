@@ -39,9 +39,10 @@ class TaskBackend(Protocol):
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]: ...
 
-    async def wait_beyond(self, task_id: str, after: int) -> None:
-        """Wait until the log has an event past ``after`` or is closed. Cancel just stops
-        the wait."""
+    async def wait_beyond(self, task_id: str, after: int) -> bool:
+        """Wait for an event past ``after``: True once there is one, False if there never
+        will be (the log is closed before it, or the task is unknown or expired). Cancel
+        just stops the wait."""
         ...
 
     async def expire(self, now: float, retention_s: float) -> list[str]:

@@ -58,10 +58,12 @@ class EventLog:
         end = None if limit is None else start + limit
         return self._events[start:end]
 
-    async def wait_beyond(self, after: int) -> None:
-        """Return once an event with ``seq > after`` exists or the log is closed.
-
-        Cancelling it just stops the wait; nothing is consumed.
+    async def wait_beyond(self, after: int) -> bool:
+        """Wait for an event with ``seq > after``: True once one exists, False if none ever
+        will (the log is closed before it). Cancelling it just stops the wait.
         """
-        while self.last_seq <= after and not self.closed:
+        while self.last_seq <= after:
+            if self.closed:
+                return False
             await self._changed.wait()
+        return True

@@ -162,6 +162,7 @@ class TaskManager:
             chat_id=request.chat_id,
             message_id=request.message_id,
             session_id=request.session_id,
+            session_bound=request.session_id is not None and not request.background,
         )
         admitted = await self.backend.admit(
             record,
@@ -182,9 +183,12 @@ class TaskManager:
             rt.scope.relative_deadline = self.settings.task_timeout_s
         self._running[record.id] = rt
         self.metrics.tasks_active.labels("queued").inc()
-        for listener in self._spawn_listeners:
-            listener(record)
         nursery.start_soon(self._run_task, rt, name=f"task {record.id}")
+        for listener in self._spawn_listeners:
+            try:
+                listener(record)
+            except Exception:  # a listener's bug must not orphan the task
+                log.exception("spawn listener failed for %s", record.id)
         return record
 
     async def _run_task(self, rt: RunningTask) -> None:
@@ -289,7 +293,7 @@ class TaskManager:
         return [
             task_id
             for task_id, rt in self._running.items()
-            if rt.record.session_id == session_id and not rt.request.background
+            if rt.record.session_id == session_id and rt.record.session_bound
         ]
 
     @property

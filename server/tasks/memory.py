@@ -82,10 +82,11 @@ class MemoryBackend:
         log = self._logs.get(task_id)
         return [] if log is None else log.read(after, limit)
 
-    async def wait_beyond(self, task_id: str, after: int) -> None:
+    async def wait_beyond(self, task_id: str, after: int) -> bool:
         log = self._logs.get(task_id)
-        if log is not None:  # an expired task has nothing more to wait for
-            await log.wait_beyond(after)
+        if log is None:  # unknown or expired: nothing more will come
+            return False
+        return await log.wait_beyond(after)
 
     async def expire(self, now: float, retention_s: float) -> list[str]:
         expired = [

@@ -1,23 +1,37 @@
-"""``local``: Tether's built-in offline model, for demos and tests. Not a language model.
+"""``local``: Tether's built-in offline model, for demos and tests. It is not a language model.
 
-It is deterministic (the same messages give the same answer) and streams word-sized
-tokens at ``tokens_per_s``. Its rules, checked in this order:
+It is deterministic (the same request always gives the same answer) and streams word-sized
+tokens (a word and the space after it) at ``TETHER_LOCAL_MODEL_TOKENS_PER_S`` (0 or less: no
+pacing). It reads the last user message and applies the first rule that fits:
 
-1. Query generation: a last user message that starts with ``QUERY_PROMPT_MARKER`` (the
-   pipeline's prompt) is answered at once with ``{"queries": ["<keywords>"]}``: the words
-   of the ``Question:`` line without stop words, at most 8.
-2. Tool results: if ``role: "tool"`` messages follow the last user message, it answers
-   "The <tool> tool returned: <result>."
-3. Tool calls, only for tools offered in ``tools``: ``calculator`` when the last user
-   message holds an arithmetic expression (numbers joined by ``+ - * / % ^ **``);
-   else ``fetch_url`` when it holds an http(s) URL; else ``current_time`` when it
-   mentions "time" or "date".
-4. Sources: when a system message holds web sources between ``<sources>`` and
-   ``</sources>`` (lines ``[n] title (url)`` followed by text), it answers with the first
-   sentence of up to three sources, each followed by its citation marker ``[n]``.
-5. Otherwise it repeats the question and says how to configure a real model.
+1. **Search queries.** A last user message starting with ``### Task: generate search
+   queries`` (the pipeline's query prompt) is answered at once, in one piece, with
+   ``{"queries": ["<keywords>"]}``: the question written after ``Question:`` in that prompt,
+   without common stop words, at most 8 words.
+2. **Tool results.** If ``role: "tool"`` messages follow the last user message, it answers
+   "The <tool> tool returned: <result>." for each of them (a result longer than 300
+   characters is cut at a word, with "...").
+3. **Tool calls**, only for tools the request offers in ``tools`` (and not with
+   ``tool_choice: "none"``):
+   - ``calculator`` with ``{"expression": ...}`` when the message holds an arithmetic
+     expression: digits, spaces, brackets and ``.`` with at least one operator
+     (``+ - * / % ^ **``) between two numbers, e.g. "what is (2 + 3) * 4?";
+   - else ``fetch_url`` with ``{"url": ...}`` when it holds an http(s) URL;
+   - else ``current_time`` with ``{}`` when it has the word "time" or "date".
 
-``max_tokens`` caps the tokens it streams (finish reason ``length``).
+   The call has id ``call_<hash>`` and the answer ends with finish reason ``tool_calls``.
+4. **Web sources.** When a system message holds sources between ``<sources>`` and
+   ``</sources>`` (lines ``[n] <title> (<url>)``, each followed by that source's text), it
+   answers "Here is what I found: " and, for each of the first three sources, the first
+   sentence of its text (at most about 200 characters; the title when there is no text)
+   followed by its citation marker `` [n]``.
+5. **Otherwise** "You asked: <last user message>. I am Tether's built-in local model;
+   configure TETHER_LLM_BASE_URL to use a real model."
+
+``max_tokens`` (or ``max_completion_tokens``) caps the tokens of a text answer; a capped
+answer ends with finish reason ``length``, a whole one with ``stop``. The last delta carries
+the usage: ``prompt_tokens`` is the number of words in all messages, ``completion_tokens``
+the number of word-sized tokens generated.
 """
 
 from __future__ import annotations
@@ -25,165 +39,300 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from server.providers.llm.base import ModelDelta, OnDelta, ToolCallDelta
 
+MODEL_ID = "local"
 QUERY_PROMPT_MARKER = "### Task: generate search queries"
 SOURCES_OPEN = "<sources>"
 SOURCES_CLOSE = "</sources>"
 
-_STOP_WORDS = frozenset(
-    "a an and are as at be by can could do does for from how i in is it me of on or please "
-    "should tell the to was what when where which who why will with would you your".split()
-)
-# Applied to plain user text (never to HTML): a run of numbers, operators and brackets.
-_EXPRESSION = re.compile(r"[\d(][\d\s.()+\-*/%^]*[\d)]")
-_OPERATOR_BETWEEN = re.compile(r"\d[\s)]*(\*\*|[+\-*/%^])[\s(]*[\d.]")
-_URL = re.compile(r"https?://[^\s<>\"')]+")
-_SOURCE_HEADER = re.compile(r"^\[(\d+)\]\s")
+_MAX_QUERY_WORDS = 8
+_MAX_SOURCES = 3
+_MAX_SENTENCE_CHARS = 200
+_MAX_TOOL_RESULT_CHARS = 300
+
+_STOP_WORDS = frozenset("""
+a about an and any are as at be been being but by can could did do does doing for from
+had has have how i i'd i'm if in into is it it's its just know me my need of on or our
+please say should so some tell than that that's the their them then there these they this
+those to us was we were what what's when where which who why will with would you your
+""".split())
+
+# A word for the query keywords: letters and digits, keeping inner marks as in "node.js",
+# "C++", "don't" or "3.11".
+_WORD = re.compile(r"\w(?:[\w'.+#-]*[\w+#])?")
+# An arithmetic expression is looked for in plain user text only. A candidate is a run of
+# numbers, operators, brackets and spaces; it counts when an operator stands between two
+# numbers (so "2024" or "(see 3)" do not, "2 + 2" and "(1.5)*2" do).
+_EXPRESSION_RUN = re.compile(r"[\d(][\d\s.()+\-*/%^]*[\d.)]")
+_OPERATOR_BETWEEN_NUMBERS = re.compile(r"\d\.?[\s)]*(?:\*\*|[+\-*/%^])[\s(]*\.?\d")
+_URL = re.compile(r"https?://[^\s<>\"'`]+", re.IGNORECASE)
+_TIME_WORD = re.compile(r"\b(?:time|date)\b", re.IGNORECASE)
+_QUESTION_LINE = re.compile(r"^Question:[ \t]*(.*)", re.MULTILINE | re.DOTALL)
+_SOURCE_HEADER = re.compile(r"^\[(\d+)\][ \t]+(.*?)(?:[ \t]+\((\S+)\))?[ \t]*$")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_TOKEN = re.compile(r"\S+\s*")
 
 
-def _text(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
+@dataclass(frozen=True)
+class LocalSource:
+    """One web source as the pipeline injected it."""
+
+    number: int
+    title: str
+    url: str
+    text: str
 
 
-def _keywords(question: str) -> str:
-    words = re.findall(r"[\w'-]+", question.lower())
-    kept = [w for w in words if w not in _STOP_WORDS]
-    return " ".join((kept or words)[:8])
+@dataclass(frozen=True)
+class LocalReply:
+    """What the local model will say: text, or one tool call ``(name, arguments JSON)``.
+    ``paced`` is false for answers sent in one piece (query generation)."""
+
+    text: str = ""
+    tool_call: tuple[str, str] | None = None
+    paced: bool = True
 
 
-def _first_sentence(text: str) -> str:
-    text = " ".join(text.split())
-    for end in (". ", "! ", "? "):
-        cut = text.find(end)
-        if 0 < cut < 200:
-            return text[: cut + 1]
-    return text[:200].rstrip() + ("..." if len(text) > 200 else "")
+class LocalModel:
+    """The built-in model ``local``. See the module docstring for its rules."""
+
+    def __init__(self, tokens_per_s: float) -> None:
+        self._interval = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
+
+    async def list_models(self) -> list[str]:
+        """``["local"]``. No I/O; cancelling it only cancels its checkpoint."""
+        await trio.lowlevel.checkpoint()
+        return [MODEL_ID]
+
+    async def stream_chat(self, body: dict[str, Any], on_delta: OnDelta) -> None:
+        """Stream the answer its rules give for ``body``.
+
+        Cancelling it stops the stream between two tokens; the tokens already delivered
+        stay delivered, and nothing else is sent (no finish reason, no usage).
+        """
+        messages = _messages(body)
+        reply = plan_reply(body)
+        prompt_tokens = sum(len(_message_text(m).split()) for m in messages)
+        if reply.tool_call is not None:
+            name, arguments = reply.tool_call
+            call_id = "call_" + hashlib.sha256(
+                json.dumps([name, arguments, len(messages)]).encode()).hexdigest()[:16]
+            # Shaped like OpenAI's stream: id and name first, then the arguments.
+            await on_delta(ModelDelta(tool_calls=[ToolCallDelta(0, call_id, name, "")]))
+            await on_delta(ModelDelta(tool_calls=[ToolCallDelta(0, arguments=arguments)]))
+            await on_delta(ModelDelta(finish_reason="tool_calls"))
+            await on_delta(ModelDelta(usage=_usage(prompt_tokens, _count_tokens(arguments))))
+            return
+        if not reply.paced:
+            await trio.lowlevel.checkpoint()
+            await on_delta(ModelDelta(content=reply.text))
+            await on_delta(ModelDelta(finish_reason="stop"))
+            await on_delta(ModelDelta(usage=_usage(prompt_tokens, _count_tokens(reply.text))))
+            return
+        tokens = _TOKEN.findall(reply.text)
+        finish = "stop"
+        cap = _max_tokens(body)
+        if cap is not None and cap < len(tokens):
+            tokens, finish = tokens[:cap], "length"
+        # Each token has its own due time counted from the first, so the pace holds whatever
+        # on_delta costs; trio.sleep_until also makes every token a cancellation point.
+        start = trio.current_time()
+        for i, token in enumerate(tokens):
+            await trio.sleep_until(start + i * self._interval)
+            await on_delta(ModelDelta(content=token))
+        await trio.lowlevel.checkpoint()
+        await on_delta(ModelDelta(finish_reason=finish))
+        await on_delta(ModelDelta(usage=_usage(prompt_tokens, len(tokens))))
 
 
-def parse_sources(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """(number, text) of each injected source, in order."""
-    for message in messages:
-        if message.get("role") != "system":
-            continue
-        text = _text(message)
-        start, end = text.find(SOURCES_OPEN), text.find(SOURCES_CLOSE)
-        if start < 0 or end < start:
-            continue
-        sources: list[tuple[int, list[str]]] = []
-        for line in text[start + len(SOURCES_OPEN) : end].splitlines():
-            header = _SOURCE_HEADER.match(line)
-            if header:
-                sources.append((int(header.group(1)), []))
-            elif sources and line.strip() and not line.lstrip().startswith("#"):
-                sources[-1][1].append(line.strip())
-        return [(n, " ".join(lines)) for n, lines in sources]
-    return []
+def plan_reply(body: dict[str, Any]) -> LocalReply:
+    """The local model's answer to ``body``, decided without I/O (the rules above)."""
+    messages = _messages(body)
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    question = _message_text(messages[last_user]) if last_user >= 0 else ""
+    if question.lstrip().startswith(QUERY_PROMPT_MARKER):
+        keywords = query_keywords(question)
+        return LocalReply(text=json.dumps({"queries": [keywords] if keywords else []}),
+                          paced=False)
+    after_question = messages[last_user + 1:]
+    if any(m.get("role") == "tool" for m in after_question):
+        return LocalReply(text=_tool_results_answer(after_question))
+    call = _choose_tool_call(question, _offered_tools(body))
+    if call is not None:
+        return LocalReply(tool_call=call)
+    sources = [s for s in parse_sources(messages) if s.text or s.title][:_MAX_SOURCES]
+    if sources:
+        sentences = [f"{first_sentence(s.text or s.title)} [{s.number}]" for s in sources]
+        return LocalReply(text="Here is what I found: " + " ".join(sentences))
+    return LocalReply(text=f"You asked: {question.strip()}. I am Tether's built-in local model; "
+                           "configure TETHER_LLM_BASE_URL to use a real model.")
+
+
+def query_keywords(prompt: str) -> str:
+    """The search query for a query-generation prompt: the keywords of its question."""
+    found = _QUESTION_LINE.search(prompt)
+    if found is not None:
+        question = found.group(1)
+    else:
+        # No "Question:" line: everything after the marker line is the question.
+        question = prompt.lstrip().removeprefix(QUERY_PROMPT_MARKER)
+    words = _WORD.findall(question)
+    kept = [w for w in words if w.lower() not in _STOP_WORDS]
+    # A question made only of stop words ("who are you") still deserves a query.
+    return " ".join((kept or words)[:_MAX_QUERY_WORDS])
 
 
 def find_expression(text: str) -> str | None:
-    for match in _EXPRESSION.finditer(text):
-        candidate = match.group(0).strip()
-        if _OPERATOR_BETWEEN.search(candidate):
+    """The first arithmetic expression in ``text``, trimmed, or None."""
+    for match in _EXPRESSION_RUN.finditer(text):
+        # A run may end with the full stop of its sentence: "It is 2 + 2."
+        candidate = _balance_brackets(match.group(0).rstrip(". "))
+        if _OPERATOR_BETWEEN_NUMBERS.search(candidate):
             return candidate
     return None
 
 
-class LocalModel:
-    def __init__(self, tokens_per_s: float) -> None:
-        self._pause = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
-
-    async def list_models(self) -> list[str]:
-        return ["local"]
-
-    async def stream_chat(self, body: dict[str, Any], on_delta: OnDelta) -> None:
-        """Stream the answer its rules give. Cancelling it stops between two tokens."""
-        messages: list[dict[str, Any]] = list(body.get("messages") or [])
-        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"),
-                        default=-1)
-        question = _text(messages[last_user]) if last_user >= 0 else ""
-        if question.startswith(QUERY_PROMPT_MARKER):
-            asked = question.split("Question:", 1)[-1].strip()
-            answer = json.dumps({"queries": [_keywords(asked)]})
-            await on_delta(ModelDelta(content=answer))
-            await on_delta(ModelDelta(finish_reason="stop", usage=_usage(messages, 1)))
-            return
-        tool_results = [m for m in messages[last_user + 1 :] if m.get("role") == "tool"]
-        offered = {
-            t.get("function", {}).get("name")
-            for t in body.get("tools") or []
-            if isinstance(t, dict)
-        }
-        if tool_results:
-            names = _tool_names(messages[last_user + 1 :])
-            parts = [f"The {names.get(m.get('tool_call_id'), 'tool')} tool returned: "
-                     f"{_text(m)}." for m in tool_results]
-            text = " ".join(parts)
-        else:
-            call = None if body.get("tool_choice") == "none" else _tool_call(question, offered)
-            if call is not None:
-                name, arguments = call
-                call_id = "call_" + hashlib.sha256(
-                    (name + arguments).encode()).hexdigest()[:12]
-                await on_delta(ModelDelta(tool_calls=[ToolCallDelta(0, call_id, name, "")]))
-                await on_delta(ModelDelta(tool_calls=[ToolCallDelta(0, None, None, arguments)]))
-                await on_delta(ModelDelta(finish_reason="tool_calls", usage=_usage(messages, 1)))
-                return
-            sources = parse_sources(messages)
-            if sources:
-                text = "Here is what I found: " + " ".join(
-                    f"{_first_sentence(body_text)} [{n}]" for n, body_text in sources[:3])
-            else:
-                text = (f"You asked: {question.strip()}. I am Tether's built-in local model; "
-                        "configure TETHER_LLM_BASE_URL to use a real model.")
-        await self._stream_text(text, messages, body.get("max_tokens"), on_delta)
-
-    async def _stream_text(self, text: str, messages: list[dict[str, Any]],
-                           max_tokens: Any, on_delta: OnDelta) -> None:
-        tokens = re.findall(r"\S+\s*", text)
-        finish = "stop"
-        if isinstance(max_tokens, int) and 0 < max_tokens < len(tokens):
-            tokens, finish = tokens[:max_tokens], "length"
-        for i, token in enumerate(tokens):
-            if self._pause and i:
-                await trio.sleep(self._pause)
-            await on_delta(ModelDelta(content=token))
-        await trio.lowlevel.checkpoint()
-        await on_delta(ModelDelta(finish_reason=finish, usage=_usage(messages, len(tokens))))
+def find_url(text: str) -> str | None:
+    """The first http(s) URL in ``text``, without the punctuation that ends a sentence."""
+    found = _URL.search(text)
+    if found is None:
+        return None
+    url = found.group(0).rstrip(".,;:!?")
+    if url.endswith(")") and url.count("(") < url.count(")"):
+        url = url[:-1]  # "(see https://x.org/a)": the bracket is the sentence's
+    return url
 
 
-def _tool_call(question: str, offered: set[Any]) -> tuple[str, str] | None:
+def parse_sources(messages: list[dict[str, Any]]) -> list[LocalSource]:
+    """The web sources injected in the first system message that holds a sources block."""
+    for message in messages:
+        if message.get("role") != "system":
+            continue
+        text = _message_text(message)
+        start = text.find(SOURCES_OPEN)
+        end = text.find(SOURCES_CLOSE, start + 1)
+        if start < 0 or end < 0:
+            continue
+        headers: list[tuple[int, str, str]] = []
+        bodies: list[list[str]] = []
+        for line in text[start + len(SOURCES_OPEN):end].splitlines():
+            header = _SOURCE_HEADER.match(line)
+            if header is not None:
+                headers.append((int(header.group(1)), header.group(2).strip(),
+                                header.group(3) or ""))
+                bodies.append([])
+            elif bodies and line.strip() and not line.lstrip().startswith("#"):
+                # Markdown headings of the page are titles, not sentences: skipped.
+                bodies[-1].append(line.strip())
+        return [LocalSource(n, title, url, " ".join(lines))
+                for (n, title, url), lines in zip(headers, bodies, strict=True)]
+    return []
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text``, cut at a word near 200 characters if longer."""
+    text = " ".join(text.split())
+    end = _SENTENCE_END.search(text)
+    sentence = text[:end.end()] if end is not None else text
+    return _shorten(sentence, _MAX_SENTENCE_CHARS)
+
+
+def _choose_tool_call(question: str, offered: set[str]) -> tuple[str, str] | None:
     if "calculator" in offered:
         expression = find_expression(question)
-        if expression:
+        if expression is not None:
             return "calculator", json.dumps({"expression": expression})
     if "fetch_url" in offered:
-        url = _URL.search(question)
-        if url:
-            return "fetch_url", json.dumps({"url": url.group(0).rstrip(".,;")})
-    if "current_time" in offered and re.search(r"\b(time|date)\b", question.lower()):
+        url = find_url(question)
+        if url is not None:
+            return "fetch_url", json.dumps({"url": url})
+    if "current_time" in offered and _TIME_WORD.search(question):
         return "current_time", "{}"
     return None
 
 
-def _tool_names(messages: list[dict[str, Any]]) -> dict[Any, str]:
-    names: dict[Any, str] = {}
-    for message in messages:
-        for call in message.get("tool_calls") or []:
-            names[call.get("id")] = call.get("function", {}).get("name", "tool")
+def _offered_tools(body: dict[str, Any]) -> set[str]:
+    """Names of the function tools the model may call, after ``tool_choice``."""
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return set()
+    names: set[str] = set()
+    for tool in body.get("tools") or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            names.add(function["name"])
+    if isinstance(choice, dict):
+        forced = choice.get("function")
+        if isinstance(forced, dict):
+            names &= {forced.get("name")}
     return names
 
 
-def _usage(messages: list[dict[str, Any]], completion: int) -> dict[str, int]:
-    prompt = sum(len(_text(m).split()) for m in messages)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+def _tool_results_answer(messages: list[dict[str, Any]]) -> str:
+    names: dict[str, str] = {}
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                names[str(call.get("id"))] = str(call["function"].get("name") or "")
+    parts = []
+    for message in messages:
+        if message.get("role") != "tool":
+            continue
+        name = message.get("name") or names.get(str(message.get("tool_call_id"))) or "requested"
+        result = _shorten(" ".join(_message_text(message).split()), _MAX_TOOL_RESULT_CHARS)
+        ending = "" if result.endswith((".", "!", "?")) else "."
+        parts.append(f"The {name} tool returned: {result}{ending}")
+    return " ".join(parts)
+
+
+def _balance_brackets(expression: str) -> str:
+    """Drop the brackets of the surrounding sentence caught at either end of a run."""
+    while expression.endswith(")") and expression.count(")") > expression.count("("):
+        expression = expression[:-1].rstrip()
+    while expression.startswith("(") and expression.count("(") > expression.count(")"):
+        expression = expression[1:].lstrip()
+    return expression
+
+
+def _shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[:cut if cut > limit // 2 else limit].rstrip(" ,;:") + "..."
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in body.get("messages") or [] if isinstance(m, dict)]
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only the text parts are read
+        return " ".join(str(p.get("text", "")) for p in content
+                        if isinstance(p, dict) and p.get("type", "text") == "text")
+    return ""
+
+
+def _count_tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,4 +1,16 @@
-"""Any OpenAI-compatible upstream: OpenAI, Ollama, vLLM, llama.cpp, LiteLLM."""
+"""Any OpenAI-compatible upstream: OpenAI, Ollama, vLLM, llama.cpp, LiteLLM.
+
+Every completion is requested as a stream (``"stream": true`` with usage included), whatever
+the client asked for: the pipeline decides how to present it, and a stream lets the task hold
+the partial answer at every moment. The SSE body is split into lines here, without
+``aiter_lines``, so that an upstream sending a line without end cannot grow our memory
+without bound.
+
+Every failure comes out as ``ModelError``: an error status (with the upstream's own message
+when its body has one), a transport error or timeout, a chunk that is not JSON, an error
+chunk, or a stream that ends before ``[DONE]`` and before any ``finish_reason``. No httpx2
+exception escapes.
+"""
 
 from __future__ import annotations
 
@@ -9,62 +21,159 @@ import httpx2
 
 from server.providers.llm.base import ModelDelta, ModelError, OnDelta, ToolCallDelta
 
+# An SSE line is one chunk: a few hundred bytes, a few KiB for a large tool-call argument.
+_MAX_LINE_CHARS = 1_000_000
+# Enough for any JSON error message; an HTML error page is cut here and not shown anyway.
+_MAX_ERROR_BODY_BYTES = 64 * 1024
+# A whole non-streamed completion (from an upstream that ignores "stream": true) or model list.
+_MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
+# Connecting never needs the generation timeout: a dead host should fail fast.
+_CONNECT_TIMEOUT_S = 10.0
+_LIST_TIMEOUT_S = 10.0
+
+# What httpx2 can raise from a request: HTTPError covers transport errors and timeouts,
+# StreamError a misused body, InvalidURL a bad base URL. None of them may escape.
+_HTTP_FAILURES: tuple[type[Exception], ...] = (
+    httpx2.HTTPError,
+    httpx2.StreamError,
+    httpx2.InvalidURL,
+)
+
 
 class OpenAICompatibleModel:
+    """A model served by an OpenAI-compatible HTTP API at ``base_url`` (``.../v1``).
+
+    ``http`` is the app's shared client; this class never closes it. ``api_key``, when set,
+    is sent as ``Authorization: Bearer``. ``timeout`` bounds each read of the stream (the
+    longest silence tolerated between two chunks), not the whole completion.
+    """
+
     def __init__(self, http: httpx2.AsyncClient, base_url: str, api_key: str | None,
                  timeout: float) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
-        self._timeout = timeout
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._stream_timeout = httpx2.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT_S))
+        self._list_timeout = httpx2.Timeout(min(timeout, _LIST_TIMEOUT_S))
+
+    @property
+    def base_url(self) -> str:
+        return self._base
 
     async def list_models(self) -> list[str]:
-        """The upstream's model ids. Cancelling it closes the request's connection."""
-        try:
-            response = await self._http.get(self._base + "/models", headers=self._headers,
-                                            timeout=10.0)
-        except httpx2.HTTPError as exc:
-            raise ModelError(f"upstream unreachable: {type(exc).__name__}") from None
-        if response.status_code >= 400:
-            raise ModelError(_error_message(response.content, response.status_code),
-                             status=response.status_code)
-        try:
-            data = response.json().get("data", [])
-            return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
-        except (ValueError, AttributeError):
-            raise ModelError("upstream sent an invalid model list") from None
+        """The upstream's model ids (``GET {base}/models``). Raises ``ModelError``.
 
-    async def stream_chat(self, body: dict[str, Any], on_delta: OnDelta) -> None:
-        """Stream one completion from the upstream, delta by delta.
-
-        Cancelling it closes the upstream connection (the ``async with`` around the
-        response exits) before the cancellation propagates.
+        Cancelling it closes the request's connection.
         """
-        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        finished = False
         try:
-            async with self._http.stream("POST", self._base + "/chat/completions",
-                                         json=payload, headers=self._headers,
-                                         timeout=self._timeout) as response:
-                if response.status_code >= 400:
-                    raw = await response.aread()
+            async with self._http.stream("GET", self._base + "/models", headers=self._headers,
+                                         timeout=self._list_timeout) as response:
+                if not _is_success(response.status_code):
+                    raw, _ = await _read_at_most(response, _MAX_ERROR_BODY_BYTES)
                     raise ModelError(_error_message(raw, response.status_code),
                                      status=response.status_code)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        finished = True
-                        break
-                    delta = _parse_chunk(data)
-                    if delta.finish_reason:
-                        finished = True
-                    await on_delta(delta)
-        except httpx2.HTTPError as exc:
-            raise ModelError(f"upstream connection failed: {type(exc).__name__}: {exc}") from None
+                raw, complete = await _read_at_most(response, _MAX_JSON_BODY_BYTES)
+        except _HTTP_FAILURES as exc:
+            raise ModelError(_describe_failure(exc)) from None
+        if not complete:
+            raise ModelError("upstream sent a model list that is too large")
+        return _parse_model_list(raw)
+
+    async def stream_chat(self, body: dict[str, Any], on_delta: OnDelta) -> None:
+        """Stream one completion from the upstream, calling ``on_delta`` for every chunk that
+        carries something (content, reasoning, tool-call pieces, finish reason, usage).
+
+        Raises ``ModelError`` after the deltas already delivered. Cancelling it closes the
+        upstream connection (the ``async with`` around the response exits) before the
+        cancellation propagates; nothing is shielded, so a stop is never delayed by the
+        upstream.
+        """
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        headers = {**self._headers, "Accept": "text/event-stream"}
+        finished = False  # saw [DONE] or a finish_reason: the answer is whole
+        try:
+            async with self._http.stream("POST", self._base + "/chat/completions",
+                                         json=payload, headers=headers,
+                                         timeout=self._stream_timeout) as response:
+                if not _is_success(response.status_code):
+                    raw, _ = await _read_at_most(response, _MAX_ERROR_BODY_BYTES)
+                    raise ModelError(_error_message(raw, response.status_code),
+                                     status=response.status_code)
+                if _media_type(response) == "application/json":
+                    # Some servers ignore "stream": true and answer with one completion.
+                    raw, complete = await _read_at_most(response, _MAX_JSON_BODY_BYTES)
+                    if not complete:
+                        raise ModelError("upstream sent a completion that is too large")
+                    for delta in _completion_deltas(raw):
+                        await on_delta(delta)
+                    return
+                lines = _LineSplitter(_MAX_LINE_CHARS)
+                async for text in response.aiter_text():
+                    for line in lines.feed(text):
+                        data = _sse_data(line)
+                        if data is None:
+                            continue
+                        if data == "[DONE]":
+                            return
+                        delta = _parse_chunk(data)
+                        finished = finished or delta.finish_reason is not None
+                        if _carries_something(delta):
+                            await on_delta(delta)
+                # A last line without its newline counts only if it is [DONE]: a chunk cut
+                # there may be cut short.
+                if _sse_data(lines.flush()) == "[DONE]":
+                    return
+        except _HTTP_FAILURES as exc:
+            if finished:
+                # The answer is complete; only the usage chunk or [DONE] was lost with the
+                # connection, which is no reason to fail the task.
+                return
+            raise ModelError(_describe_failure(exc)) from None
         if not finished:
             raise ModelError("upstream stream ended early")
+
+
+class _LineSplitter:
+    """Cuts decoded text into lines (``\\n`` or ``\\r\\n``), holding at most ``limit`` chars
+    of an unfinished line. Work is linear in the input even when a long line arrives in many
+    small pieces."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._pending: list[str] = []
+        self._pending_chars = 0
+
+    def feed(self, text: str) -> list[str]:
+        parts = text.split("\n")
+        if len(parts) == 1:
+            self._hold(text)
+            return []
+        lines = ["".join(self._pending) + parts[0], *parts[1:-1]]
+        self._pending, self._pending_chars = [], 0
+        self._hold(parts[-1])
+        return [line.removesuffix("\r") for line in lines]
+
+    def flush(self) -> str:
+        rest = "".join(self._pending)
+        self._pending, self._pending_chars = [], 0
+        return rest.removesuffix("\r")
+
+    def _hold(self, text: str) -> None:
+        if not text:
+            return
+        self._pending.append(text)
+        self._pending_chars += len(text)
+        if self._pending_chars > self._limit:
+            raise ModelError(f"upstream sent a stream line longer than {self._limit} characters")
+
+
+def _sse_data(line: str) -> str | None:
+    """The value of a ``data:`` line, else None (comments, blank lines, other fields)."""
+    name, colon, value = line.partition(":")
+    if name != "data" or not colon:
+        return None
+    value = value.strip()
+    return value or None
 
 
 def _parse_chunk(data: str) -> ModelDelta:
@@ -73,36 +182,156 @@ def _parse_chunk(data: str) -> ModelDelta:
     except ValueError:
         raise ModelError("upstream sent invalid JSON in its stream") from None
     if not isinstance(chunk, dict):
-        raise ModelError("upstream sent an invalid chunk")
-    if "error" in chunk:
-        error = chunk["error"]
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        raise ModelError(f"upstream error: {message}")
-    result = ModelDelta(usage=chunk.get("usage") if isinstance(chunk.get("usage"), dict) else None)
-    choices = chunk.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
-        return result
-    choice = choices[0]
-    delta = choice.get("delta") or {}
-    result.content = delta.get("content") or ""
-    result.reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-    for i, call in enumerate(delta.get("tool_calls") or []):
-        function = call.get("function") or {}
-        result.tool_calls.append(ToolCallDelta(
-            index=int(call.get("index", i)), id=call.get("id"), name=function.get("name"),
-            arguments=function.get("arguments") or ""))
-    result.finish_reason = choice.get("finish_reason")
-    return result
+        raise ModelError("upstream sent a stream chunk that is not a JSON object")
+    if chunk.get("error"):
+        raise ModelError(f"upstream error: {_error_text(chunk['error'])}")
+    usage = chunk.get("usage")
+    delta = ModelDelta(usage=usage if isinstance(usage, dict) else None)
+    choice = _first_choice(chunk.get("choices"))
+    if choice is None:
+        return delta
+    piece = choice.get("delta")
+    if isinstance(piece, dict):
+        delta.content = _string(piece.get("content"))
+        delta.reasoning = (_string(piece.get("reasoning_content"))
+                           or _string(piece.get("reasoning")))
+        delta.tool_calls = _tool_call_deltas(piece.get("tool_calls"))
+    finish = choice.get("finish_reason")
+    delta.finish_reason = finish if isinstance(finish, str) and finish else None
+    return delta
+
+
+def _completion_deltas(raw: bytes) -> list[ModelDelta]:
+    """A non-streamed ``chat.completion`` as the deltas a stream would have carried."""
+    try:
+        completion = json.loads(raw)
+    except ValueError:
+        raise ModelError("upstream sent an invalid completion") from None
+    if not isinstance(completion, dict):
+        raise ModelError("upstream sent an invalid completion")
+    if completion.get("error"):
+        raise ModelError(f"upstream error: {_error_text(completion['error'])}")
+    choice = _first_choice(completion.get("choices"))
+    if choice is None:
+        raise ModelError("upstream sent a completion without choices")
+    message = choice.get("message")
+    message = message if isinstance(message, dict) else {}
+    finish = choice.get("finish_reason")
+    answer = ModelDelta(
+        content=_string(message.get("content")),
+        reasoning=_string(message.get("reasoning_content")) or _string(message.get("reasoning")),
+        tool_calls=_tool_call_deltas(message.get("tool_calls")),
+        finish_reason=finish if isinstance(finish, str) and finish else "stop",
+    )
+    usage = completion.get("usage")
+    if isinstance(usage, dict):
+        return [answer, ModelDelta(usage=usage)]
+    return [answer]
+
+
+def _first_choice(choices: Any) -> dict[str, Any] | None:
+    """Choice 0: with ``n`` > 1 the chunks of other choices are interleaved and ignored."""
+    if not isinstance(choices, list):
+        return None
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            return choice
+    return None
+
+
+def _tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
+    if not isinstance(raw, list):
+        return []
+    calls: list[ToolCallDelta] = []
+    for position, call in enumerate(raw):
+        if not isinstance(call, dict):
+            continue
+        index = call.get("index")
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):
+            # A few servers send the arguments as an object rather than a JSON string.
+            arguments = json.dumps(arguments)
+        calls.append(ToolCallDelta(
+            index=index if isinstance(index, int) and not isinstance(index, bool) else position,
+            id=_string(call.get("id")) or None,
+            name=_string(function.get("name")) or None,
+            arguments=_string(arguments),
+        ))
+    return calls
+
+
+def _carries_something(delta: ModelDelta) -> bool:
+    return bool(delta.content or delta.reasoning or delta.tool_calls or delta.finish_reason
+                or delta.usage)
+
+
+def _parse_model_list(raw: bytes) -> list[str]:
+    try:
+        listing = json.loads(raw)
+    except ValueError:
+        raise ModelError("upstream sent an invalid model list") from None
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        raise ModelError("upstream sent an invalid model list")
+    return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
 
 
 def _error_message(raw: bytes, status: int) -> str:
+    """The upstream's own words when its error body has them (OpenAI ``error.message``,
+    ``error`` as a string, or the ``message``/``detail`` that other servers use)."""
+    text = raw.decode("utf-8", errors="replace").strip()
     try:
-        body = json.loads(raw)
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict) and error.get("message"):
-            return f"upstream error {status}: {error['message']}"
-        if isinstance(error, str):
-            return f"upstream error {status}: {error}"
+        body = json.loads(text)
     except ValueError:
-        pass
-    return f"upstream error {status}"
+        body = None
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            if body.get(key):
+                return f"upstream error: {_error_text(body[key])}"
+    elif text and not text.startswith("<") and len(text) <= 300:
+        # A short plain-text body is the message; an HTML error page is noise.
+        return f"upstream error: {' '.join(text.split())}"
+    return f"upstream answered HTTP {status}"
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        message = error.get("message")
+        if message:
+            return str(message)[:500]
+    if isinstance(error, str):
+        return error[:500]
+    return json.dumps(error)[:500]
+
+
+def _describe_failure(exc: Exception) -> str:
+    if isinstance(exc, httpx2.TimeoutException):
+        return f"upstream timed out ({type(exc).__name__})"
+    detail = str(exc)
+    return f"upstream connection failed: {type(exc).__name__}" + (f": {detail}" if detail else "")
+
+
+async def _read_at_most(response: httpx2.Response, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of the body, and whether that was all of it."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], False
+    return b"".join(chunks), True
+
+
+def _is_success(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def _media_type(response: httpx2.Response) -> str:
+    return response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,771 @@
+"""The model providers: the built-in ``local`` model (pure, tested directly), the
+OpenAI-compatible client (against a small loopback upstream defined here) and the router."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import h11
+import httpx2
+import pytest
+import trio
+
+from server.config import Settings
+from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
+from server.providers.llm.local import (
+    QUERY_PROMPT_MARKER,
+    SOURCES_CLOSE,
+    SOURCES_OPEN,
+    LocalModel,
+    find_expression,
+    find_url,
+    first_sentence,
+)
+from server.providers.llm.openai_compat import OpenAICompatibleModel
+from server.providers.llm.router import ModelRouter, build_model_router
+
+WAIT = 10.0  # upper bound for anything a test waits on; tests never sleep a fixed time
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    deltas: list[ModelDelta] = field(default_factory=list)
+
+    async def __call__(self, delta: ModelDelta) -> None:
+        self.deltas.append(delta)
+
+    @property
+    def content(self) -> str:
+        return "".join(d.content for d in self.deltas)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(d.reasoning for d in self.deltas)
+
+    @property
+    def finish_reason(self) -> str | None:
+        reasons = [d.finish_reason for d in self.deltas if d.finish_reason]
+        assert len(reasons) <= 1
+        return reasons[0] if reasons else None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        usages = [d.usage for d in self.deltas if d.usage]
+        return usages[-1] if usages else None
+
+    def tool_calls(self) -> list[dict[str, str]]:
+        """The streamed pieces assembled by index, as the pipeline does."""
+        calls: dict[int, dict[str, str]] = {}
+        for delta in self.deltas:
+            for piece in delta.tool_calls:
+                call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = piece.id or call["id"]
+                call["name"] = piece.name or call["name"]
+                call["arguments"] += piece.arguments
+        return [calls[i] for i in sorted(calls)]
+
+
+async def run_local(body: dict[str, Any], tokens_per_s: float = 0) -> Collected:
+    collected = Collected()
+    await LocalModel(tokens_per_s).stream_chat(body, collected)
+    return collected
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def tool_spec(name: str) -> dict[str, Any]:
+    return {"type": "function",
+            "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+
+ALL_TOOLS = [tool_spec("calculator"), tool_spec("fetch_url"), tool_spec("current_time")]
+
+
+def sources_message(*sources: tuple[str, str, str]) -> dict[str, Any]:
+    blocks = [f"[{i}] {title} ({url})\n{text}" for i, (title, url, text) in
+              enumerate(sources, start=1)]
+    return {"role": "system", "content": "Answer with these sources.\n" + SOURCES_OPEN + "\n"
+            + "\n\n".join(blocks) + "\n" + SOURCES_CLOSE}
+
+
+# --- the local model -----------------------------------------------------------------------
+
+
+async def test_local_model_is_deterministic() -> None:
+    body = {"model": "local", "messages": [user("Tell me about trio nurseries")]}
+    first, second = await run_local(body), await run_local(body)
+    assert first.deltas == second.deltas
+
+
+async def test_local_model_lists_only_local() -> None:
+    assert await LocalModel(0).list_models() == ["local"]
+
+
+async def test_local_model_without_sources_repeats_the_question() -> None:
+    collected = await run_local({"messages": [user("Say hi")]})
+    assert collected.content == (
+        "You asked: Say hi. I am Tether's built-in local model; configure "
+        "TETHER_LLM_BASE_URL to use a real model.")
+    assert collected.finish_reason == "stop"
+
+
+async def test_local_model_streams_word_sized_tokens_then_finish_then_usage() -> None:
+    collected = await run_local({"messages": [{"role": "system", "content": "Be brief."},
+                                              user("Say hi")]})
+    pieces = [d.content for d in collected.deltas if d.content]
+    assert pieces[:3] == ["You ", "asked: ", "Say "]
+    assert all(len(p.split()) == 1 for p in pieces)
+    assert collected.deltas[-2].finish_reason == "stop"
+    assert collected.deltas[-1].usage == {"prompt_tokens": 4, "completion_tokens": len(pieces),
+                                          "total_tokens": 4 + len(pieces)}
+
+
+async def test_local_model_max_tokens_caps_the_answer_with_finish_reason_length() -> None:
+    collected = await run_local({"messages": [user("Say hi")], "max_tokens": 3})
+    assert collected.content == "You asked: Say "
+    assert collected.finish_reason == "length"
+    assert collected.usage is not None and collected.usage["completion_tokens"] == 3
+
+
+async def test_local_model_paces_tokens_at_tokens_per_s(autojump_clock: trio.abc.Clock) -> None:
+    times: list[float] = []
+
+    async def on_delta(delta: ModelDelta) -> None:
+        if delta.content:
+            times.append(trio.current_time())
+
+    await LocalModel(10).stream_chat({"messages": [user("Say hi")]}, on_delta)
+    gaps = [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
+    assert gaps and set(gaps) == {0.1}
+
+
+async def test_cancelling_the_local_model_stops_between_tokens(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    collected = Collected()
+    with trio.CancelScope() as scope:
+        async def on_delta(delta: ModelDelta) -> None:
+            await collected(delta)
+            if len(collected.deltas) == 2:
+                scope.cancel()
+
+        await LocalModel(10).stream_chat({"messages": [user("Say hi")]}, on_delta)
+    assert scope.cancelled_caught
+    assert collected.content == "You asked: "
+    assert collected.finish_reason is None
+
+
+async def test_local_model_answers_the_query_prompt_with_keywords_in_one_piece() -> None:
+    prompt = (f"{QUERY_PROMPT_MARKER}\nWrite up to 3 short web search queries. Answer only "
+              'with JSON: {"queries": ["..."]}.\nQuestion: What is the latest version of '
+              "the trio library for Python?")
+    collected = await run_local({"messages": [user(prompt)]}, tokens_per_s=1)
+    content_deltas = [d for d in collected.deltas if d.content]
+    assert len(content_deltas) == 1
+    assert json.loads(collected.content) == {"queries": ["latest version trio library Python"]}
+    assert collected.finish_reason == "stop"
+
+
+async def test_local_model_query_keeps_at_most_eight_words() -> None:
+    prompt = f"{QUERY_PROMPT_MARKER}\nQuestion: one two three four five six seven eight nine"
+    collected = await run_local({"messages": [user(prompt)]})
+    assert json.loads(collected.content)["queries"] == ["one two three four five six seven eight"]
+
+
+async def test_local_model_calls_the_calculator_for_arithmetic() -> None:
+    collected = await run_local({"messages": [user("What is (2 + 3) * 4?")], "tools": ALL_TOOLS})
+    [call] = collected.tool_calls()
+    assert call["name"] == "calculator"
+    assert json.loads(call["arguments"]) == {"expression": "(2 + 3) * 4"}
+    assert call["id"].startswith("call_") and len(call["id"]) > len("call_")
+    assert collected.finish_reason == "tool_calls"
+    assert collected.content == ""
+    assert all(p.index == 0 for d in collected.deltas for p in d.tool_calls)
+
+
+async def test_local_model_tool_call_ids_are_deterministic() -> None:
+    body = {"messages": [user("2 ** 10")], "tools": ALL_TOOLS}
+    assert (await run_local(body)).tool_calls() == (await run_local(body)).tool_calls()
+
+
+async def test_local_model_fetches_a_url_when_there_is_no_arithmetic() -> None:
+    collected = await run_local({"messages": [user("Summarize https://example.org/a?b=1.")],
+                                 "tools": ALL_TOOLS})
+    [call] = collected.tool_calls()
+    assert call["name"] == "fetch_url"
+    assert json.loads(call["arguments"]) == {"url": "https://example.org/a?b=1"}
+
+
+async def test_local_model_asks_for_the_time_when_time_is_mentioned() -> None:
+    collected = await run_local({"messages": [user("What time is it?")], "tools": ALL_TOOLS})
+    [call] = collected.tool_calls()
+    assert (call["name"], call["arguments"]) == ("current_time", "{}")
+
+
+async def test_local_model_only_calls_offered_tools() -> None:
+    collected = await run_local({"messages": [user("What is 2 + 2 at this time?")],
+                                 "tools": [tool_spec("current_time")]})
+    assert [c["name"] for c in collected.tool_calls()] == ["current_time"]
+    plain = await run_local({"messages": [user("What is 2 + 2?")]})
+    assert plain.tool_calls() == [] and plain.finish_reason == "stop"
+
+
+async def test_local_model_calls_no_tool_with_tool_choice_none() -> None:
+    collected = await run_local({"messages": [user("What is 2 + 2?")], "tools": ALL_TOOLS,
+                                 "tool_choice": "none"})
+    assert collected.tool_calls() == []
+
+
+async def test_local_model_answers_with_the_tool_result() -> None:
+    messages = [
+        user("What is 2 + 2?"),
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "calculator", "arguments": '{"expression": "2 + 2"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+    ]
+    collected = await run_local({"messages": messages, "tools": ALL_TOOLS})
+    assert collected.tool_calls() == []
+    assert collected.content == "The calculator tool returned: 4."
+    assert collected.finish_reason == "stop"
+
+
+async def test_local_model_answers_from_the_first_three_sources_with_citations() -> None:
+    system = sources_message(
+        ("Trio", "https://trio.rtfd.io", "Trio is a friendly async library. It has nurseries."),
+        ("Nurseries", "https://example.org/n", "# Heading\nA nursery holds tasks! More here."),
+        ("Empty", "https://example.org/e", ""),
+        ("Fourth", "https://example.org/4", "Never cited."),
+    )
+    collected = await run_local({"messages": [system, user("What is trio?")]})
+    assert collected.content == (
+        "Here is what I found: Trio is a friendly async library. [1] A nursery holds tasks! "
+        "[2] Empty [3]")
+    assert collected.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("text", "expression"), [
+    ("What is 2+2?", "2+2"),
+    ("compute (3 + 4) * 2 please", "(3 + 4) * 2"),
+    ("and 2 ** 8.", "2 ** 8"),
+    ("(see 10 % 3)", "10 % 3"),
+    ("1.5 ^ 2 then", "1.5 ^ 2"),
+    ("in 2024 there were 3 cats", None),
+    ("no numbers here", None),
+])
+def test_find_expression(text: str, expression: str | None) -> None:
+    assert find_expression(text) == expression
+
+
+def test_find_url_leaves_sentence_punctuation_out() -> None:
+    assert find_url("(see https://example.org/x).") == "https://example.org/x"
+    assert find_url("no link") is None
+
+
+def test_first_sentence_is_the_earliest_one_and_is_bounded() -> None:
+    assert first_sentence("Is it? Yes. More.") == "Is it?"
+    assert first_sentence("Pi is 3.14 exactly.") == "Pi is 3.14 exactly."
+    long = first_sentence("word " * 100)
+    assert len(long) <= 203 and long.endswith("...")
+
+
+# --- a loopback OpenAI-compatible upstream -------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One request the upstream received, and the connection it came on."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    stream: trio.SocketStream
+    conn: h11.Connection
+    closed: trio.Event = field(default_factory=trio.Event)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def start_stream(self, status: int = 200,
+                           content_type: str = "text/event-stream") -> None:
+        await self.send(h11.Response(status_code=status, headers=[
+            ("content-type", content_type), ("transfer-encoding", "chunked"),
+            ("connection", "close")]))
+
+    async def data(self, text: str) -> None:
+        await self.send(h11.Data(data=text.encode()))
+
+    async def chunk(self, chunk: dict[str, Any]) -> None:
+        await self.data(f"data: {json.dumps(chunk)}\n\n")
+
+    async def end(self) -> None:
+        await self.send(h11.EndOfMessage())
+
+    async def reply(self, status: int, body: bytes, content_type: str) -> None:
+        await self.send(h11.Response(status_code=status, headers=[
+            ("content-type", content_type), ("content-length", str(len(body))),
+            ("connection", "close")]))
+        await self.send(h11.Data(data=body))
+        await self.end()
+
+    async def wait_for_eof(self) -> None:
+        """Read until the client closes its side; sets ``closed``."""
+        try:
+            while await self.stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        self.closed.set()
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+
+class Upstream:
+    """Serves ``/v1/...`` on a loopback port; each route is a script that writes the
+    response by hand, so a test can cut a stream or hold it open wherever it likes."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], Handler] = {}
+        self.exchanges: list[Exchange] = []
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(partial(trio.serve_tcp, self._serve, 0,
+                                                host="127.0.0.1"))
+        self.port = listeners[0].socket.getsockname()[1]
+
+    def route(self, method: str, path: str, handler: Handler) -> None:
+        self.routes[(method, path)] = handler
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        assert request is not None
+        exchange = Exchange(
+            method=request.method.decode(), path=request.target.decode(),
+            headers={k.decode().lower(): v.decode() for k, v in request.headers},
+            body=body, stream=stream, conn=conn)
+        self.exchanges.append(exchange)
+        handler = self.routes[(exchange.method, exchange.path)]
+        try:
+            await handler(exchange)
+        finally:
+            await stream.aclose()
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> Upstream:
+    server = Upstream()
+    await server.start(nursery)
+    return server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(trust_env=False) as client:
+        yield client
+
+
+def model_for(upstream: Upstream, http: httpx2.AsyncClient, *, api_key: str | None = "sk-test",
+              timeout: float = WAIT) -> OpenAICompatibleModel:
+    return OpenAICompatibleModel(http, upstream.base_url, api_key, timeout)
+
+
+def chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> dict[str, Any]:
+    if content is not None:
+        delta["content"] = content
+    return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+BODY = {"model": "m", "messages": [user("hi")], "stream": False}
+
+
+async def test_upstream_stream_delivers_content_finish_and_usage(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.data(": keep-alive comment\n\nevent: message\nid: 1\n")
+        await ex.chunk(chunk("", role="assistant"))
+        await ex.chunk(chunk("Hel"))
+        # Two lines in one write and one line over two writes: framing is not chunking.
+        await ex.data(f"data: {json.dumps(chunk('lo'))}\n\ndata: {json.dumps(chunk('!'))[:9]}")
+        await ex.data(f"{json.dumps(chunk('!'))[9:]}\r\n\r\n")
+        await ex.chunk(chunk(finish="stop"))
+        await ex.chunk({"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                        "usage": USAGE})
+        await ex.data("data: [DONE]\n\n")
+        await ex.end()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    await model_for(upstream, http).stream_chat(BODY, collected)
+    assert collected.content == "Hello!"
+    assert collected.finish_reason == "stop"
+    assert collected.usage == USAGE
+    assert all(d != ModelDelta() for d in collected.deltas)  # the role-only chunk is skipped
+    [exchange] = upstream.exchanges
+    sent = exchange.json()
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == BODY["messages"]
+    assert exchange.headers["authorization"] == "Bearer sk-test"
+
+
+async def test_upstream_stream_sends_no_authorization_without_a_key(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk("ok", finish="stop"))
+        await ex.data("data: [DONE]\n\n")
+        await ex.end()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    await model_for(upstream, http, api_key=None).stream_chat(BODY, Collected())
+    assert "authorization" not in upstream.exchanges[0].headers
+
+
+async def test_upstream_stream_reads_both_reasoning_fields(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk(reasoning_content="think "))
+        await ex.chunk(chunk(reasoning="more"))
+        await ex.chunk(chunk("answer", finish="stop"))
+        await ex.data("data: [DONE]\n\n")
+        await ex.end()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    await model_for(upstream, http).stream_chat(BODY, collected)
+    assert (collected.reasoning, collected.content) == ("think more", "answer")
+
+
+async def test_upstream_tool_call_deltas_assemble_by_index(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    def call(index: int, arguments: str, call_id: str | None = None,
+             name: str | None = None) -> dict[str, Any]:
+        piece: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+        if call_id:
+            piece.update(id=call_id, type="function")
+            piece["function"]["name"] = name
+        return piece
+
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk(tool_calls=[call(0, "", "call_a", "calculator")]))
+        await ex.chunk(chunk(tool_calls=[call(0, '{"expression": ')]))
+        await ex.chunk(chunk(tool_calls=[call(1, '{"url": "http://x"}', "call_b", "fetch_url")]))
+        await ex.chunk(chunk(tool_calls=[call(0, '"2+2"}')]))
+        await ex.chunk(chunk(finish="tool_calls"))
+        await ex.data("data: [DONE]\n\n")
+        await ex.end()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    await model_for(upstream, http).stream_chat(BODY, collected)
+    assert collected.tool_calls() == [
+        {"id": "call_a", "name": "calculator", "arguments": '{"expression": "2+2"}'},
+        {"id": "call_b", "name": "fetch_url", "arguments": '{"url": "http://x"}'},
+    ]
+    assert collected.finish_reason == "tool_calls"
+
+
+async def test_upstream_500_with_openai_error_body_raises_model_error_with_its_message(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    error = {"error": {"message": "The server had an error", "type": "server_error",
+                       "param": None, "code": None}}
+
+    async def handler(ex: Exchange) -> None:
+        await ex.reply(500, json.dumps(error).encode(), "application/json")
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    with pytest.raises(ModelError) as caught:
+        await model_for(upstream, http).stream_chat(BODY, Collected())
+    assert caught.value.status == 500
+    assert "The server had an error" in caught.value.message
+
+
+async def test_upstream_error_page_without_json_keeps_the_status(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.reply(502, b"<html><body>Bad gateway</body></html>", "text/html")
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    with pytest.raises(ModelError) as caught:
+        await model_for(upstream, http).stream_chat(BODY, Collected())
+    assert caught.value.status == 502
+    assert "<html>" not in caught.value.message
+
+
+async def test_upstream_stream_cut_midway_raises_model_error_after_the_deltas_delivered(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk("partial"))
+        # Closing without the terminating chunk: a broken chunked body.
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    with pytest.raises(ModelError) as caught:
+        await model_for(upstream, http).stream_chat(BODY, collected)
+    assert collected.content == "partial"
+    assert caught.value.status is None
+
+
+async def test_upstream_stream_ending_without_done_or_finish_reason_raises_model_error(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk("partial"))
+        await ex.end()  # a well-formed body that just stops
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    with pytest.raises(ModelError, match="ended early"):
+        await model_for(upstream, http).stream_chat(BODY, Collected())
+
+
+async def test_upstream_stream_with_finish_reason_but_no_done_is_complete(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk("whole", finish="stop"))
+        await ex.end()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    await model_for(upstream, http).stream_chat(BODY, collected)
+    assert (collected.content, collected.finish_reason) == ("whole", "stop")
+
+
+async def test_upstream_invalid_json_chunk_raises_model_error(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.data("data: {not json\n\n")
+        await ex.end()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    with pytest.raises(ModelError, match="invalid JSON"):
+        await model_for(upstream, http).stream_chat(BODY, Collected())
+
+
+async def test_upstream_error_chunk_mid_stream_raises_model_error(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk("so far"))
+        await ex.chunk({"error": {"message": "model overloaded"}})
+        await ex.end()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    with pytest.raises(ModelError, match="model overloaded"):
+        await model_for(upstream, http).stream_chat(BODY, Collected())
+
+
+async def test_upstream_ignoring_stream_true_still_gives_deltas(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    completion = {"id": "c1", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "all at once"},
+         "finish_reason": "stop"}], "usage": USAGE}
+
+    async def handler(ex: Exchange) -> None:
+        await ex.reply(200, json.dumps(completion).encode(), "application/json")
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    await model_for(upstream, http).stream_chat(BODY, collected)
+    assert (collected.content, collected.finish_reason) == ("all at once", "stop")
+    assert collected.usage == USAGE
+
+
+async def test_upstream_silent_past_the_timeout_raises_model_error(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.wait_for_eof()  # sends nothing more
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    with pytest.raises(ModelError, match="timed out"):
+        await model_for(upstream, http, timeout=0.2).stream_chat(BODY, Collected())
+
+
+async def test_unreachable_upstream_raises_model_error(http: httpx2.AsyncClient) -> None:
+    # A port that was just free and has no listener: the connection is refused.
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model = OpenAICompatibleModel(http, f"http://127.0.0.1:{port}/v1", None, WAIT)
+    with pytest.raises(ModelError, match="connection failed"):
+        await model.stream_chat(BODY, Collected())
+    with pytest.raises(ModelError):
+        await model.list_models()
+
+
+async def test_cancelling_upstream_stream_closes_the_connection(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.start_stream()
+        await ex.chunk(chunk("first"))
+        await ex.wait_for_eof()  # holds the stream open until the client closes it
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    got_first = trio.Event()
+
+    async def on_delta(delta: ModelDelta) -> None:
+        got_first.set()
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(model_for(upstream, http).stream_chat, BODY, on_delta)
+            await got_first.wait()
+            nursery.cancel_scope.cancel()
+        await upstream.exchanges[0].closed.wait()
+
+
+async def test_upstream_list_models(upstream: Upstream, http: httpx2.AsyncClient) -> None:
+    listing = {"object": "list", "data": [{"id": "gpt-x", "object": "model"},
+                                          {"id": "llama", "object": "model"}]}
+
+    async def handler(ex: Exchange) -> None:
+        await ex.reply(200, json.dumps(listing).encode(), "application/json")
+
+    upstream.route("GET", "/v1/models", handler)
+    assert await model_for(upstream, http).list_models() == ["gpt-x", "llama"]
+    assert upstream.exchanges[0].headers["authorization"] == "Bearer sk-test"
+
+
+async def test_upstream_list_models_error_raises_model_error_with_status(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.reply(401, b'{"error": {"message": "bad key"}}', "application/json")
+
+    upstream.route("GET", "/v1/models", handler)
+    with pytest.raises(ModelError, match="bad key") as caught:
+        await model_for(upstream, http).list_models()
+    assert caught.value.status == 401
+
+
+# --- the router ----------------------------------------------------------------------------
+
+
+class ListingUpstream:
+    """A ``ModelProvider`` whose model list (or failure) the test sets."""
+
+    def __init__(self) -> None:
+        self.models: list[str] | Exception = []
+
+    async def list_models(self) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        if isinstance(self.models, Exception):
+            raise self.models
+        return self.models
+
+    async def stream_chat(self, body: dict[str, Any], on_delta: Any) -> None:
+        raise NotImplementedError
+
+
+def router_with(upstream: ModelProvider | None) -> ModelRouter:
+    return ModelRouter(LocalModel(0), upstream)
+
+
+async def test_router_without_upstream_serves_only_local() -> None:
+    router = router_with(None)
+    await router.refresh()
+    assert isinstance(router.resolve("local"), LocalModel)
+    assert router.resolve("gpt-x") is None
+    assert router.list_models() == [
+        {"id": "local", "object": "model", "created": 0, "owned_by": "tether"}]
+
+
+async def test_router_lets_the_upstream_decide_until_its_list_is_known() -> None:
+    upstream = ListingUpstream()
+    router = router_with(upstream)
+    assert router.resolve("anything") is upstream
+    upstream.models = ["gpt-x"]
+    await router.refresh()
+    assert router.resolve("gpt-x") is upstream
+    assert router.resolve("anything") is None
+    assert isinstance(router.resolve("local"), LocalModel)
+    assert [(m["id"], m["owned_by"]) for m in router.list_models()] == [
+        ("local", "tether"), ("gpt-x", "upstream")]
+
+
+async def test_router_refresh_failure_keeps_the_old_list_and_remembers_the_error() -> None:
+    upstream = ListingUpstream()
+    router = router_with(upstream)
+    upstream.models = ["gpt-x"]
+    await router.refresh()
+    upstream.models = ModelError("upstream answered HTTP 503", status=503)
+    await router.refresh()
+    assert router.resolve("gpt-x") is upstream
+    assert router.last_error == "upstream answered HTTP 503"
+    upstream.models = RuntimeError("a provider bug")
+    await router.refresh()  # never raises
+    assert router.last_error is not None and "RuntimeError" in router.last_error
+    upstream.models = ["gpt-y"]
+    await router.refresh()
+    assert router.last_error is None
+    assert router.resolve("gpt-x") is None and router.resolve("gpt-y") is upstream
+
+
+async def test_build_model_router_uses_the_settings(
+    upstream: Upstream, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await ex.reply(200, b'{"data": [{"id": "remote"}]}', "application/json")
+
+    upstream.route("GET", "/v1/models", handler)
+    assert build_model_router(Settings(), http).upstream is None
+    router = build_model_router(
+        Settings(llm_base_url=upstream.base_url, llm_api_key="k"), http)
+    await router.refresh()
+    assert [m["id"] for m in router.list_models()] == ["local", "remote"]
+    assert isinstance(router.resolve("remote"), OpenAICompatibleModel)
+    assert upstream.exchanges[0].headers["authorization"] == "Bearer k"
