@@ -12,6 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import trio
 from hypercorn.config import Config
@@ -21,6 +22,7 @@ from quart_trio import QuartTrio
 
 from server.app import create_app
 from server.config import Settings, SettingsError, read_dotenv
+from server.runtime import Runtime
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -52,6 +54,17 @@ async def serve_app(
     """Serve the app with hypercorn's trio worker until ``shutdown_trigger`` returns.
     Cancelling it closes every connection (tasks end with reason ``shutdown``)."""
     config = hypercorn_config(settings)
+    manager = cast(Runtime, app.extensions["tether"]).manager
+
+    async def shutdown() -> None:
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        else:
+            await shutdown_trigger()
+        # Stop the tasks first, so that their SSE and sync answers end with a terminal
+        # event while hypercorn waits for connections to finish.
+        manager.begin_shutdown()
+
     sockets = config.create_sockets()
     for sock in sockets.insecure_sockets:
         if hasattr(socket, "TCP_USER_TIMEOUT"):
@@ -59,7 +72,7 @@ async def serve_app(
                             dead_peer_timeout_ms(settings))
         sock.listen(config.backlog)
     await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets,
-                       shutdown_trigger=shutdown_trigger, task_status=task_status)
+                       shutdown_trigger=shutdown, task_status=task_status)
 
 
 async def _termination_signal() -> None:

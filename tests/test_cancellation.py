@@ -208,3 +208,38 @@ async def test_cancel_storm_leaves_connection_pool_usable(start_tether: Any, fak
         response = await tether.chat(chat_body())
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "still working"
+
+
+async def test_task_past_its_timeout_is_cancelled_with_reason_timeout(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether(task_timeout_s=0.3)
+    fakes.model.push(HangReply())
+    task_id = await tether.background(chat_body())
+    with trio.fail_after(WAIT):
+        request = await fakes.model.wait_for_request("/v1/chat/completions")
+    terminal = assert_log_well_formed(await tether.events(task_id))
+    assert terminal["type"] == "task:cancelled"
+    assert terminal["data"]["cancel_reason"] == "timeout"
+    with trio.fail_after(WAIT):
+        await fakes.model.wait_connection_closed(request.conn_id)
+
+
+async def test_shutdown_cancels_running_tasks_with_reason_shutdown(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether()
+    fakes.search.configure(delay=30)
+    task_id = await tether.background(chat_body(features={"web_search": True}))
+    with trio.fail_after(WAIT):
+        request = await fakes.search.wait_for_request("/search")
+    manager = tether.runtime.manager
+    tether.stop_serving.set()
+    with trio.fail_after(WAIT):
+        await manager.wait_ended(task_id)
+        await fakes.search.wait_connection_closed(request.conn_id)
+    events = [e.to_dict() for e in await manager.backend.read(task_id, 0)]
+    terminal = assert_log_well_formed(events)
+    assert terminal["type"] == "task:cancelled"
+    assert terminal["data"]["cancel_reason"] == "shutdown"
+    assert terminal["data"]["phase"] == "web_search"

@@ -119,12 +119,17 @@ class TaskManager:
             nursery.cancel_scope.cancel()
         self._nursery = None
 
-    async def shutdown(self, grace_s: float = 5.0) -> None:
-        """Refuse new tasks, stop the running ones with reason ``shutdown``, wait for their
-        terminal events (at most ``grace_s``), then close the nursery."""
+    def begin_shutdown(self) -> None:
+        """Refuse new tasks and stop the running ones with reason ``shutdown``, so that
+        their streams end before the server closes its connections. Synchronous."""
         self.accepting = False
         for task_id in list(self._running):
             self.stop(task_id, "shutdown")
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """``begin_shutdown``, wait for the terminal events (at most ``grace_s``), then
+        close the nursery."""
+        self.begin_shutdown()
         with trio.move_on_after(grace_s):
             for rt in list(self._running.values()):
                 await rt.ended.wait()
