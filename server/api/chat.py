@@ -28,6 +28,10 @@ blueprint = Blueprint("chat", __name__)
 @blueprint.post("/api/chat/completions")
 @blueprint.post("/v1/chat/completions")
 async def chat_completions() -> Response:
+    """Admit the request as a task and answer in its mode.
+
+    Cancelled (the client went away): a streaming or sync task is stopped with reason
+    ``disconnect``; a background task goes on."""
     arrived = time.perf_counter()
     rt = runtime()
     user = current_user()

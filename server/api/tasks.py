@@ -47,6 +47,8 @@ async def get_task(task_id: str) -> Response:
 @blueprint.post("/api/tasks/<task_id>/stop")
 @blueprint.post("/api/tasks/stop/<task_id>")
 async def stop_task(task_id: str) -> Response:
+    """Stop the caller's task and answer it once ended. Cancelling the request
+    only stops the wait: the stop has already been given."""
     user, _ = await _own_task(task_id)
     record = await runtime().manager.stop_and_wait(user, task_id, "stop")
     if record is None:
@@ -56,6 +58,8 @@ async def stop_task(task_id: str) -> Response:
 
 @blueprint.post("/api/chats/<chat_id>/stop")
 async def stop_chat(chat_id: str) -> Response:
+    """Stop every task of the caller in a chat. Cancelling the request only
+    stops the wait."""
     user = current_user()
     manager = runtime().manager
     records = await manager.backend.list_tasks(user, chat_id=chat_id)
@@ -68,6 +72,7 @@ async def stop_chat(chat_id: str) -> Response:
 
 @blueprint.get("/api/tasks/<task_id>/events")
 async def task_events(task_id: str) -> Response:
+    """The task's events as SSE. Closing the connection ends the reader only."""
     _, record = await _own_task(task_id)
     after = _cursor()
     response = Response(_events(runtime(), record.id, after), headers=sse_headers(record.id))

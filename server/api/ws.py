@@ -262,6 +262,8 @@ def sessions() -> SessionRegistry:
 
 @blueprint.websocket("/ws")
 async def ws() -> Response | None:
+    """One WebSocket connection of a session. Cancelled when the client goes:
+    the connection leaves its session, whose grace period then decides its tasks' fate."""
     rt = runtime()
     try:
         user = rt.auth.user_for(websocket.headers.get("Authorization"),

@@ -14,6 +14,9 @@ from server.schemas import Event, TaskRecord
 
 
 class TaskBackend(Protocol):
+    """Every coroutine here is one short step on shared state; only ``wait_beyond`` waits.
+    Cancelling a step before it returns leaves the state as it was or fully changed."""
+
     async def admit(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
         """Register ``record`` if the limits allow it (checked and inserted atomically)."""
         ...

@@ -155,7 +155,11 @@ class TaskManager:
 
     async def spawn(self, user: str, request: ChatRequest) -> TaskRecord:
         """Admit a task and start it. Awaits nothing but admission; raises ``RequestError``
-        (429 past the limits, 503 while shutting down)."""
+        (429 past the limits, 503 while shutting down).
+
+    Cancelling it before it returns leaves no task behind: it does not
+        checkpoint between admission and start.
+    """
         nursery = self._nursery
         if nursery is None or not self.accepting:
             raise RequestError(503, "shutting_down", "The server is shutting down.")
@@ -285,7 +289,10 @@ class TaskManager:
     async def stop_and_wait(
         self, user: str, task_id: str, reason: CancelReason
     ) -> TaskRecord | None:
-        """Stop the user's task and return it once it has ended (idempotent)."""
+        """Stop the user's task and return it once it has ended (idempotent).
+
+    Cancelling it stops only the wait.
+    """
         record = await self.get(user, task_id)
         if record is None:
             return None
