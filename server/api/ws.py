@@ -44,7 +44,11 @@ class WsConnection:
         self._nursery: trio.Nursery | None = None
         self._followers: dict[str, trio.CancelScope] = {}
         self._cursors: dict[str, int] = {}
-        self._out_send, self._out_recv = trio.open_memory_channel[str](64)
+        self._send_lock = trio.Lock()
+        # The connection's own websocket, not the context-local proxy: followers may be
+        # started from another connection's task (a chat in the same session), and would
+        # otherwise resolve the proxy to that connection.
+        self._ws = websocket._get_current_object()  # type: ignore[attr-defined]
         self.too_slow = trio.Event()
         self._spawning = False
         self._sending_since: float | None = None
@@ -90,7 +94,7 @@ class WsConnection:
                             return  # ended before the cursor, or expired
                         continue
                     for event in events:
-                        await self._out_send.send(
+                        await self._write(
                             json.dumps({"type": "event", "event": event.to_dict()})
                         )
                         cursor = event.seq
@@ -124,17 +128,21 @@ class WsConnection:
     # -- sending --------------------------------------------------------------------------
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self._out_send.send(json.dumps(message))
+        await self._write(json.dumps(message))
 
-    async def _writer(self) -> None:
-        """Send queued messages in order. A send is never cancelled half-way (that would
-        corrupt the stream): once the client is too slow, the writer stops after the
-        message in hand."""
-        async for text in self._out_recv:
-            if self.too_slow.is_set():
-                return
+    async def _write(self, text: str) -> None:
+        """Send one message; followers and replies take turns on the lock.
+
+        The send itself is shielded: cancelling a follower (unsubscribe, resubscribe, the
+        connection closing) half-way through a frame would corrupt the stream for every
+        other follower. A send to a client that is gone returns at once; one to a client
+        that does not read is noticed by ``_watch_lag`` through ``_sending_since``.
+        Writing directly, without a writer task in between, saves a task switch per event.
+        """
+        async with self._send_lock:
             self._sending_since = trio.current_time()
-            await websocket.send(text)
+            with trio.CancelScope(shield=True):
+                await self._ws.send(text)
             self._sending_since = None
 
     # -- commands -------------------------------------------------------------------------
@@ -143,19 +151,14 @@ class WsConnection:
         """Serve the connection until the client goes (quart-trio cancels this) or falls
         too far behind (then close it with 4008)."""
         try:
-            async with trio.open_nursery() as outer:
-                outer.start_soon(self._writer)
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._watch_lag)
-                    assert self.session is not None
-                    await self.send({"type": "session", "session_id": self.session.id})
-                    nursery.start_soon(self._receive_loop)
-                    await self.too_slow.wait()
-                    nursery.cancel_scope.cancel()
-                self._nursery = None
-                # Wake the writer if it waits for a message; it stops after the one in hand.
-                self._out_send.close()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_lag)
+                assert self.session is not None
+                await self.send({"type": "session", "session_id": self.session.id})
+                nursery.start_soon(self._receive_loop)
+                await self.too_slow.wait()
+                nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             if self.session is not None:
@@ -164,12 +167,12 @@ class WsConnection:
         # the kernel already holds for the client: a slow reader gets it after those
         # messages; a dead one is dropped by TCP_USER_TIMEOUT (see cli.py). The session
         # was detached above, so waiting here holds nothing else.
-        await websocket.close(CLOSE_TOO_SLOW,
+        await self._ws.close(CLOSE_TOO_SLOW,
                               "too slow: reconnect with session_id, subscribe with after")
 
     async def _receive_loop(self) -> None:
         while True:
-            raw = await websocket.receive()
+            raw = await self._ws.receive()
             await self._handle(raw)
 
     async def _handle(self, raw: str | bytes) -> None:
