@@ -6,8 +6,10 @@ Tether acts on are checked; everything else passes through to the model untouche
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -208,6 +210,11 @@ class Event:
             "type": self.type,
             "data": self.data,
         }
+
+    @cached_property
+    def json(self) -> str:
+        """The event as JSON, encoded once however many readers send it."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 import trio
@@ -112,6 +111,6 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
             continue
         for event in events:
             cursor = event.seq
-            yield f"id: {event.seq}\ndata: {json.dumps(event.to_dict())}\n\n"
+            yield f"id: {event.seq}\ndata: {event.json}\n\n"
             if event.terminal:
                 return

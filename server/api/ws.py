@@ -94,9 +94,7 @@ class WsConnection:
                             return  # ended before the cursor, or expired
                         continue
                     for event in events:
-                        await self._write(
-                            json.dumps({"type": "event", "event": event.to_dict()})
-                        )
+                        await self._write('{"type":"event","event":' + event.json + "}")
                         cursor = event.seq
                         if self._followers.get(task_id) is scope:
                             self._cursors[task_id] = cursor
