@@ -1,15 +1,13 @@
 """The model providers: the built-in ``local`` model (pure, tested directly), the
-OpenAI-compatible client (against a small loopback upstream defined here) and the router."""
+OpenAI-compatible client (against a scripted loopback upstream) and the router."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-import h11
 import httpx2
 import pytest
 import trio
@@ -27,6 +25,8 @@ from server.providers.llm.local import (
 )
 from server.providers.llm.openai_compat import OpenAICompatibleModel
 from server.providers.llm.router import ModelRouter, build_model_router
+from tests.fakes.base import Exchange
+from tests.fakes.scripted import ScriptedServer, send_sse, start_stream, until_client_leaves
 
 WAIT = 10.0  # upper bound for anything a test waits on; tests never sleep a fixed time
 
@@ -279,116 +279,16 @@ def test_first_sentence_is_the_earliest_one_and_is_bounded() -> None:
 
 
 # --- a loopback OpenAI-compatible upstream -------------------------------------------------
-
-
-@dataclass
-class Exchange:
-    """One request the upstream received, and the connection it came on."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    stream: trio.SocketStream
-    conn: h11.Connection
-    closed: trio.Event = field(default_factory=trio.Event)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    async def send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.stream.send_all(data)
-
-    async def start_stream(self, status: int = 200,
-                           content_type: str = "text/event-stream") -> None:
-        await self.send(h11.Response(status_code=status, headers=[
-            ("content-type", content_type), ("transfer-encoding", "chunked"),
-            ("connection", "close")]))
-
-    async def data(self, text: str) -> None:
-        await self.send(h11.Data(data=text.encode()))
-
-    async def chunk(self, chunk: dict[str, Any]) -> None:
-        await self.data(f"data: {json.dumps(chunk)}\n\n")
-
-    async def end(self) -> None:
-        await self.send(h11.EndOfMessage())
-
-    async def reply(self, status: int, body: bytes, content_type: str) -> None:
-        await self.send(h11.Response(status_code=status, headers=[
-            ("content-type", content_type), ("content-length", str(len(body))),
-            ("connection", "close")]))
-        await self.send(h11.Data(data=body))
-        await self.end()
-
-    async def wait_for_eof(self) -> None:
-        """Read until the client closes its side; sets ``closed``."""
-        try:
-            while await self.stream.receive_some(65536):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        self.closed.set()
-
-
-Handler = Callable[[Exchange], Awaitable[None]]
-
-
-class Upstream:
-    """Serves ``/v1/...`` on a loopback port; each route is a script that writes the
-    response by hand, so a test can cut a stream or hold it open wherever it likes."""
-
-    def __init__(self) -> None:
-        self.routes: dict[tuple[str, str], Handler] = {}
-        self.exchanges: list[Exchange] = []
-        self.port = 0
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        listeners = await nursery.start(partial(trio.serve_tcp, self._serve, 0,
-                                                host="127.0.0.1"))
-        self.port = listeners[0].socket.getsockname()[1]
-
-    def route(self, method: str, path: str, handler: Handler) -> None:
-        self.routes[(method, path)] = handler
-
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        request: h11.Request | None = None
-        body = b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-        assert request is not None
-        exchange = Exchange(
-            method=request.method.decode(), path=request.target.decode(),
-            headers={k.decode().lower(): v.decode() for k, v in request.headers},
-            body=body, stream=stream, conn=conn)
-        self.exchanges.append(exchange)
-        handler = self.routes[(exchange.method, exchange.path)]
-        try:
-            await handler(exchange)
-        finally:
-            await stream.aclose()
+# Each route is a script that writes the response by hand (tests/fakes/scripted.py), so a test
+# can cut a stream or hold it open wherever it likes.
 
 
 @pytest.fixture
-async def upstream(nursery: trio.Nursery) -> Upstream:
-    server = Upstream()
+async def upstream(nursery: trio.Nursery) -> AsyncIterator[ScriptedServer]:
+    server = ScriptedServer()
     await server.start(nursery)
-    return server
+    yield server
+    assert not server.errors, "a script crashed:\n" + "\n".join(server.errors)
 
 
 @pytest.fixture
@@ -397,9 +297,9 @@ async def http() -> AsyncIterator[httpx2.AsyncClient]:
         yield client
 
 
-def model_for(upstream: Upstream, http: httpx2.AsyncClient, *, api_key: str | None = "sk-test",
-              timeout: float = WAIT) -> OpenAICompatibleModel:
-    return OpenAICompatibleModel(http, upstream.base_url, api_key, timeout)
+def model_for(upstream: ScriptedServer, http: httpx2.AsyncClient, *,
+              api_key: str | None = "sk-test", timeout: float = WAIT) -> OpenAICompatibleModel:
+    return OpenAICompatibleModel(http, upstream.base_url + "/v1", api_key, timeout)
 
 
 def chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> dict[str, Any]:
@@ -414,21 +314,21 @@ BODY = {"model": "m", "messages": [user("hi")], "stream": False}
 
 
 async def test_upstream_stream_delivers_content_finish_and_usage(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.data(": keep-alive comment\n\nevent: message\nid: 1\n")
-        await ex.chunk(chunk("", role="assistant"))
-        await ex.chunk(chunk("Hel"))
+        await start_stream(ex)
+        await ex.send(": keep-alive comment\n\nevent: message\nid: 1\n")
+        await send_sse(ex, chunk("", role="assistant"))
+        await send_sse(ex, chunk("Hel"))
         # Two lines in one write and one line over two writes: framing is not chunking.
-        await ex.data(f"data: {json.dumps(chunk('lo'))}\n\ndata: {json.dumps(chunk('!'))[:9]}")
-        await ex.data(f"{json.dumps(chunk('!'))[9:]}\r\n\r\n")
-        await ex.chunk(chunk(finish="stop"))
-        await ex.chunk({"id": "c1", "object": "chat.completion.chunk", "choices": [],
-                        "usage": USAGE})
-        await ex.data("data: [DONE]\n\n")
-        await ex.end()
+        await ex.send(f"data: {json.dumps(chunk('lo'))}\n\ndata: {json.dumps(chunk('!'))[:9]}")
+        await ex.send(f"{json.dumps(chunk('!'))[9:]}\r\n\r\n")
+        await send_sse(ex, chunk(finish="stop"))
+        await send_sse(ex, {"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                            "usage": USAGE})
+        await ex.send("data: [DONE]\n\n")
+        await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
     collected = Collected()
@@ -437,37 +337,37 @@ async def test_upstream_stream_delivers_content_finish_and_usage(
     assert collected.finish_reason == "stop"
     assert collected.usage == USAGE
     assert all(d != ModelDelta() for d in collected.deltas)  # the role-only chunk is skipped
-    [exchange] = upstream.exchanges
-    sent = exchange.json()
+    [request] = upstream.requests
+    sent = request.json_body
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert sent["messages"] == BODY["messages"]
-    assert exchange.headers["authorization"] == "Bearer sk-test"
+    assert request.headers["authorization"] == "Bearer sk-test"
 
 
 async def test_upstream_stream_sends_no_authorization_without_a_key(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk("ok", finish="stop"))
-        await ex.data("data: [DONE]\n\n")
-        await ex.end()
+        await start_stream(ex)
+        await send_sse(ex, chunk("ok", finish="stop"))
+        await ex.send("data: [DONE]\n\n")
+        await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
     await model_for(upstream, http, api_key=None).stream_chat(BODY, Collected())
-    assert "authorization" not in upstream.exchanges[0].headers
+    assert "authorization" not in upstream.requests[0].headers
 
 
 async def test_upstream_stream_reads_both_reasoning_fields(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk(reasoning_content="think "))
-        await ex.chunk(chunk(reasoning="more"))
-        await ex.chunk(chunk("answer", finish="stop"))
-        await ex.data("data: [DONE]\n\n")
-        await ex.end()
+        await start_stream(ex)
+        await send_sse(ex, chunk(reasoning_content="think "))
+        await send_sse(ex, chunk(reasoning="more"))
+        await send_sse(ex, chunk("answer", finish="stop"))
+        await ex.send("data: [DONE]\n\n")
+        await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
     collected = Collected()
@@ -476,7 +376,7 @@ async def test_upstream_stream_reads_both_reasoning_fields(
 
 
 async def test_upstream_tool_call_deltas_assemble_by_index(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     def call(index: int, arguments: str, call_id: str | None = None,
              name: str | None = None) -> dict[str, Any]:
@@ -487,14 +387,15 @@ async def test_upstream_tool_call_deltas_assemble_by_index(
         return piece
 
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk(tool_calls=[call(0, "", "call_a", "calculator")]))
-        await ex.chunk(chunk(tool_calls=[call(0, '{"expression": ')]))
-        await ex.chunk(chunk(tool_calls=[call(1, '{"url": "http://x"}', "call_b", "fetch_url")]))
-        await ex.chunk(chunk(tool_calls=[call(0, '"2+2"}')]))
-        await ex.chunk(chunk(finish="tool_calls"))
-        await ex.data("data: [DONE]\n\n")
-        await ex.end()
+        await start_stream(ex)
+        await send_sse(ex, chunk(tool_calls=[call(0, "", "call_a", "calculator")]))
+        await send_sse(ex, chunk(tool_calls=[call(0, '{"expression": ')]))
+        await send_sse(ex, chunk(tool_calls=[
+            call(1, '{"url": "http://x"}', "call_b", "fetch_url")]))
+        await send_sse(ex, chunk(tool_calls=[call(0, '"2+2"}')]))
+        await send_sse(ex, chunk(finish="tool_calls"))
+        await ex.send("data: [DONE]\n\n")
+        await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
     collected = Collected()
@@ -507,13 +408,13 @@ async def test_upstream_tool_call_deltas_assemble_by_index(
 
 
 async def test_upstream_500_with_openai_error_body_raises_model_error_with_its_message(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     error = {"error": {"message": "The server had an error", "type": "server_error",
                        "param": None, "code": None}}
 
     async def handler(ex: Exchange) -> None:
-        await ex.reply(500, json.dumps(error).encode(), "application/json")
+        await ex.respond(500, json.dumps(error).encode(), "application/json")
 
     upstream.route("POST", "/v1/chat/completions", handler)
     with pytest.raises(ModelError) as caught:
@@ -523,10 +424,10 @@ async def test_upstream_500_with_openai_error_body_raises_model_error_with_its_m
 
 
 async def test_upstream_error_page_without_json_keeps_the_status(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.reply(502, b"<html><body>Bad gateway</body></html>", "text/html")
+        await ex.respond(502, b"<html><body>Bad gateway</body></html>", "text/html")
 
     upstream.route("POST", "/v1/chat/completions", handler)
     with pytest.raises(ModelError) as caught:
@@ -536,12 +437,12 @@ async def test_upstream_error_page_without_json_keeps_the_status(
 
 
 async def test_upstream_stream_cut_midway_raises_model_error_after_the_deltas_delivered(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk("partial"))
-        # Closing without the terminating chunk: a broken chunked body.
+        await start_stream(ex)
+        await send_sse(ex, chunk("partial"))
+        ex.abort()  # closing without the terminating chunk: a broken chunked body
 
     upstream.route("POST", "/v1/chat/completions", handler)
     collected = Collected()
@@ -552,12 +453,12 @@ async def test_upstream_stream_cut_midway_raises_model_error_after_the_deltas_de
 
 
 async def test_upstream_stream_ending_without_done_or_finish_reason_raises_model_error(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk("partial"))
-        await ex.end()  # a well-formed body that just stops
+        await start_stream(ex)
+        await send_sse(ex, chunk("partial"))
+        await ex.finish()  # a well-formed body that just stops
 
     upstream.route("POST", "/v1/chat/completions", handler)
     with pytest.raises(ModelError, match="ended early"):
@@ -565,12 +466,12 @@ async def test_upstream_stream_ending_without_done_or_finish_reason_raises_model
 
 
 async def test_upstream_stream_with_finish_reason_but_no_done_is_complete(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk("whole", finish="stop"))
-        await ex.end()
+        await start_stream(ex)
+        await send_sse(ex, chunk("whole", finish="stop"))
+        await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
     collected = Collected()
@@ -579,12 +480,12 @@ async def test_upstream_stream_with_finish_reason_but_no_done_is_complete(
 
 
 async def test_upstream_invalid_json_chunk_raises_model_error(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.data("data: {not json\n\n")
-        await ex.end()
+        await start_stream(ex)
+        await ex.send("data: {not json\n\n")
+        await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
     with pytest.raises(ModelError, match="invalid JSON"):
@@ -592,13 +493,13 @@ async def test_upstream_invalid_json_chunk_raises_model_error(
 
 
 async def test_upstream_error_chunk_mid_stream_raises_model_error(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk("so far"))
-        await ex.chunk({"error": {"message": "model overloaded"}})
-        await ex.end()
+        await start_stream(ex)
+        await send_sse(ex, chunk("so far"))
+        await send_sse(ex, {"error": {"message": "model overloaded"}})
+        await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
     with pytest.raises(ModelError, match="model overloaded"):
@@ -606,14 +507,14 @@ async def test_upstream_error_chunk_mid_stream_raises_model_error(
 
 
 async def test_upstream_ignoring_stream_true_still_gives_deltas(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     completion = {"id": "c1", "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "all at once"},
          "finish_reason": "stop"}], "usage": USAGE}
 
     async def handler(ex: Exchange) -> None:
-        await ex.reply(200, json.dumps(completion).encode(), "application/json")
+        await ex.respond(200, json.dumps(completion).encode(), "application/json")
 
     upstream.route("POST", "/v1/chat/completions", handler)
     collected = Collected()
@@ -623,11 +524,11 @@ async def test_upstream_ignoring_stream_true_still_gives_deltas(
 
 
 async def test_upstream_silent_past_the_timeout_raises_model_error(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.wait_for_eof()  # sends nothing more
+        await start_stream(ex)
+        await until_client_leaves()  # sends nothing more
 
     upstream.route("POST", "/v1/chat/completions", handler)
     with pytest.raises(ModelError, match="timed out"):
@@ -647,12 +548,12 @@ async def test_unreachable_upstream_raises_model_error(http: httpx2.AsyncClient)
 
 
 async def test_cancelling_upstream_stream_closes_the_connection(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.start_stream()
-        await ex.chunk(chunk("first"))
-        await ex.wait_for_eof()  # holds the stream open until the client closes it
+        await start_stream(ex)
+        await send_sse(ex, chunk("first"))
+        await until_client_leaves()  # holds the stream open until the client closes it
 
     upstream.route("POST", "/v1/chat/completions", handler)
     got_first = trio.Event()
@@ -665,26 +566,27 @@ async def test_cancelling_upstream_stream_closes_the_connection(
             nursery.start_soon(model_for(upstream, http).stream_chat, BODY, on_delta)
             await got_first.wait()
             nursery.cancel_scope.cancel()
-        await upstream.exchanges[0].closed.wait()
+        conn = await upstream.wait_connection_closed(upstream.requests[0].conn_id)
+    assert conn.closed_by == "client"
 
 
-async def test_upstream_list_models(upstream: Upstream, http: httpx2.AsyncClient) -> None:
+async def test_upstream_list_models(upstream: ScriptedServer, http: httpx2.AsyncClient) -> None:
     listing = {"object": "list", "data": [{"id": "gpt-x", "object": "model"},
                                           {"id": "llama", "object": "model"}]}
 
     async def handler(ex: Exchange) -> None:
-        await ex.reply(200, json.dumps(listing).encode(), "application/json")
+        await ex.respond(200, json.dumps(listing).encode(), "application/json")
 
     upstream.route("GET", "/v1/models", handler)
     assert await model_for(upstream, http).list_models() == ["gpt-x", "llama"]
-    assert upstream.exchanges[0].headers["authorization"] == "Bearer sk-test"
+    assert upstream.requests[0].headers["authorization"] == "Bearer sk-test"
 
 
 async def test_upstream_list_models_error_raises_model_error_with_status(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.reply(401, b'{"error": {"message": "bad key"}}', "application/json")
+        await ex.respond(401, b'{"error": {"message": "bad key"}}', "application/json")
 
     upstream.route("GET", "/v1/models", handler)
     with pytest.raises(ModelError, match="bad key") as caught:
@@ -756,16 +658,16 @@ async def test_router_refresh_failure_keeps_the_old_list_and_remembers_the_error
 
 
 async def test_build_model_router_uses_the_settings(
-    upstream: Upstream, http: httpx2.AsyncClient
+    upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
     async def handler(ex: Exchange) -> None:
-        await ex.reply(200, b'{"data": [{"id": "remote"}]}', "application/json")
+        await ex.respond(200, b'{"data": [{"id": "remote"}]}', "application/json")
 
     upstream.route("GET", "/v1/models", handler)
     assert build_model_router(Settings(), http).upstream is None
     router = build_model_router(
-        Settings(llm_base_url=upstream.base_url, llm_api_key="k"), http)
+        Settings(llm_base_url=upstream.base_url + "/v1", llm_api_key="k"), http)
     await router.refresh()
     assert [m["id"] for m in router.list_models()] == ["local", "remote"]
     assert isinstance(router.resolve("remote"), OpenAICompatibleModel)
-    assert upstream.exchanges[0].headers["authorization"] == "Bearer k"
+    assert upstream.requests[0].headers["authorization"] == "Bearer k"

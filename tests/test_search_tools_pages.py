@@ -1,22 +1,15 @@
-"""Search providers, server-side tools and the page reader, against loopback servers.
-
-The servers here are deliberately tiny (trio + h11, one request per connection) so that
-this file depends on nothing but the code under test; each handler is an async function
-that writes the response by hand, which lets a test stall, trickle or flood a client.
-"""
+"""Search providers, server-side tools and the page reader, against scripted loopback
+servers (``tests/fakes/scripted.py``)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-import h11
 import httpx2
 import pytest
 import trio
@@ -35,124 +28,39 @@ from server.providers.tools.fetch_url import FetchUrlTool
 from server.providers.tools.registry import build_tools
 from server.providers.web.base import PageError
 from server.providers.web.pages import extract_text, fetch_page
+from tests.fakes.base import Exchange
+from tests.fakes.scripted import (
+    Script,
+    ScriptedServer,
+    constant,
+    endless,
+    json_answer,
+    respond,
+    stall_after_headers,
+)
 
-# --------------------------------------------------------------------------- loopback server
+# --------------------------------------------------------------------------- loopback servers
+# Each server answers with a script (tests/fakes/scripted.py) that writes the response by hand,
+# which lets a test stall, trickle or flood a client.
 
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: bytes
-
-
-class Reply:
-    """Writes one HTTP/1.1 response on a server connection."""
-
-    def __init__(
-        self, stream: trio.SocketStream, conn: h11.Connection, client_left: trio.Event
-    ) -> None:
-        self._stream = stream
-        self._conn = conn
-        self._client_left = client_left
-
-    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
-        all_headers = [*headers, ("connection", "close")]
-        await self._stream.send_all(
-            self._conn.send(h11.Response(status_code=status, headers=all_headers)) or b""
-        )
-
-    async def send(self, data: bytes) -> None:
-        await self._stream.send_all(self._conn.send(h11.Data(data=data)) or b"")
-
-    async def end(self) -> None:
-        await self._stream.send_all(self._conn.send(h11.EndOfMessage()) or b"")
-
-    async def respond(self, status: int, body: bytes, content_type: str | None) -> None:
-        headers = [("content-length", str(len(body)))]
-        if content_type is not None:
-            headers.append(("content-type", content_type))
-        await self.start(status, headers)
-        if body:
-            await self.send(body)
-        await self.end()
-
-    async def json(self, value: Any, status: int = 200) -> None:
-        await self.respond(status, json.dumps(value).encode(), "application/json")
-
-    async def wait_client_close(self) -> None:
-        """Return once the client has closed (or reset) the connection."""
-        try:
-            while await self._stream.receive_some(65536):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        self._client_left.set()
+Serve = Callable[[Script], Awaitable[ScriptedServer]]
 
 
-Handler = Callable[[Received, Reply], Awaitable[None]]
+@pytest.fixture
+async def serve(nursery: trio.Nursery) -> AsyncIterator[Serve]:
+    """``await serve(script)`` starts a loopback server answering every request with
+    ``script``; a script that crashed fails the test."""
+    servers: list[ScriptedServer] = []
 
+    async def start(script: Script) -> ScriptedServer:
+        server = ScriptedServer(script)
+        await server.start(nursery)
+        servers.append(server)
+        return server
 
-class Loopback:
-    """An HTTP server on 127.0.0.1 that hands every request to ``handler``."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[Received] = []
-        self.url = ""
-        # Set when a connection the server was answering ends because the client left.
-        self.client_left = trio.Event()
-        self.request_seen = trio.Event()
-
-    async def start(self, nursery: trio.Nursery) -> Loopback:
-        listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), self._serve, 0)
-        port = listeners[0].socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            received = await _read_request(stream, conn)
-            if received is None:
-                return
-            self.requests.append(received)
-            self.request_seen.set()
-            await self.handler(received, Reply(stream, conn, self.client_left))
-        except trio.BrokenResourceError:
-            self.client_left.set()
-        finally:
-            await stream.aclose()
-
-
-async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> Received | None:
-    request: h11.Request | None = None
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage) and request is not None:
-            target = urlsplit(request.target.decode())
-            return Received(
-                method=request.method.decode(),
-                path=target.path,
-                query=parse_qs(target.query),
-                headers={k.decode().lower(): v.decode() for k, v in request.headers},
-                body=bytes(body),
-            )
-        else:
-            return None
-
-
-async def serve(nursery: trio.Nursery, handler: Handler) -> Loopback:
-    return await Loopback(handler).start(nursery)
+    yield start
+    for server in servers:
+        assert not server.errors, "a script crashed:\n" + "\n".join(server.errors)
 
 
 @pytest.fixture
@@ -162,29 +70,12 @@ async def http() -> AsyncIterator[httpx2.AsyncClient]:
         yield client
 
 
-def constant(status: int, body: bytes, content_type: str | None) -> Handler:
-    async def handler(request: Received, reply: Reply) -> None:
-        await reply.respond(status, body, content_type)
-
-    return handler
-
-
-def json_answer(value: Any) -> Handler:
-    async def handler(request: Received, reply: Reply) -> None:
-        await reply.json(value)
-
-    return handler
-
-
-async def stall_after_headers(request: Received, reply: Reply) -> None:
-    await reply.start(200, [("content-type", "text/html")])
-    await reply.wait_client_close()
-
-
-async def endless_text(request: Received, reply: Reply) -> None:
-    await reply.start(200, [("content-type", "text/plain; charset=utf-8")])
-    while True:
-        await reply.send(b"all work and no play " * 1000)
+async def wait_client_left(server: ScriptedServer) -> None:
+    """The connection that carried the server's only request gets closed by the client."""
+    (request,) = server.requests
+    with trio.fail_after(5):
+        conn = await server.wait_connection_closed(request.conn_id)
+    assert conn.closed_by == "client"
 
 
 # --------------------------------------------------------------------------- calculator
@@ -307,21 +198,21 @@ async def test_build_tools_names_the_three_tools_with_json_schemas(
 
 
 async def test_fetch_url_tool_returns_title_and_text(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
     page = b"<html><head><title>Cats</title></head><body><p>Cats purr.</p></body></html>"
-    server = await serve(nursery, constant(200, page, "text/html; charset=utf-8"))
+    server = await serve(constant(200, page, "text/html; charset=utf-8"))
     tool = FetchUrlTool(http, Settings(fetch_allow_private=True))
-    assert await tool.run({"url": server.url + "/cats"}) == "Title: Cats\n\nCats purr."
+    assert await tool.run({"url": server.base_url + "/cats"}) == "Title: Cats\n\nCats purr."
 
 
 async def test_fetch_url_tool_turns_page_errors_into_tool_errors(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
-    server = await serve(nursery, constant(404, b"nope", "text/plain"))
+    server = await serve(constant(404, b"nope", "text/plain"))
     tool = FetchUrlTool(http, Settings(fetch_allow_private=True))
     with pytest.raises(ToolError, match="404"):
-        await tool.run({"url": server.url + "/missing"})
+        await tool.run({"url": server.base_url + "/missing"})
     with pytest.raises(ToolError):
         await tool.run({"url": "file:///etc/passwd"})
 
@@ -394,24 +285,22 @@ def test_extract_text_survives_very_deep_nesting() -> None:
 # --------------------------------------------------------------------------- fetch_page
 
 
-async def test_fetch_page_reads_html(nursery: trio.Nursery, http: httpx2.AsyncClient) -> None:
-    server = await serve(nursery, constant(200, ARTICLE.encode(), "text/html; charset=utf-8"))
+async def test_fetch_page_reads_html(serve: Serve, http: httpx2.AsyncClient) -> None:
+    server = await serve(constant(200, ARTICLE.encode(), "text/html; charset=utf-8"))
     page = await fetch_page(
-        http, server.url + "/fish", timeout=5, max_bytes=1_000_000, max_chars=10_000
+        http, server.base_url + "/fish", timeout=5, max_bytes=1_000_000, max_chars=10_000
     )
     assert page.title == "The Daily Fish"
     assert page.text.startswith("Salmon swim upstream")
-    assert page.url == server.url + "/fish"
+    assert page.url == server.base_url + "/fish"
     assert not page.truncated
 
 
-async def test_fetch_page_extracts_big_documents(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
-) -> None:
+async def test_fetch_page_extracts_big_documents(serve: Serve, http: httpx2.AsyncClient) -> None:
     paragraphs = "".join(f"<p>Paragraph number {i}.</p>" for i in range(10_000))
     html = f"<html><head><title>Big</title></head><body>{paragraphs}</body></html>".encode()
-    server = await serve(nursery, constant(200, html, "text/html"))
-    page = await fetch_page(http, server.url, timeout=10, max_bytes=2_000_000, max_chars=100)
+    server = await serve(constant(200, html, "text/html"))
+    page = await fetch_page(http, server.base_url, timeout=10, max_bytes=2_000_000, max_chars=100)
     assert page.title == "Big"
     assert page.text.startswith("Paragraph number 0.\n\nParagraph number 1.")
     assert len(page.text) <= 100
@@ -419,54 +308,52 @@ async def test_fetch_page_extracts_big_documents(
 
 
 async def test_fetch_page_keeps_plain_text_and_markdown(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
-    text_server = await serve(nursery, constant(200, b"  plain <b>words</b>\n", "text/plain"))
-    page = await fetch_page(http, text_server.url, timeout=5, max_bytes=1000, max_chars=1000)
+    text_server = await serve(constant(200, b"  plain <b>words</b>\n", "text/plain"))
+    page = await fetch_page(http, text_server.base_url, timeout=5, max_bytes=1000, max_chars=1000)
     assert (page.title, page.text) == ("", "plain <b>words</b>")
 
-    md_server = await serve(nursery, constant(200, b"# Notes\n\nSome *text*.", "text/markdown"))
-    page = await fetch_page(http, md_server.url, timeout=5, max_bytes=1000, max_chars=1000)
+    md_server = await serve(constant(200, b"# Notes\n\nSome *text*.", "text/markdown"))
+    page = await fetch_page(http, md_server.base_url, timeout=5, max_bytes=1000, max_chars=1000)
     assert (page.title, page.text) == ("Notes", "# Notes\n\nSome *text*.")
 
 
 async def test_fetch_page_decodes_the_declared_charset(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
     body = "<title>Café</title><p>Crème brûlée</p>".encode("latin-1")
-    server = await serve(nursery, constant(200, body, "text/html; charset=ISO-8859-1"))
-    page = await fetch_page(http, server.url, timeout=5, max_bytes=1000, max_chars=1000)
+    server = await serve(constant(200, body, "text/html; charset=ISO-8859-1"))
+    page = await fetch_page(http, server.base_url, timeout=5, max_bytes=1000, max_chars=1000)
     assert (page.title, page.text) == ("Café", "Crème brûlée")
 
 
 async def test_fetch_page_replaces_undecodable_bytes(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
-    server = await serve(nursery, constant(200, b"ok \xff\xfe end", "text/plain"))
-    page = await fetch_page(http, server.url, timeout=5, max_bytes=1000, max_chars=1000)
+    server = await serve(constant(200, b"ok \xff\xfe end", "text/plain"))
+    page = await fetch_page(http, server.base_url, timeout=5, max_bytes=1000, max_chars=1000)
     assert page.text == "ok \ufffd\ufffd end"
 
 
 async def test_fetch_page_size_cap_truncates_and_closes_the_connection(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
-    server = await serve(nursery, endless_text)
-    page = await fetch_page(http, server.url, timeout=5, max_bytes=50_000, max_chars=1_000_000)
+    server = await serve(endless(b"all work and no play " * 1000))
+    page = await fetch_page(http, server.base_url, timeout=5, max_bytes=50_000, max_chars=1_000_000)
     assert page.truncated
     assert page.text.startswith("all work and no play")
     assert len(page.text) <= 50_000
-    with trio.fail_after(5):
-        await server.client_left.wait()
+    await wait_client_left(server)
 
 
 async def test_fetch_page_timeout_is_a_page_error_and_closes_the_connection(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
-    server = await serve(nursery, stall_after_headers)
+    server = await serve(stall_after_headers())
     with pytest.raises(PageError, match="timed out"):
-        await fetch_page(http, server.url, timeout=0.2, max_bytes=1000, max_chars=1000)
-    with trio.fail_after(5):
-        await server.client_left.wait()
+        await fetch_page(http, server.base_url, timeout=0.2, max_bytes=1000, max_chars=1000)
+    await wait_client_left(server)
 
 
 @pytest.mark.parametrize(
@@ -479,34 +366,29 @@ async def test_fetch_page_timeout_is_a_page_error_and_closes_the_connection(
     ],
 )
 async def test_fetch_page_refuses_content_that_is_not_text(
-    nursery: trio.Nursery, http: httpx2.AsyncClient, body: bytes, content_type: str | None
+    serve: Serve, http: httpx2.AsyncClient, body: bytes, content_type: str | None
 ) -> None:
-    server = await serve(nursery, constant(200, body, content_type))
+    server = await serve(constant(200, body, content_type))
     with pytest.raises(PageError, match="unsupported content"):
-        await fetch_page(http, server.url, timeout=5, max_bytes=1000, max_chars=1000)
+        await fetch_page(http, server.base_url, timeout=5, max_bytes=1000, max_chars=1000)
 
 
-async def test_fetch_page_reports_http_errors(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
-) -> None:
-    server = await serve(nursery, constant(503, b"busy", "text/html"))
+async def test_fetch_page_reports_http_errors(serve: Serve, http: httpx2.AsyncClient) -> None:
+    server = await serve(constant(503, b"busy", "text/html"))
     with pytest.raises(PageError, match="HTTP 503"):
-        await fetch_page(http, server.url, timeout=5, max_bytes=1000, max_chars=1000)
+        await fetch_page(http, server.base_url, timeout=5, max_bytes=1000, max_chars=1000)
 
 
-async def test_fetch_page_follows_redirects(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
-) -> None:
-    async def handler(request: Received, reply: Reply) -> None:
-        if request.path == "/old":
-            await reply.start(302, [("location", "/new"), ("content-length", "0")])
-            await reply.end()
-        else:
-            await reply.respond(200, b"<title>New</title><p>moved</p>", "text/html")
+async def test_fetch_page_follows_redirects(serve: Serve, http: httpx2.AsyncClient) -> None:
+    async def moved(ex: Exchange) -> None:
+        await respond(ex, 302, b"", None, [("location", "/new")])
 
-    server = await serve(nursery, handler)
-    page = await fetch_page(http, server.url + "/old", timeout=5, max_bytes=1000, max_chars=1000)
-    assert (page.url, page.title, page.text) == (server.url + "/new", "New", "moved")
+    server = await serve(constant(200, b"<title>New</title><p>moved</p>", "text/html"))
+    server.route("GET", "/old", moved)
+    page = await fetch_page(
+        http, server.base_url + "/old", timeout=5, max_bytes=1000, max_chars=1000
+    )
+    assert (page.url, page.title, page.text) == (server.base_url + "/new", "New", "moved")
 
 
 @pytest.mark.parametrize(
@@ -535,7 +417,7 @@ async def _closed_port_url() -> str:
 
 
 async def test_searxng_asks_for_json_and_reads_results(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
     answer = {
         "results": [
@@ -545,19 +427,21 @@ async def test_searxng_asks_for_json_and_reads_results(
             {"url": "https://c.example/", "title": "C", "content": "about c"},
         ]
     }
-    server = await serve(nursery, json_answer(answer))
-    results = await SearxngSearch(http, server.url + "/", timeout=5).search("trio nurseries", 2)
+    server = await serve(json_answer(answer))
+    results = await SearxngSearch(http, server.base_url + "/", timeout=5).search(
+        "trio nurseries", 2
+    )
     assert [(r.url, r.title, r.snippet) for r in results] == [
         ("https://a.example/", "A", "about a"),
         ("https://b.example/", "B & b", "about b"),
     ]
     (request,) = server.requests
     assert (request.method, request.path) == ("GET", "/search")
-    assert request.query == {"q": ["trio nurseries"], "format": ["json"]}
+    assert parse_qs(request.raw_query) == {"q": ["trio nurseries"], "format": ["json"]}
 
 
 async def test_brave_sends_the_key_and_reads_web_results(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
     answer = {
         "type": "search",
@@ -571,32 +455,32 @@ async def test_brave_sends_the_key_and_reads_web_results(
             ]
         },
     }
-    server = await serve(nursery, json_answer(answer))
-    brave = BraveSearch(http, "brave-key", base_url=server.url, timeout=5)
+    server = await serve(json_answer(answer))
+    brave = BraveSearch(http, "brave-key", base_url=server.base_url, timeout=5)
     results = await brave.search("trio", 3)
     assert [(r.url, r.title, r.snippet) for r in results] == [
         ("https://trio.example/", "Trio", "A friendly async library")
     ]
     (request,) = server.requests
     assert request.path == "/res/v1/web/search"
-    assert request.query == {"q": ["trio"], "count": ["3"]}
+    assert parse_qs(request.raw_query) == {"q": ["trio"], "count": ["3"]}
     assert request.headers["x-subscription-token"] == "brave-key"
 
 
 async def test_brave_without_a_web_section_has_no_results(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
-    server = await serve(nursery, json_answer({"type": "search", "query": {"original": "zzz"}}))
-    brave = BraveSearch(http, "k", base_url=server.url, timeout=5)
+    server = await serve(json_answer({"type": "search", "query": {"original": "zzz"}}))
+    brave = BraveSearch(http, "k", base_url=server.base_url, timeout=5)
     assert await brave.search("zzz", 3) == []
 
 
 async def test_tavily_posts_the_query_with_a_bearer_key(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
     answer = {"results": [{"url": "https://t.example/", "title": "T", "content": "tee"}]}
-    server = await serve(nursery, json_answer(answer))
-    tavily = TavilySearch(http, "tvly-key", base_url=server.url, timeout=5)
+    server = await serve(json_answer(answer))
+    tavily = TavilySearch(http, "tvly-key", base_url=server.base_url, timeout=5)
     results = await tavily.search("what is trio", 4)
     assert [(r.url, r.title, r.snippet) for r in results] == [("https://t.example/", "T", "tee")]
     (request,) = server.requests
@@ -615,20 +499,20 @@ def _providers(http: httpx2.AsyncClient, url: str, timeout: float = 5) -> list[A
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["searxng", "brave", "tavily"])
 async def test_search_bad_json_is_a_search_error(
-    nursery: trio.Nursery, http: httpx2.AsyncClient, index: int
+    serve: Serve, http: httpx2.AsyncClient, index: int
 ) -> None:
-    server = await serve(nursery, constant(200, b"{not json", "application/json"))
-    provider = _providers(http, server.url)[index]
+    server = await serve(constant(200, b"{not json", "application/json"))
+    provider = _providers(http, server.base_url)[index]
     with pytest.raises(SearchError, match="not valid JSON"):
         await provider.search("q", 3)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["searxng", "brave", "tavily"])
 async def test_search_server_error_is_a_search_error(
-    nursery: trio.Nursery, http: httpx2.AsyncClient, index: int
+    serve: Serve, http: httpx2.AsyncClient, index: int
 ) -> None:
-    server = await serve(nursery, constant(500, b'{"error": "boom"}', "application/json"))
-    provider = _providers(http, server.url)[index]
+    server = await serve(constant(500, b'{"error": "boom"}', "application/json"))
+    provider = _providers(http, server.base_url)[index]
     with pytest.raises(SearchError, match="HTTP 500"):
         await provider.search("q", 3)
 
@@ -638,31 +522,30 @@ async def test_search_server_error_is_a_search_error(
     "answer", [[1, 2], {"results": "nope", "web": {"results": "nope"}}, {"web": []}, "text"]
 )
 async def test_search_answer_of_the_wrong_shape_is_a_search_error(
-    nursery: trio.Nursery, http: httpx2.AsyncClient, index: int, answer: Any
+    serve: Serve, http: httpx2.AsyncClient, index: int, answer: Any
 ) -> None:
-    server = await serve(nursery, json_answer(answer))
-    provider = _providers(http, server.url)[index]
+    server = await serve(json_answer(answer))
+    provider = _providers(http, server.base_url)[index]
     with pytest.raises(SearchError, match="unexpected answer shape"):
         await provider.search("q", 3)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["searxng", "brave", "tavily"])
 async def test_search_timeout_is_a_search_error_and_closes_the_connection(
-    nursery: trio.Nursery, http: httpx2.AsyncClient, index: int
+    serve: Serve, http: httpx2.AsyncClient, index: int
 ) -> None:
-    server = await serve(nursery, stall_after_headers)
-    provider = _providers(http, server.url, timeout=0.2)[index]
+    server = await serve(stall_after_headers())
+    provider = _providers(http, server.base_url, timeout=0.2)[index]
     with pytest.raises(SearchError, match="no answer within"):
         await provider.search("q", 3)
-    with trio.fail_after(5):
-        await server.client_left.wait()
+    await wait_client_left(server)
 
 
 async def test_cancelling_a_search_closes_its_connection(
-    nursery: trio.Nursery, http: httpx2.AsyncClient
+    serve: Serve, http: httpx2.AsyncClient
 ) -> None:
-    server = await serve(nursery, stall_after_headers)
-    provider = SearxngSearch(http, server.url, timeout=60)
+    server = await serve(stall_after_headers())
+    provider = SearxngSearch(http, server.base_url, timeout=60)
     outcome: list[str] = []
 
     async def search(cancel_scope: trio.CancelScope) -> None:
@@ -674,9 +557,9 @@ async def test_cancelling_a_search_closes_its_connection(
     with trio.fail_after(5):
         async with trio.open_nursery() as inner:
             inner.start_soon(search, scope)
-            await server.request_seen.wait()
+            await server.wait_for_request()
             scope.cancel()
-        await server.client_left.wait()
+    await wait_client_left(server)
     assert outcome == []
     assert scope.cancelled_caught
 
