@@ -117,39 +117,40 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> Async
     keepalive = rt.settings.sse_keepalive_s
     cursor = 0
     role_sent = False
-    yield ": task " + record.id + "\n\n"
-    while True:
-        events: list[Event] = await backend.read(record.id, cursor)
-        if not events:
-            more = True
-            with trio.move_on_after(keepalive) as waited:
-                more = await backend.wait_beyond(record.id, cursor)
-            if waited.cancelled_caught:
-                yield ": keepalive\n\n"
-            elif not more:
-                return  # expired from retention under us
-            continue
-        for event in events:
-            cursor = event.seq
-            if event.type == "delta":
-                delta: dict[str, Any] = {}
-                if not role_sent:
-                    delta["role"] = "assistant"
-                    role_sent = True
-                delta["content"] = event.data.get("content", "")
-                if "reasoning" in event.data:
-                    delta["reasoning_content"] = event.data["reasoning"]
-                if "tool_calls" in event.data:
-                    delta["tool_calls"] = [
-                        {"index": i, **call} for i, call in enumerate(event.data["tool_calls"])
-                    ]
-                yield _chunk(record, delta)
-            elif event.type == "status":
-                yield ": " + str(event.data.get("description", "")).replace("\n", " ") + "\n\n"
-            elif event.terminal:
-                for text in _stream_end(record, include_usage):
-                    yield text
-                return
+    with backend.reading(record.id):
+        yield ": task " + record.id + "\n\n"
+        while True:
+            events: list[Event] = await backend.read(record.id, cursor)
+            if not events:
+                more = True
+                with trio.move_on_after(keepalive) as waited:
+                    more = await backend.wait_beyond(record.id, cursor)
+                if waited.cancelled_caught:
+                    yield ": keepalive\n\n"
+                elif not more:
+                    return  # expired from retention under us
+                continue
+            for event in events:
+                cursor = event.seq
+                if event.type == "delta":
+                    delta: dict[str, Any] = {}
+                    if not role_sent:
+                        delta["role"] = "assistant"
+                        role_sent = True
+                    delta["content"] = event.data.get("content", "")
+                    if "reasoning" in event.data:
+                        delta["reasoning_content"] = event.data["reasoning"]
+                    if "tool_calls" in event.data:
+                        delta["tool_calls"] = [
+                            {"index": i, **call} for i, call in enumerate(event.data["tool_calls"])
+                        ]
+                    yield _chunk(record, delta)
+                elif event.type == "status":
+                    yield ": " + str(event.data.get("description", "")).replace("\n", " ") + "\n\n"
+                elif event.terminal:
+                    for text in _stream_end(record, include_usage):
+                        yield text
+                    return
 
 
 def _stream_end(record: TaskRecord, include_usage: bool) -> list[str]:

@@ -98,19 +98,20 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
     """
     backend = rt.manager.backend
     cursor = after
-    while True:
-        events = await backend.read(task_id, cursor, 500)
-        if not events:
-            more = True
-            with trio.move_on_after(rt.settings.sse_keepalive_s) as waited:
-                more = await backend.wait_beyond(task_id, cursor)
-            if waited.cancelled_caught:
-                yield ": keepalive\n\n"
-            elif not more:
-                return  # ended before the cursor, or expired from retention
-            continue
-        for event in events:
-            cursor = event.seq
-            yield f"id: {event.seq}\ndata: {event.json}\n\n"
-            if event.terminal:
-                return
+    with backend.reading(task_id):
+        while True:
+            events = await backend.read(task_id, cursor, 500)
+            if not events:
+                more = True
+                with trio.move_on_after(rt.settings.sse_keepalive_s) as waited:
+                    more = await backend.wait_beyond(task_id, cursor)
+                if waited.cancelled_caught:
+                    yield ": keepalive\n\n"
+                elif not more:
+                    return  # ended before the cursor, or expired from retention
+                continue
+            for event in events:
+                cursor = event.seq
+                yield f"id: {event.seq}\ndata: {event.json}\n\n"
+                if event.terminal:
+                    return

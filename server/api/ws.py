@@ -86,7 +86,7 @@ class WsConnection:
         backend = self.rt.manager.backend
         cursor = after
         try:
-            with scope:
+            with scope, backend.reading(task_id):
                 while True:
                     events = await backend.read(task_id, cursor, 256)
                     if not events:

@@ -8,6 +8,7 @@ which backend is in use.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from server.schemas import Event, TaskRecord
@@ -48,8 +49,13 @@ class TaskBackend(Protocol):
         just stops the wait."""
         ...
 
+    def reading(self, task_id: str) -> AbstractContextManager[None]:
+        """Mark a reader following the task's log, so that retention keeps it meanwhile."""
+        ...
+
     async def expire(self, now: float, retention_s: float) -> list[str]:
-        """Forget ended tasks that ended more than ``retention_s`` ago; return their ids."""
+        """Forget ended tasks that ended more than ``retention_s`` ago and that nobody is
+        reading; return their ids."""
         ...
 
     async def counts(self) -> tuple[int, dict[str, int]]:

@@ -25,6 +25,8 @@ class EventLog:
         self.chat_id = chat_id
         self.message_id = message_id
         self._events: list[Event] = []
+        # Readers following this log right now; retention does not drop a log under them.
+        self.readers = 0
         # Replaced on every append: waiters wake, re-read, and wait on the new one.
         self._changed = trio.Event()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from server.schemas import Event, TaskRecord
@@ -88,11 +90,25 @@ class MemoryBackend:
             return False
         return await log.wait_beyond(after)
 
+    @contextmanager
+    def reading(self, task_id: str) -> Iterator[None]:
+        log = self._logs.get(task_id)
+        if log is not None:
+            log.readers += 1
+        try:
+            yield
+        finally:
+            if log is not None:
+                log.readers -= 1
+
     async def expire(self, now: float, retention_s: float) -> list[str]:
         expired = [
             r.id
             for r in self._records.values()
-            if not r.active and r.ended_at is not None and now - r.ended_at >= retention_s
+            if not r.active
+            and r.ended_at is not None
+            and now - r.ended_at >= retention_s
+            and not self._logs[r.id].readers
         ]
         for task_id in expired:
             del self._records[task_id]

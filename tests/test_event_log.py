@@ -1,0 +1,73 @@
+"""The event log and the in-memory backend, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from server.schemas import TaskRecord
+from server.tasks.log import EventLog, LogClosed
+from server.tasks.memory import MemoryBackend
+
+
+def test_log_numbers_events_from_one_and_refuses_appends_after_the_terminal() -> None:
+    log = EventLog("t", "c", "m")
+    for kind in ("task:queued", "task:started", "delta", "task:completed"):
+        log.append(kind, {})
+    assert [e.seq for e in log.read(0)] == [1, 2, 3, 4]
+    assert [e.seq for e in log.read(2, limit=1)] == [3]
+    assert log.closed
+    with pytest.raises(LogClosed):
+        log.append("delta", {})
+
+
+async def test_wait_beyond_wakes_on_append_and_says_when_nothing_will_come() -> None:
+    log = EventLog("t", None, None)
+    log.append("task:queued", {})
+    woke: list[bool] = []
+
+    async def waiter() -> None:
+        woke.append(await log.wait_beyond(1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == []
+        log.append("delta", {"content": "x"})
+    assert woke == [True]
+    log.append("task:completed", {})
+    with trio.fail_after(1):
+        assert await log.wait_beyond(3) is False
+
+
+async def test_retention_keeps_a_log_while_someone_reads_it() -> None:
+    backend = MemoryBackend()
+    record = TaskRecord(id="t", user="u", model="m", mode="background")
+    assert await backend.admit(record, max_total=10, max_per_user=10)
+    await backend.append(record, "task:queued", {})
+    record.status, record.ended_at = "completed", 100.0
+    await backend.save(record)
+    await backend.append(record, "task:completed", {})
+    with backend.reading("t"):
+        assert await backend.expire(now=1000.0, retention_s=1.0) == []
+        assert len(await backend.read("t", 0)) == 2
+    assert await backend.expire(now=1000.0, retention_s=1.0) == ["t"]
+    assert await backend.read("t", 0) == []
+    assert await backend.wait_beyond("t", 0) is False
+
+
+async def test_admission_counts_active_tasks_per_user_and_in_all() -> None:
+    backend = MemoryBackend()
+    records = [TaskRecord(id=f"t{i}", user="a" if i < 2 else "b", model="m", mode="sync")
+               for i in range(4)]
+    assert await backend.admit(records[0], max_total=3, max_per_user=2)
+    assert await backend.admit(records[1], max_total=3, max_per_user=2)
+    assert not await backend.admit(TaskRecord(id="x", user="a", model="m", mode="sync"),
+                                   max_total=3, max_per_user=2)
+    assert await backend.admit(records[2], max_total=3, max_per_user=2)
+    assert not await backend.admit(records[3], max_total=3, max_per_user=2)
+    records[0].status, records[0].ended_at = "cancelled", 1.0
+    await backend.save(records[0])
+    assert await backend.counts() == (2, {"a": 1, "b": 1})
+    assert await backend.admit(records[3], max_total=3, max_per_user=2)
