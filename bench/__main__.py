@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from bench.config import FULL, QUICK, SCENARIOS, BenchConfig
+from bench.config import FULL, QUICK, RUN_ORDER, SCENARIOS, BenchConfig
 from bench.context import Bench
 from bench.procs import ProcessSet
 from bench.progress import Progress
@@ -59,6 +59,7 @@ async def run_all(b: Bench, scenarios: list[str]) -> None:
         b.results.settings["server_env"] = b.server_env()
         b.results.settings["model_id"] = b.model_id
         b.results.settings["websocket"] = b.ws_available
+        b.results.settings["server_rss_at_start_mb"] = round(b.rss_at_start_mb, 1)
         for name in scenarios:
             b.progress.section(name)
             module = importlib.import_module(f"bench.scenarios.{name}")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg: BenchConfig = FULL if args.full else QUICK
     name = args.name or cfg.mode
-    scenarios = args.scenario or list(SCENARIOS)
+    scenarios = args.scenario or list(RUN_ORDER)
     progress = Progress(args.quiet)
     results = Results(name, cfg.mode)
     results.settings.update({"config": cfg.to_json(), "scenarios": scenarios})

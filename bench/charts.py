@@ -1,11 +1,189 @@
-"""One PNG chart per scenario (matplotlib, Agg backend)."""
+"""One PNG chart per scenario (matplotlib, Agg backend): ``<name>-<scenario>.png``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from bench.results import Results
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from bench.results import Results  # noqa: E402
+
+Drawer = Callable[[Results], Figure | None]
+
+
+def _num(value: Any) -> float:
+    return float(value) if value is not None else float("nan")
+
+
+def _bars(ax: Axes, labels: list[str], series: dict[str, tuple[list[float], list[float]]],
+          ylabel: str, log: bool = False) -> None:
+    """Grouped bars of p50 with a p99 marker above each bar."""
+    width = 0.8 / max(1, len(series))
+    for k, (name, (p50, p99)) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        bars = ax.bar(xs, p50, width, label=f"{name} p50")
+        ax.scatter(xs, p99, marker="_", s=200, color=bars.patches[0].get_facecolor()
+                   if bars.patches else None, zorder=3)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, title="bar: p50, dash: p99", title_fontsize=7)
+
+
+def _time_to_task_id(res: Results) -> Figure | None:
+    rows = res.figures.get("time_to_task_id") or []
+    if not rows:
+        return None
+    labels = [f"{r['path']} {r['search_delay_s']:g}s\n{str(r['clients']).split(' ')[0]} cl."
+              for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    _bars(left, labels, {
+        "floor": ([_num(r["floor_p50"]) for r in rows], [_num(r["floor_p99"]) for r in rows]),
+        "Tether": ([_num(r["tether_p50"]) for r in rows],
+                   [_num(r["tether_p99"]) for r in rows]),
+        "payload-first": ([_num(r["pf_p50"]) for r in rows], [_num(r["pf_p99"]) for r in rows]),
+    }, "ms (log)", log=True)
+    left.set_title("time to task id")
+    _bars(right, labels, {
+        "Tether / floor": ([_num(r["tether_ratio_p50"]) for r in rows],
+                           [_num(r["tether_ratio_p99"]) for r in rows]),
+        "payload-first / its floor": ([_num(r["pf_ratio_p50"]) for r in rows],
+                                      [_num(r["pf_ratio_p99"]) for r in rows]),
+    }, "ratio to the in-run floor (log)", log=True)
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_title("ratio to the floor (GET /healthz; WebSocket: ping)")
+    fig.tight_layout()
+    return fig
+
+
+def _stop_latency(res: Results) -> Figure | None:
+    rows = res.figures.get("stop_latency") or []
+    if not rows:
+        return None
+    labels = [f"{r['phase']}\n{r['transport']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    _bars(ax, labels, {
+        metric: ([_num(r[f"{key}_p50"]) for r in rows], [_num(r[f"{key}_p99"]) for r in rows])
+        for metric, key in (("HTTP answer", "answer"), ("task:cancelled at client",
+                                                        "cancelled"),
+                            ("upstream closed", "upstream"))
+    }, "ms after the stop was sent")
+    ping = res.figures.get("stop_latency_ping")
+    if ping:
+        ax.axhline(_num(ping["p50"]), color="grey", ls="--", lw=1,
+                   label=f"WebSocket ping p50 ({ping['p50']:.2f} ms)")
+        ax.legend(fontsize=7)
+    ax.set_title("stop latency per phase")
+    fig.tight_layout()
+    return fig
+
+
+def _disconnect(res: Results) -> Figure | None:
+    rows = res.figures.get("disconnect") or []
+    if not rows:
+        return None
+    labels = [f"{r['client']} mid-{r['phase']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _bars(ax, labels, {"upstream closed": ([_num(r["p50"]) for r in rows],
+                                           [_num(r["p99"]) for r in rows])},
+          "ms after the client closed its socket")
+    ax.set_title("disconnect latency")
+    fig.tight_layout()
+    return fig
+
+
+def _scale(res: Results) -> Figure | None:
+    fig_data = res.figures.get("scale") or {}
+    rows = fig_data.get("levels") or []
+    if not rows:
+        return None
+    xs = [r["tasks"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    a, b, c, d = axes[0][0], axes[0][1], axes[1][0], axes[1][1]
+    for key, label in (("ttid", "task id"), ("floor", "floor /healthz")):
+        a.plot(xs, [_num(r[f"{key}_p50"]) for r in rows], marker="o", label=f"{label} p50")
+        a.plot(xs, [_num(r[f"{key}_p99"]) for r in rows], marker="x", ls="--",
+               label=f"{label} p99")
+    a.axhline(fig_data.get("ttid_limit_ms", 50), color="red", lw=0.8, label="50 ms limit")
+    a.set_title("time to task id under load")
+    a.set_ylabel("ms (log)")
+    b.plot(xs, [_num(r["lag_p50"]) for r in rows], marker="o", label="p50")
+    b.plot(xs, [_num(r["lag_p99"]) for r in rows], marker="x", ls="--", label="p99")
+    b.set_title("event lag (client arrival - fake send schedule)")
+    b.set_ylabel("ms (log)")
+    for name in ("tether", "model", "bench"):
+        c.plot(xs, [(r.get("cpu_percent_by_process") or {}).get(name, 0) for r in rows],
+               marker="o", label=name)
+    c.axhline(100, color="grey", lw=0.8)
+    c.set_title("CPU, % of one core (machine: "
+                f"{res.machine.get('cores')} cores)")
+    d.plot(xs, [_num(r["peak_rss_mb"]) for r in rows], marker="o", label="server peak RSS MB")
+    d2 = d.twinx()
+    d2.plot(xs, [_num(r.get("kb_per_task")) for r in rows], marker="x", color="tab:orange",
+            label="KB per active task")
+    d.set_title("server memory")
+    d.legend(loc="upper left", fontsize=7)
+    d2.legend(loc="lower right", fontsize=7)
+    for ax in (a, b, c, d):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent streaming tasks")
+        ax.grid(alpha=0.3)
+    for ax in (a, b, c):
+        ax.legend(fontsize=7)
+    a.set_yscale("log")
+    b.set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def _cancel_storm(res: Results) -> Figure | None:
+    data = res.figures.get("cancel_storm")
+    if not data:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    phases = data.get("phases") or {}
+    left.bar(list(phases), list(phases.values()))
+    left.set_title(f"phase at cancel ({data['tasks']} tasks; disconnects not read back)")
+    left.set_ylabel("tasks")
+    names = ["before warm-up", "start", "peak", "end"]
+    values = [data["rss_cold_mb"], data["rss_start_mb"], data["rss_peak_mb"],
+              data["rss_end_mb"]]
+    right.bar(names, values, color=["grey", "tab:blue", "tab:orange", "tab:green"])
+    right.axhline(data["rss_start_mb"] * 1.1, color="red", lw=0.8, ls="--",
+                  label="start + 10%")
+    right.set_ylabel("server RSS MB")
+    right.set_title("server memory around the storm")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+DRAWERS: dict[str, Drawer] = {
+    "time_to_task_id": _time_to_task_id,
+    "stop_latency": _stop_latency,
+    "disconnect": _disconnect,
+    "scale": _scale,
+    "cancel_storm": _cancel_storm,
+}
 
 
 def draw_all(res: Results, directory: Path) -> list[Path]:
-    return []
+    paths: list[Path] = []
+    for scenario, drawer in DRAWERS.items():
+        fig = drawer(res)
+        if fig is None:
+            continue
+        path = directory / f"{res.name}-{scenario}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCENARIOS = ("time_to_task_id", "stop_latency", "disconnect", "scale", "cancel_storm")
+# Scale runs first so that its memory per task is measured from a server that has not yet
+# grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
+RUN_ORDER = ("scale", "time_to_task_id", "stop_latency", "disconnect", "cancel_storm")
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class BenchConfig:
     stop_samples: int = 30  # per phase and transport
     disconnect_samples: int = 30  # per client kind and phase
     # 4. scale
-    scale_levels: tuple[int, ...] = (1, 10, 100, 1000)
+    scale_levels: tuple[int, ...] = (1, 10, 30, 100, 300, 1000)
     scale_tokens: int = 200
     scale_rate: float = 50.0
     scale_probe_interval_s: float = 0.02
@@ -67,7 +70,7 @@ QUICK = BenchConfig(
     ws_chat_samples=100,
     stop_samples=8,
     disconnect_samples=8,
-    scale_levels=(1, 10, 100),
+    scale_levels=(1, 10, 30, 100),
     storm_tasks=1000,
     storm_concurrency=100,
     server_env=dict(_SERVER_ENV),

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import trio
 
 from bench.config import BenchConfig
@@ -19,6 +19,8 @@ from bench.progress import Progress
 from bench.results import Results
 from bench.wsclient import ws_client
 
+# Library frames a profile shows instead of folding them away (the hot paths run there).
+PROFILE_SHOW = r".*/(hypercorn|quart_trio|wsproto|h11|httpx2|httpcore2)/.*"
 # The model fake's answer for ordinary tasks: short, instant.
 DEFAULT_REPLY: dict[str, Any] = {"kind": "text", "chunks": ["Hello", " from", " the", " fake."]}
 
@@ -37,6 +39,7 @@ class Bench:
     model_id: str = "fake-model"
     ws_available: bool = False
     profile_path: str | None = None
+    rss_at_start_mb: float = 0.0
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     # -- start-up -------------------------------------------------------------------------
@@ -62,6 +65,7 @@ class Bench:
             nursery.start_soon(self._start_payload_first)
         await self._discover_model()
         self.ws_available = await self._probe_ws()
+        self.rss_at_start_mb = self.server_rss_mb()
         self.progress.step(f"tether :{self.tether.port} (pid {self.tether.pid}), payload-first "
                            f":{self.pf.port}; model {self.model_id!r}; "
                            f"WebSocket {'yes' if self.ws_available else 'NOT available'}")
@@ -76,7 +80,8 @@ class Bench:
         port = free_port()
         args = ["-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
         if self.profile_path:
-            args = ["-m", "pyinstrument", "-o", self.profile_path, "-r", "text", *args]
+            args = ["-m", "pyinstrument", "-o", self.profile_path, "-r", "text",
+                    f"--show-regex={PROFILE_SHOW}", *args]
         proc = self.procs.spawn("tether", args, self.server_env(),
                                 interrupt_first=bool(self.profile_path))
         proc.port = port
@@ -206,8 +211,9 @@ class Bench:
         await self.fake("search").configure(page_base_url=self.fake("pages").base_url)
         await self.fake("model").configure(default_reply=DEFAULT_REPLY)
 
-    async def stop_chat(self, chat_id: str) -> float:
-        """Stop every task of a chat; returns how long the stop took (s)."""
+    async def stop_chat(self, chat_id: str) -> tuple[float, int]:
+        """Stop every task of a chat; returns how long the stop took (s) and how many
+        tasks it stopped."""
         conn = self.conn()
         try:
             answer = await conn.request("POST", f"/api/chats/{chat_id}/stop", {})
@@ -215,7 +221,7 @@ class Bench:
             await conn.aclose()
         if answer.status != 200:
             raise HttpError(f"chat stop -> {answer.status}: {answer.body[:200]!r}")
-        return answer.elapsed
+        return answer.elapsed, len(answer.json().get("tasks", []))
 
     async def running_tasks(self) -> list[dict[str, Any]]:
         answer = await get_json("127.0.0.1", self.tether.port, "/api/tasks")
@@ -240,6 +246,19 @@ class Bench:
     def server_cpu_s(self) -> float:
         times = self.server_process().cpu_times()
         return float(times.user + times.system)
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds (user + system) so far of every process of the run, the bench too."""
+        out: dict[str, float] = {}
+        pids = {p.name: p.pid for p in self.procs.procs}
+        pids["bench"] = psutil.Process().pid
+        for name, pid in pids.items():
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            out[name] = float(times.user + times.system)
+        return out
 
     async def open_fake_connections(self) -> dict[str, int]:
         return {f.name: len(await f.open_connections()) for f in self.fakes}

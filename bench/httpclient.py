@@ -92,10 +92,11 @@ class HttpConnection:
         return sent_at
 
     async def _next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
-        assert self._stream is not None
         while True:
             event = self._h11.next_event()
             if event is h11.NEED_DATA:
+                if self._stream is None:  # aborted by another task
+                    raise trio.ClosedResourceError("the connection was closed")
                 data = await self._stream.receive_some(_RECV)
                 self._h11.receive_data(data)
                 continue

@@ -107,10 +107,13 @@ class ProcessSet:
             await trio.sleep(0.02)
         raise ProcessError(f"{name} printed no READY line in {timeout} s:\n{proc.log_tail()}")
 
-    def kill(self, proc: Proc, grace: float = 5.0) -> None:
-        """End one child by its pid: SIGINT (if asked) / SIGTERM, then SIGKILL."""
+    def kill(self, proc: Proc, grace: float | None = None) -> None:
+        """End one child by its pid: SIGINT (if asked) / SIGTERM, then SIGKILL after
+        ``grace`` seconds (longer when a profiler has a report to write)."""
         if proc.popen.poll() is not None:
             return
+        if grace is None:
+            grace = 30.0 if proc.interrupt_first else 3.0
         signals = [signal.SIGINT, signal.SIGTERM] if proc.interrupt_first else [signal.SIGTERM]
         for sig in signals:
             with contextlib.suppress(ProcessLookupError):

@@ -22,6 +22,12 @@ def _ms(value: Any) -> str:
     return f"{value:.2f}"
 
 
+def _dur(value_ms: Any) -> str:
+    """A duration in ms for running text, with its unit."""
+    text = _ms(value_ms)
+    return text if text.endswith(" s") or text == "–" else text + " ms"
+
+
 def _x(value: Any) -> str:
     if value is None:
         return "–"
@@ -60,6 +66,13 @@ def _time_to_task_id(res: Results) -> list[str]:
         ])
     out += _table(["path", "search delay", "clients", "floor ms", "Tether ms",
                    "Tether / floor", "payload-first ms", "payload-first / floor"], table)
+    cleanup = res.figures.get("time_to_task_id_cleanup") or []
+    if cleanup:
+        out += ["", "After each set, one `POST /api/chats/{id}/stop` stopped all of its tasks "
+                "still running: " + "; ".join(
+                    f"delay {c['search_delay_s']:g} s: {c.get('tasks_stopped', '?')} tasks in "
+                    f"{_dur(c['chat_stop_ms'])}"
+                    for c in cleanup) + "."]
     return out + [""]
 
 
@@ -85,8 +98,8 @@ def _stop_latency(res: Results) -> list[str]:
                    "upstream closed ms", "cancelled / ping", "ended in phase"], table)
     ping = res.figures.get("stop_latency_ping")
     if ping:
-        out += ["", f"WebSocket ping round trip (baseline): p50 {_ms(ping['p50'])} ms, "
-                f"p99 {_ms(ping['p99'])} ms (n={ping['n']})."]
+        out += ["", f"WebSocket ping round trip (baseline): p50 {_dur(ping['p50'])}, "
+                f"p99 {_dur(ping['p99'])} (n={ping['n']})."]
     return out + [""]
 
 
@@ -114,25 +127,39 @@ def _scale(res: Results) -> list[str]:
            f"{fig.get('rate'):g} tokens/s from the fake model to its own subscribed "
            "WebSocket client. Time to task id: probe requests sent during the streaming, "
            "interleaved with the `/healthz` floor. Event lag: arrival at the client minus the "
-           "fake's send schedule.", ""]
+           "fake's send schedule (so it includes any lag of the fake itself). CPU: % of one "
+           f"core; this machine has {res.machine.get('cores')} cores, shared by the server, "
+           "the fakes and the bench client. KB per task: the server's peak RSS above its RSS "
+           "at start-up, divided by the number of tasks (each with its own WebSocket "
+           "connection).", ""]
     table = []
     for r in rows:
         table.append([
             str(r["tasks"]), _pair(r["ttid_p50"], r["ttid_p99"]),
             _pair(r["floor_p50"], r["floor_p99"]),
             _pair(r["ttid_ratio_p50"], r["ttid_ratio_p99"], _x),
-            _pair(r["lag_p50"], r["lag_p99"]), f"{r['lost']} / {r['out_of_order']}",
-            f"{r['cpu_percent']:.0f} %", f"{r['peak_rss_mb']:.0f}",
+            _pair(r["lag_p50"], r["lag_p99"]),
+            f"{r['lost']} / {r['out_of_order']} / {r.get('undelivered', 0)} / "
+            f"{r.get('closed_connections', 0)}",
+            _cpu(r), f"{r['peak_rss_mb']:.0f}",
             f"{r['kb_per_task']:.0f}" if r.get("kb_per_task") is not None else "–",
             "yes" if r["holds"] else "no",
         ])
     out += _table(["tasks", "task id ms", "floor ms", "task id / floor", "event lag ms",
-                   "lost / out of order", "server CPU", "peak RSS MB", "KB per task",
+                   "events lost / out of order / undelivered / connections closed",
+                   "CPU % server / model fake / bench client",
+                   "server peak RSS MB", "KB per task",
                    "holds"], table)
     limit = fig.get("highest_level_held")
-    out += ["", f"Highest level held (task id p99 < 50 ms, no lost event): **{limit}**."
-            if limit else "No level held (task id p99 < 50 ms and no lost event)."]
+    out += ["", f"Highest level held (task id p99 < 50 ms, every event delivered, none lost "
+            f"or out of order): **{limit}**." if limit else
+            "No level held (task id p99 < 50 ms, every event delivered)."]
     return out + [""]
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    cpu = row.get("cpu_percent_by_process") or {}
+    return " / ".join(f"{cpu.get(name, 0):.0f}" for name in ("tether", "model", "bench"))
 
 
 def _storm(res: Results) -> list[str]:
@@ -141,18 +168,31 @@ def _storm(res: Results) -> list[str]:
         return []
     out = ["## 5. Cancel storm", "",
            f"{fig['tasks']} tasks cancelled at random points "
-           f"({fig.get('concurrency')} at a time), by HTTP stop, WebSocket stop and client "
-           "disconnect.", ""]
+           f"({fig.get('concurrency')} at a time, {fig['duration_s']:.0f} s), by HTTP stop, "
+           "WebSocket stop and client disconnect, after a warm-up storm of "
+           f"{fig.get('warmup_tasks')} tasks (a first storm raises the allocator's high-water "
+           "mark once; later ones do not move it).", ""]
     table = [
         ["tasks ended as", ", ".join(f"{k}: {v}" for k, v in sorted(fig["outcomes"].items()))],
         ["phases at cancel", ", ".join(f"{k}: {v}" for k, v in sorted(fig["phases"].items()))],
-        ["stop answer p50 / p99 ms", _pair(fig.get("stop_p50"), fig.get("stop_p99"))],
+        ["HTTP stop answer p50 / p99 ms", _pair(fig.get("stop_p50"), fig.get("stop_p99"))],
+        ["floor (`GET /healthz` every 20 ms during the storm) p50 / p99 ms",
+         _pair(fig.get("floor_p50"), fig.get("floor_p99"))],
+        ["WebSocket stop to `task:cancelled` at that client p50 / p99 / max ms",
+         f"{_ms(fig.get('ws_cancelled_p50'))} / {_ms(fig.get('ws_cancelled_p99'))} / "
+         f"{_ms(fig.get('ws_cancelled_max'))}"],
+        ["stop answer / floor p50 / p99",
+         _pair(fig.get("stop_ratio_p50"), fig.get("stop_ratio_p99"), _x)],
+        ["CPU % server / model fake / bench client during the storm", _cpu(fig)],
         ["registry empty after", f"{fig['drained_s']} s" if fig.get("drained_s") is not None
          else "never (timeout)"],
-        ["open connections at the fakes", ", ".join(
+        ["idle keep-alive connections at the fakes after the storm", ", ".join(
             f"{k}: {v}" for k, v in fig["open_connections"].items())],
-        ["server RSS start / peak / end MB",
-         f"{fig['rss_start_mb']:.0f} / {fig['rss_peak_mb']:.0f} / {fig['rss_end_mb']:.0f}"],
+        ["connections left open after the pool's keep-alive expiry", ", ".join(
+            f"{k}: {v}" for k, v in fig["leaked_connections"].items())],
+        ["server RSS before warm-up / start / peak / end MB",
+         f"{fig['rss_cold_mb']:.1f} / {fig['rss_start_mb']:.1f} / {fig['rss_peak_mb']:.1f} / "
+         f"{fig['rss_end_mb']:.1f}"],
     ]
     out += _table(["", ""], table)
     return out + [""]

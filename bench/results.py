@@ -30,7 +30,7 @@ def machine_info() -> dict[str, Any]:
         pass
     mem_total_mb = None
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         mem_total_mb = round(psutil.virtual_memory().total / 2**20)
     except ImportError:

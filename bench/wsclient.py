@@ -33,6 +33,7 @@ class WsClient:
     replies: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     closed: bool = False
     close_reason: str = ""
+    last_event_at: float = 0.0
     _changed: trio.Event = field(default_factory=trio.Event)
 
     def _notify(self) -> None:
@@ -49,12 +50,14 @@ class WsClient:
                     ev = message["event"]
                     arrival = Arrival(now, int(ev["seq"]), str(ev["type"]), ev.get("data") or {})
                     self.events.setdefault(str(ev["task_id"]), []).append(arrival)
+                    self.last_event_at = now
                 else:
                     self.replies.append((now, message))
                 self._notify()
         except ConnectionClosed as exc:
             self.closed = True
-            self.close_reason = str(exc.reason)
+            reason = exc.reason
+            self.close_reason = f"{reason.code} {reason.reason or ''}".strip() if reason else ""
             self._notify()
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -83,6 +86,28 @@ class WsClient:
         sent_at = await self.send(message)
         at, answer = await self.reply(timeout)
         return at - sent_at, answer
+
+    async def chat(self, request: dict[str, Any], timeout: float = 30.0
+                   ) -> tuple[float, dict[str, Any]]:
+        """Send a ``chat`` and wait for its own ``task`` (or ``error``) reply, matched by
+        ``message_id``, so several chats may be in flight on one connection."""
+        message_id = request.get("message_id")
+        sent_at = await self.send({"type": "chat", "request": request})
+
+        def find() -> int | None:
+            for i, (_, reply) in enumerate(self.replies):
+                if reply.get("type") == "task" and reply.get("message_id") == message_id:
+                    return i
+                if reply.get("type") == "error" and reply.get("ref") == "chat":
+                    return i
+            return None
+
+        if not await self.wait_until(lambda: find() is not None, timeout):
+            raise TimeoutError(f"no answer to a chat in {timeout} s")
+        index = find()
+        assert index is not None
+        at, reply = self.replies.pop(index)
+        return at - sent_at, reply
 
     async def ping(self) -> float:
         rtt, answer = await self.request({"type": "ping"})

@@ -24,6 +24,7 @@ from bench.wsclient import ws_client
 SCENARIO = "time_to_task_id"
 
 Op = Callable[[], Awaitable[None]]
+SEQUENTIAL_GAP_S = 0.01
 
 
 class Samples:
@@ -70,22 +71,29 @@ def _client_ops(b: Bench, tether: HttpConnection, pf: HttpConnection, samples: S
     return ops
 
 
-async def _rounds(ops: list[Op], rounds: int, rng: random.Random) -> None:
+async def _rounds(ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0
+                  ) -> None:
     for _ in range(rounds):
         order = list(ops)
         rng.shuffle(order)
         for op in order:
             await op()
+            if gap_s:
+                await trio.sleep(gap_s)
 
 
 async def _sequential(b: Bench, samples: Samples, chat_id: str, delay: float) -> None:
     tether, pf = b.conn(), b.pf_conn()
     try:
         ops = _client_ops(b, tether, pf, samples, "sequential", chat_id, delay == 0)
-        await _rounds(ops, 5, random.Random(1))  # warm-up, discarded below
+        # With no search delay each task runs its whole pipeline right after its 202; a short
+        # gap lets that work finish, so that it does not land on whichever sample comes next
+        # (the concurrent set measures everything under load).
+        gap = SEQUENTIAL_GAP_S if delay == 0 else 0.0
+        await _rounds(ops, 5, random.Random(1), gap)  # warm-up, discarded below
         for key in [k for k in samples.values if k.endswith("/sequential")]:
             del samples.values[key]
-        await _rounds(ops, b.cfg.ttid_sequential, random.Random(2))
+        await _rounds(ops, b.cfg.ttid_sequential, random.Random(2), gap)
     finally:
         await tether.aclose()
         await pf.aclose()
@@ -153,8 +161,6 @@ async def _websocket(b: Bench, samples: Samples, chat_id: str) -> None:
         samples.values.pop("ws_ping/sequential", None)
         samples.values.pop("ws_chat/sequential", None)
         await _rounds([ping, chat], b.cfg.ws_chat_samples, rng)
-        # Stop the session's tasks now rather than after the reconnect grace period.
-        await b.stop_chat(chat_id)
 
 
 async def run(b: Bench) -> None:
@@ -174,10 +180,13 @@ async def run(b: Bench) -> None:
             await _sequential(b, samples, chat_id, delay)
             await _concurrent(b, samples, chat_id, delay)
             if b.ws_available:
-                await _websocket(b, samples, chat_id)
+                await _websocket(b, samples, chat_id + "-ws")
             b.progress.step("  waiting for the payload-first samples" if delay > 0 else
                             "  done")
-        stop_s = await b.stop_chat(chat_id)
+        stop_s, stopped = await b.stop_chat(chat_id)
+        if b.ws_available:  # the WebSocket set's tasks (its session is in its grace period)
+            ws_stop_s, ws_stopped = await b.stop_chat(chat_id + "-ws")
+            stop_s, stopped = stop_s + ws_stop_s, stopped + ws_stopped
         drained = await b.wait_no_tasks(30)
         prefix = f"delay={delay:g}"
         for key, values in sorted(samples.values.items()):
@@ -187,6 +196,7 @@ async def run(b: Bench) -> None:
             res.errors.append(f"{SCENARIO} {prefix}/{key}: {len(fails)} failed, e.g. {fails[0]}")
         res.figures.setdefault(SCENARIO + "_cleanup", []).append(
             {"search_delay_s": delay, "chat_stop_ms": round(stop_s * 1000, 1),
+             "tasks_stopped": stopped,
              "drained_s": None if drained is None else round(drained, 2)})
         headline.extend(_headline_rows(b, prefix, delay))
     res.figures[SCENARIO] = headline

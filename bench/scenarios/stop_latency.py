@@ -1,0 +1,190 @@
+"""Scenario 2: how long a stop takes, in each phase of a task, by HTTP and by WebSocket.
+
+Each sample puts one task in a phase and holds it there with a fake that does not answer
+(search: ``mode=hang``; page fetch: the pages fake's ``delay``; tool call: the model asks for
+``fetch_url`` on ``/hang``; generating: a long slow token stream), then sends the stop and
+measures from that moment to (a) the HTTP answer of ``POST /api/tasks/{id}/stop``, (b) the
+``task:cancelled`` event at a subscribed WebSocket client, (c) the fake upstream recording its
+connection closed (``closed_at`` on CLOCK_MONOTONIC, the clock the bench reads too).
+"queued" sends the stop right after the task id, before the task can do any I/O (with web
+search on against a hanging search engine, so the phase it ended in is reported).
+Baseline: a WebSocket ``ping`` round trip, interleaved with the samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from bench.context import Bench
+from bench.fakes import FakeControl
+from bench.httpclient import HttpConnection
+from bench.stats import ratio, summarize
+from bench.wsclient import WsClient, ws_client
+
+SCENARIO = "stop_latency"
+PHASES = ("queued", "web_search", "page_fetch", "tool_call", "generating")
+# 100 s of tokens: longer than any sample (the fake builds the token list up front, so
+# it is kept small).
+LONG_STREAM: dict[str, Any] = {"kind": "text", "tokens": 2000, "rate": 20}
+
+
+@dataclass
+class PhaseSetup:
+    web_search: bool = False
+    tool_ids: list[str] = field(default_factory=list)
+    upstream: str | None = None  # which fake's connection the stop must close
+    path_prefix: str = "/"
+    count: int = 1  # requests to wait for before stopping
+
+
+async def _configure(b: Bench, phase: str) -> PhaseSetup:
+    await b.reset_fakes()
+    search, pages, model = b.fake("search"), b.fake("pages"), b.fake("model")
+    if phase == "queued":
+        await search.configure(mode="hang")
+        return PhaseSetup(web_search=True)
+    if phase == "web_search":
+        await search.configure(mode="hang")
+        return PhaseSetup(web_search=True, upstream="search", path_prefix="/search")
+    if phase == "page_fetch":
+        await pages.configure(delay=3600)
+        return PhaseSetup(web_search=True, upstream="pages", path_prefix="/page/", count=3)
+    if phase == "tool_call":
+        url = f"{pages.base_url}/hang"
+        await model.configure(default_reply={"kind": "tool_calls",
+                                             "calls": [["fetch_url", f'{{"url": "{url}"}}']]})
+        return PhaseSetup(tool_ids=["fetch_url"], upstream="pages", path_prefix="/hang")
+    if phase == "generating":
+        await model.configure(default_reply=LONG_STREAM)
+        return PhaseSetup(upstream="model", path_prefix="/v1/chat/completions")
+    raise ValueError(phase)
+
+
+@dataclass
+class Sample:
+    answer: float | None = None
+    cancelled: float | None = None
+    upstream: float | None = None
+    ended_in: str = ""
+    status: str = ""
+    reason: str = ""
+
+
+async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsClient,
+               http: HttpConnection, chat_id: str) -> Sample:
+    body = b.chat_body(b.marker("stop"), chat_id=chat_id, web_search=setup.web_search,
+                       tool_ids=setup.tool_ids)
+    seen_before = 0
+    if setup.upstream is not None:
+        seen_before = len(await b.fake(setup.upstream).requests(setup.path_prefix))
+    if transport == "http":
+        answer = await http.request("POST", "/api/chat/completions",
+                                    {**body, "background": True})
+        task_id = str(answer.json()["task_id"])
+        await sub.send({"type": "subscribe", "task_id": task_id, "after": 0})
+    else:
+        _, reply = await sub.request({"type": "chat", "request": body})
+        task_id = str(reply["task_id"])
+    conn_ids: list[int] = []
+    fake: FakeControl | None = None
+    if setup.upstream is not None:
+        fake = b.fake(setup.upstream)
+        wanted = seen_before + setup.count
+        last = await fake.wait_request(setup.path_prefix, wanted, timeout=10)
+        if last is None:
+            raise RuntimeError(f"{phase}: the {setup.upstream} fake saw no request")
+        mine = (await fake.requests(setup.path_prefix))[seen_before:]
+        conn_ids = sorted({int(r["conn_id"]) for r in mine})
+        if phase == "generating":
+            await sub.wait_event(task_id, "delta", timeout=10)
+    sample = Sample()
+    if transport == "http":
+        stop = await http.request("POST", f"/api/tasks/{task_id}/stop", {})
+        t_stop = stop.sent_at
+        sample.answer = stop.elapsed
+    else:
+        t_stop = await sub.send({"type": "stop", "task_id": task_id})
+    terminal = await sub.wait_terminal(task_id, timeout=15)
+    if terminal is not None:
+        sample.cancelled = terminal.at - t_stop
+        sample.status = terminal.type.removeprefix("task:")
+        sample.ended_in = str(terminal.data.get("phase", ""))
+        sample.reason = str(terminal.data.get("cancel_reason", ""))
+    if fake is not None:
+        closed: list[float] = []
+        for conn_id in conn_ids:
+            record = await fake.wait_closed(conn_id, timeout=10)
+            if record is not None and record.get("closed_at") is not None:
+                closed.append(float(record["closed_at"]))
+        if len(closed) == len(conn_ids):
+            sample.upstream = max(closed) - t_stop
+    await sub.send({"type": "unsubscribe", "task_id": task_id})
+    return sample
+
+
+async def run(b: Bench) -> None:
+    res = b.results
+    if not b.ws_available:
+        res.notes.append("stop_latency skipped: no WebSocket /ws to subscribe with")
+        return
+    rows: list[dict[str, Any]] = []
+    pings: list[float] = []
+    problems: list[str] = []
+    chat_id = "bench-stop-" + b.marker("c")
+    http = b.conn()
+    async with ws_client(b.ws_url) as sub:
+        for phase in PHASES:
+            setup = await _configure(b, phase)
+            for transport in ("http", "ws"):
+                samples: list[Sample] = []
+                for _ in range(b.cfg.stop_samples):
+                    pings.append(await sub.ping())
+                    with trio.fail_after(40):
+                        sample = await _one(b, phase, transport, setup, sub, http, chat_id)
+                    samples.append(sample)
+                    if sample.status != "cancelled" or sample.reason != "stop":
+                        problems.append(f"{phase}/{transport}: ended {sample.status} "
+                                        f"({sample.reason})")
+                    if setup.upstream and sample.upstream is None:
+                        problems.append(f"{phase}/{transport}: the {setup.upstream} "
+                                        "connection was not closed within 10 s")
+                    # Keep the sub connection's replies clean: a stray reply would confuse
+                    # the next chat.
+                    sub.replies.clear()
+                rows.append(_row(res, phase, transport, samples))
+                b.progress.step(f"{phase:<10} by {transport:<4}: cancelled p50 "
+                                f"{rows[-1]['cancelled_p50']} ms, upstream closed p50 "
+                                f"{rows[-1]['upstream_p50']} ms")
+    await http.aclose()
+    await b.stop_chat(chat_id)
+    ping = res.add_set(SCENARIO, "ws_ping", pings)
+    for row in rows:
+        row["cancelled_ratio_p50"] = ratio(row["cancelled_p50"], ping["p50"])
+        row["upstream_ratio_p50"] = ratio(row["upstream_p50"], ping["p50"])
+    res.figures[SCENARIO] = rows
+    res.figures[SCENARIO + "_ping"] = ping
+    res.check("stop: every stopped task ended cancelled (reason stop), every upstream "
+              "connection closed", not problems,
+              "all samples" if not problems else f"{len(problems)} problems, e.g. "
+              f"{problems[0]}")
+
+
+def _row(res: Any, phase: str, transport: str, samples: list[Sample]) -> dict[str, Any]:
+    key = f"{phase}/{transport}"
+    row: dict[str, Any] = {"phase": phase, "transport": "HTTP" if transport == "http" else
+                           "WebSocket", "n": len(samples)}
+    for metric in ("answer", "cancelled", "upstream"):
+        values = [getattr(s, metric) for s in samples if getattr(s, metric) is not None]
+        if values:
+            summary = res.add_set(SCENARIO, f"{key}/{metric}", values)
+        else:
+            summary = summarize([])
+        row[f"{metric}_p50"] = summary["p50"]
+        row[f"{metric}_p99"] = summary["p99"]
+        row[f"{metric}_max"] = summary["max"]
+    ended = sorted({s.ended_in for s in samples if s.ended_in})
+    row["ended_in"] = ", ".join(ended)
+    return row
