@@ -47,6 +47,8 @@ async def test_failed_search_goes_on_to_generation_with_error_status(
     errors = [e["data"] for e in events if e["type"] == "status" and e["data"].get("error")]
     assert errors and errors[0]["phase"] == "web_search"
     assert terminal["data"]["content"] == "Hello from the fake model."
+    metrics = (await tether.client.get("/metrics")).text
+    assert 'tether_upstream_errors_total{kind="search"} 1.0' in metrics
 
 
 async def test_failing_page_is_skipped_with_error_status(tether: Tether, fakes: Fakes) -> None:

@@ -48,6 +48,10 @@ class TaskEmitter:
             record.reasoning += data.get("reasoning", "")
         elif type_ == "source":
             record.sources.append(data)
+        elif type_ == "status" and data.get("error"):
+            # A step that failed while the task went on: count it by what failed.
+            kind = _STEP_KINDS.get(str(data.get("action")), "other")
+            self._manager.metrics.upstream_errors.labels(kind).inc()
         await self._manager.backend.append(record, type_, data)
 
     async def set_phase(self, phase: Phase) -> None:
@@ -74,6 +78,7 @@ class TaskEmitter:
 
 
 Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
+_STEP_KINDS = {"queries": "query_model", "search": "search", "fetch": "page", "tool_call": "tool"}
 SpawnListener = Callable[[TaskRecord], None]
 
 
