@@ -93,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     progress.step(f"{cfg.mode} run {name!r}: {', '.join(scenarios)}; process logs in {log_dir}")
     try:
         trio.run(run_all, b, scenarios)
-    except KeyboardInterrupt:
-        results.errors.append("interrupted (SIGINT)")
-        progress.warn("interrupted")
     except BaseException as exc:  # report whatever broke, then clean up below
-        results.errors.append(f"bench failed: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        interrupted = isinstance(exc, KeyboardInterrupt) or (
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None)
+        if interrupted:
+            results.errors.append("interrupted (SIGINT)")
+            progress.warn("interrupted")
+        else:
+            results.errors.append(f"bench failed: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
     finally:
         progress.step("stopping every process the bench started")
         procs.kill_all()

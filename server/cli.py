@@ -31,7 +31,10 @@ def hypercorn_config(settings: Settings) -> Config:
     config.bind = [f"{host}:{settings.port}"]
     config.websocket_ping_interval = settings.ws_ping_interval_s or None
     config.keep_alive_timeout = 75
-    config.graceful_timeout = 10
+    # Tasks are stopped as soon as shutdown begins, so their streams end at once. What can
+    # outlast that is hypercorn's WebSocket ping loop, which sleeps a whole ping interval
+    # after its connection closed: do not wait the default 10 s for it.
+    config.graceful_timeout = 3
     config.accesslog = None
     return config
 
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="allow a non-loopback bind with no API keys configured")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("httpx2", "httpcore2", "httpx", "httpcore"):  # one line per upstream request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         environ = {**read_dotenv(Path(".env")), **os.environ}
         settings = Settings.from_env(environ)

@@ -67,7 +67,7 @@ class Settings:
     task_timeout_s: float = 1800.0
     max_body_bytes: int = 1_000_000
     sse_keepalive_s: float = 15.0
-    http_max_connections: int = 200
+    http_max_connections: int = 1000
 
     ws_reconnect_grace_s: float = 10.0
     ws_ping_interval_s: float = 20.0
