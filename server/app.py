@@ -20,7 +20,6 @@ from server.api.common import error_response
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
 from server.schemas import RequestError
-from server.sessions import SessionRegistry
 
 log = logging.getLogger("tether")
 
@@ -38,9 +37,6 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = 60
     runtime: Runtime = build_runtime(settings)
     app.extensions["tether"] = runtime
-    sessions = SessionRegistry(runtime.manager, settings.ws_reconnect_grace_s)
-    runtime.extensions["sessions"] = sessions
-    runtime.extensions["session_check"] = sessions.check_owner
 
     app.asgi_app = bind_to_connection(app.asgi_app)  # type: ignore[method-assign,assignment]
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
@@ -50,7 +46,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     @app.before_serving
     async def start() -> None:
         await app.nursery.start(runtime.manager.run)
-        await app.nursery.start(sessions.run)
+        await app.nursery.start(runtime.sessions.run)
         app.nursery.start_soon(_refresh_models, runtime)
 
     @app.after_serving

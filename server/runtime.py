@@ -3,7 +3,7 @@ pipeline and the task manager. Built at start-up, closed at shutdown."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx2
 
@@ -16,6 +16,7 @@ from server.providers.search.base import SearchProvider
 from server.providers.search.factory import build_search_provider
 from server.providers.tools.base import Tool
 from server.providers.tools.registry import build_tools
+from server.sessions import SessionRegistry
 from server.tasks.manager import TaskManager
 from server.tasks.memory import MemoryBackend
 
@@ -31,7 +32,7 @@ class Runtime:
     tools: dict[str, Tool]
     pipeline: ChatPipeline
     manager: TaskManager
-    extensions: dict[str, object] = field(default_factory=dict)
+    sessions: SessionRegistry
 
 
 def build_http_client(settings: Settings) -> httpx2.AsyncClient:
@@ -54,6 +55,7 @@ def build_runtime(settings: Settings) -> Runtime:
     tools = build_tools(settings, http)
     pipeline = ChatPipeline(settings, models, search, tools, http)
     manager = TaskManager(settings, MemoryBackend(), pipeline.run_chat, metrics)
+    sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
                    models=models, search=search, tools=tools, pipeline=pipeline,
-                   manager=manager)
+                   manager=manager, sessions=sessions)

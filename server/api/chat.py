@@ -43,9 +43,8 @@ async def chat_completions() -> Response:
     if rt.models.resolve(chat.model) is None:
         raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.",
                            param="model")
-    session_check = rt.extensions.get("session_check")
-    if chat.session_id is not None and callable(session_check):
-        session_check(user, chat.session_id)
+    if chat.session_id is not None:
+        rt.sessions.check_owner(user, chat.session_id)
     record = await rt.manager.spawn(user, chat)
     if record.mode != "background":
         # Bound to this connection however it ends (see app.bind_to_connection).

@@ -23,7 +23,7 @@ from quart import Blueprint, Response, websocket
 from server.api.common import error_response, runtime
 from server.runtime import Runtime
 from server.schemas import RequestError, parse_chat_request
-from server.sessions import Session, SessionRegistry
+from server.sessions import Session
 
 blueprint = Blueprint("ws", __name__)
 log = logging.getLogger("tether.ws")
@@ -160,7 +160,7 @@ class WsConnection:
         finally:
             self._nursery = None
             if self.session is not None:
-                sessions().detach(self.session, self)
+                self.rt.sessions.detach(self.session, self)
         # Only reached when the client fell behind. The close frame queues behind what
         # the kernel already holds for the client: a slow reader gets it after those
         # messages; a dead one is dropped by TCP_USER_TIMEOUT (see cli.py). The session
@@ -255,12 +255,6 @@ class WsConnection:
         self.follow(record.id, 0)
 
 
-def sessions() -> SessionRegistry:
-    registry = runtime().extensions["sessions"]
-    assert isinstance(registry, SessionRegistry)
-    return registry
-
-
 @blueprint.websocket("/ws")
 async def ws() -> Response | None:
     """One WebSocket connection of a session. Cancelled when the client goes:
@@ -274,7 +268,7 @@ async def ws() -> Response | None:
     await websocket.accept()
     conn = WsConnection(rt, user)
     try:
-        session = sessions().attach(user, websocket.args.get("session_id"), conn)
+        session = rt.sessions.attach(user, websocket.args.get("session_id"), conn)
     except RequestError as exc:
         await websocket.send(json.dumps({"type": "error", "error": {
             "code": exc.code, "message": exc.message}, "ref": "session"}))

@@ -181,15 +181,22 @@ def _sse_data(line: str) -> str | None:
     return value or None
 
 
-def _parse_chunk(data: str) -> ModelDelta:
+def _json_object(raw: str | bytes, invalid: str) -> dict[str, Any]:
+    """Decode an upstream JSON object, raising ``ModelError`` for bad JSON, a non-object,
+    or an ``error`` the upstream put in place of an answer."""
     try:
-        chunk = json.loads(data)
+        value = json.loads(raw)
     except ValueError:
-        raise ModelError("upstream sent invalid JSON in its stream") from None
-    if not isinstance(chunk, dict):
-        raise ModelError("upstream sent a stream chunk that is not a JSON object")
-    if chunk.get("error"):
-        raise ModelError(f"upstream error: {_error_text(chunk['error'])}")
+        raise ModelError(invalid) from None
+    if not isinstance(value, dict):
+        raise ModelError(invalid)
+    if value.get("error"):
+        raise ModelError(f"upstream error: {_error_text(value['error'])}")
+    return value
+
+
+def _parse_chunk(data: str) -> ModelDelta:
+    chunk = _json_object(data, "upstream sent invalid JSON in its stream")
     usage = chunk.get("usage")
     delta = ModelDelta(usage=usage if isinstance(usage, dict) else None)
     choice = _first_choice(chunk.get("choices"))
@@ -208,14 +215,7 @@ def _parse_chunk(data: str) -> ModelDelta:
 
 def _completion_deltas(raw: bytes) -> list[ModelDelta]:
     """A non-streamed ``chat.completion`` as the deltas a stream would have carried."""
-    try:
-        completion = json.loads(raw)
-    except ValueError:
-        raise ModelError("upstream sent an invalid completion") from None
-    if not isinstance(completion, dict):
-        raise ModelError("upstream sent an invalid completion")
-    if completion.get("error"):
-        raise ModelError(f"upstream error: {_error_text(completion['error'])}")
+    completion = _json_object(raw, "upstream sent an invalid completion")
     choice = _first_choice(completion.get("choices"))
     if choice is None:
         raise ModelError("upstream sent a completion without choices")
