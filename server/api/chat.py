@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-import trio
 from quart import Blueprint, Response
 
 from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
 from server.runtime import Runtime
-from server.schemas import Event, RequestError, TaskRecord, parse_chat_request
+from server.schemas import RequestError, TaskRecord, parse_chat_request
+from server.tasks.backend import next_events
 
 blueprint = Blueprint("chat", __name__)
 
@@ -118,16 +118,10 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> Async
     role_sent = False
     with backend.reading(record.id):
         yield ": task " + record.id + "\n\n"
-        while True:
-            events: list[Event] = await backend.read(record.id, cursor)
+        while (events := await next_events(backend, record.id, cursor,
+                                           wait_s=keepalive)) is not None:
             if not events:
-                more = True
-                with trio.move_on_after(keepalive) as waited:
-                    more = await backend.wait_beyond(record.id, cursor)
-                if waited.cancelled_caught:
-                    yield ": keepalive\n\n"
-                elif not more:
-                    return  # expired from retention under us
+                yield ": keepalive\n\n"
                 continue
             for event in events:
                 cursor = event.seq

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import trio
 from quart import Blueprint, Response, request
 
 from server.api.common import current_user, json_response, runtime, sse_headers
 from server.runtime import Runtime
 from server.schemas import RequestError, TaskRecord
+from server.tasks.backend import next_events
 
 blueprint = Blueprint("tasks", __name__)
 
@@ -99,16 +99,10 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
     backend = rt.manager.backend
     cursor = after
     with backend.reading(task_id):
-        while True:
-            events = await backend.read(task_id, cursor, 500)
+        while (events := await next_events(backend, task_id, cursor, limit=500,
+                                           wait_s=rt.settings.sse_keepalive_s)) is not None:
             if not events:
-                more = True
-                with trio.move_on_after(rt.settings.sse_keepalive_s) as waited:
-                    more = await backend.wait_beyond(task_id, cursor)
-                if waited.cancelled_caught:
-                    yield ": keepalive\n\n"
-                elif not more:
-                    return  # ended before the cursor, or expired from retention
+                yield ": keepalive\n\n"
                 continue
             for event in events:
                 cursor = event.seq

@@ -24,6 +24,7 @@ from server.api.common import error_response, runtime
 from server.runtime import Runtime
 from server.schemas import RequestError, parse_chat_request
 from server.sessions import Session
+from server.tasks.backend import next_events
 
 blueprint = Blueprint("ws", __name__)
 log = logging.getLogger("tether.ws")
@@ -87,12 +88,7 @@ class WsConnection:
         cursor = after
         try:
             with scope, backend.reading(task_id):
-                while True:
-                    events = await backend.read(task_id, cursor, 256)
-                    if not events:
-                        if not await backend.wait_beyond(task_id, cursor):
-                            return  # ended before the cursor, or expired
-                        continue
+                while (events := await next_events(backend, task_id, cursor)) is not None:
                     for event in events:
                         await self._write('{"type":"event","event":' + event.json + "}")
                         cursor = event.seq

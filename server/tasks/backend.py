@@ -8,8 +8,11 @@ which backend is in use.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
+
+import trio
 
 from server.schemas import Event, TaskRecord
 
@@ -61,3 +64,24 @@ class TaskBackend(Protocol):
     async def counts(self) -> tuple[int, dict[str, int]]:
         """Active tasks in all and per user."""
         ...
+
+
+async def next_events(
+    backend: TaskBackend, task_id: str, cursor: int, *, limit: int = 256,
+    wait_s: float = math.inf,
+) -> list[Event] | None:
+    """The events past ``cursor``, waiting up to ``wait_s`` for the first of them.
+
+    The one cursor step every reader takes: a list of events, an empty list when the wait
+    ran out (time for a keep-alive), or None when none will ever come (the log closed
+    before them, or the task expired). Cancelling it only stops the wait.
+    """
+    while True:
+        events = await backend.read(task_id, cursor, limit)
+        if events:
+            return events
+        with trio.move_on_after(wait_s):
+            if not await backend.wait_beyond(task_id, cursor):
+                return None
+            continue
+        return []
