@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -37,14 +38,21 @@ class _TooSlow(Exception):
     pass
 
 
+@dataclass(eq=False)
+class _Follower:
+    """One followed task: where its reader is, and the scope that ends it."""
+
+    cursor: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
 class WsConnection:
     def __init__(self, rt: Runtime, user: str) -> None:
         self.rt = rt
         self.user = user
         self.session: Session | None = None
         self._nursery: trio.Nursery | None = None
-        self._followers: dict[str, trio.CancelScope] = {}
-        self._cursors: dict[str, int] = {}
+        self._followers: dict[str, _Follower] = {}
         self._send_lock = trio.Lock()
         # The connection's own websocket, not the context-local proxy: followers may be
         # started from another connection's task (a chat in the same session), and would
@@ -66,40 +74,32 @@ class WsConnection:
         """Follow a task from ``after`` (replacing any follower of it). Synchronous."""
         if self._nursery is None:
             return
-        old = self._followers.pop(task_id, None)
-        if old is not None:
-            old.cancel()
-        self._cursors[task_id] = after
-        scope = trio.CancelScope()
-        self._followers[task_id] = scope
-        self._nursery.start_soon(self._follow, task_id, after, scope)
+        self.unfollow(task_id)
+        follower = _Follower(after)
+        self._followers[task_id] = follower
+        self._nursery.start_soon(self._follow, task_id, follower)
 
     def unfollow(self, task_id: str) -> bool:
-        scope = self._followers.pop(task_id, None)
-        self._cursors.pop(task_id, None)
-        if scope is not None:
-            scope.cancel()
-        return scope is not None
+        follower = self._followers.pop(task_id, None)
+        if follower is not None:
+            follower.scope.cancel()
+        return follower is not None
 
-    async def _follow(self, task_id: str, after: int, scope: trio.CancelScope) -> None:
-        """Replay the log past ``after`` then follow it live; one cursor, so the seam
-        between replay and live has no gap and no duplicate."""
+    async def _follow(self, task_id: str, follower: _Follower) -> None:
+        """Replay the log past the follower's cursor then follow it live; one cursor, so
+        the seam between replay and live has no gap and no duplicate."""
         backend = self.rt.manager.backend
-        cursor = after
         try:
-            with scope, backend.reading(task_id):
-                while (events := await next_events(backend, task_id, cursor)) is not None:
+            with follower.scope, backend.reading(task_id):
+                while (events := await next_events(backend, task_id, follower.cursor)):
                     for event in events:
                         await self._write('{"type":"event","event":' + event.json + "}")
-                        cursor = event.seq
-                        if self._followers.get(task_id) is scope:
-                            self._cursors[task_id] = cursor
+                        follower.cursor = event.seq
                         if event.terminal:
                             return
         finally:
-            if self._followers.get(task_id) is scope:
+            if self._followers.get(task_id) is follower:
                 del self._followers[task_id]
-                self._cursors.pop(task_id, None)
 
     async def _watch_lag(self) -> None:
         """Close a connection whose followers fall too far behind their tasks. Followers
@@ -113,9 +113,9 @@ class WsConnection:
             if since is not None and trio.current_time() - since > send_timeout:
                 self.too_slow.set()
                 return
-            for task_id, cursor in list(self._cursors.items()):
+            for task_id, follower in list(self._followers.items()):
                 record = await backend.get(task_id)
-                if record is not None and record.last_seq - cursor > max_lag:
+                if record is not None and record.last_seq - follower.cursor > max_lag:
                     self.too_slow.set()
                     return
 
