@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = 60
     runtime: Runtime = build_runtime(settings)
     app.extensions["tether"] = runtime
+    hub = ws.WsHub(settings.ws_send_timeout_s)
+    app.extensions[ws.HUB_KEY] = hub
 
     app.asgi_app = bind_to_connection(app.asgi_app)  # type: ignore[method-assign,assignment]
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     async def start() -> None:
         await app.nursery.start(runtime.manager.run)
         await app.nursery.start(runtime.sessions.run)
+        app.nursery.start_soon(hub.run)
         app.nursery.start_soon(_refresh_models, runtime)
 
     @app.after_serving

@@ -1,13 +1,22 @@
 """WebSocket /ws: a session's live events, with resume, and chat/stop/ping commands.
 
-Shape of one connection: a nursery holding a receive loop (commands), one follower per
-followed task (each reads its task's event log through a cursor) and one writer. Followers
-hand messages to the writer through a small bounded channel, so a client that reads slowly
-makes its own followers wait on their cursors: it costs no queue and no memory, and never
-slows the task or another connection. A follower that falls more than ``ws_max_lag_events``
-behind its task, or a writer stuck longer than ``ws_send_timeout_s`` on one message, closes
-the connection with code 4008; the client reconnects with ``?session_id=`` and subscribes
-with ``after`` set to the last ``seq`` it saw, losing nothing.
+Shape of one connection: a receive loop (commands) and one writer, the pump, which is the
+only task that sends. Each followed task is a cursor and a watch on its event log; an
+append marks the task ready and wakes the pump, which reads past the cursor and sends.
+One writer per connection instead of one task per followed log means one wake-up for
+however many tasks appended meanwhile, and it batches for free: when the pump comes back
+to a task it sends everything that piled up since, as one ``events`` message to a client
+that asked for batches (``?batch=1``) and as consecutive ``event`` messages otherwise.
+The pump's order is control before data: replies (``task``, ``pong``, errors) first, then
+tasks whose log just ended (a stop's ``task:cancelled`` does not wait behind other tasks'
+deltas), then the rest in the order they became ready. Order within a task is seq order.
+
+A client that reads slowly makes the pump wait on its sends: it costs no queue and no
+memory (cursors, not buffers), and never slows a task or another connection. A follower
+more than ``ws_max_lag_events`` behind its task, or one send stuck longer than
+``ws_send_timeout_s`` (seen by the ``WsHub`` watchdog), closes the connection with code
+4008; the client reconnects with ``?session_id=`` and subscribes with ``after`` set to the
+last ``seq`` it saw, losing nothing.
 """
 
 from __future__ import annotations
@@ -15,52 +24,86 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
 
 import trio
-from quart import Blueprint, Response, websocket
+from quart import Blueprint, Response, current_app, websocket
 
 from server.api.common import error_response, runtime
 from server.runtime import Runtime
-from server.schemas import RequestError, parse_chat_request
+from server.schemas import Event, RequestError, parse_chat_request
 from server.sessions import Session
-from server.tasks.backend import next_events
+from server.tasks.backend import LogWatch
 
 blueprint = Blueprint("ws", __name__)
 log = logging.getLogger("tether.ws")
 
 CLOSE_TOO_SLOW = 4008
 CLOSE_NOT_FOUND = 4404
-
-
-class _TooSlow(Exception):
-    pass
+# Events the pump takes from one log at a time: bounds one batch message and lets other
+# tasks' events interleave when one task has a long backlog (a replay).
+_READ_LIMIT = 256
+# Replies waiting for the pump before the receive loop stops reading more commands.
+_MAX_PENDING_REPLIES = 64
+HUB_KEY = "tether.ws"
 
 
 @dataclass(eq=False)
 class _Follower:
-    """One followed task: where its reader is, and the scope that ends it."""
+    """One followed task: where its reader is, and the watch that marks it ready."""
 
     cursor: int
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    watch: LogWatch
+
+
+class WsHub:
+    """The app's live WebSocket connections, and the one watchdog over their sends.
+
+    A send that a client does not read can block for as long as TCP lets it; the pump
+    cannot time it out itself without cutting a frame. One sweep over every connection
+    every half second costs far less than a timer per connection.
+    """
+
+    def __init__(self, send_timeout_s: float) -> None:
+        self.connections: set[WsConnection] = set()
+        self._send_timeout_s = send_timeout_s
+
+    async def run(self) -> None:
+        """Sweep until cancelled (the app's shutdown); cancelling it just ends the sweeps."""
+        period = min(0.5, self._send_timeout_s / 2)
+        while True:
+            await trio.sleep(period)
+            deadline = trio.current_time() - self._send_timeout_s
+            for conn in self.connections:
+                since = conn.sending_since
+                if since is not None and since < deadline:
+                    conn.too_slow.set()
 
 
 class WsConnection:
-    def __init__(self, rt: Runtime, user: str) -> None:
+    def __init__(self, rt: Runtime, user: str, *, batch: bool) -> None:
         self.rt = rt
         self.user = user
+        self.batch = batch
         self.session: Session | None = None
-        self._nursery: trio.Nursery | None = None
+        self._running = False
         self._followers: dict[str, _Follower] = {}
-        self._send_lock = trio.Lock()
+        # Followed tasks with events past their cursor, as ordered sets: ``_ended`` holds
+        # those whose log just ended, served first.
+        self._ready: dict[str, None] = {}
+        self._ended: dict[str, None] = {}
+        self._replies: deque[str] = deque()
+        self._wake = trio.Event()
+        self._reply_room = trio.Event()
         # The connection's own websocket, not the context-local proxy: followers may be
         # started from another connection's task (a chat in the same session), and would
         # otherwise resolve the proxy to that connection.
         self._ws = websocket._get_current_object()  # type: ignore[attr-defined]
         self.too_slow = trio.Event()
+        self.sending_since: float | None = None
         self._spawning = False
-        self._sending_since: float | None = None
 
     # -- following ------------------------------------------------------------------------
 
@@ -71,90 +114,132 @@ class WsConnection:
             self.follow(task_id, 0)
 
     def follow(self, task_id: str, after: int) -> None:
-        """Follow a task from ``after`` (replacing any follower of it). Synchronous."""
-        if self._nursery is None:
+        """Follow a task from ``after`` (replacing any follower of it). Synchronous: the
+        replay of what is already in the log goes out with the pump's next round. An
+        unknown or expired task is not followed (nothing would ever come)."""
+        if not self._running:
             return
         self.unfollow(task_id)
-        follower = _Follower(after)
-        self._followers[task_id] = follower
-        self._nursery.start_soon(self._follow, task_id, follower)
+
+        def on_append(event: Event) -> None:
+            self._mark(task_id, event.terminal)
+
+        watch = self.rt.manager.backend.watch(task_id, on_append)
+        if watch is None:
+            return
+        self._followers[task_id] = _Follower(after, watch)
+        self._mark(task_id, False)
 
     def unfollow(self, task_id: str) -> bool:
         follower = self._followers.pop(task_id, None)
         if follower is not None:
-            follower.scope.cancel()
+            follower.watch.close()
         return follower is not None
 
-    async def _follow(self, task_id: str, follower: _Follower) -> None:
-        """Replay the log past the follower's cursor then follow it live; one cursor, so
-        the seam between replay and live has no gap and no duplicate."""
-        backend = self.rt.manager.backend
-        try:
-            with follower.scope, backend.reading(task_id):
-                while (events := await next_events(backend, task_id, follower.cursor)):
-                    for event in events:
-                        await self._write('{"type":"event","event":' + event.json + "}")
-                        follower.cursor = event.seq
-                        if event.terminal:
-                            return
-        finally:
-            if self._followers.get(task_id) is follower:
-                del self._followers[task_id]
+    def _unfollow_all(self) -> None:
+        for follower in self._followers.values():
+            follower.watch.close()
+        self._followers.clear()
 
-    async def _watch_lag(self) -> None:
-        """Close a connection whose followers fall too far behind their tasks. Followers
-        that wait on a full writer cannot check this themselves."""
-        backend = self.rt.manager.backend
-        max_lag = self.rt.settings.ws_max_lag_events
-        send_timeout = self.rt.settings.ws_send_timeout_s
-        while True:
-            await trio.sleep(min(0.5, send_timeout / 2))
-            since = self._sending_since
-            if since is not None and trio.current_time() - since > send_timeout:
-                self.too_slow.set()
-                return
-            for task_id, follower in list(self._followers.items()):
-                record = await backend.get(task_id)
-                if record is not None and record.last_seq - follower.cursor > max_lag:
-                    self.too_slow.set()
-                    return
+    def _mark(self, task_id: str, ended: bool) -> None:
+        if ended:
+            self._ended[task_id] = None
+        elif task_id not in self._ended:
+            self._ready[task_id] = None
+        self._wake.set()
+
+    def _next_ready(self) -> str | None:
+        for queue in (self._ended, self._ready):
+            if queue:
+                task_id = next(iter(queue))
+                del queue[task_id]
+                return task_id
+        return None
 
     # -- sending --------------------------------------------------------------------------
 
-    async def send(self, message: dict[str, Any]) -> None:
-        await self._write(json.dumps(message))
+    async def _pump(self) -> None:
+        """The connection's only writer: replies, then ended tasks, then the rest.
+        Cancelled when the connection ends; a message in flight is finished first."""
+        while True:
+            if self._replies:
+                texts = list(self._replies)
+                self._replies.clear()
+                self._reply_room.set()
+                await self._send(texts)
+                continue
+            task_id = self._next_ready()
+            if task_id is None:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            await self._deliver(task_id)
 
-    async def _write(self, text: str) -> None:
-        """Send one message; followers and replies take turns on the lock.
+    async def _deliver(self, task_id: str) -> None:
+        """Send what lies past one follower's cursor (at most ``_READ_LIMIT`` events)."""
+        follower = self._followers.get(task_id)
+        if follower is None:
+            return
+        backend = self.rt.manager.backend
+        events = await backend.read(task_id, follower.cursor, _READ_LIMIT)
+        if not events or self._followers.get(task_id) is not follower:
+            return
+        if len(events) == _READ_LIMIT:
+            record = await backend.get(task_id)
+            if record is not None and \
+                    record.last_seq - follower.cursor > self.rt.settings.ws_max_lag_events:
+                self.too_slow.set()
+                return
+            self._ready[task_id] = None  # more to come, after other tasks have had a turn
+        if self.batch:
+            texts = ['{"type":"events","events":[' + ",".join(e.json for e in events) + "]}"]
+        else:
+            texts = ['{"type":"event","event":' + e.json + "}" for e in events]
+        await self._send(texts)
+        follower.cursor = events[-1].seq
+        if events[-1].terminal and self._followers.get(task_id) is follower:
+            self.unfollow(task_id)
 
-        The send itself is shielded: cancelling a follower (unsubscribe, resubscribe, the
-        connection closing) half-way through a frame would corrupt the stream for every
-        other follower. A send to a client that is gone returns at once; one to a client
-        that does not read is noticed by ``_watch_lag`` through ``_sending_since``.
-        Writing directly, without a writer task in between, saves a task switch per event.
-        """
-        async with self._send_lock:
-            self._sending_since = trio.current_time()
-            with trio.CancelScope(shield=True):
+    async def _send(self, texts: list[str]) -> None:
+        """Send whole messages. Shielded: the pump is cancelled only when the connection
+        ends, and a frame cut half-way would corrupt the close frame that may follow. A
+        send to a client that is gone returns at once; one to a client that does not read
+        is noticed by the ``WsHub`` watchdog through ``sending_since``."""
+        self.sending_since = trio.current_time()
+        with trio.CancelScope(shield=True):
+            for text in texts:
                 await self._ws.send(text)
-            self._sending_since = None
+        self.sending_since = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Queue a reply for the pump; waits only while too many replies are pending (a
+        client that sends commands and does not read its answers). Cancelling it drops
+        the reply."""
+        while len(self._replies) >= _MAX_PENDING_REPLIES:
+            self._reply_room = trio.Event()
+            await self._reply_room.wait()
+        self._replies.append(json.dumps(message))
+        self._wake.set()
 
     # -- commands -------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, hub: WsHub) -> None:
         """Serve the connection until the client goes (quart-trio cancels this) or falls
         too far behind (then close it with 4008)."""
+        hub.connections.add(self)
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._watch_lag)
+                self._running = True
+                nursery.start_soon(self._pump)
                 assert self.session is not None
                 await self.send({"type": "session", "session_id": self.session.id})
                 nursery.start_soon(self._receive_loop)
                 await self.too_slow.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
+            self._running = False
+            hub.connections.discard(self)
+            self._unfollow_all()
             if self.session is not None:
                 self.rt.sessions.detach(self.session, self)
         # Only reached when the client fell behind. The close frame queues behind what
@@ -262,7 +347,7 @@ async def ws() -> Response | None:
     except RequestError as exc:
         return error_response(exc)  # an HTTP 401 instead of the upgrade
     await websocket.accept()
-    conn = WsConnection(rt, user)
+    conn = WsConnection(rt, user, batch=websocket.args.get("batch", "") in ("1", "true"))
     try:
         session = rt.sessions.attach(user, websocket.args.get("session_id"), conn)
     except RequestError as exc:
@@ -271,5 +356,5 @@ async def ws() -> Response | None:
         await websocket.close(CLOSE_NOT_FOUND, exc.message)
         return None
     conn.session = session
-    await conn.run()
+    await conn.run(cast(WsHub, current_app.extensions[HUB_KEY]))
     return None

@@ -9,12 +9,19 @@ which backend is in use.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import trio
 
 from server.schemas import Event, TaskRecord
+
+
+class LogWatch(Protocol):
+    def close(self) -> None:
+        """Stop the calls; idempotent."""
+        ...
 
 
 class TaskBackend(Protocol):
@@ -54,6 +61,12 @@ class TaskBackend(Protocol):
 
     def reading(self, task_id: str) -> AbstractContextManager[None]:
         """Mark a reader following the task's log, so that retention keeps it meanwhile."""
+        ...
+
+    def watch(self, task_id: str, on_append: Callable[[Event], None]) -> LogWatch | None:
+        """Call ``on_append`` synchronously with each event appended to the task's log
+        until the returned watch is closed; None if the task is unknown or expired. A watch
+        counts as a reader for retention. ``on_append`` must not block or raise."""
         ...
 
     async def expire(self, now: float, retention_s: float) -> list[str]:

@@ -8,6 +8,7 @@ exactly one terminal event and nothing after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -27,6 +28,10 @@ class EventLog:
         self._events: list[Event] = []
         # Readers following this log right now; retention does not drop a log under them.
         self.readers = 0
+        # Called synchronously after every append with the new event: a WebSocket
+        # connection follows many logs with one writer, woken by these, instead of one
+        # waiting task per log.
+        self.watchers: list[Callable[[Event], None]] = []
         # Replaced on every append: waiters wake, re-read, and wait on the new one.
         self._changed = trio.Event()
 
@@ -52,6 +57,8 @@ class EventLog:
         self._events.append(event)
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+        for watcher in self.watchers:
+            watcher(event)
         return event
 
     def read(self, after: int, limit: int | None = None) -> list[Event]:

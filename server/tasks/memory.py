@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -101,6 +101,12 @@ class MemoryBackend:
             if log is not None:
                 log.readers -= 1
 
+    def watch(self, task_id: str, on_append: Callable[[Event], None]) -> _MemoryWatch | None:
+        log = self._logs.get(task_id)
+        if log is None:
+            return None
+        return _MemoryWatch(log, on_append)
+
     async def expire(self, now: float, retention_s: float) -> list[str]:
         expired = [
             r.id
@@ -117,3 +123,17 @@ class MemoryBackend:
 
     async def counts(self) -> tuple[int, dict[str, int]]:
         return self._active_total, dict(self._active_by_user)
+
+
+class _MemoryWatch:
+    def __init__(self, log: EventLog, on_append: Callable[[Event], None]) -> None:
+        self._log: EventLog | None = log
+        self._on_append = on_append
+        log.watchers.append(on_append)
+        log.readers += 1
+
+    def close(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            log.watchers.remove(self._on_append)
+            log.readers -= 1

@@ -114,16 +114,29 @@ class OpenAICompatibleModel:
                 lines = _LineSplitter(_MAX_LINE_CHARS)
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 async for raw in response.aiter_raw():
-                    for line in lines.feed(decoder.decode(raw)):
-                        data = _sse_data(line)
-                        if data is None:
-                            continue
-                        if data == "[DONE]":
-                            return
-                        delta = _parse_chunk(data)
-                        finished = finished or delta.finish_reason is not None
-                        if _carries_something(delta):
-                            await on_delta(delta)
+                    # Every chunk that one read brought is handed on as one delta: when
+                    # the server keeps up that is one chunk, and when it falls behind the
+                    # kernel queues several, so the work per token shrinks as load grows.
+                    pending: list[ModelDelta] = []
+                    done = False
+                    try:
+                        for line in lines.feed(decoder.decode(raw)):
+                            data = _sse_data(line)
+                            if data is None:
+                                continue
+                            if data == "[DONE]":
+                                done = True
+                                break
+                            delta = _parse_chunk(data)
+                            finished = finished or delta.finish_reason is not None
+                            if _carries_something(delta):
+                                pending.append(delta)
+                    finally:
+                        # A bad chunk fails the stream after the good ones before it.
+                        if pending:
+                            await on_delta(_merged(pending))
+                    if done:
+                        return
                 # A last line without its newline counts only if it is [DONE]: a chunk cut
                 # there may be cut short.
                 if _sse_data(lines.flush()) == "[DONE]":
@@ -265,6 +278,22 @@ def _tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
             arguments=_string(arguments),
         ))
     return calls
+
+
+def _merged(deltas: list[ModelDelta]) -> ModelDelta:
+    """Consecutive deltas as one: texts joined, tool-call pieces in order (they are
+    assembled by index downstream), the last finish reason and usage."""
+    if len(deltas) == 1:
+        return deltas[0]
+    merged = ModelDelta(
+        content="".join(d.content for d in deltas),
+        reasoning="".join(d.reasoning for d in deltas),
+        tool_calls=[piece for d in deltas for piece in d.tool_calls],
+    )
+    for d in deltas:
+        merged.finish_reason = d.finish_reason or merged.finish_reason
+        merged.usage = d.usage or merged.usage
+    return merged
 
 
 def _carries_something(delta: ModelDelta) -> bool:
