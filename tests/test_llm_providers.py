@@ -344,6 +344,54 @@ async def test_upstream_stream_delivers_content_finish_and_usage(
     assert request.headers["authorization"] == "Bearer sk-test"
 
 
+async def test_upstream_chunks_read_together_are_one_delta(
+    upstream: ScriptedServer, http: httpx2.AsyncClient
+) -> None:
+    """What one read brings is handed on as one delta: the server does less work per
+    token exactly when it is behind."""
+    first_read_done = trio.Event()
+
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        await send_sse(ex, chunk("one "))
+        await first_read_done.wait()
+        tool = {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}
+        burst = [chunk("two "), chunk("three", reasoning_content="hm"),
+                 chunk(tool_calls=[tool]), chunk(finish="stop"),
+                 {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}]
+        await ex.send("".join(f"data: {json.dumps(c)}\n\n" for c in burst) + "data: [DONE]\n\n")
+        await ex.finish()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+
+    async def on_delta(delta: ModelDelta) -> None:
+        await collected(delta)
+        first_read_done.set()
+
+    await model_for(upstream, http).stream_chat(BODY, on_delta)
+    assert [d.content for d in collected.deltas] == ["one ", "two three"]
+    burst = collected.deltas[1]
+    assert burst.reasoning == "hm"
+    assert [(c.id, c.name, c.arguments) for c in burst.tool_calls] == [("call_1", "f", "{}")]
+    assert (burst.finish_reason, burst.usage) == ("stop", USAGE)
+
+
+async def test_upstream_bad_chunk_fails_after_the_good_ones_of_its_read(
+    upstream: ScriptedServer, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        await ex.send(f"data: {json.dumps(chunk('kept'))}\n\ndata: {{not json\n\n")
+        await until_client_leaves()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    with pytest.raises(ModelError, match="invalid JSON"):
+        await model_for(upstream, http).stream_chat(BODY, collected)
+    assert collected.content == "kept"
+
+
 async def test_upstream_stream_sends_no_authorization_without_a_key(
     upstream: ScriptedServer, http: httpx2.AsyncClient
 ) -> None:
