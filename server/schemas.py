@@ -6,13 +6,14 @@ Tether acts on are checked; everything else passes through to the model untouche
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server import fastjson
 
 Mode = Literal["background", "stream", "sync"]
 Status = Literal["queued", "running", "completed", "cancelled", "failed"]
@@ -214,7 +215,7 @@ class Event:
     @cached_property
     def json(self) -> str:
         """The event as JSON, encoded once however many readers send it."""
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return fastjson.dumps(self.to_dict())
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 
 from quart import Blueprint, Response
 
+from server import fastjson
 from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
 from server.runtime import Runtime
@@ -101,7 +102,7 @@ def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
         **extra,
     }
-    return "data: " + json.dumps(body, separators=(",", ":")) + "\n\n"
+    return "data: " + fastjson.dumps(body) + "\n\n"
 
 
 async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> AsyncIterator[str]:
@@ -123,6 +124,8 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> Async
             if not events:
                 yield ": keepalive\n\n"
                 continue
+            # Whatever piled up since the last write goes out in one write.
+            parts: list[str] = []
             for event in events:
                 cursor = event.seq
                 if event.type == "delta":
@@ -137,13 +140,16 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> Async
                         delta["tool_calls"] = [
                             {"index": i, **call} for i, call in enumerate(event.data["tool_calls"])
                         ]
-                    yield _chunk(record, delta)
+                    parts.append(_chunk(record, delta))
                 elif event.type == "status":
-                    yield ": " + str(event.data.get("description", "")).replace("\n", " ") + "\n\n"
+                    parts.append(": " + str(event.data.get("description", "")).replace("\n", " ")
+                                 + "\n\n")
                 elif event.terminal:
-                    for text in _stream_end(record, include_usage):
-                        yield text
+                    parts.extend(_stream_end(record, include_usage))
+                    yield "".join(parts)
                     return
+            if parts:
+                yield "".join(parts)
 
 
 def _stream_end(record: TaskRecord, include_usage: bool) -> list[str]:

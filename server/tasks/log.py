@@ -32,8 +32,10 @@ class EventLog:
         # connection follows many logs with one writer, woken by these, instead of one
         # waiting task per log.
         self.watchers: list[Callable[[Event], None]] = []
-        # Replaced on every append: waiters wake, re-read, and wait on the new one.
-        self._changed = trio.Event()
+        # Set and dropped on the next append: waiters wake, re-read, and wait on a new
+        # one. Made only when someone waits, so that an append nobody waits on (most of
+        # them: WebSocket followers use ``watchers``) allocates nothing.
+        self._changed: trio.Event | None = None
 
     @property
     def last_seq(self) -> int:
@@ -55,8 +57,9 @@ class EventLog:
             data=data,
         )
         self._events.append(event)
-        changed, self._changed = self._changed, trio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
         for watcher in self.watchers:
             watcher(event)
         return event
@@ -74,5 +77,7 @@ class EventLog:
         while self.last_seq <= after:
             if self.closed:
                 return False
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
         return True

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx2
 
+from server import fastjson
 from server.providers.llm.base import ModelDelta, ModelError, OnDelta, ToolCallDelta
 
 # An SSE line is one chunk: a few hundred bytes, a few KiB for a large tool-call argument.
@@ -198,8 +199,8 @@ def _json_object(raw: str | bytes, invalid: str) -> dict[str, Any]:
     """Decode an upstream JSON object, raising ``ModelError`` for bad JSON, a non-object,
     or an ``error`` the upstream put in place of an answer."""
     try:
-        value = json.loads(raw)
-    except ValueError:
+        value = fastjson.loads(raw)
+    except (ValueError, RecursionError):
         raise ModelError(invalid) from None
     if not isinstance(value, dict):
         raise ModelError(invalid)
