@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     async def stop() -> None:
         await runtime.manager.shutdown()
         await runtime.http.aclose()
+        await runtime.model_http.aclose()
 
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:

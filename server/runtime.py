@@ -27,6 +27,7 @@ class Runtime:
     auth: Authenticator
     metrics: Metrics
     http: httpx2.AsyncClient
+    model_http: httpx2.AsyncClient
     models: ModelRouter
     search: SearchProvider
     tools: dict[str, Tool]
@@ -35,12 +36,12 @@ class Runtime:
     sessions: SessionRegistry
 
 
-def build_http_client(settings: Settings) -> httpx2.AsyncClient:
-    """The one client for all outgoing HTTP. Timeouts here are outer bounds; each step
-    also has its own deadline inside the task's cancel scope."""
+def build_http_client(settings: Settings, *, keepalive: int) -> httpx2.AsyncClient:
+    """A client for outgoing HTTP. Timeouts here are outer bounds; each step also has its
+    own deadline inside the task's cancel scope."""
     limits = httpx2.Limits(
         max_connections=settings.http_max_connections,
-        max_keepalive_connections=min(50, settings.http_max_connections),
+        max_keepalive_connections=min(keepalive, settings.http_max_connections),
     )
     timeout = httpx2.Timeout(settings.llm_timeout_s, connect=10.0)
     return httpx2.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True,
@@ -48,14 +49,20 @@ def build_http_client(settings: Settings) -> httpx2.AsyncClient:
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    http = build_http_client(settings)
+    # Two pools: model streams are long and go to one or two hosts, so their connections
+    # are worth keeping; searches and page fetches are short and go everywhere. Apart,
+    # neither pool's bookkeeping (httpcore walks its connection list on every request)
+    # pays for the other's connections: under load, hundreds of open model streams would
+    # otherwise be walked by every page fetch.
+    http = build_http_client(settings, keepalive=50)
+    model_http = build_http_client(settings, keepalive=settings.http_max_connections)
     metrics = Metrics()
-    models = build_model_router(settings, http)
+    models = build_model_router(settings, model_http)
     search = build_search_provider(settings, http)
     tools = build_tools(settings, http)
     pipeline = ChatPipeline(settings, models, search, tools, http)
     manager = TaskManager(settings, MemoryBackend(), pipeline.run_chat, metrics)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
-                   models=models, search=search, tools=tools, pipeline=pipeline,
-                   manager=manager, sessions=sessions)
+                   model_http=model_http, models=models, search=search, tools=tools,
+                   pipeline=pipeline, manager=manager, sessions=sessions)
