@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -99,6 +100,24 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+# Allocations between two young collections. CPython's default (700) makes a full
+# collection follow every ~70,000 net allocations while the heap grows by a quarter, and
+# every full collection walks the whole heap: with 1,000 open WebSocket connections and
+# their tasks, that measured 19 full collections of ~0.4 s each (up to 1.2 s) in a
+# 40 s bench, the server frozen meanwhile. Cyclic garbage here (cancelled tasks, their
+# tracebacks) dies young and is still collected by the frequent young collections.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper pauses: a larger young generation, and everything alive at start-up
+    (modules, the app) moved out of the collector's view for good."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tether", description="Tether chat server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
     print(f"tether: serving on http://{settings.host}:{settings.port}", flush=True)
+    tune_garbage_collector()
     trio.run(partial(serve_app, app, settings, shutdown_trigger=_termination_signal))
     return 0
 
