@@ -120,9 +120,14 @@ def _scale(res: Results) -> Figure | None:
     b.plot(xs, [_num(r["lag_p99"]) for r in rows], marker="x", ls="--", label="p99")
     b.set_title("event lag (client arrival - fake send schedule)")
     b.set_ylabel("ms (log)")
-    for name in ("tether", "model", "bench"):
-        c.plot(xs, [(r.get("cpu_percent_by_process") or {}).get(name, 0) for r in rows],
-               marker="o", label=name)
+    def cpu(r: dict[str, Any], name: str) -> float:
+        by = r.get("cpu_percent_window") or r.get("cpu_percent_by_process") or {}
+        if name == "clients":
+            return float(sum(v for k, v in by.items() if k.startswith("client")))
+        return float(by.get(name, 0))
+
+    for name in ("tether", "model", "clients", "bench"):
+        c.plot(xs, [cpu(r, name) for r in rows], marker="o", label=name)
     c.axhline(100, color="grey", lw=0.8)
     c.set_title("CPU, % of one core (machine: "
                 f"{res.machine.get('cores')} cores)")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCENARIOS = ("time_to_task_id", "stop_latency", "disconnect", "scale", "cancel_storm")
+SCENARIOS = ("time_to_task_id", "stop_latency", "disconnect", "scale", "waiting",
+             "cancel_storm")
 # Scale runs first so that its memory per task is measured from a server that has not yet
 # grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
-RUN_ORDER = ("scale", "time_to_task_id", "stop_latency", "disconnect", "cancel_storm")
+RUN_ORDER = ("scale", "waiting", "time_to_task_id", "stop_latency", "disconnect",
+             "cancel_storm")
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,19 @@ class BenchConfig:
     stop_samples: int = 30  # per phase and transport
     disconnect_samples: int = 30  # per client kind and phase
     # 4. scale
-    scale_levels: tuple[int, ...] = (1, 10, 30, 100, 300, 1000)
+    scale_levels: tuple[int, ...] = (1, 10, 30, 100, 300, 1000)  # at scale_rate
     scale_tokens: int = 200
     scale_rate: float = 50.0
+    # (tasks, tokens/s, tokens): many slow streams
+    scale_slow_levels: tuple[tuple[int, float, int], ...] = ((1000, 5.0, 25),)
+    scale_unbatched_levels: tuple[int, ...] = (100,)  # Tether without ?batch=1
+    scale_floor_levels: tuple[int, ...] = (100, 300)  # the same streams on the relay floor
+    scale_max_workers: int = 4  # WebSocket client worker processes
     scale_probe_interval_s: float = 0.02
-    scale_spawn_concurrency: int = 50
+    # 6. waiting tasks
+    waiting_tasks: int = 2000  # tasks held in a web search, each with its own WS client
+    waiting_search_delay_s: float = 30.0
+    waiting_streams: int = 50  # streaming beside them at scale_rate
     # 5. cancel storm
     storm_tasks: int = 10_000
     storm_concurrency: int = 200
@@ -55,8 +65,9 @@ _SERVER_ENV = {
     "TETHER_MAX_ACTIVE_TASKS_PER_USER": "50000",
     # Ended tasks expire quickly so that the cancel storm can check memory afterwards.
     "TETHER_TASK_RETENTION_S": "5",
-    # The default pool (200) would cap concurrent model streams below the top scale level.
-    "TETHER_HTTP_MAX_CONNECTIONS": "1500",
+    # The default pool (200) would cap concurrent upstream requests (model streams, the
+    # waiting scenario's 2,000 pending searches) below what the bench holds open at once.
+    "TETHER_HTTP_MAX_CONNECTIONS": "3000",
 }
 
 FULL = BenchConfig(mode="full", server_env=dict(_SERVER_ENV))
@@ -70,7 +81,8 @@ QUICK = BenchConfig(
     ws_chat_samples=100,
     stop_samples=8,
     disconnect_samples=8,
-    scale_levels=(1, 10, 30, 100),
+    scale_levels=(1, 10, 30, 100, 300),
+    scale_tokens=100,
     storm_tasks=1000,
     storm_concurrency=100,
     server_env=dict(_SERVER_ENV),

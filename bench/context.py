@@ -33,6 +33,7 @@ class Bench:
     results: Results
     server: Proc | None = None
     payload_first: Proc | None = None
+    relay_floor: Proc | None = None
     search: FakeControl | None = None
     pages: FakeControl | None = None
     model: FakeControl | None = None
@@ -63,11 +64,21 @@ class Bench:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._start_server)
             nursery.start_soon(self._start_payload_first)
+            nursery.start_soon(self._start_relay_floor)
         await self._discover_model()
         self.ws_available = await self._probe_ws()
         self.rss_at_start_mb = self.server_rss_mb()
+        # Each WebSocket client of the waiting scenario costs the server two descriptors (its
+        # connection and its upstream search); the server inherits the bench's raised limit.
+        nofile = self.server_process().rlimit(psutil.RLIMIT_NOFILE)
+        self.results.settings["server_rlimit_nofile"] = list(nofile)
+        need = 2 * (self.cfg.waiting_tasks + self.cfg.waiting_streams) + 1000
+        if nofile[0] < need:
+            self.results.notes.append(f"the server's open-file limit {nofile[0]} is below the "
+                                      f"{need} the waiting scenario needs")
         self.progress.step(f"tether :{self.tether.port} (pid {self.tether.pid}), payload-first "
-                           f":{self.pf.port}; model {self.model_id!r}; "
+                           f":{self.pf.port}, relay floor :{self.floor.port}; "
+                           f"model {self.model_id!r}; "
                            f"WebSocket {'yes' if self.ws_available else 'NOT available'}")
 
     def server_env(self) -> dict[str, str]:
@@ -88,23 +99,41 @@ class Bench:
         self.server = proc
         await self._wait_healthz(proc)
 
+    async def restart_server(self) -> None:
+        """End the Tether server by its pid and start a fresh one (a fresh heap, for memory
+        figures that the earlier scenarios' high-water mark would otherwise hide)."""
+        old = self.tether
+        self.procs.kill(old)
+        self.procs.procs.remove(old)
+        await self._start_server()
+        await self._discover_model()
+        self.progress.step(f"tether restarted: :{self.tether.port} (pid {self.tether.pid})")
+
     async def _start_payload_first(self) -> None:
         args = ["-m", "bench.baselines.payload_first", "--port", "0",
                 "--searxng-url", self.fake("search").base_url,
                 "--llm-base-url", self.fake("model").base_url + "/v1"]
-        proc = self.procs.spawn("payload_first", args)
+        self.payload_first = await self._start_baseline("payload_first", args)
+
+    async def _start_relay_floor(self) -> None:
+        args = ["-m", "bench.baselines.relay_floor", "--port", "0",
+                "--llm-base-url", self.fake("model").base_url + "/v1"]
+        self.relay_floor = await self._start_baseline("relay_floor", args)
+
+    async def _start_baseline(self, name: str, args: list[str]) -> Proc:
+        proc = self.procs.spawn(name, args)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not proc.port:
             for line in proc.log_path.read_text(errors="replace").splitlines():
                 if line.startswith("READY "):
                     proc.port = int(line.split()[1])
             if not proc.alive():
-                raise ProcessError(f"payload-first exited:\n{proc.log_tail()}")
+                raise ProcessError(f"{name} exited:\n{proc.log_tail()}")
             await trio.sleep(0.05)
         if not proc.port:
-            raise ProcessError(f"payload-first printed no READY line:\n{proc.log_tail()}")
-        self.payload_first = proc
+            raise ProcessError(f"{name} printed no READY line:\n{proc.log_tail()}")
         await self._wait_healthz(proc)
+        return proc
 
     async def _wait_healthz(self, proc: Proc, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -158,6 +187,11 @@ class Bench:
     def pf(self) -> Proc:
         assert self.payload_first is not None
         return self.payload_first
+
+    @property
+    def floor(self) -> Proc:
+        assert self.relay_floor is not None
+        return self.relay_floor
 
     def fake(self, name: str) -> FakeControl:
         fake = {"search": self.search, "pages": self.pages, "model": self.model}[name]
@@ -242,6 +276,11 @@ class Bench:
 
     def server_rss_mb(self) -> float:
         return float(self.server_process().memory_info().rss) / 2**20
+
+    def rss_mb(self, pid: int | None = None) -> float:
+        """RSS of a process of the run (default: the Tether server), in MB."""
+        process = psutil.Process(pid) if pid is not None else self.server_process()
+        return float(process.memory_info().rss) / 2**20
 
     def server_cpu_s(self) -> float:
         times = self.server_process().cpu_times()

@@ -93,6 +93,22 @@ class ProcessSet:
         self.procs.append(proc)
         return proc
 
+    def spawn_piped(self, name: str, args: list[str]) -> Proc:
+        """Start a child whose stdin and stdout are pipes to the bench (stderr to its log)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+        child_env["PYTHONUNBUFFERED"] = "1"
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, *args], cwd=REPO_ROOT, env=child_env, stdout=subprocess.PIPE,
+                stderr=log, stdin=subprocess.PIPE, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
     async def start_fake(self, name: str, module: str, timeout: float = 20.0) -> Proc:
         """Start ``python -m <module> --port 0`` and wait for its ``READY <port>`` line."""
         proc = self.spawn(name, ["-m", module, "--port", "0", "--host", "127.0.0.1"])
@@ -131,4 +147,8 @@ class ProcessSet:
     def kill_all(self) -> None:
         for proc in reversed(self.procs):
             self.kill(proc)
+            for pipe in (proc.popen.stdin, proc.popen.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         self.procs.clear()

@@ -119,47 +119,133 @@ def _disconnect(res: Results) -> list[str]:
 
 def _scale(res: Results) -> list[str]:
     fig = res.figures.get("scale") or {}
-    rows = fig.get("levels") or []
+    rows = [*(fig.get("levels") or []), *(fig.get("extra_levels") or [])]
     if not rows:
         return []
     out = ["## 4. Scale", "",
-           f"Concurrent background tasks, each streaming {fig.get('tokens')} tokens at "
-           f"{fig.get('rate'):g} tokens/s from the fake model to its own subscribed "
-           "WebSocket client. Time to task id: probe requests sent during the streaming, "
+           f"Concurrent background tasks, each streaming {fig.get('tokens')} tokens (1,000-task "
+           "level: fewer, slower) from the fake model to its own WebSocket client (clients "
+           "spread over worker processes; Tether's connect with `?batch=1` unless marked "
+           "unbatched). Time to task id: probe requests in the first half of the streaming, "
            "interleaved with the `/healthz` floor. Event lag: arrival at the client minus the "
-           "fake's send schedule (so it includes any lag of the fake itself). CPU: % of one "
-           f"core; this machine has {res.machine.get('cores')} cores, shared by the server, "
-           "the fakes and the bench client. KB per task: the server's peak RSS above its RSS "
-           "at start-up, divided by the number of tasks (each with its own WebSocket "
-           "connection).", ""]
+           "fake's send schedule (so it includes any lag of the fake itself). KB per task: the "
+           "server's peak RSS above its RSS at start-up, divided by the tasks; per added task: its "
+           "rise over the previous level's peak, divided by the added tasks (not judged at "
+           "the first level). Holds: task id "
+           f"p99 < {fig.get('ttid_limit_ms', 50):g} ms and ≤ {fig.get('ttid_floor_ratio', 2):g}× "
+           f"the floor p99, lag p99 < {fig.get('lag_limit_ms', 100):g} ms, nothing lost, "
+           f"≤ {fig.get('kb_per_task_limit', 64):g} KB per added task. CPU: % of one core over the "
+           "second half of the streaming (the probe stopped) for the server / model fake / "
+           "each client worker / bench; this machine has "
+           f"{res.machine.get('cores')} cores, shared by all of them.", ""]
     table = []
     for r in rows:
         table.append([
-            str(r["tasks"]), _pair(r["ttid_p50"], r["ttid_p99"]),
-            _pair(r["floor_p50"], r["floor_p99"]),
+            str(r["tasks"]), f"{r.get('rate', fig.get('rate')):g}",
+            "yes" if r.get("batch", True) else "no",
+            _pair(r["ttid_p50"], r["ttid_p99"]), _pair(r["floor_p50"], r["floor_p99"]),
             _pair(r["ttid_ratio_p50"], r["ttid_ratio_p99"], _x),
             _pair(r["lag_p50"], r["lag_p99"]),
             f"{r['lost']} / {r['out_of_order']} / {r.get('undelivered', 0)} / "
             f"{r.get('closed_connections', 0)}",
-            _cpu(r), f"{r['peak_rss_mb']:.0f}",
+            _us(r.get("us_per_token")), _cpu(r), f"{r['peak_rss_mb']:.0f}",
             f"{r['kb_per_task']:.0f}" if r.get("kb_per_task") is not None else "–",
+            f"{r['kb_per_task_marginal']:.0f}" if r.get("kb_per_task_marginal") is not None
+            else "–",
             "yes" if r["holds"] else "no",
         ])
-    out += _table(["tasks", "task id ms", "floor ms", "task id / floor", "event lag ms",
+    out += _table(["tasks", "tokens/s each", "batched", "task id ms", "floor ms",
+                   "task id / floor", "event lag ms",
                    "events lost / out of order / undelivered / connections closed",
-                   "CPU % server / model fake / bench client",
-                   "server peak RSS MB", "KB per task",
-                   "holds"], table)
+                   "server µs per token", "CPU % server / model / clients / bench",
+                   "server peak RSS MB", "KB per task", "KB per added task", "holds"],
+                  table)
     limit = fig.get("highest_level_held")
-    out += ["", f"Highest level held (task id p99 < 50 ms, every event delivered, none lost "
-            f"or out of order): **{limit}**." if limit else
-            "No level held (task id p99 < 50 ms, every event delivered)."]
+    out += ["", f"Highest level held at {fig.get('rate', 50):g} tokens/s: **{limit}** tasks."
+            if limit else f"No level held at {fig.get('rate', 50):g} tokens/s."]
+    per_token = fig.get("per_token_cpu") or []
+    if per_token:
+        out += ["", "### CPU per delivered token: Tether and the relay floor", "",
+                "The same streams against the relay floor (`baselines/relay_floor.py`: raw ASGI "
+                "on hypercorn, one httpx2 stream per chat, each model chunk relayed as one "
+                "WebSocket frame). Server CPU seconds (user + system) from the chats to the "
+                "last end, divided by the model tokens delivered to clients (a token merged "
+                "with others into one event or batch counts once); Tether's includes the "
+                "probe. CPU %: the second half of the streaming, server / model / clients.",
+                ""]
+        table = []
+        for r in per_token:
+            t_cpu, f_cpu = r.get("tether_cpu_window") or {}, r.get("floor_cpu_window") or {}
+            table.append([
+                str(r["tasks"]), f"{r['rate']:g}", "yes" if r.get("batch") else "no",
+                _us(r["tether_us_per_token"]), _us(r["floor_us_per_token"]),
+                f"**{_x(r['ratio'])}**",
+                f"{r['tether_messages_per_token']}" if r.get("tether_messages_per_token")
+                is not None else "–",
+                _pair(r.get("tether_lag_p99"), r.get("floor_lag_p99")),
+                _cpu_short(t_cpu, "tether"), _cpu_short(f_cpu, "relay_floor"),
+            ])
+        out += _table(["tasks", "tokens/s each", "Tether batched", "Tether µs/token",
+                       "floor µs/token", "Tether / floor", "Tether WS messages per token",
+                       "lag p99 ms Tether / floor", "CPU % (Tether run)",
+                       "CPU % (floor run)"], table)
     return out + [""]
 
 
+def _us(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.0f}"
+
+
+def _clients(cpu: dict[str, Any]) -> str:
+    values = [f"{v:.0f}" for k, v in sorted(cpu.items()) if k.startswith("client") and v > 0.5]
+    return "+".join(values) or "0"
+
+
+def _cpu_short(cpu: dict[str, Any], server: str) -> str:
+    return f"{cpu.get(server, 0):.0f} / {cpu.get('model', 0):.0f} / {_clients(cpu)}"
+
+
 def _cpu(row: dict[str, Any]) -> str:
-    cpu = row.get("cpu_percent_by_process") or {}
-    return " / ".join(f"{cpu.get(name, 0):.0f}" for name in ("tether", "model", "bench"))
+    cpu = row.get("cpu_percent_window") or row.get("cpu_percent_by_process") or {}
+    return (f"{cpu.get('tether', 0):.0f} / {cpu.get('model', 0):.0f} / {_clients(cpu)} / "
+            f"{cpu.get('bench', 0):.0f}")
+
+
+def _waiting(res: Results) -> list[str]:
+    r = res.figures.get("waiting")
+    if not r:
+        return []
+    out = ["## 6. Many waiting tasks", "",
+           f"{r['waiting_tasks']} tasks, each with its own WebSocket client, wait on a web "
+           f"search that takes {r['search_delay_s']:g} s (their chats sent in one burst), "
+           f"while {r['streams']} others stream; then one `POST /api/chats/{{id}}/stop` "
+           "stops the waiting ones.", ""]
+    cpu = r.get("cpu_percent_by_process") or {}
+    table = [
+        ["time to task id p50 / p99 ms (probe, while they wait)",
+         _pair(r["ttid_p50"], r["ttid_p99"])],
+        ["floor (`/healthz`) p50 / p99 ms", _pair(r["floor_p50"], r["floor_p99"])],
+        ["task id / floor p50 / p99", _pair(r["ttid_ratio_p50"], r["ttid_ratio_p99"], _x)],
+        [f"`chat` to `task`, burst of {r['chat_n']} p50 / p99 ms",
+         _pair(r["chat_p50"], r["chat_p99"])],
+        ["every search request at the fake after", f"{r['all_waiting_s']} s"],
+        ["server RSS before the clients / with all waiting MB",
+         f"{r['rss_before_mb']:.0f} / {r['rss_waiting_mb']:.0f}"],
+        ["server memory per waiting task (task, session, WebSocket, pending search)",
+         f"**{r['kb_per_waiting_task']:.0f} KB**"],
+        ["streams beside them: lag p50 / p99 ms", _pair(r["stream_lag_p50"],
+                                                         r["stream_lag_p99"])],
+        ["chat stop: answer / tasks stopped", f"{_dur(r['stop_ms'])} / {r['stopped']}"],
+        ["client terminal events", ", ".join(f"{k}: {v}" for k, v in
+                                             sorted(r["terminals"].items()))],
+        ["left afterwards: tasks / open search connections",
+         f"{r['tasks_left']} / {r['search_connections_left']}"],
+        ["CPU % server / model / clients / bench (while streaming)",
+         f"{cpu.get('tether', 0):.0f} / {cpu.get('model', 0):.0f} / {_clients(cpu)} / "
+         f"{cpu.get('bench', 0):.0f}"],
+    ]
+    out += _table(["", ""], table)
+    return out + [""]
 
 
 def _storm(res: Results) -> list[str]:
@@ -216,7 +302,7 @@ def markdown(res: Results) -> str:
         "are beside the ratios. All processes (server, fakes, bench client) share this "
         "machine's cores.", "",
     ]
-    for section in (_time_to_task_id, _stop_latency, _disconnect, _scale, _storm):
+    for section in (_time_to_task_id, _stop_latency, _disconnect, _scale, _storm, _waiting):
         out += section(res)
     if res.checks:
         out += ["## Checks", ""]

@@ -1,7 +1,10 @@
 """A WebSocket client for ``/ws`` (trio-websocket) that timestamps every message it gets.
 
-Events (``{"type": "event"}``) are kept per task as ``Arrival`` records; every other
-message (``session``, ``task``, ``pong``, ``error``) is a reply, handed out in order.
+Events are kept per task as ``Arrival`` records, whether they come one per message
+(``{"type": "event", "event": ...}``) or batched (``{"type": "events", "events": [...]}``,
+which a server may send to a client that connected with ``?batch=1``; a server that does
+not batch ignores the parameter); every other message (``session``, ``task``, ``pong``,
+``error``) is a reply, handed out in order.
 """
 
 from __future__ import annotations
@@ -34,11 +37,18 @@ class WsClient:
     closed: bool = False
     close_reason: str = ""
     last_event_at: float = 0.0
+    batches: int = 0  # ``events`` messages received
     _changed: trio.Event = field(default_factory=trio.Event)
+    _waiters: int = 0
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._waiters:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def _event(self, ev: dict[str, Any], now: float) -> None:
+        arrival = Arrival(now, int(ev["seq"]), str(ev["type"]), ev.get("data") or {})
+        self.events.setdefault(str(ev["task_id"]), []).append(arrival)
 
     async def _reader(self) -> None:
         try:
@@ -46,10 +56,14 @@ class WsClient:
                 raw = await self.ws.get_message()
                 now = time.monotonic()
                 message = json.loads(raw)
-                if message.get("type") == "event":
-                    ev = message["event"]
-                    arrival = Arrival(now, int(ev["seq"]), str(ev["type"]), ev.get("data") or {})
-                    self.events.setdefault(str(ev["task_id"]), []).append(arrival)
+                kind = message.get("type")
+                if kind == "event":
+                    self._event(message["event"], now)
+                    self.last_event_at = now
+                elif kind == "events":
+                    self.batches += 1
+                    for ev in message["events"]:
+                        self._event(ev, now)
                     self.last_event_at = now
                 else:
                     self.replies.append((now, message))
@@ -61,13 +75,17 @@ class WsClient:
             self._notify()
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-        with trio.move_on_after(timeout):
-            while not predicate():
-                if self.closed:
-                    return predicate()
-                await self._changed.wait()
-            return True
-        return False
+        self._waiters += 1
+        try:
+            with trio.move_on_after(timeout):
+                while not predicate():
+                    if self.closed:
+                        return predicate()
+                    await self._changed.wait()
+                return True
+            return False
+        finally:
+            self._waiters -= 1
 
     async def send(self, message: dict[str, Any]) -> float:
         sent_at = time.monotonic()
@@ -138,8 +156,12 @@ class WsClient:
 
 
 @asynccontextmanager
-async def ws_client(url: str, *, connect_timeout: float = 10.0) -> AsyncIterator[WsClient]:
-    """Connect, read the ``session`` message, and keep reading in the background."""
+async def ws_client(url: str, *, connect_timeout: float = 10.0, batch: bool = False
+                    ) -> AsyncIterator[WsClient]:
+    """Connect, read the ``session`` message, and keep reading in the background.
+    ``batch``: ask for batched events (``batch=1`` in the query)."""
+    if batch:
+        url += ("&" if "?" in url else "?") + "batch=1"
     async with open_websocket_url(url, max_message_size=16 * 1024 * 1024,
                                   connect_timeout=connect_timeout,
                                   disconnect_timeout=2.0) as ws:

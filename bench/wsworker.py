@@ -1,0 +1,502 @@
+"""A WebSocket client worker process: many lean ``/ws`` clients, driven over stdin/stdout.
+
+One bench process cannot read 15,000 events/s from hundreds of connections and still leave
+the server its CPU, so the scale scenarios spread their clients over a few of these workers.
+Each client is a bare RFC 6455 client on a trio socket (no wsproto, no per-message channel):
+one task per connection reads whatever bytes are there and parses every complete frame, and
+per event the worker keeps only the seq bookkeeping and the arrival time of each model token.
+
+    python -m bench.wsworker
+
+Commands, one JSON object per line on stdin, each answered by one JSON line on stdout:
+
+- ``{"cmd": "connect", "host", "port", "path", "n", "mode": "tether"|"floor"}``: open ``n``
+  connections (``path`` may carry ``?batch=1``), read each one's ``session`` message;
+  answers ``{"sessions": [...]}``.
+- ``{"cmd": "chat", "bodies": [...]}``: send ``{"type": "chat", "request": body}`` on
+  the i-th connection that has not sent one yet, for body i (the rest send nothing); answers
+  ``{"sent_at": t}`` at once. A body's last user message is its marker.
+- ``{"cmd": "wait", "stall_s", "hard_s", "started_at"}``: wait until every chatting connection
+  has its terminal event (or is closed), or no event arrived for ``stall_s`` after
+  ``started_at + hard_s``; answers ``{"complete", "pending": [task ids], "last_event_at"}``.
+- ``{"cmd": "analyze", "schedule": {marker: t0}, "rate", "tokens", "window": [t1, t2],
+  "records": {task_id: server record}}``: per-connection checks (see ``_Conn``) and the lags.
+- ``{"cmd": "stop"}``: on every connection with a task, send ``{"type": "stop", "task_id"}``.
+- ``{"cmd": "close"}``: close every connection; ``{"cmd": "quit"}``: exit.
+
+Times are ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+TOKEN = re.compile(r"tok(\d+) ")
+TERMINAL = frozenset({"task:completed", "task:cancelled", "task:failed"})
+FLOOR_TERMINAL = {"done": "task:completed", "failed": "task:failed"}
+
+
+class WsClosed(Exception):
+    pass
+
+
+class RawWs:
+    """A minimal WebSocket client: text frames out (masked), frames in (unmasked)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.pos = 0
+        self.partial: list[bytes] = []
+        self.closed = False
+        self.close_reason = ""
+        self.send_lock = trio.Lock()
+
+    @classmethod
+    async def connect(cls, host: str, port: int, path: str) -> RawWs:
+        stream = await trio.open_tcp_stream(host, port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await stream.receive_some(65536)
+            if not data:
+                await stream.aclose()
+                raise WsClosed("closed during the handshake")
+            head += data
+        head, _, rest = head.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            await stream.aclose()
+            raise WsClosed(f"handshake answered {status.decode(errors='replace')}")
+        ws = cls(stream)
+        ws.buf += rest
+        return ws
+
+    async def _send_frame(self, opcode: int, payload: bytes) -> None:
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        mask = os.urandom(4)
+        reps = (n + 3) // 4
+        masked = (int.from_bytes(payload, "big")
+                  ^ int.from_bytes((mask * reps)[:n], "big")).to_bytes(n, "big") if n else b""
+        async with self.send_lock:
+            await self.stream.send_all(head + mask + masked)
+
+    async def send_text(self, text: str) -> None:
+        await self._send_frame(0x1, text.encode())
+
+    async def receive(self) -> list[bytes]:
+        """Every complete message now available (reads until there is at least one)."""
+        if len(self.buf) > self.pos:
+            out = await self._parse()
+            if out:
+                return out
+        while True:
+            try:
+                data = await self.stream.receive_some(262144)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self.closed = True
+                self.close_reason = self.close_reason or "EOF"
+                raise WsClosed(self.close_reason)
+            self.buf += data
+            out = await self._parse()
+            if out:
+                return out
+
+    async def _parse(self) -> list[bytes]:
+        out: list[bytes] = []
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                head = 10
+            if b1 & 0x80:
+                head += 4  # a server must not mask; tolerate it without unmasking
+            if end - pos < head + length:
+                break
+            payload = bytes(buf[pos + head:pos + head + length])
+            pos += head + length
+            opcode = b0 & 0x0F
+            if opcode in (0x0, 0x1, 0x2):
+                self.partial.append(payload)
+                if b0 & 0x80:
+                    out.append(b"".join(self.partial))
+                    self.partial = []
+            elif opcode == 0x8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close_reason = f"{code} {payload[2:].decode(errors='replace')}".strip()
+                if not self.closed:
+                    self.closed = True
+                    try:
+                        await self._send_frame(0x8, payload[:2])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+                self.pos = pos
+                raise WsClosed(self.close_reason)
+            elif opcode == 0x9:
+                await self._send_frame(0xA, payload)
+        if pos == end:
+            buf.clear()
+            pos = 0
+        elif pos > 65536:
+            del buf[:pos]
+            pos = 0
+        self.pos = pos
+        return out
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                await self._send_frame(0x8, (1000).to_bytes(2, "big"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        await self.stream.aclose()
+
+
+@dataclass
+class _Conn:
+    """One client: its connection, its task, and what arrived for it."""
+
+    ws: RawWs
+    session_id: str = ""
+    marker: str = ""
+    message_id: str = ""
+    task_id: str = ""
+    chat_sent_at: float = 0.0
+    task_at: float = 0.0
+    seqs: int = 0  # events received
+    highest: int = 0
+    out_of_order: int = 0
+    terminal: str = ""
+    tokens: dict[int, float] = field(default_factory=dict)  # token index -> first arrival
+    messages: int = 0  # WebSocket messages received
+    errors: list[str] = field(default_factory=list)
+    session_ready: trio.Event = field(default_factory=trio.Event)
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.conns: list[_Conn] = []
+        self.mode = "tether"
+        self.last_event_at = 0.0
+        self.nursery: trio.Nursery | None = None
+        self.changed = trio.Event()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _event(self, conn: _Conn, ev: dict[str, Any], now: float) -> None:
+        seq = int(ev.get("seq", 0))
+        conn.seqs += 1
+        if seq <= conn.highest:
+            conn.out_of_order += 1
+        else:
+            conn.highest = seq
+        kind = ev.get("type")
+        if kind == "delta":
+            content = (ev.get("data") or {}).get("content")
+            if content:
+                for match in TOKEN.finditer(content):
+                    conn.tokens.setdefault(int(match.group(1)), now)
+        elif kind in TERMINAL:
+            conn.terminal = str(kind)
+            self.changed.set()
+        if not conn.task_id:
+            conn.task_id = str(ev.get("task_id", ""))
+
+    def _message(self, conn: _Conn, raw: bytes, now: float) -> None:
+        conn.messages += 1
+        msg = json.loads(raw)
+        if self.mode == "floor":
+            choices = msg.get("choices")
+            if choices:
+                content = (choices[0].get("delta") or {}).get("content")
+                if content:
+                    for match in TOKEN.finditer(content):
+                        conn.tokens.setdefault(int(match.group(1)), now)
+                self.last_event_at = now
+                return
+        kind = msg.get("type")
+        if kind == "event":
+            self._event(conn, msg["event"], now)
+            self.last_event_at = now
+        elif kind == "events":
+            for ev in msg["events"]:
+                self._event(conn, ev, now)
+            self.last_event_at = now
+        elif kind == "session":
+            conn.session_id = str(msg.get("session_id", ""))
+            conn.session_ready.set()
+        elif kind == "task":
+            conn.task_id = conn.task_id or str(msg.get("task_id", ""))
+            conn.task_at = now
+        elif kind in FLOOR_TERMINAL:
+            conn.terminal = FLOOR_TERMINAL[kind]
+            self.last_event_at = now
+            self.changed.set()
+        elif kind == "error" and len(conn.errors) < 3:
+            conn.errors.append(json.dumps(msg)[:200])
+
+    async def _reader(self, conn: _Conn) -> None:
+        try:
+            while True:
+                frames = await conn.ws.receive()
+                now = time.monotonic()
+                for raw in frames:
+                    self._message(conn, raw, now)
+        except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            conn.ws.closed = True
+            self.changed.set()
+            conn.session_ready.set()
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def connect(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        assert self.nursery is not None
+        self.mode = str(cmd.get("mode", "tether"))
+        n = int(cmd["n"])
+        limiter = trio.CapacityLimiter(int(cmd.get("concurrency", 50)))
+        start = len(self.conns)
+        slots: list[_Conn | None] = [None] * n
+        failures: list[str] = []
+
+        async def one(i: int) -> None:
+            async with limiter:
+                for attempt in range(5):
+                    try:
+                        with trio.fail_after(30):
+                            ws = await RawWs.connect(cmd["host"], int(cmd["port"]), cmd["path"])
+                            conn = _Conn(ws)
+                            assert self.nursery is not None
+                            self.nursery.start_soon(self._reader, conn)
+                            await conn.session_ready.wait()
+                        slots[i] = conn
+                        return
+                    except (OSError, WsClosed, trio.TooSlowError, trio.BrokenResourceError,
+                            trio.ClosedResourceError) as exc:
+                        if attempt == 4:
+                            failures.append(f"{type(exc).__name__}: {exc}")
+                        await trio.sleep(0.2)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        self.conns += [c for c in slots if c is not None]
+        return {"sessions": [c.session_id for c in self.conns[start:]],
+                "failures": failures[:5], "failed": len(failures)}
+
+    async def chat(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        bodies: list[dict[str, Any]] = cmd["bodies"]
+        sent_at = time.monotonic()
+        idle = [c for c in self.conns if not c.chat_sent_at]
+        for conn, body in zip(idle, bodies, strict=False):
+            messages = body.get("messages") or [{}]
+            conn.marker = str(messages[-1].get("content", ""))
+            conn.message_id = str(body.get("message_id", ""))
+            conn.chat_sent_at = time.monotonic()
+            try:
+                await conn.ws.send_text(json.dumps({"type": "chat", "request": body}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                conn.errors.append(f"chat send: {exc}")
+        return {"sent_at": sent_at, "sent": min(len(bodies), len(idle))}
+
+    def _chatting(self) -> list[_Conn]:
+        return [c for c in self.conns if c.chat_sent_at]
+
+    async def wait(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        started = float(cmd.get("started_at") or time.monotonic())
+        hard, stall = float(cmd["hard_s"]), float(cmd["stall_s"])
+        deadline = float(cmd.get("deadline_s", hard + 120))
+        complete = False
+        while True:
+            pending = [c for c in self._chatting() if not c.terminal and not c.ws.closed]
+            if not pending:
+                complete = True
+                break
+            now = time.monotonic()
+            if now - started > hard and now - max(self.last_event_at, started) > stall:
+                break
+            if now - started > deadline:
+                break
+            self.changed = trio.Event()
+            with trio.move_on_after(0.25):
+                await self.changed.wait()
+        return {"complete": complete, "last_event_at": self.last_event_at,
+                "pending": [c.task_id for c in self._chatting() if not c.terminal and c.task_id]}
+
+    def analyze(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Per client: ``lost`` (seq gaps, and tokens missing from a completed stream, or
+        one for a task the server forgot before its end reached a connected client),
+        ``out_of_order``, ``undelivered`` (the server wrote more than reached a still
+        connected client), ``closed`` (connection closed before the end), ``not_completed``;
+        lags (token arrival minus the fake's schedule for it) and the tokens that arrived
+        in ``window``."""
+        schedule: dict[str, float] = cmd.get("schedule") or {}
+        records: dict[str, dict[str, Any]] = cmd.get("records") or {}
+        rate, tokens = float(cmd["rate"]), int(cmd["tokens"])
+        t1, t2 = cmd.get("window") or (0.0, 0.0)
+        floor = self.mode == "floor"
+        lost = out_of_order = undelivered = closed = not_completed = expired = 0
+        in_window = delivered = messages = 0
+        terminals: dict[str, int] = {}
+        close_reasons: dict[str, int] = {}
+        lags: list[float] = []
+        ttid: list[float] = []
+        samples: list[str] = []
+        for c in self._chatting():
+            messages += c.messages
+            terminals[c.terminal or "none"] = terminals.get(c.terminal or "none", 0) + 1
+            if c.task_at and not floor:
+                ttid.append(round((c.task_at - c.chat_sent_at) * 1000, 3))
+            out_of_order += c.out_of_order
+            if not floor:
+                lost += c.highest - c.seqs + c.out_of_order  # gaps below the highest seq
+            record = records.get(c.task_id, {})
+            if not floor and not c.terminal and c.task_id and not record and not c.ws.closed:
+                expired += 1
+                lost += 1
+            elif (record.get("status") or ("completed" if c.terminal == "task:completed"
+                                           else c.terminal or "")) != "completed":
+                not_completed += 1
+                if len(samples) < 5:
+                    samples.append(f"{c.task_id}: {record.get('status') or c.terminal}, "
+                                   f"client got {c.highest}, {c.errors[:1]}")
+            if not c.terminal:
+                if c.ws.closed:
+                    closed += 1
+                    close_reasons[c.ws.close_reason] = close_reasons.get(c.ws.close_reason,
+                                                                         0) + 1
+                elif not floor:
+                    undelivered += max(0, int(record.get("last_seq", c.highest)) - c.highest)
+            if c.terminal == "task:completed":
+                lost += sum(1 for i in range(tokens) if i not in c.tokens)
+            delivered += len(c.tokens)
+            start = schedule.get(c.marker)
+            for index, at in c.tokens.items():
+                if t1 <= at < t2:
+                    in_window += 1
+                if start is not None:
+                    lags.append(round((at - (start + index / rate)) * 1000, 3))
+        return {"lost": lost, "out_of_order": out_of_order, "undelivered": undelivered,
+                "closed": closed, "close_reasons": close_reasons,
+                "not_completed": not_completed, "not_completed_sample": samples,
+                "expired_before_delivery": expired, "lags": lags, "ttid": ttid,
+                "tokens_delivered": delivered, "tokens_in_window": in_window,
+                "messages": messages, "terminals": terminals}
+
+    async def stop(self) -> dict[str, Any]:
+        sent = 0
+        for c in self._chatting():
+            if c.task_id and not c.ws.closed:
+                await c.ws.send_text(json.dumps({"type": "stop", "task_id": c.task_id}))
+                sent += 1
+        return {"sent": sent}
+
+    async def close(self) -> dict[str, Any]:
+        n = len(self.conns)
+        async with trio.open_nursery() as nursery:
+            for c in self.conns:
+                nursery.start_soon(_close_quietly, c.ws)
+        self.conns = []
+        return {"closed": n}
+
+
+async def _close_quietly(ws: RawWs) -> None:
+    with trio.move_on_after(2):
+        try:
+            await ws.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> Any:
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                return
+            buf += data
+        line, _, buf = buf.partition(b"\n")
+        yield line
+
+
+async def serve() -> None:
+    worker = Worker()
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    out = sys.stdout
+    async with trio.open_nursery() as nursery:
+        worker.nursery = nursery
+        out.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+        out.flush()
+        async for line in _lines(stdin):
+            if not line.strip():
+                continue
+            cmd = json.loads(line)
+            name = cmd.get("cmd")
+            try:
+                if name == "connect":
+                    answer = await worker.connect(cmd)
+                elif name == "chat":
+                    answer = await worker.chat(cmd)
+                elif name == "wait":
+                    answer = await worker.wait(cmd)
+                elif name == "analyze":
+                    answer = worker.analyze(cmd)
+                elif name == "stop":
+                    answer = await worker.stop()
+                elif name == "close":
+                    answer = await worker.close()
+                elif name == "quit":
+                    await worker.close()
+                    out.write('{"bye": true}\n')
+                    out.flush()
+                    break
+                else:
+                    answer = {"error": f"unknown command {name!r}"}
+            except Exception as exc:  # report, keep serving
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+        nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    try:
+        trio.run(serve)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
