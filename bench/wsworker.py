@@ -2,9 +2,11 @@
 
 One bench process cannot read 15,000 events/s from hundreds of connections and still leave
 the server its CPU, so the scale scenarios spread their clients over a few of these workers.
-Each client is a bare RFC 6455 client on a trio socket (no wsproto, no per-message channel):
-one task per connection reads whatever bytes are there and parses every complete frame, and
-per event the worker keeps only the seq bookkeeping and the arrival time of each model token.
+Each client is a trio socket driven by a wsproto client state machine (handshake, framing,
+masking, ping and close answers; no per-message channel): one task per connection reads
+whatever bytes are there, feeds them to wsproto and handles every text message they complete,
+and per event the worker keeps only the seq bookkeeping and the arrival time of each model
+token.
 
     python -m bench.wsworker
 
@@ -29,7 +31,7 @@ Times are ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
 import os
 import re
@@ -39,6 +41,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    Message,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 TOKEN = re.compile(r"tok(\d+) ")
 TERMINAL = frozenset({"task:completed", "task:cancelled", "task:failed"})
@@ -49,138 +64,95 @@ class WsClosed(Exception):
     pass
 
 
-class RawWs:
-    """A minimal WebSocket client: text frames out (masked), frames in (unmasked)."""
+class Ws:
+    """One client connection: a trio socket and a wsproto client state machine."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.buf = bytearray()
-        self.pos = 0
-        self.partial: list[bytes] = []
+        self.proto = WSConnection(ConnectionType.CLIENT)
+        self.parts: list[str] = []  # fragments of an unfinished text message
+        self.accepted = False
         self.closed = False
         self.close_reason = ""
         self.send_lock = trio.Lock()
 
     @classmethod
-    async def connect(cls, host: str, port: int, path: str) -> RawWs:
-        stream = await trio.open_tcp_stream(host, port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = await stream.receive_some(65536)
-            if not data:
-                await stream.aclose()
-                raise WsClosed("closed during the handshake")
-            head += data
-        head, _, rest = head.partition(b"\r\n\r\n")
-        status = head.split(b"\r\n", 1)[0]
-        if b" 101 " not in status + b" ":
-            await stream.aclose()
-            raise WsClosed(f"handshake answered {status.decode(errors='replace')}")
-        ws = cls(stream)
-        ws.buf += rest
+    async def open(cls, host: str, port: int, path: str) -> Ws:
+        """Connect and send the handshake request; ``receive`` reads the answer."""
+        ws = cls(await trio.open_tcp_stream(host, port))
+        try:
+            await ws.send(Request(host=f"{host}:{port}", target=path))
+        except BaseException:
+            await trio.aclose_forcefully(ws.stream)
+            raise
         return ws
 
-    async def _send_frame(self, opcode: int, payload: bytes) -> None:
-        n = len(payload)
-        if n < 126:
-            head = bytes((0x80 | opcode, 0x80 | n))
-        elif n < 65536:
-            head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-        else:
-            head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-        mask = os.urandom(4)
-        reps = (n + 3) // 4
-        masked = (int.from_bytes(payload, "big")
-                  ^ int.from_bytes((mask * reps)[:n], "big")).to_bytes(n, "big") if n else b""
-        async with self.send_lock:
-            await self.stream.send_all(head + mask + masked)
+    async def send(self, event: Event) -> None:
+        async with self.send_lock:  # bytes go out in the order wsproto made them
+            try:
+                data = self.proto.send(event)
+            except LocalProtocolError as exc:
+                raise WsClosed(str(exc)) from None
+            await self.stream.send_all(data)
 
     async def send_text(self, text: str) -> None:
-        await self._send_frame(0x1, text.encode())
+        await self.send(Message(data=text))
 
-    async def receive(self) -> list[bytes]:
-        """Every complete message now available (reads until there is at least one)."""
-        if len(self.buf) > self.pos:
-            out = await self._parse()
-            if out:
-                return out
-        while True:
-            try:
-                data = await self.stream.receive_some(262144)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if not data:
-                self.closed = True
-                self.close_reason = self.close_reason or "EOF"
-                raise WsClosed(self.close_reason)
-            self.buf += data
-            out = await self._parse()
-            if out:
-                return out
-
-    async def _parse(self) -> list[bytes]:
-        out: list[bytes] = []
-        buf, pos, end = self.buf, self.pos, len(self.buf)
-        while end - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if end - pos < 4:
-                    break
-                length = int.from_bytes(buf[pos + 2:pos + 4], "big")
-                head = 4
-            elif length == 127:
-                if end - pos < 10:
-                    break
-                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
-                head = 10
-            if b1 & 0x80:
-                head += 4  # a server must not mask; tolerate it without unmasking
-            if end - pos < head + length:
-                break
-            payload = bytes(buf[pos + head:pos + head + length])
-            pos += head + length
-            opcode = b0 & 0x0F
-            if opcode in (0x0, 0x1, 0x2):
-                self.partial.append(payload)
-                if b0 & 0x80:
-                    out.append(b"".join(self.partial))
-                    self.partial = []
-            elif opcode == 0x8:
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                self.close_reason = f"{code} {payload[2:].decode(errors='replace')}".strip()
+    async def receive(self) -> list[str]:
+        """Read once (whatever bytes are there); every text message they complete."""
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        if not data:
+            self.closed = True
+            self.close_reason = self.close_reason or (
+                "EOF" if self.accepted else "closed during the handshake")
+            raise WsClosed(self.close_reason)
+        try:
+            self.proto.receive_data(data)
+        except RemoteProtocolError as exc:  # a bad handshake answer
+            self.closed = True
+            self.close_reason = f"handshake: {exc}"
+            raise WsClosed(self.close_reason) from None
+        out: list[str] = []
+        for event in self.proto.events():
+            if isinstance(event, TextMessage):
+                if event.message_finished:
+                    if self.parts:
+                        self.parts.append(event.data)
+                        out.append("".join(self.parts))
+                        self.parts = []
+                    else:
+                        out.append(event.data)
+                else:
+                    self.parts.append(event.data)
+            elif isinstance(event, Ping):
+                await self.send(event.response())
+            elif isinstance(event, CloseConnection):
+                self.close_reason = f"{int(event.code)} {event.reason or ''}".strip()
                 if not self.closed:
                     self.closed = True
-                    try:
-                        await self._send_frame(0x8, payload[:2])
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
-                self.pos = pos
+                    if self.proto.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                        with contextlib.suppress(WsClosed, trio.BrokenResourceError,
+                                                 trio.ClosedResourceError, OSError):
+                            await self.send(event.response())
                 raise WsClosed(self.close_reason)
-            elif opcode == 0x9:
-                await self._send_frame(0xA, payload)
-        if pos == end:
-            buf.clear()
-            pos = 0
-        elif pos > 65536:
-            del buf[:pos]
-            pos = 0
-        self.pos = pos
+            elif isinstance(event, AcceptConnection):
+                self.accepted = True
+            elif isinstance(event, RejectConnection):
+                self.closed = True
+                self.close_reason = f"handshake answered {event.status_code}"
+                raise WsClosed(self.close_reason)
         return out
 
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
-            try:
-                await self._send_frame(0x8, (1000).to_bytes(2, "big"))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            if self.proto.state is ConnectionState.OPEN:
+                with contextlib.suppress(WsClosed, trio.BrokenResourceError,
+                                         trio.ClosedResourceError, OSError):
+                    await self.send(CloseConnection(code=1000))
         await self.stream.aclose()
 
 
@@ -188,7 +160,7 @@ class RawWs:
 class _Conn:
     """One client: its connection, its task, and what arrived for it."""
 
-    ws: RawWs
+    ws: Ws
     session_id: str = ""
     marker: str = ""
     message_id: str = ""
@@ -234,7 +206,7 @@ class Worker:
         if not conn.task_id:
             conn.task_id = str(ev.get("task_id", ""))
 
-    def _message(self, conn: _Conn, raw: bytes, now: float) -> None:
+    def _message(self, conn: _Conn, raw: str, now: float) -> None:
         conn.messages += 1
         msg = json.loads(raw)
         if self.mode == "floor":
@@ -270,10 +242,11 @@ class Worker:
     async def _reader(self, conn: _Conn) -> None:
         try:
             while True:
-                frames = await conn.ws.receive()
-                now = time.monotonic()
-                for raw in frames:
-                    self._message(conn, raw, now)
+                messages = await conn.ws.receive()
+                if messages:
+                    now = time.monotonic()
+                    for raw in messages:
+                        self._message(conn, raw, now)
         except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             conn.ws.closed = True
             self.changed.set()
@@ -293,17 +266,22 @@ class Worker:
         async def one(i: int) -> None:
             async with limiter:
                 for attempt in range(5):
+                    ws: Ws | None = None
                     try:
                         with trio.fail_after(30):
-                            ws = await RawWs.connect(cmd["host"], int(cmd["port"]), cmd["path"])
+                            ws = await Ws.open(cmd["host"], int(cmd["port"]), cmd["path"])
                             conn = _Conn(ws)
                             assert self.nursery is not None
                             self.nursery.start_soon(self._reader, conn)
                             await conn.session_ready.wait()
+                        if not ws.accepted:  # the handshake failed: try again
+                            raise WsClosed(ws.close_reason)
                         slots[i] = conn
                         return
                     except (OSError, WsClosed, trio.TooSlowError, trio.BrokenResourceError,
                             trio.ClosedResourceError) as exc:
+                        if ws is not None:
+                            await _close_quietly(ws)  # and its reader ends
                         if attempt == 4:
                             failures.append(f"{type(exc).__name__}: {exc}")
                         await trio.sleep(0.2)
@@ -326,7 +304,8 @@ class Worker:
             conn.chat_sent_at = time.monotonic()
             try:
                 await conn.ws.send_text(json.dumps({"type": "chat", "request": body}))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as exc:
                 conn.errors.append(f"chat send: {exc}")
         return {"sent_at": sent_at, "sent": min(len(bodies), len(idle))}
 
@@ -431,7 +410,7 @@ class Worker:
         return {"closed": n}
 
 
-async def _close_quietly(ws: RawWs) -> None:
+async def _close_quietly(ws: Ws) -> None:
     with trio.move_on_after(2):
         try:
             await ws.aclose()
