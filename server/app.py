@@ -8,6 +8,7 @@ close the app's nursery (see DESIGN.md).
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import trio
 from quart import Response
@@ -15,7 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from server.api import chat, health, models, tasks, ws
-from server.api.binding import bind_to_connection
+from server.api.binding import bind_to_connection, route_websocket
 from server.api.common import error_response
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
@@ -38,11 +39,10 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     runtime: Runtime = build_runtime(settings)
     app.extensions["tether"] = runtime
     hub = ws.WsHub(settings.ws_send_timeout_s)
-    app.extensions[ws.HUB_KEY] = hub
 
-    app.asgi_app = bind_to_connection(app.asgi_app)  # type: ignore[method-assign,assignment]
-    for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
-                      ws.blueprint):
+    app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
+        bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))
+    for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint):
         app.register_blueprint(blueprint)
 
     @app.before_serving

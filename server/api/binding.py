@@ -1,4 +1,5 @@
-"""Binding a task to the HTTP connection that asked for it."""
+"""ASGI wrappers: binding a task to the HTTP connection that asked for it, and routing
+``/ws`` below the framework."""
 
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def on_connection_close(callback: Callable[[], object]) -> None:
     """Call ``callback`` when the current request's connection is done with, however."""
     scope = cast(dict[str, Any], request.scope)
     scope[ON_CLOSE].append(callback)
+
+
+def route_websocket(inner: ASGIApp, path: str, handler: ASGIApp) -> ASGIApp:
+    """Serve WebSocket connections to ``path`` with ``handler``, below the framework;
+    everything else goes to ``inner``."""
+
+    async def asgi(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "websocket" and scope["path"] == path:
+            await handler(scope, receive, send)
+        else:
+            await inner(scope, receive, send)
+
+    return asgi

@@ -27,17 +27,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import parse_qsl
 
 import trio
-from quart import Blueprint, Response, current_app, websocket
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
-from server.api.common import error_response, runtime
 from server.runtime import Runtime
 from server.schemas import Event, RequestError, parse_chat_request
 from server.sessions import Session
 from server.tasks.backend import LogWatch
 
-blueprint = Blueprint("ws", __name__)
 log = logging.getLogger("tether.ws")
 
 CLOSE_TOO_SLOW = 4008
@@ -47,7 +46,34 @@ CLOSE_NOT_FOUND = 4404
 _READ_LIMIT = 256
 # Replies waiting for the pump before the receive loop stops reading more commands.
 _MAX_PENDING_REPLIES = 64
-HUB_KEY = "tether.ws"
+PATH = "/ws"
+
+
+class AsgiWebSocket:
+    """The three ASGI calls an accepted ``/ws`` connection makes, straight to hypercorn.
+
+    ``/ws`` is served below the web framework: quart's websocket wrapper costs two tasks,
+    a queue and a context per connection, and a layer on every frame, and a connection
+    here sends a frame per event. Cancelling a call cancels the ASGI call under it."""
+
+    def __init__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        self._receive = receive
+        self._send = send
+
+    async def send(self, text: str) -> None:
+        """Send one text message (a no-op once the client has gone)."""
+        await self._send({"type": "websocket.send", "text": text, "bytes": None})
+
+    async def receive(self) -> str | bytes | None:
+        """The next message from the client, or None once it has gone."""
+        message = await self._receive()
+        if message["type"] != "websocket.receive":
+            return None
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 @dataclass(eq=False)
@@ -79,14 +105,15 @@ class WsHub:
             for conn in self.connections:
                 since = conn.sending_since
                 if since is not None and since < deadline:
-                    conn.too_slow.set()
+                    conn.give_up()
 
 
 class WsConnection:
-    def __init__(self, rt: Runtime, user: str, *, batch: bool) -> None:
+    def __init__(self, rt: Runtime, user: str, ws: AsgiWebSocket, *, batch: bool) -> None:
         self.rt = rt
         self.user = user
         self.batch = batch
+        self._ws = ws
         self.session: Session | None = None
         self._running = False
         self._followers: dict[str, _Follower] = {}
@@ -97,11 +124,7 @@ class WsConnection:
         self._replies: deque[str] = deque()
         self._wake = trio.Event()
         self._reply_room = trio.Event()
-        # The connection's own websocket, not the context-local proxy: followers may be
-        # started from another connection's task (a chat in the same session), and would
-        # otherwise resolve the proxy to that connection.
-        self._ws = websocket._get_current_object()  # type: ignore[attr-defined]
-        self.too_slow = trio.Event()
+        self.too_slow = False
         self.sending_since: float | None = None
         self._spawning = False
 
@@ -158,10 +181,17 @@ class WsConnection:
 
     # -- sending --------------------------------------------------------------------------
 
+    def give_up(self) -> None:
+        """The client fell too far behind: end the connection (4008) after the message
+        in flight."""
+        self.too_slow = True
+        self._wake.set()
+
     async def _pump(self) -> None:
-        """The connection's only writer: replies, then ended tasks, then the rest.
-        Cancelled when the connection ends; a message in flight is finished first."""
-        while True:
+        """The connection's only writer: replies, then ended tasks, then the rest. Returns
+        when the client fell too far behind; cancelled when it goes (a message in flight
+        is finished first)."""
+        while not self.too_slow:
             if self._replies:
                 texts = list(self._replies)
                 self._replies.clear()
@@ -188,7 +218,7 @@ class WsConnection:
             record = await backend.get(task_id)
             if record is not None and \
                     record.last_seq - follower.cursor > self.rt.settings.ws_max_lag_events:
-                self.too_slow.set()
+                self.give_up()
                 return
             self._ready[task_id] = None  # more to come, after other tasks have had a turn
         if self.batch:
@@ -205,9 +235,9 @@ class WsConnection:
         ends, and a frame cut half-way would corrupt the close frame that may follow. A
         send to a client that is gone returns at once; one to a client that does not read
         is noticed by the ``WsHub`` watchdog through ``sending_since``."""
-        self.sending_since = trio.current_time()
         with trio.CancelScope(shield=True):
             for text in texts:
+                self.sending_since = trio.current_time()  # per message: "one send stuck"
                 await self._ws.send(text)
         self.sending_since = None
 
@@ -224,17 +254,17 @@ class WsConnection:
     # -- commands -------------------------------------------------------------------------
 
     async def run(self, hub: WsHub) -> None:
-        """Serve the connection until the client goes (quart-trio cancels this) or falls
-        too far behind (then close it with 4008)."""
+        """Serve the connection until the client goes or falls too far behind (then close
+        it with 4008). The pump runs in this task; the receive loop ends it all when the
+        client goes."""
         hub.connections.add(self)
         try:
             async with trio.open_nursery() as nursery:
                 self._running = True
-                nursery.start_soon(self._pump)
                 assert self.session is not None
                 await self.send({"type": "session", "session_id": self.session.id})
-                nursery.start_soon(self._receive_loop)
-                await self.too_slow.wait()
+                nursery.start_soon(self._receive_loop, nursery.cancel_scope)
+                await self._pump()
                 nursery.cancel_scope.cancel()
         finally:
             self._running = False
@@ -242,17 +272,18 @@ class WsConnection:
             self._unfollow_all()
             if self.session is not None:
                 self.rt.sessions.detach(self.session, self)
-        # Only reached when the client fell behind. The close frame queues behind what
-        # the kernel already holds for the client: a slow reader gets it after those
-        # messages; a dead one is dropped by TCP_USER_TIMEOUT (see cli.py). The session
-        # was detached above, so waiting here holds nothing else.
-        await self._ws.close(CLOSE_TOO_SLOW,
-                              "too slow: reconnect with session_id, subscribe with after")
+        if self.too_slow:
+            # The close frame queues behind what the kernel already holds for the client:
+            # a slow reader gets it after those messages; a dead one is dropped by
+            # TCP_USER_TIMEOUT (see cli.py). The session was detached above, so waiting
+            # here holds nothing else.
+            await self._ws.close(CLOSE_TOO_SLOW,
+                                 "too slow: reconnect with session_id, subscribe with after")
 
-    async def _receive_loop(self) -> None:
-        while True:
-            raw = await self._ws.receive()
+    async def _receive_loop(self, connection: trio.CancelScope) -> None:
+        while (raw := await self._ws.receive()) is not None:
             await self._handle(raw)
+        connection.cancel()  # the client has gone
 
     async def _handle(self, raw: str | bytes) -> None:
         ref: str | None = None
@@ -336,25 +367,46 @@ class WsConnection:
         self.follow(record.id, 0)
 
 
-@blueprint.websocket("/ws")
-async def ws() -> Response | None:
-    """One WebSocket connection of a session. Cancelled when the client goes:
-    the connection leaves its session, whose grace period then decides its tasks' fate."""
-    rt = runtime()
+async def serve(rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCallable,
+                send: ASGISendCallable) -> None:
+    """One ``/ws`` connection of a session, as an ASGI call. Cancelled when the server
+    shuts down; ends when the client goes: the connection leaves its session, whose grace
+    period then decides its tasks' fate."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+               for name, value in cast(Any, scope)["headers"]}
+    args = dict(parse_qsl(cast(Any, scope)["query_string"].decode("latin-1")))
     try:
-        user = rt.auth.user_for(websocket.headers.get("Authorization"),
-                                websocket.args.get("token"))
+        user = rt.auth.user_for(headers.get("authorization"), args.get("token"))
     except RequestError as exc:
-        return error_response(exc)  # an HTTP 401 instead of the upgrade
-    await websocket.accept()
-    conn = WsConnection(rt, user, batch=websocket.args.get("batch", "") in ("1", "true"))
+        await _refuse(scope, send, exc)
+        return
+    await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+    ws = AsgiWebSocket(receive, send)
+    conn = WsConnection(rt, user, ws, batch=args.get("batch", "") in ("1", "true"))
     try:
-        session = rt.sessions.attach(user, websocket.args.get("session_id"), conn)
+        session = rt.sessions.attach(user, args.get("session_id"), conn)
     except RequestError as exc:
-        await websocket.send(json.dumps({"type": "error", "error": {
+        await ws.send(json.dumps({"type": "error", "error": {
             "code": exc.code, "message": exc.message}, "ref": "session"}))
-        await websocket.close(CLOSE_NOT_FOUND, exc.message)
-        return None
+        await ws.close(CLOSE_NOT_FOUND, exc.message)
+        return
     conn.session = session
-    await conn.run(cast(WsHub, current_app.extensions[HUB_KEY]))
-    return None
+    await conn.run(hub)
+
+
+async def _refuse(scope: Scope, send: ASGISendCallable, exc: RequestError) -> None:
+    """Answer the upgrade with the error as HTTP (401 with the OpenAI error body), where
+    the server can (hypercorn can); else refuse it with a close."""
+    if "websocket.http.response" not in (cast(Any, scope).get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": exc.message})
+        return
+    body = json.dumps(exc.body()).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+    await send(cast(Any, {"type": "websocket.http.response.start", "status": exc.status,
+                          "headers": headers}))
+    await send(cast(Any, {"type": "websocket.http.response.body", "body": body,
+                          "more_body": False}))
