@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -189,7 +188,7 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     task_id: str
     chat_id: str | None
@@ -212,9 +211,11 @@ class Event:
             "data": self.data,
         }
 
-    @cached_property
+    @property
     def json(self) -> str:
-        """The event as JSON, encoded once however many readers send it."""
+        """The event as JSON. Encoded per send rather than kept: a log holds every event
+        of a task for its whole retention, and the text would double what each costs;
+        orjson encodes one in about a microsecond."""
         return fastjson.dumps(self.to_dict())
 
 
