@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         await app.nursery.start(runtime.manager.run)
         await app.nursery.start(runtime.sessions.run)
         app.nursery.start_soon(hub.run)
+        app.nursery.start_soon(runtime.load.run)
         app.nursery.start_soon(_refresh_models, runtime)
 
     @app.after_serving

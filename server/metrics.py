@@ -30,6 +30,14 @@ class Metrics:
             "tether_upstream_errors", "Failures of the outside world, by kind", ["kind"],
             registry=self.registry,
         )
+        self.loop_busy = Gauge(
+            "tether_loop_busy_ratio", "CPU time of the event loop's thread over wall time, "
+            "smoothed", registry=self.registry,
+        )
+        self.read_pause = Gauge(
+            "tether_model_read_pause_seconds", "Pause between two reads of a model stream "
+            "(0 unless the loop is busy)", registry=self.registry,
+        )
         self.rejected = Counter(
             "tether_tasks_rejected", "Requests refused by admission", ["reason"],
             registry=self.registry,

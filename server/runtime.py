@@ -9,8 +9,10 @@ import httpx2
 
 from server.auth import Authenticator
 from server.config import Settings
+from server.load import LoadGauge
 from server.metrics import Metrics
 from server.pipeline.chat import ChatPipeline
+from server.providers.llm.paced import Pause, paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
 from server.providers.search.base import SearchProvider
 from server.providers.search.factory import build_search_provider
@@ -28,6 +30,7 @@ class Runtime:
     metrics: Metrics
     http: httpx2.AsyncClient
     model_http: httpx2.AsyncClient
+    load: LoadGauge
     models: ModelRouter
     search: SearchProvider
     tools: dict[str, Tool]
@@ -36,14 +39,18 @@ class Runtime:
     sessions: SessionRegistry
 
 
-def build_http_client(settings: Settings, *, keepalive: int) -> httpx2.AsyncClient:
-    """A client for outgoing HTTP. Timeouts here are outer bounds; each step also has its
-    own deadline inside the task's cancel scope."""
+def build_http_client(settings: Settings, *, keepalive: int,
+                      pause: Pause | None = None) -> httpx2.AsyncClient:
+    """A client for outgoing HTTP; with ``pause``, its reads are paced (see ``paced``).
+    Timeouts here are outer bounds; each step also has its own deadline inside the task's
+    cancel scope."""
     limits = httpx2.Limits(
         max_connections=settings.http_max_connections,
         max_keepalive_connections=min(keepalive, settings.http_max_connections),
     )
     timeout = httpx2.Timeout(settings.llm_timeout_s, connect=10.0)
+    if pause is not None:
+        return paced_client(limits, timeout, pause)
     return httpx2.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True,
                               trust_env=False)
 
@@ -54,9 +61,13 @@ def build_runtime(settings: Settings) -> Runtime:
     # neither pool's bookkeeping (httpcore walks its connection list on every request)
     # pays for the other's connections: under load, hundreds of open model streams would
     # otherwise be walked by every page fetch.
+    load = LoadGauge()
     http = build_http_client(settings, keepalive=50)
-    model_http = build_http_client(settings, keepalive=settings.http_max_connections)
+    model_http = build_http_client(settings, keepalive=settings.http_max_connections,
+                                   pause=lambda: load.read_pause_s)
     metrics = Metrics()
+    metrics.loop_busy.set_function(lambda: load.busy)
+    metrics.read_pause.set_function(lambda: load.read_pause_s)
     models = build_model_router(settings, model_http)
     search = build_search_provider(settings, http)
     tools = build_tools(settings, http)
@@ -64,5 +75,5 @@ def build_runtime(settings: Settings) -> Runtime:
     manager = TaskManager(settings, MemoryBackend(), pipeline.run_chat, metrics)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
-                   model_http=model_http, models=models, search=search, tools=tools,
+                   model_http=model_http, load=load, models=models, search=search, tools=tools,
                    pipeline=pipeline, manager=manager, sessions=sessions)

@@ -22,6 +22,7 @@ import httpx2
 
 from server import fastjson
 from server.providers.llm.base import ModelDelta, ModelError, OnDelta, ToolCallDelta
+from server.providers.llm.paced import PacedStream
 
 # An SSE line is one chunk: a few hundred bytes, a few KiB for a large tool-call argument.
 _MAX_LINE_CHARS = 1_000_000
@@ -48,6 +49,7 @@ class OpenAICompatibleModel:
     ``http`` is the app's shared client; this class never closes it. ``api_key``, when set,
     is sent as ``Authorization: Bearer``. ``timeout`` bounds each read of the stream (the
     longest silence tolerated between two chunks), not the whole completion.
+    With a paced client (``paced.paced_client``), reads wait while the server is busy.
     """
 
     def __init__(self, http: httpx2.AsyncClient, base_url: str, api_key: str | None,
@@ -114,30 +116,47 @@ class OpenAICompatibleModel:
                     return
                 lines = _LineSplitter(_MAX_LINE_CHARS)
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                async for raw in response.aiter_raw():
-                    # Every chunk that one read brought is handed on as one delta: when
-                    # the server keeps up that is one chunk, and when it falls behind the
-                    # kernel queues several, so the work per token shrinks as load grows.
-                    pending: list[ModelDelta] = []
-                    done = False
-                    try:
-                        for line in lines.feed(decoder.decode(raw)):
-                            data = _sse_data(line)
-                            if data is None:
-                                continue
-                            if data == "[DONE]":
-                                done = True
-                                break
-                            delta = _parse_chunk(data)
-                            finished = finished or delta.finish_reason is not None
-                            if _carries_something(delta):
-                                pending.append(delta)
-                    finally:
-                        # A bad chunk fails the stream after the good ones before it.
-                        if pending:
-                            await on_delta(_merged(pending))
-                    if done:
-                        return
+                # What arrived together is handed on as one delta. On a paced connection
+                # (see ``paced``) "together" is everything one socket read brought, handed
+                # on when the connection next needs bytes; otherwise it is one HTTP chunk.
+                pending: list[ModelDelta] = []
+
+                async def flush() -> None:
+                    if pending:
+                        merged = _merged(pending)
+                        pending.clear()
+                        await on_delta(merged)
+
+                network = response.extensions.get("network_stream")
+                paced = isinstance(network, PacedStream)
+                if isinstance(network, PacedStream):
+                    network.before_wait = flush
+                try:
+                    async for raw in response.aiter_raw():
+                        done = False
+                        try:
+                            for line in lines.feed(decoder.decode(raw)):
+                                data = _sse_data(line)
+                                if data is None:
+                                    continue
+                                if data == "[DONE]":
+                                    done = True
+                                    break
+                                delta = _parse_chunk(data)
+                                finished = finished or delta.finish_reason is not None
+                                if _carries_something(delta):
+                                    pending.append(delta)
+                        except ModelError:
+                            await flush()  # a bad chunk fails the stream after the good ones
+                            raise
+                        if done or not paced:
+                            await flush()
+                        if done:
+                            return
+                    await flush()
+                finally:
+                    if isinstance(network, PacedStream):
+                        network.before_wait = None
                 # A last line without its newline counts only if it is [DONE]: a chunk cut
                 # there may be cut short.
                 if _sse_data(lines.flush()) == "[DONE]":

@@ -1,0 +1,102 @@
+"""The model client's connections, read in paced steps when the server is busy.
+
+Each model token costs a socket read, a wake-up, an event and a WebSocket frame. When the
+event loop has CPU to spare a stream is read the moment bytes arrive. When it is nearly
+saturated (``server.load``), each model connection waits a moment before each socket
+read: by then the upstream has sent several chunks, one read takes them all, and the
+stream reader hands them on as one delta when the connection next needs bytes (its
+``before_wait`` hook). Fewer reads, events and frames carry the same text, and what the
+pause adds to a token's delivery is bounded by the largest pause.
+
+The pause is applied below httpcore, in the network backend of the model client's pool,
+because only there is a socket read visible: one read of the body iterator yields one
+HTTP chunk, whether or not more are already buffered. httpcore2's pool takes a network
+backend (its public plug-in point); httpx2's transport does not pass one on, so the
+transport's pool is replaced by one built with it (``_pool``: httpx2 2.16.2, pinned).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import httpcore2
+import httpx2
+import trio
+from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream, TrioBackend
+
+Pause = Callable[[], float]
+
+
+class PacedStream(AsyncNetworkStream):
+    """A connection whose reads wait ``pause()`` seconds first. ``before_wait``, when set
+    (by the reader of the response in flight), runs before each read: the moment the
+    bytes already received are all parsed."""
+
+    def __init__(self, inner: AsyncNetworkStream, pause: Pause) -> None:
+        self._inner = inner
+        self._pause = pause
+        self.before_wait: Callable[[], Awaitable[None]] | None = None
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """Cancelling it cancels the pause or the read (httpcore then closes the
+        connection)."""
+        if self.before_wait is not None:
+            await self.before_wait()
+        pause = self._pause()
+        if pause > 0:
+            await trio.sleep(pause)
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> AsyncNetworkStream:
+        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return PacedStream(tls, self._pause)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _PacedBackend(AsyncNetworkBackend):
+    def __init__(self, pause: Pause) -> None:
+        self._inner = TrioBackend()
+        self._pause = pause
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[SOCKET_OPTION] | None = None,
+                          ) -> AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address,
+                                               socket_options)
+        return PacedStream(stream, self._pause)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[SOCKET_OPTION] | None = None,
+                                  ) -> AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+        return PacedStream(stream, self._pause)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def paced_client(limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause
+                 ) -> httpx2.AsyncClient:
+    """An httpx2 client whose connections are ``PacedStream``s."""
+    transport = httpx2.AsyncHTTPTransport(limits=limits, trust_env=False)
+    transport._pool = httpcore2.AsyncConnectionPool(
+        ssl_context=httpx2.create_ssl_context(trust_env=False),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=_PacedBackend(pause),
+    )
+    return httpx2.AsyncClient(transport=transport, timeout=timeout, follow_redirects=True,
+                              trust_env=False)
