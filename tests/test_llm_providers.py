@@ -4,7 +4,7 @@ OpenAI-compatible client (against a scripted loopback upstream) and the router."
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from server.providers.llm.local import (
     first_sentence,
 )
 from server.providers.llm.openai_compat import OpenAICompatibleModel
+from server.providers.llm.paced import paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
 from tests.fakes.base import Exchange
 from tests.fakes.scripted import ScriptedServer, send_sse, start_stream, until_client_leaves
@@ -719,3 +720,66 @@ async def test_build_model_router_uses_the_settings(
     assert [m["id"] for m in router.list_models()] == ["local", "remote"]
     assert isinstance(router.resolve("remote"), OpenAICompatibleModel)
     assert upstream.requests[0].headers["authorization"] == "Bearer k"
+
+
+# --- paced reads (server.providers.llm.paced) ------------------------------------------------
+
+
+def paced(pause: Callable[[], float]) -> httpx2.AsyncClient:
+    return paced_client(httpx2.Limits(max_connections=10), httpx2.Timeout(WAIT), pause)
+
+
+async def test_paced_stream_hands_on_chunks_that_arrived_during_a_pause_as_one_delta(
+    upstream: ScriptedServer,
+) -> None:
+    """Separate HTTP chunks that one paced read takes together are one delta, handed on
+    when the connection next needs bytes; the text is whole and in order."""
+    first_seen = trio.Event()
+
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        await send_sse(ex, chunk("a "))
+        await first_seen.wait()
+        for piece in ("b ", "c ", "d"):  # three chunks, sent while the client pauses
+            await send_sse(ex, chunk(piece))
+        await send_sse(ex, chunk(finish="stop"))
+        await ex.send("data: [DONE]\n\n")
+        await ex.finish()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+
+    async def on_delta(delta: ModelDelta) -> None:
+        await collected(delta)
+        first_seen.set()
+
+    async with paced(lambda: 0.2) as http:
+        with trio.fail_after(WAIT):
+            await model_for(upstream, http).stream_chat(BODY, on_delta)
+    assert [d.content for d in collected.deltas] == ["a ", "b c d"]
+    assert collected.finish_reason == "stop"
+
+
+async def test_cancelling_a_paced_stream_during_its_pause_closes_the_connection(
+    upstream: ScriptedServer,
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        await send_sse(ex, chunk("first"))
+        await until_client_leaves()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    got_first = trio.Event()
+
+    async def on_delta(delta: ModelDelta) -> None:
+        got_first.set()
+
+    # Once the first delta is in, every read waits an hour: the cancel ends the wait.
+    async with paced(lambda: 3600 if got_first.is_set() else 0) as http:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(model_for(upstream, http).stream_chat, BODY, on_delta)
+                await got_first.wait()
+                nursery.cancel_scope.cancel()
+            conn = await upstream.wait_connection_closed(upstream.requests[0].conn_id)
+    assert conn.closed_by == "client"

@@ -38,6 +38,11 @@ class PacedStream(AsyncNetworkStream):
         self._inner = inner
         self._pause = pause
         self.before_wait: Callable[[], Awaitable[None]] | None = None
+        # Smoothed time between two reads. A stream whose bytes come further apart than
+        # the pause would gain nothing from it (each read would still bring one chunk)
+        # and would pay a timer per read: only dense streams are paced.
+        self._interval = 0.0
+        self._last_read_at = 0.0
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Cancelling it cancels the pause or the read (httpcore then closes the
@@ -45,9 +50,14 @@ class PacedStream(AsyncNetworkStream):
         if self.before_wait is not None:
             await self.before_wait()
         pause = self._pause()
-        if pause > 0:
+        if pause > 0 and self._interval < 2 * pause:
             await trio.sleep(pause)
-        return await self._inner.read(max_bytes, timeout)
+        data = await self._inner.read(max_bytes, timeout)
+        now = trio.current_time()
+        if self._last_read_at:
+            self._interval = 0.7 * self._interval + 0.3 * (now - self._last_read_at)
+        self._last_read_at = now
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         await self._inner.write(buffer, timeout)
