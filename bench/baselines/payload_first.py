@@ -24,11 +24,10 @@ from typing import Any
 
 import httpx2
 import trio
-from hypercorn.config import Config
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 from quart import Response, request
 from quart_trio import QuartTrio
+
+from bench.baselines import hosting
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
@@ -122,20 +121,6 @@ def create_app(args: argparse.Namespace) -> QuartTrio:
     return app
 
 
-async def serve(args: argparse.Namespace) -> None:
-    config = Config()
-    config.bind = [f"127.0.0.1:{args.port}"]
-    config.accesslog = None
-    config.keep_alive_timeout = 75
-    sockets = config.create_sockets()
-    port = sockets.insecure_sockets[0].getsockname()[1]
-    for sock in sockets.insecure_sockets:
-        sock.listen(config.backlog)
-    app = create_app(args)
-    print(f"READY {port}", flush=True)
-    await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--port", type=int, default=0)
@@ -145,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result-count", type=int, default=3)
     parser.add_argument("--no-fetch-pages", dest="fetch_pages", action="store_false")
     args = parser.parse_args(argv)
-    try:
-        trio.run(serve, args)
-    except KeyboardInterrupt:
-        pass
+    hosting.run(create_app(args), args.port)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ from typing import Any
 
 import httpx2
 import trio
-from hypercorn.config import Config
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+
+from bench.baselines import hosting
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -128,30 +127,12 @@ class RelayFloor:
                         await send({"type": "websocket.send", "text": data.decode()})
 
 
-async def serve(args: argparse.Namespace) -> None:
-    config = Config()
-    config.bind = [f"127.0.0.1:{args.port}"]
-    config.accesslog = None
-    config.keep_alive_timeout = 75
-    config.backlog = 4096
-    sockets = config.create_sockets()
-    port = sockets.insecure_sockets[0].getsockname()[1]
-    for sock in sockets.insecure_sockets:
-        sock.listen(config.backlog)
-    print(f"READY {port}", flush=True)
-    app = wrap_app(RelayFloor(args.llm_base_url), config.wsgi_max_body_size, "asgi")
-    await worker_serve(app, config, sockets=sockets)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--llm-base-url", required=True)
     args = parser.parse_args(argv)
-    try:
-        trio.run(serve, args)
-    except KeyboardInterrupt:
-        pass
+    hosting.run(RelayFloor(args.llm_base_url), args.port, mode="asgi")
 
 
 if __name__ == "__main__":
