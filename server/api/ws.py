@@ -171,12 +171,13 @@ class WsConnection:
             self._ready[task_id] = None
         self._wake.set()
 
-    def _next_ready(self) -> str | None:
-        for queue in (self._ended, self._ready):
+    def _next_ready(self) -> tuple[str, bool] | None:
+        """The next task to serve, and whether its log has just ended."""
+        for queue, ended in ((self._ended, True), (self._ready, False)):
             if queue:
                 task_id = next(iter(queue))
                 del queue[task_id]
-                return task_id
+                return task_id, ended
         return None
 
     # -- sending --------------------------------------------------------------------------
@@ -198,15 +199,20 @@ class WsConnection:
                 self._reply_room.set()
                 await self._send(texts)
                 continue
-            task_id = self._next_ready()
-            if task_id is None:
+            ready = self._next_ready()
+            if ready is None:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            await self._deliver(task_id)
+            await self._deliver(*ready)
 
-    async def _deliver(self, task_id: str) -> None:
-        """Send what lies past one follower's cursor (at most ``_READ_LIMIT`` events)."""
+    async def _deliver(self, task_id: str, ended: bool) -> None:
+        """Send what lies past one follower's cursor (at most ``_READ_LIMIT`` events).
+
+        One event per message costs a frame each, and a frame costs the scheduler turns of
+        hypercorn's send path; under load a backlog of frames takes a while. So unless
+        this task's log has ended, the backlog yields to a reply or an ended task that
+        came meanwhile, and its rest goes out after them."""
         follower = self._followers.get(task_id)
         if follower is None:
             return
@@ -220,13 +226,20 @@ class WsConnection:
                     record.last_seq - follower.cursor > self.rt.settings.ws_max_lag_events:
                 self.give_up()
                 return
-            self._ready[task_id] = None  # more to come, after other tasks have had a turn
+            # More to come, after other tasks have had a turn (an ended log stays ahead).
+            (self._ended if ended else self._ready)[task_id] = None
         if self.batch:
-            texts = ['{"type":"events","events":[' + ",".join(e.json for e in events) + "]}"]
+            await self._send(
+                ['{"type":"events","events":[' + ",".join(e.json for e in events) + "]}"])
+            follower.cursor = events[-1].seq
         else:
-            texts = ['{"type":"event","event":' + e.json + "}" for e in events]
-        await self._send(texts)
-        follower.cursor = events[-1].seq
+            for event in events:
+                await self._send(['{"type":"event","event":' + event.json + "}"])
+                follower.cursor = event.seq
+                if not ended and (self._replies or self._ended) \
+                        and event.seq < events[-1].seq:
+                    self._ready[task_id] = None
+                    return
         if events[-1].terminal and self._followers.get(task_id) is follower:
             self.unfollow(task_id)
 
