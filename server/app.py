@@ -2,7 +2,7 @@
 
 The app owns the runtime (HTTP client, providers, task manager). The task manager runs in
 its own nursery, started from ``app.nursery`` at start-up, so that no task's failure can
-close the app's nursery (see DESIGN.md).
+close the app's nursery (an exception escaping a task started there closes it for good).
 """
 
 from __future__ import annotations

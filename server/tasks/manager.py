@@ -218,7 +218,7 @@ class TaskManager:
                 await emitter("task:started", {})
                 await self._runner(rt.request, emitter)
                 completed = True
-        except Exception as exc:  # the runner catches everything: see DESIGN.md
+        except Exception as exc:  # caught here: escaping, it would close the task nursery
             failure = exc
         finally:
             # Reached with the task's scope already exited. Only a shutdown cancels from
