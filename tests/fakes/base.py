@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import socket
 import struct
 import sys
@@ -143,6 +144,7 @@ class Exchange:
         self.started = False
         self.finished = False
         self.status = 0
+        self._chunked = False
 
     @property
     def conn_id(self) -> int:
@@ -151,10 +153,50 @@ class Exchange:
     async def _send_event(self, event: h11.Event) -> None:
         data = self._state.h11.send(event)
         if data:
-            try:
-                await self._state.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _PeerGone() from exc
+            await self._send_bytes(data)
+
+    async def _send_bytes(self, data: bytes) -> None:
+        try:
+            await self._state.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _PeerGone() from exc
+
+    # Raw body chunks: a fast path for handlers that stream many small chunks (the
+    # model fake's paced tokens). The head goes out through h11 (start_response) and
+    # so does the end (send / finish); in between, the caller frames chunks itself
+    # and writes them straight to the socket. h11 keeps no per-chunk state for chunked
+    # bodies, so its state machine stays consistent.
+    @property
+    def raw_body_chunks(self) -> bool:
+        """True when the response body is open and chunked, so that
+        :meth:`frame_body_chunk` + :meth:`send_raw` / :meth:`try_send_raw` may be used."""
+        return (
+            self._chunked
+            and not self.finished
+            and not self._no_body()
+            and self._state.h11.our_state is h11.SEND_BODY
+        )
+
+    @staticmethod
+    def frame_body_chunk(data: bytes) -> bytes:
+        """One HTTP/1.1 chunk (size line, data, CRLF) holding ``data`` (not empty)."""
+        return b"%x\r\n%b\r\n" % (len(data), data)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write already framed body bytes (see :attr:`raw_body_chunks`)."""
+        await self._send_bytes(data)
+
+    def try_send_raw(self, data: bytes) -> int:
+        """Write already framed body bytes without waiting: as many as the socket takes
+        right now (returns the count; the caller must send the rest before anything
+        else). Raises like :meth:`send` if the peer is gone. Not to be used while
+        another send on this exchange is in progress."""
+        try:
+            return os.write(self._state.stream.socket.fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _PeerGone() from exc
 
     async def start_response(
         self,
@@ -174,7 +216,10 @@ class Exchange:
         if "server" not in names:
             hdrs.append(("server", f"tether-fake/{type(self.server).__name__}"))
         self.started = True
-        await self._send_event(h11.Response(status_code=status, headers=hdrs))
+        head = self._state.h11.send(h11.Response(status_code=status, headers=hdrs)) or b""
+        # h11 picked the body framing; it spells chunked framing exactly like this.
+        self._chunked = b"\r\ntransfer-encoding: chunked\r\n" in head.lower()
+        await self._send_bytes(head)
 
     async def send(self, data: bytes | str) -> None:
         """Send (and flush) one piece of body. With chunked encoding each call is
@@ -292,8 +337,13 @@ class FakeServer:
     ) -> None:
         with trio.CancelScope() as scope:
             self._serve_scope = scope
-            task_status.started()
-            await trio.serve_listeners(self._handle_connection, listeners)
+            async with trio.open_nursery() as nursery:
+                self._start_background(nursery)
+                task_status.started()
+                await trio.serve_listeners(self._handle_connection, listeners)
+
+    def _start_background(self, nursery: trio.Nursery) -> None:
+        """Subclass hook: start tasks that live as long as the server serves."""
 
     def stop(self) -> None:
         """Stop listening and close every connection (recorded as server-closed)."""

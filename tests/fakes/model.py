@@ -11,8 +11,10 @@ else ``default_reply``.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -213,7 +215,11 @@ class FakeModel(FakeServer):
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
+        self.pacer = _Pacer()
         super().__init__()
+
+    def _start_background(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self.pacer.run)
 
     def _reset_settings(self) -> None:
         self.script = []
@@ -303,7 +309,7 @@ class FakeModel(FakeServer):
         reply = self.pick_reply(body)
         ex.request.meta["reply_kind"] = reply.kind
         self._notify()
-        call = _Call(self, ex, body, f"chatcmpl-fake-{next(self._ids)}")
+        call = _Call(self, ex, body, f"chatcmpl-fake-{next(self._ids)}", self.pacer)
         if isinstance(reply, ErrorReply):
             await trio.sleep(reply.delay)
             await ex.respond_json(reply.body, reply.status, reply.headers.items())
@@ -334,8 +340,16 @@ class FakeModel(FakeServer):
 class _Call:
     """One chat completion response being produced."""
 
-    def __init__(self, model: FakeModel, ex: Exchange, body: dict[str, Any], cid: str) -> None:
+    def __init__(
+        self,
+        model: FakeModel,
+        ex: Exchange,
+        body: dict[str, Any],
+        cid: str,
+        pacer: _Pacer | None = None,
+    ) -> None:
         self.ex = ex
+        self.pacer = pacer
         self.body = body
         self.id = cid
         self.stream = bool(body.get("stream"))
@@ -426,10 +440,15 @@ class _Call:
     async def _paced(self, pieces: list[tuple[str, str]], pace: float) -> None:
         """Stream one chunk per piece, piece i due ``i * pace`` after the first.
 
-        Lean, since the bench streams thousands of tokens a second through one fake: the
-        chunk JSON is rendered from a prefix made once (byte for byte what ``chunk`` would
-        give), and every piece already due when the stream wakes up (it fell behind, or
-        ``pace`` is 0) goes out in one write instead of one write each."""
+        Lean, since the bench streams thousands of tokens a second through one fake:
+        every chunk's bytes are rendered once up front (byte for byte what ``chunk``
+        would give, up to the ``fake_sent_at`` stamp), every piece already due when the
+        stream is written (it fell behind, or ``pace`` is 0) goes out in one HTTP chunk,
+        and the waiting between pieces is done by the model's one :class:`_Pacer` for
+        all streams (one timer wake-up per tick, raw non-blocking socket writes), not by
+        a sleeping task per stream."""
+        if not pieces:
+            return
         head = json.dumps(
             {
                 "id": self.id,
@@ -440,27 +459,35 @@ class _Call:
             separators=(",", ":"),
         )[:-1]
         prefix = f'data: {head},"choices":[{{"index":0,"delta":'
-        dumps = json.JSONEncoder(separators=(",", ":")).encode
-        t0 = trio.current_time()
-        i, n = 0, len(pieces)
-        while i < n:
-            if i and pace > 0:
-                due = t0 + i * pace
-                if trio.current_time() < due:
-                    await trio.sleep_until(due)
-            now = trio.current_time()
-            j = i + 1
-            while j < n and (pace <= 0 or t0 + j * pace <= now):
-                j += 1
-            sent_at = time.monotonic()
-            out: list[str] = []
-            for k in range(i, j):
-                key, piece = pieces[k]
-                delta = dumps({"role": "assistant", key: piece} if k == 0 else {key: piece})
-                out.append(f'{prefix}{delta},"finish_reason":null}}],'
-                           f'"fake_sent_at":{sent_at!r}}}\n\n')
-            await self.ex.send("".join(out))
-            i = j
+        suffix = ',"finish_reason":null}],"fake_sent_at":'
+        key0, piece0 = pieces[0]
+        first = json.dumps({"role": "assistant", key0: piece0}, separators=(",", ":"))
+        parts = [f"{prefix}{first}{suffix}".encode()]
+        parts += [f"{prefix}{_delta_json(k, p)}{suffix}".encode() for k, p in pieces[1:]]
+        stream = _PacedStream(self.ex, parts, trio.current_time(), pace)
+        ex = self.ex
+        raw = ex.raw_body_chunks
+        # The first piece (and whatever is due with it) goes out from here.
+        body = stream.take_due(trio.current_time(), _stamp())
+        await (ex.send_raw(ex.frame_body_chunk(body)) if raw else ex.send(body))
+        pacer = self.pacer
+        if not raw or pacer is None or not pacer.running:
+            while stream.i < stream.n:  # plain loop: no pacer, or no chunked body
+                await trio.sleep_until(stream.due())
+                await ex.send(stream.take_due(trio.current_time(), _stamp()))
+            return
+        try:
+            while stream.i < stream.n:
+                stream.wake = trio.Event()
+                pacer.add(stream)
+                await stream.wake.wait()
+                if stream.error is not None:
+                    raise stream.error
+                if stream.backlog:  # the socket was full: wait for it here
+                    data, stream.backlog = stream.backlog, b""
+                    await ex.send_raw(data)
+        finally:
+            stream.closed = True
 
     async def tool_calls(self, reply: ToolCallReply) -> None:
         n_tokens = sum(len(args) for _, args in reply.calls) // 4 + 1
@@ -531,6 +558,138 @@ class _Call:
         if reply.interval > 0:
             await trio.sleep(reply.interval)
         self.ex.abort(reply.rst)
+
+
+_DELTA_JSON: dict[tuple[str, str], str] = {}
+_DELTA_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _delta_json(key: str, piece: str) -> str:
+    """``{key: piece}`` as compact JSON, remembered (bench streams repeat ``tok<i>``)."""
+    text = _DELTA_JSON.get((key, piece))
+    if text is None:
+        if len(_DELTA_JSON) >= 20_000:
+            _DELTA_JSON.clear()
+        text = _DELTA_JSON[(key, piece)] = _DELTA_DUMPS({key: piece})
+    return text
+
+
+def _stamp() -> bytes:
+    """The ``fake_sent_at`` value and the end of a chunk made by ``_Call._paced``."""
+    return b"%r}\n\n" % time.monotonic()
+
+
+class _PacedStream:
+    """One paced text stream: pre-rendered chunks (each ending in ``"fake_sent_at":``),
+    piece ``i`` due at ``t0 + i * pace``."""
+
+    __slots__ = ("backlog", "closed", "error", "ex", "i", "n", "pace", "parts", "t0", "wake")
+
+    def __init__(self, ex: Exchange, parts: list[bytes], t0: float, pace: float) -> None:
+        self.ex = ex
+        self.parts = parts
+        self.t0 = t0
+        self.pace = pace
+        self.i = 0
+        self.n = len(parts)
+        self.wake = trio.Event()
+        self.error: BaseException | None = None
+        self.backlog = b""
+        self.closed = False
+
+    def due(self) -> float:
+        return self.t0 + self.i * self.pace
+
+    def take_due(self, now: float, stamp: bytes) -> bytes:
+        """The SSE events of every piece due at ``now`` (at least the next one),
+        stamped; advances ``i``."""
+        i, n, pace, t0 = self.i, self.n, self.pace, self.t0
+        j = i + 1
+        while j < n and (pace <= 0 or t0 + j * pace <= now):
+            j += 1
+        self.i = j
+        if j == i + 1:
+            return self.parts[i] + stamp
+        return stamp.join(self.parts[i:j]) + stamp
+
+
+class _Pacer:
+    """Writes the paced pieces of every streaming text reply of one fake model.
+
+    Streams wait in a heap by next due time; one task wakes at the earliest due time
+    and writes every due piece of every due stream with a non-blocking socket write.
+    It wakes at most once per ``QUANTUM`` (so a busy fake pays one timer wake-up per
+    tick, not one per stream), or once per the shortest pace of the streams it serves
+    if that is shorter (so no stream's pieces get merged by the pacer itself). A
+    stream's own task only wakes when the stream is done, its socket is full (it then
+    waits for the socket itself) or the peer is gone."""
+
+    QUANTUM = 0.002
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _PacedStream]] = []
+        self._seq = itertools.count()
+        self._scope: trio.CancelScope | None = None
+        self._last_wake = -math.inf
+        self._not_before = -math.inf
+        self.running = False
+
+    def add(self, stream: _PacedStream) -> None:
+        due = stream.due()
+        heapq.heappush(self._heap, (due, next(self._seq), stream))
+        self._not_before = min(self._not_before, self._last_wake + stream.pace)
+        scope = self._scope
+        if scope is not None and due < scope.deadline:
+            scope.deadline = max(due, self._not_before)
+
+    async def run(self) -> None:
+        self.running = True
+        try:
+            while True:
+                heap = self._heap
+                deadline = max(heap[0][0], self._not_before) if heap else math.inf
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._scope = scope
+                    await trio.sleep_forever()
+                self._scope = None
+                now = self._last_wake = trio.current_time()
+                self._not_before = now + self._write_due(now)
+        finally:
+            self.running = False
+            self._scope = None
+            for _, _, stream in self._heap:
+                if not stream.closed:
+                    stream.error = RuntimeError("fake model pacer stopped")
+                    stream.wake.set()
+            self._heap.clear()
+
+    def _write_due(self, now: float) -> float:
+        """Write what is due; return the gap to keep before the next wake-up."""
+        heap = self._heap
+        stamp = _stamp()
+        gap = self.QUANTUM
+        while heap and heap[0][0] <= now:
+            stream = heapq.heappop(heap)[2]
+            if stream.closed:
+                continue
+            ex = stream.ex
+            data = ex.frame_body_chunk(stream.take_due(now, stamp))
+            try:
+                written = ex.try_send_raw(data)
+            except Exception as exc:  # the peer is gone: the stream's task raises it
+                stream.error = exc
+                stream.wake.set()
+                continue
+            if written < len(data):
+                stream.backlog = data[written:]
+                stream.wake.set()
+            elif stream.i < stream.n:
+                heapq.heappush(heap, (stream.due(), next(self._seq), stream))
+                if stream.pace < gap:
+                    gap = stream.pace
+            else:
+                stream.wake.set()
+        return gap
 
 
 def main(argv: list[str] | None = None) -> None:
