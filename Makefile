@@ -1,32 +1,39 @@
 # The two commands for a fresh machine: `make run` and `make test`.
 UV_VERSION := 0.13.9
-UV := $(shell command -v uv 2>/dev/null)
-ifeq ($(UV),)
-UV := python3 -m uv
-endif
+TOOLS := .tools
+# uv from PATH, else as a module of python3, else bootstrapped into a private virtual
+# environment in .tools/ (a system Python refuses `pip install` outside one: PEP 668).
+UV := $(shell command -v uv 2>/dev/null || (python3 -m uv --version >/dev/null 2>&1 && echo "python3 -m uv") || echo "$(TOOLS)/bin/uv")
+# Every target installs what it needs beside what is there (--inexact): starting the
+# server never uninstalls what a test run in progress needs.
+SYNC := $(UV) sync --frozen --inexact
+RUN := $(UV) run --frozen --no-sync
 
 .PHONY: run test lint bench-quick bench-full uv
 
 uv:
-	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
+	@if [ "$(UV)" = "$(TOOLS)/bin/uv" ] && [ ! -x "$(TOOLS)/bin/uv" ]; then \
+		python3 -m venv "$(TOOLS)" >/dev/null 2>&1 || { rm -rf "$(TOOLS)"; echo "tether: python3 cannot create a virtual environment; install it (Debian, Ubuntu: sudo apt-get install python3-venv) and run make again" >&2; exit 1; }; \
+		"$(TOOLS)/bin/python" -m pip install -q "uv==$(UV_VERSION)" || { rm -rf "$(TOOLS)"; echo "tether: could not install uv $(UV_VERSION) from PyPI into $(TOOLS)/" >&2; exit 1; }; \
+	fi
 
 run: uv
-	$(UV) sync --frozen --no-dev
-	$(UV) run --frozen --no-dev tether serve
+	$(SYNC)
+	$(RUN) tether serve
 
 test: uv
-	$(UV) sync --frozen
-	$(UV) run --frozen pytest -q
+	$(SYNC) --group test
+	$(RUN) pytest -q
 
 lint: uv
-	$(UV) sync --frozen
-	$(UV) run --frozen ruff check server tests bench
-	$(UV) run --frozen mypy --strict server
+	$(SYNC) --group lint
+	$(RUN) ruff check server tests bench
+	$(RUN) mypy --strict server
 
 bench-quick: uv
-	$(UV) sync --frozen
-	$(UV) run --frozen python -m bench --quick
+	$(SYNC) --group bench
+	$(RUN) python -m bench --quick
 
 bench-full: uv
-	$(UV) sync --frozen
-	$(UV) run --frozen python -m bench --full
+	$(SYNC) --group bench
+	$(RUN) python -m bench --full
