@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || (python3 -m uv --version >/dev/null 2
 SYNC := $(UV) sync --frozen --inexact
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: run test lint bench-quick bench-full uv
+.PHONY: run test lint bench-quick bench-full uv wheel-check
 
 uv:
 	@if [ "$(UV)" = "$(TOOLS)/bin/uv" ] && [ ! -x "$(TOOLS)/bin/uv" ]; then \
@@ -37,3 +37,7 @@ bench-quick: uv
 bench-full: uv
 	$(SYNC) --group bench
 	$(RUN) python -m bench --full
+
+# CI: the built wheel, installed in a fresh environment, serves a web-search answer.
+wheel-check: uv
+	bash .ci/wheel-check "$(UV)"

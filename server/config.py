@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The corpus of the built-in ``local`` search: the repository's docs/ in a checkout; an
+# installed wheel carries the same files inside the package (pyproject.toml, force-include).
+_PACKAGED_DOCS = Path(__file__).resolve().parent / "docs"
+DEFAULT_SEARCH_DIR = _PACKAGED_DOCS if _PACKAGED_DOCS.is_dir() else PROJECT_ROOT / "docs"
 
 
 class SettingsError(ValueError):
@@ -46,7 +50,7 @@ class Settings:
     brave_base_url: str = "https://api.search.brave.com"
     tavily_api_key: str | None = None
     tavily_base_url: str = "https://api.tavily.com"
-    search_local_dir: str = str(PROJECT_ROOT / "docs")
+    search_local_dir: str = str(DEFAULT_SEARCH_DIR)
     search_result_count: int = 3
     search_fetch_pages: bool = True
     search_query_generation: bool = True
