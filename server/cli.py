@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import ipaddress
 import logging
 import os
@@ -119,7 +120,11 @@ def tune_garbage_collector() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tether", description="Tether chat server")
+    parser = argparse.ArgumentParser(
+        prog="tether", description="Tether chat server. Settings are TETHER_* environment "
+        "variables (or a .env file); README.md and API.md in the project document them.")
+    parser.add_argument("--version", action="version",
+                        version=f"tether {importlib.metadata.version('tether')}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser("serve", help="run the server")
     serve_cmd.add_argument("--host", help="address to bind (default TETHER_HOST or 127.0.0.1)")

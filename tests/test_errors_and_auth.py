@@ -154,6 +154,9 @@ async def test_models_health_ready_and_metrics(tether: Tether) -> None:
     ids = [m["id"] for m in models["data"]]
     assert "local" in ids and "fake-model" in ids
     assert (await tether.client.get("/healthz")).json() == {"status": "ok"}
+    health = await tether.client.get("/health")  # vLLM's name, which load testers probe
+    assert health.json() == {"status": "ok"}
+    assert health.text.endswith("}\n")  # curl output does not run into the prompt
     assert (await tether.client.get("/readyz")).status_code == 200
     await tether.chat(chat_body())
     metrics = (await tether.client.get("/metrics")).text

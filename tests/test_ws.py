@@ -21,6 +21,7 @@ class WsClient:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         self.session_id = ""
+        self.first_message: dict[str, Any] = {}
 
     async def send(self, message: dict[str, Any] | str) -> None:
         await self.ws.send_message(message if isinstance(message, str) else json.dumps(message))
@@ -70,6 +71,7 @@ async def connect(tether: Tether, key: str | None = None, session_id: str | None
                                   max_message_size=max_message_size) as ws:
         client = WsClient(ws)
         first = await client.recv()
+        client.first_message = first
         if first["type"] == "session":
             client.session_id = first["session_id"]
         else:
@@ -324,3 +326,36 @@ async def test_slow_reader_does_not_delay_a_fast_one(start_tether: Any, fakes: F
             except ConnectionClosed as exc:
                 assert exc.reason.code == 4008
         assert received_terminal_at <= trio.current_time()
+
+
+async def test_reattaching_lists_the_sessions_tasks_with_their_last_seq(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    """The first message on a re-attach names the session's tasks and where their logs
+    are, so the client resubscribes without guessing; a new session lists none."""
+    tether: Tether = await start_tether(ws_reconnect_grace_s=30)
+    fakes.model.configure(default_reply={"kind": "hang"})
+    fakes.model.add_rule("done", TextReply(["all ", "done"]))
+    async with connect(tether) as first:
+        assert first.first_message["tasks"] == []
+        finished = await first.chat(chat_body("done"))
+        await first.events_until_terminal(finished)
+        running = await first.chat(chat_body("hang"))
+        with trio.fail_after(WAIT):
+            await fakes.model.wait_for_request("/v1/chat/completions", count=2)
+        session_id = first.session_id
+    async with connect(tether, session_id=session_id) as back:
+        listed = {t["task_id"]: t for t in back.first_message["tasks"]}
+        assert list(listed) == [finished, running]
+        records = {t: await tether.runtime.manager.backend.get(t) for t in listed}
+        assert listed[finished]["status"] == "completed"
+        assert listed[running]["status"] == "running"
+        for task_id, entry in listed.items():
+            record = records[task_id]
+            assert record is not None and entry["last_seq"] == record.last_seq
+        # Resubscribing from the listed seq misses nothing and repeats nothing.
+        await back.send({"type": "subscribe", "task_id": running,
+                         "after": listed[running]["last_seq"]})
+        await back.send({"type": "stop", "task_id": running})
+        events = await back.events_until_terminal(running)
+        assert_log_well_formed(events, after=listed[running]["last_seq"])

@@ -22,8 +22,9 @@ def current_user() -> str:
 def json_response(
     data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
+    # A final newline, so that curl's output does not run into the shell prompt.
     return Response(
-        json.dumps(data, separators=(",", ":")),
+        json.dumps(data, separators=(",", ":")) + "\n",
         status=status,
         headers=headers or {},
         mimetype="application/json",

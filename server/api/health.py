@@ -11,6 +11,7 @@ blueprint = Blueprint("health", __name__)
 
 
 @blueprint.get("/healthz")
+@blueprint.get("/health")  # the name vLLM and load testers such as guidellm probe
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 

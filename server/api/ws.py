@@ -275,7 +275,8 @@ class WsConnection:
             async with trio.open_nursery() as nursery:
                 self._running = True
                 assert self.session is not None
-                await self.send({"type": "session", "session_id": self.session.id})
+                await self.send({"type": "session", "session_id": self.session.id,
+                                 "tasks": await self._session_tasks()})
                 nursery.start_soon(self._receive_loop, nursery.cancel_scope)
                 await self._pump()
                 nursery.cancel_scope.cancel()
@@ -292,6 +293,17 @@ class WsConnection:
             # here holds nothing else.
             await self._ws.close(CLOSE_TOO_SLOW,
                                  "too slow: reconnect with session_id, subscribe with after")
+
+    async def _session_tasks(self) -> list[dict[str, Any]]:
+        """The session's tasks still running or retained, oldest first, with where their
+        logs are: a connection re-attaching with ``?session_id=`` resubscribes to each with
+        the ``after`` it last saw (tasks already running are not followed on their own)."""
+        assert self.session is not None
+        records = await self.rt.manager.backend.list_tasks(
+            self.user, session_id=self.session.id, include_finished=True)
+        return [{"task_id": r.id, "chat_id": r.chat_id, "message_id": r.message_id,
+                 "status": r.status, "phase": r.phase, "last_seq": r.last_seq}
+                for r in sorted(records, key=lambda r: r.created_at)]
 
     async def _receive_loop(self, connection: trio.CancelScope) -> None:
         while (raw := await self._ws.receive()) is not None:
