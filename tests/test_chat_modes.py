@@ -50,7 +50,8 @@ async def test_sync_request_returns_chat_completion(tether: Tether, fakes: Fakes
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "The answer."}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "The answer.",
+                                             "refusal": None}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["total_tokens"] > 0
     assert response.headers["X-Task-Id"] == body["task_id"]

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from server import fastjson
 from server.api.binding import on_connection_close
@@ -56,28 +56,44 @@ async def chat_completions() -> Response:
         body = {"task_id": record.id, "chat_id": record.chat_id,
                 "message_id": record.message_id, "status": "queued"}
         return json_response(body, 202, headers)
+    openai = request.path.startswith("/v1/")
     if record.mode == "stream":
         include_usage = bool((chat.stream_options or {}).get("include_usage"))
-        response = Response(_stream(rt, record, include_usage), headers=sse_headers(record.id))
+        response = Response(_stream(rt, record, include_usage, openai),
+                            headers=sse_headers(record.id))
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
         return response
     await rt.manager.wait_ended(record.id)
-    return _completion_response(record, headers)
+    return _completion_response(record, headers, openai)
 
 
-def _completion_response(record: TaskRecord, headers: dict[str, str]) -> Response:
+def _finish_reason(record: TaskRecord, openai: bool) -> str:
+    """``cancelled`` for a stopped answer on Tether's own route; on ``/v1`` only OpenAI's
+    values (a typed client with a closed set would throw on another), and the ``task``
+    object tells that it was stopped."""
+    if record.status == "cancelled":
+        return "stop" if openai else "cancelled"
+    return record.finish_reason or "stop"
+
+
+def _task_summary(record: TaskRecord) -> dict[str, Any]:
+    return {"id": record.id, "status": record.status, "cancel_reason": record.cancel_reason}
+
+
+def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bool) -> Response:
     if record.status == "failed" and record.error is not None:
         code = record.error["type"]
         status = 404 if code == "model_not_found" else 502 if code == "upstream_error" else 500
         error = RequestError(status, code, record.error["message"])
         return json_response(error.body(), status, headers)
-    message: dict[str, Any] = {"role": "assistant", "content": record.content}
+    message: dict[str, Any] = {"role": "assistant", "content": record.content, "refusal": None}
     client_calls = [c for c in record.tool_calls if not c.get("server")]
     if client_calls:
         message["tool_calls"] = client_calls
+        message["content"] = record.content or None  # as OpenAI: null beside tool calls
     if record.reasoning:
         message["reasoning_content"] = record.reasoning
-    finish = "cancelled" if record.status == "cancelled" else record.finish_reason or "stop"
+    finish = _finish_reason(record, openai)
     body = {
         "id": "chatcmpl-" + record.id,
         "object": "chat.completion",
@@ -88,6 +104,7 @@ def _completion_response(record: TaskRecord, headers: dict[str, str]) -> Respons
         "usage": record.usage,
         "sources": record.sources,
         "task_id": record.id,
+        "task": _task_summary(record),
     }
     return json_response(body, 200, headers)
 
@@ -105,7 +122,8 @@ def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
     return "data: " + fastjson.dumps(body) + "\n\n"
 
 
-async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: bool
+                  ) -> AsyncIterator[str]:
     """The OpenAI chunk stream of one task.
 
     Status steps go out as SSE comment lines, which clients ignore and proxies see as
@@ -145,21 +163,21 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool) -> Async
                     parts.append(": " + str(event.data.get("description", "")).replace("\n", " ")
                                  + "\n\n")
                 elif event.terminal:
-                    parts.extend(_stream_end(record, include_usage))
+                    parts.extend(_stream_end(record, include_usage, openai))
                     yield "".join(parts)
                     return
             if parts:
                 yield "".join(parts)
 
 
-def _stream_end(record: TaskRecord, include_usage: bool) -> list[str]:
+def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[str]:
     if record.status == "failed" and record.error is not None:
         error = RequestError(502 if record.error["type"] == "upstream_error" else 500,
                              record.error["type"], record.error["message"])
         payload = {**error.body(), "task_id": record.id}
         return ["data: " + json.dumps(payload) + "\n\n", "data: [DONE]\n\n"]
-    finish = "cancelled" if record.status == "cancelled" else record.finish_reason or "stop"
-    out = [_chunk(record, {}, finish, sources=record.sources, task_id=record.id)]
+    out = [_chunk(record, {}, _finish_reason(record, openai), sources=record.sources,
+                  task_id=record.id, task=_task_summary(record))]
     if include_usage and record.usage is not None:
         body = {"id": "chatcmpl-" + record.id, "object": "chat.completion.chunk",
                 "created": int(record.created_at), "model": record.model, "choices": [],
