@@ -6,6 +6,7 @@ Tether acts on are checked; everything else passes through to the model untouche
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -89,7 +90,46 @@ class Features(BaseModel):
     web_search: bool = False
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatRequestModel(BaseModel):
+    """OpenAI's chat-completions request, checked by its published types and ranges, plus
+    Tether's fields. Fields not named here pass through to the model unchecked."""
+
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
@@ -97,9 +137,24 @@ class ChatRequestModel(BaseModel):
     stream: bool = False
     features: Features = Field(default_factory=Features)
     tool_ids: list[str] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    n: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, int] | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
     chat_id: str | None = None
     message_id: str | None = None
     session_id: str | None = None
@@ -154,6 +209,10 @@ def message_text(message: dict[str, Any]) -> str:
     return ""
 
 
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
     """Validate a decoded JSON body; raises ``RequestError`` (400) naming the bad field."""
     if not isinstance(raw, dict):
@@ -162,12 +221,24 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
         parsed = ChatRequestModel.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        # A union's member shows in the location ("literal[...]", "NamedToolChoice"): the
+        # field's path is the rest.
+        param = ".".join(str(part) for part in first["loc"]
+                         if isinstance(part, int) or (_FIELD_NAME.fullmatch(part)
+                                                      and part not in _TYPE_NAMES)) or None
         if first["type"] == "missing":
             message = f"Missing required field '{param}'."
         else:
             message = f"Invalid value for '{param}': {first['msg']}."
         raise RequestError(400, "invalid_request", message, param=param) from None
+    # Answered with one choice and no log probabilities: refused rather than dropped.
+    if parsed.n is not None and parsed.n != 1:
+        raise RequestError(400, "invalid_request", "Only n=1 is supported.", param="n")
+    if parsed.logprobs:
+        raise RequestError(400, "invalid_request", "logprobs are not supported.",
+                           param="logprobs")
+    if isinstance(parsed.stop, list) and len(parsed.stop) > 4:
+        raise RequestError(400, "invalid_request", "At most 4 stop sequences.", param="stop")
     passthrough = {
         key: value
         for key, value in raw.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import trio
 from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -95,3 +96,38 @@ async def test_v1_model_by_id_is_an_openai_model_and_unknown_is_404(tether: Teth
     missing = await tether.client.get("/v1/models/no-such-model")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": 5}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"n": 2}, "n"),  # served with one choice only: refused, not dropped
+    ({"logprobs": True}, "logprobs"),  # not served: refused, not dropped
+    ({"max_completion_tokens": "x"}, "max_completion_tokens"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+async def test_v1_refuses_what_openai_refuses_naming_the_field(
+    tether: Tether, extra: dict[str, Any], param: str
+) -> None:
+    response = await tether.client.post("/v1/chat/completions", json=chat_body(**extra))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+
+
+async def test_valid_openai_fields_and_unknown_extras_reach_the_model(
+    tether: Tether, fakes: Fakes
+) -> None:
+    fakes.model.push(TextReply(["ok"]))
+    body = chat_body(temperature=1, top_p=0.5, n=1, seed=7, stop=["\n\n"],
+                     response_format={"type": "json_object"}, vendor_knob={"x": 1})
+    response = await tether.client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    sent = fakes.model.requests_for("/v1/chat/completions")[-1].json_body
+    assert sent["temperature"] == 1 and sent["seed"] == 7
+    assert sent["vendor_knob"] == {"x": 1}
