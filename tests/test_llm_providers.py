@@ -38,9 +38,12 @@ WAIT = 10.0  # upper bound for anything a test waits on; tests never sleep a fix
 @dataclass
 class Collected:
     deltas: list[ModelDelta] = field(default_factory=list)
+    # Set once the first delta is in: scripts wait on it to send what comes next.
+    first: trio.Event = field(default_factory=trio.Event)
 
     async def __call__(self, delta: ModelDelta) -> None:
         self.deltas.append(delta)
+        self.first.set()
 
     @property
     def content(self) -> str:
@@ -350,12 +353,12 @@ async def test_upstream_chunks_read_together_are_one_delta(
 ) -> None:
     """What one read brings is handed on as one delta: the server does less work per
     token exactly when it is behind."""
-    first_read_done = trio.Event()
+    collected = Collected()
 
     async def handler(ex: Exchange) -> None:
         await start_stream(ex)
         await send_sse(ex, chunk("one "))
-        await first_read_done.wait()
+        await collected.first.wait()
         tool = {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}
         burst = [chunk("two "), chunk("three", reasoning_content="hm"),
                  chunk(tool_calls=[tool]), chunk(finish="stop"),
@@ -364,13 +367,7 @@ async def test_upstream_chunks_read_together_are_one_delta(
         await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
-    collected = Collected()
-
-    async def on_delta(delta: ModelDelta) -> None:
-        await collected(delta)
-        first_read_done.set()
-
-    await model_for(upstream, http).stream_chat(BODY, on_delta)
+    await model_for(upstream, http).stream_chat(BODY, collected)
     assert [d.content for d in collected.deltas] == ["one ", "two three"]
     burst = collected.deltas[1]
     assert burst.reasoning == "hm"
@@ -734,12 +731,12 @@ async def test_paced_stream_hands_on_chunks_that_arrived_during_a_pause_as_one_d
 ) -> None:
     """Separate HTTP chunks that one paced read takes together are one delta, handed on
     when the connection next needs bytes; the text is whole and in order."""
-    first_seen = trio.Event()
+    collected = Collected()
 
     async def handler(ex: Exchange) -> None:
         await start_stream(ex)
         await send_sse(ex, chunk("a "))
-        await first_seen.wait()
+        await collected.first.wait()
         for piece in ("b ", "c ", "d"):  # three chunks, sent while the client pauses
             await send_sse(ex, chunk(piece))
         await send_sse(ex, chunk(finish="stop"))
@@ -747,15 +744,9 @@ async def test_paced_stream_hands_on_chunks_that_arrived_during_a_pause_as_one_d
         await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
-    collected = Collected()
-
-    async def on_delta(delta: ModelDelta) -> None:
-        await collected(delta)
-        first_seen.set()
-
     async with paced(lambda: 0.2) as http:
         with trio.fail_after(WAIT):
-            await model_for(upstream, http).stream_chat(BODY, on_delta)
+            await model_for(upstream, http).stream_chat(BODY, collected)
     assert [d.content for d in collected.deltas] == ["a ", "b c d"]
     assert collected.finish_reason == "stop"
 
