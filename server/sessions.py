@@ -53,9 +53,6 @@ class SessionRegistry:
             task_status.started()
             await trio.sleep_forever()
 
-    def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
-
     def check_owner(self, user: str, session_id: str) -> None:
         """Another user's session is not found (404); an unknown one is fine."""
         session = self._sessions.get(session_id)

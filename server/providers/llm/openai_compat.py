@@ -60,10 +60,6 @@ class OpenAICompatibleModel:
         self._stream_timeout = httpx2.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT_S))
         self._list_timeout = httpx2.Timeout(min(timeout, _LIST_TIMEOUT_S))
 
-    @property
-    def base_url(self) -> str:
-        return self._base
-
     async def list_models(self) -> list[str]:
         """The upstream's model ids (``GET {base}/models``). Raises ``ModelError``.
 

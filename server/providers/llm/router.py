@@ -30,11 +30,6 @@ class ModelRouter:
         self._upstream_models: list[str] | None = None
         self.last_error: str | None = None
 
-    @property
-    def upstream_models(self) -> list[str] | None:
-        """The cached upstream model ids, or None if no fetch has succeeded yet."""
-        return None if self._upstream_models is None else list(self._upstream_models)
-
     async def refresh(self) -> None:
         """Fetch the upstream's model list into the cache. Never raises: on failure the old
         list is kept and the error is kept in ``last_error``.
