@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx2
 import trio
 
 from tests.conftest import WAIT, Fakes, Tether
@@ -141,3 +142,24 @@ async def test_stream_sends_keepalive_comments_while_search_runs(
                     if comments == 3:
                         break
     assert comments == 3
+
+
+async def test_a_status_with_a_carriage_return_cannot_inject_into_the_stream(
+    tether: Tether, fakes: Fakes
+) -> None:
+    """A search result's URL with CR/LF in it reaches the stream through the status of its
+    failed fetch; it stays inside one comment line."""
+    hostile = fakes.pages.base_url + "/missing\rdata: {\"injected\": true}\r"
+    fakes.search.configure(results=[{"url": hostile, "title": "t", "content": "c"}])
+    fakes.model.push(TextReply(["fine"]))
+    async with tether.client.stream(
+        "POST", "/api/chat/completions",
+        json=chat_body(stream=True, features={"web_search": True}),
+    ) as response:
+        events = [e async for e in httpx2.EventSource(response)]
+    data = [e.data for e in events]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all("injected" not in chunk for chunk in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c.get("choices")) == "fine"

@@ -8,7 +8,6 @@ task with reason ``disconnect`` (``stop`` is synchronous, so nothing needs shiel
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -17,6 +16,7 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from server import fastjson
+from server.api import sse
 from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
 from server.runtime import Runtime
@@ -119,7 +119,7 @@ def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
         **extra,
     }
-    return "data: " + fastjson.dumps(body) + "\n\n"
+    return sse.event(fastjson.dumps(body))
 
 
 async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: bool
@@ -136,11 +136,11 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
     cursor = 0
     role_sent = False
     with backend.reading(record.id):
-        yield ": task " + record.id + "\n\n"
+        yield sse.comment("task " + record.id)
         while (events := await next_events(backend, record.id, cursor,
                                            wait_s=keepalive)) is not None:
             if not events:
-                yield ": keepalive\n\n"
+                yield sse.KEEPALIVE
                 continue
             # Whatever piled up since the last write goes out in one write.
             parts: list[str] = []
@@ -160,8 +160,7 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
                         ]
                     parts.append(_chunk(record, delta))
                 elif event.type == "status":
-                    parts.append(": " + str(event.data.get("description", "")).replace("\n", " ")
-                                 + "\n\n")
+                    parts.append(sse.comment(str(event.data.get("description", ""))))
                 elif event.terminal:
                     parts.extend(_stream_end(record, include_usage, openai))
                     yield "".join(parts)
@@ -175,13 +174,13 @@ def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[s
         error = RequestError(502 if record.error["type"] == "upstream_error" else 500,
                              record.error["type"], record.error["message"])
         payload = {**error.body(), "task_id": record.id}
-        return ["data: " + json.dumps(payload) + "\n\n", "data: [DONE]\n\n"]
+        return [sse.event(fastjson.dumps(payload)), sse.DONE]
     out = [_chunk(record, {}, _finish_reason(record, openai), sources=record.sources,
                   task_id=record.id, task=_task_summary(record))]
     if include_usage and record.usage is not None:
         body = {"id": "chatcmpl-" + record.id, "object": "chat.completion.chunk",
                 "created": int(record.created_at), "model": record.model, "choices": [],
                 "usage": record.usage}
-        out.append("data: " + json.dumps(body) + "\n\n")
-    out.append("data: [DONE]\n\n")
+        out.append(sse.event(fastjson.dumps(body)))
+    out.append(sse.DONE)
     return out

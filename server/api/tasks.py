@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from quart import Blueprint, Response, request
 
+from server.api import sse
 from server.api.common import current_user, json_response, runtime, sse_headers
 from server.runtime import Runtime
 from server.schemas import RequestError, TaskRecord
@@ -102,10 +103,10 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
         while (events := await next_events(backend, task_id, cursor, limit=500,
                                            wait_s=rt.settings.sse_keepalive_s)) is not None:
             if not events:
-                yield ": keepalive\n\n"
+                yield sse.KEEPALIVE
                 continue
             for event in events:
                 cursor = event.seq
-                yield f"id: {event.seq}\ndata: {event.json}\n\n"
+                yield sse.event(event.json, id=event.seq)
                 if event.terminal:
                     return
