@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from server.api import chat, health, models, tasks, ws
 from server.api.binding import bind_to_connection, route_websocket
-from server.api.common import error_response
+from server.api.common import close_if_body_unread, error_response
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
 from server.schemas import RequestError
@@ -58,6 +58,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         await runtime.manager.shutdown()
         await runtime.http.aclose()
         await runtime.model_http.aclose()
+
+    app.after_request(close_if_body_unread)
 
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:

@@ -204,3 +204,51 @@ async def test_session_request_with_nobody_connected_and_zero_grace_is_cancelled
     terminal = assert_log_well_formed(events)
     assert terminal["type"] == "task:cancelled"
     assert terminal["data"]["cancel_reason"] == "disconnect"
+
+
+async def _answer_before_the_body(tether: Tether, head: bytes) -> tuple[bytes, bytes]:
+    """Send ``head`` and a first slice of a body it declares far larger, as a keep-alive
+    client would; return the answer's head and whatever came after it before the server
+    closed the connection (b"" if it did not close)."""
+    host, port = tether.base_url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(head + b"{" + b" " * 65536)
+        received = b""
+        with trio.fail_after(WAIT):
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(65536)
+            answer, _, rest = received.partition(b"\r\n\r\n")
+            while chunk := await stream.receive_some(65536):  # until the server closes
+                rest += chunk
+    return answer, rest
+
+
+async def test_a_413_before_the_body_closes_the_keep_alive_connection(tether: Tether) -> None:
+    head = (b"POST /api/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 30000000\r\n\r\n")
+    answer, body = await _answer_before_the_body(tether, head)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b"connection: close" in answer.lower()
+    assert b"payload_too_large" in body
+
+
+async def test_a_401_before_the_body_closes_the_keep_alive_connection(
+    start_tether: Any,
+) -> None:
+    tether: Tether = await start_tether(api_keys={"key-alice": "alice"})
+    head = (b"POST /api/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 500000\r\n\r\n")
+    answer, body = await _answer_before_the_body(tether, head)
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert b"connection: close" in answer.lower()
+    assert b"unauthorized" in body
+
+
+async def test_a_small_unread_body_keeps_the_connection(tether: Tether, fakes: Fakes) -> None:
+    """A stop with a `{}` body (the route reads none) keeps its keep-alive connection."""
+    fakes.model.push(HangReply())
+    task_id = await tether.background(chat_body())
+    stop = await tether.client.post(f"/api/tasks/{task_id}/stop", json={})
+    assert stop.status_code == 200
+    assert stop.headers.get("connection", "").lower() != "close"

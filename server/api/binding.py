@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from quart import request
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
@@ -30,7 +31,8 @@ def bind_to_connection(inner: ASGIApp) -> ASGIApp:
         callbacks: list[Callable[[], object]] = []
         cast(dict[str, Any], scope)[ON_CLOSE] = callbacks
         try:
-            await inner(scope, receive, send)
+            async with trio.open_nursery() as nursery:
+                await inner(scope, receive, _draining_on_close(send, receive, nursery))
         finally:
             for callback in callbacks:
                 callback()
@@ -55,3 +57,47 @@ def route_websocket(inner: ASGIApp, path: str, handler: ASGIApp) -> ASGIApp:
             await inner(scope, receive, send)
 
     return asgi
+
+
+# How long an answer that closes its connection keeps reading the body the client is still
+# sending, so that the client reads the answer rather than a reset.
+DRAIN_S = 5.0
+
+
+def _draining_on_close(send: ASGISendCallable, receive: ASGIReceiveCallable,
+                       nursery: trio.Nursery) -> ASGISendCallable:
+    """``send``, except that an answer marked ``Connection: close`` (sent before the body
+    was read: see ``common.close_if_body_unread``) reads and drops the rest of the body from
+    its last part on, and that last part is sent shielded.
+
+    Why: hypercorn closes the connection inside the send of the answer's last part, after it
+    has queued a last message for the app. An app that answered without reading the body may
+    have left that queue full, and quart-trio may cancel the handler while the body is still
+    arriving: either way the close was abandoned and the connection stayed open, unread, for
+    as long as the client waited.
+    """
+    closing = False
+
+    async def drain() -> None:
+        with trio.move_on_after(DRAIN_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+
+    async def send_draining(message: ASGISendEvent) -> None:
+        nonlocal closing
+        if message["type"] == "http.response.start":
+            closing = any(name.lower() == b"connection" and value.lower() == b"close"
+                          for name, value in message.get("headers", ()))
+        elif closing and message["type"] == "http.response.body" \
+                and not message.get("more_body", False):
+            nursery.start_soon(drain)
+            # The last part of the answer is where hypercorn closes the connection, and
+            # quart-trio may cancel the handler meanwhile (a body past its limit): finish it.
+            with trio.move_on_after(DRAIN_S, shield=True):
+                await send(message)
+            return
+        await send(message)
+
+    return send_draining

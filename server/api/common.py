@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
-from quart import Response, current_app, request
+import trio
+from quart import Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
 
 from server.runtime import Runtime
 from server.schemas import RequestError
@@ -43,6 +45,7 @@ async def read_json_body() -> Any:
         raise RequestError(413, "payload_too_large",
                            f"The request body is larger than {limit} bytes.")
     body = await request.get_data(cache=False)
+    g.tether_body_read = True
     if len(body) > limit:
         raise RequestError(413, "payload_too_large",
                            f"The request body is larger than {limit} bytes.")
@@ -59,3 +62,28 @@ def sse_headers(task_id: str) -> dict[str, str]:
         "X-Accel-Buffering": "no",
         "X-Task-Id": task_id,
     }
+
+
+async def close_if_body_unread(response: Response) -> Response:
+    """An answer sent before the request's body was read (a 413 from its declared length,
+    a 401, a route that takes no body ...) would leave the rest of the body on its way, and
+    a keep-alive client's next request on that connection would wait behind it. A small
+    body (up to ``_SMALL_BODY`` bytes, such as the ``{}`` of a stop) is read, within a
+    second, and the connection kept; otherwise the answer closes the connection."""
+    length = request.content_length
+    declared = length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if not declared or g.get("tether_body_read", False):
+        return response
+    if length is not None and length <= min(_SMALL_BODY, runtime().settings.max_body_bytes):
+        with trio.move_on_after(1.0):
+            try:
+                await request.get_data(cache=False)
+            except HTTPException:  # the body broke the framework's own limits
+                pass
+            else:
+                return response
+    response.headers["Connection"] = "close"
+    return response
+
+
+_SMALL_BODY = 64 * 1024
