@@ -359,3 +359,20 @@ async def test_reattaching_lists_the_sessions_tasks_with_their_last_seq(
         await back.send({"type": "stop", "task_id": running})
         events = await back.events_until_terminal(running)
         assert_log_well_formed(events, after=listed[running]["last_seq"])
+
+
+async def test_http_and_websocket_refuse_a_bad_chat_alike_naming_the_field(
+    tether: Tether,
+) -> None:
+    bad_requests = [
+        (chat_body(tool_ids=["no_such_tool"]), "invalid_request", "tool_ids"),
+        (chat_body(temperature="hot"), "invalid_request", "temperature"),
+        ({**chat_body(), "model": "no-such-model"}, "model_not_found", "model"),
+    ]
+    async with connect(tether) as client:
+        for body, code, param in bad_requests:
+            http = (await tether.chat(body)).json()["error"]
+            await client.send({"type": "chat", "request": body})
+            ws = (await client.recv_type("error"))["error"]
+            assert (http["code"], http["param"]) == (code, param)
+            assert (ws["code"], ws["param"]) == (code, param)

@@ -17,10 +17,11 @@ from quart import Blueprint, Response, request
 
 from server import fastjson
 from server.api import sse
+from server.api.admission import check_chat, failure_status
 from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
 from server.runtime import Runtime
-from server.schemas import RequestError, TaskRecord, parse_chat_request
+from server.schemas import RequestError, TaskRecord
 from server.tasks.backend import next_events
 
 blueprint = Blueprint("chat", __name__)
@@ -36,16 +37,7 @@ async def chat_completions() -> Response:
     arrived = time.perf_counter()
     rt = runtime()
     user = current_user()
-    chat = parse_chat_request(await read_json_body(), default_model=rt.settings.default_model)
-    unknown = [t for t in chat.tool_ids if t not in rt.tools]
-    if unknown:
-        raise RequestError(400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.",
-                           param="tool_ids")
-    if rt.models.resolve(chat.model) is None:
-        raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.",
-                           param="model")
-    if chat.session_id is not None:
-        rt.sessions.check_owner(user, chat.session_id)
+    chat = check_chat(rt, user, await read_json_body())
     record = await rt.manager.spawn(user, chat)
     if record.mode != "background":
         # Bound to this connection however it ends (see app.bind_to_connection).
@@ -83,9 +75,8 @@ def _task_summary(record: TaskRecord) -> dict[str, Any]:
 def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bool) -> Response:
     if record.status == "failed" and record.error is not None:
         code = record.error["type"]
-        status = 404 if code == "model_not_found" else 502 if code == "upstream_error" else 500
-        error = RequestError(status, code, record.error["message"])
-        return json_response(error.body(), status, headers)
+        error = RequestError(failure_status(code), code, record.error["message"])
+        return json_response(error.body(), error.status, headers)
     message: dict[str, Any] = {"role": "assistant", "content": record.content, "refusal": None}
     client_calls = [c for c in record.tool_calls if not c.get("server")]
     if client_calls:
@@ -171,8 +162,8 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
 
 def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[str]:
     if record.status == "failed" and record.error is not None:
-        error = RequestError(502 if record.error["type"] == "upstream_error" else 500,
-                             record.error["type"], record.error["message"])
+        error = RequestError(failure_status(record.error["type"]), record.error["type"],
+                             record.error["message"])
         payload = {**error.body(), "task_id": record.id}
         return [sse.event(fastjson.dumps(payload)), sse.DONE]
     out = [_chunk(record, {}, _finish_reason(record, openai), sources=record.sources,

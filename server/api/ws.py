@@ -32,8 +32,9 @@ from urllib.parse import parse_qsl
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
+from server.api.admission import check_chat
 from server.runtime import Runtime
-from server.schemas import Event, RequestError, parse_chat_request
+from server.schemas import Event, RequestError
 from server.sessions import Session
 from server.tasks.backend import LogWatch
 
@@ -347,8 +348,10 @@ class WsConnection:
             else:
                 raise RequestError(400, "unknown_type", f"Unknown message type {kind!r}.")
         except RequestError as exc:
-            await self.send({"type": "error", "error": {"code": exc.code, "message": exc.message},
-                             "ref": ref})
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+            if exc.param is not None:
+                error["param"] = exc.param
+            await self.send({"type": "error", "error": error, "ref": ref})
         except Exception:  # a bug must cost one message, not the connection
             log.exception("WebSocket message failed")
             await self.send({"type": "error", "error": {"code": "internal_error",
@@ -373,13 +376,8 @@ class WsConnection:
         if not isinstance(body, dict):
             raise RequestError(400, "invalid_request", "Missing field 'request' (an object).")
         assert self.session is not None
-        chat = parse_chat_request({**body, "session_id": self.session.id, "background": False},
-                                  default_model=self.rt.settings.default_model)
-        unknown = [t for t in chat.tool_ids if t not in self.rt.tools]
-        if unknown:
-            raise RequestError(400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.")
-        if self.rt.models.resolve(chat.model) is None:
-            raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.")
+        chat = check_chat(self.rt, self.user,
+                          {**body, "session_id": self.session.id, "background": False})
         self._spawning = True
         try:
             record = await self.rt.manager.spawn(self.user, chat)

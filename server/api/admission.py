@@ -1,0 +1,37 @@
+"""What both transports do with a chat request before it becomes a task, and how a failed
+task maps to HTTP: one copy, so that HTTP and WebSocket refuse the same things with the same
+codes and fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.runtime import Runtime
+from server.schemas import ChatRequest, RequestError, parse_chat_request
+
+
+def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
+    """Validate a decoded chat request and what it names (tools, model, session). Raises
+    ``RequestError`` (400, or 404 for an unknown model or another user's session), with
+    ``param`` naming the field. No I/O."""
+    chat = parse_chat_request(raw, default_model=rt.settings.default_model)
+    unknown = [t for t in chat.tool_ids if t not in rt.tools]
+    if unknown:
+        raise RequestError(400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.",
+                           param="tool_ids")
+    if rt.models.resolve(chat.model) is None:
+        raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.",
+                           param="model")
+    if chat.session_id is not None:
+        rt.sessions.check_owner(user, chat.session_id)
+    return chat
+
+
+def failure_status(error_type: str) -> int:
+    """The HTTP status of a task that failed with ``error.type``: the upstream's failure is
+    502, a model the upstream does not know is 404, anything else is ours (500)."""
+    if error_type == "upstream_error":
+        return 502
+    if error_type == "model_not_found":
+        return 404
+    return 500
