@@ -38,6 +38,8 @@ def hypercorn_config(settings: Settings) -> Config:
     # after its connection closed: do not wait the default 10 s for it.
     config.graceful_timeout = 3
     config.accesslog = None
+    # hypercorn's own handler on top of the root logger's would print every line twice.
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 
@@ -158,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
-    print(f"tether: serving on http://{settings.host}:{settings.port}", flush=True)
     tune_garbage_collector()
-    trio.run(partial(serve_app, app, settings, shutdown_trigger=_termination_signal))
+    try:
+        trio.run(partial(serve_app, app, settings, shutdown_trigger=_termination_signal))
+    except OSError as exc:  # binding: the port is taken, or the address is not ours
+        print(f"tether: cannot listen on {settings.host}:{settings.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 

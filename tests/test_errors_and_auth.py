@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 import trio
 
 from tests.conftest import WAIT, Fakes, Tether
@@ -252,3 +254,17 @@ async def test_a_small_unread_body_keeps_the_connection(tether: Tether, fakes: F
     stop = await tether.client.post(f"/api/tasks/{task_id}/stop", json={})
     assert stop.status_code == 200
     assert stop.headers.get("connection", "").lower() != "close"
+
+
+async def test_each_task_logs_one_line_when_it_starts_and_one_when_it_ends(
+    tether: Tether, fakes: Fakes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tether.tasks")
+    fakes.model.push(HangReply())
+    task_id = await tether.background(chat_body())
+    await tether.client.post(f"/api/tasks/{task_id}/stop")
+    lines = [r.getMessage() for r in caplog.records if f"task={task_id}" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"task={task_id} started mode=background")
+    assert lines[1].startswith(f"task={task_id} cancelled mode=background")
+    assert "reason=stop" in lines[1] and "run_s=" in lines[1]

@@ -214,6 +214,8 @@ class TaskManager:
             with rt.scope:
                 record.status = "running"
                 record.started_at = time.time()
+                log.info("task=%s started mode=%s model=%s user=%s", record.id, record.mode,
+                         record.model, record.user)
                 await self.backend.save(record)
                 await emitter("task:started", {})
                 await self._runner(rt.request, emitter)
@@ -252,6 +254,11 @@ class TaskManager:
             self.metrics.cancels.labels(record.cancel_reason, record.phase).inc()
         self.metrics.tasks_active.labels(record.phase).dec()
         self.metrics.tasks_total.labels(record.mode, record.status).inc()
+        started = record.started_at or record.ended_at
+        log.info("task=%s %s mode=%s phase=%s reason=%s error=%s queued_s=%.3f run_s=%.3f "
+                 "chars=%d", record.id, record.status, record.mode, record.phase,
+                 record.cancel_reason, record.error["type"] if record.error else None,
+                 started - record.created_at, record.ended_at - started, len(record.content))
         await self.backend.save(record)
         # The terminal event carries the task as it ends, its own seq included.
         record.last_seq += 1
