@@ -27,6 +27,10 @@ from server.config import Settings, SettingsError, read_dotenv
 from server.runtime import Runtime
 
 
+class ListenError(Exception):
+    """The server could not bind its address."""
+
+
 def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -72,7 +76,11 @@ async def serve_app(
         # event while hypercorn waits for connections to finish.
         manager.begin_shutdown()
 
-    sockets = config.create_sockets()
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {settings.host}:{settings.port}: "
+                          f"{exc.strerror or exc}") from exc
     for sock in sockets.insecure_sockets:
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
@@ -163,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_garbage_collector()
     try:
         trio.run(partial(serve_app, app, settings, shutdown_trigger=_termination_signal))
-    except OSError as exc:  # binding: the port is taken, or the address is not ours
-        print(f"tether: cannot listen on {settings.host}:{settings.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+    except ListenError as exc:  # the port is taken, or the address is not ours
+        print(f"tether: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -188,3 +188,53 @@ async def test_pong_is_not_queued_behind_a_backlog(tether: Tether, fakes: Fakes)
         before_pong = sum(len(client.events(t)) for t in backlog)
         await client.until_ended(*backlog)
     assert before_pong < await _log_size(tether, backlog) // 2
+
+
+async def _until_expired(tether: Tether, task_id: str) -> None:
+    """Wait for retention to drop the task: it cannot while a reader still follows it."""
+    manager = tether.runtime.manager
+    with trio.fail_after(WAIT):
+        while await manager.backend.get(task_id) is not None:
+            await manager.wait_sweep()
+
+
+async def test_subscribing_at_the_end_of_an_ended_log_follows_nothing(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether(task_retention_s=0.2)
+    [task_id] = await _completed_tasks(tether, fakes, 1, chunks=5)
+    last_seq = await _log_size(tether, [task_id])
+    async with connect(tether, batch=False) as client:
+        await client.send({"type": "subscribe", "task_id": task_id, "after": last_seq})
+        await client.send({"type": "ping"})
+        await client.reply("pong")
+        await _until_expired(tether, task_id)  # the follower let go of the log
+        assert client.events(task_id) == []
+
+
+async def test_a_follower_past_a_running_tasks_end_lets_go_when_it_ends(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether(task_retention_s=0.2)
+    fakes.model.push(TextReply([f"t{i} " for i in range(5)], interval=0.02))
+    task_id = await tether.background(chat_body())
+    async with connect(tether, batch=False) as client:
+        await client.send({"type": "subscribe", "task_id": task_id, "after": 1000})
+        with trio.fail_after(WAIT):
+            await tether.runtime.manager.wait_ended(task_id)
+        await _until_expired(tether, task_id)
+        assert client.events(task_id) == []
+
+
+async def test_replaying_a_log_longer_than_the_lag_limit_is_not_too_slow(
+    start_tether: Any, fakes: Fakes
+) -> None:
+    """The lag limit is for a client that cannot keep up with a live task; a replay of an
+    ended log, however long, is delivered whole."""
+    tether: Tether = await start_tether(ws_max_lag_events=50)
+    tasks = await _completed_tasks(tether, fakes, 1, chunks=600)
+    assert await _log_size(tether, tasks) > 256  # more than one read: the lag is checked
+    async with connect(tether, batch=False) as client:
+        await client.send({"type": "subscribe", "task_id": tasks[0], "after": 0})
+        await client.until_ended(tasks[0])
+    assert assert_log_well_formed(client.events(tasks[0]))["type"] == "task:completed"

@@ -83,6 +83,9 @@ class _Follower:
 
     cursor: int
     watch: LogWatch
+    # The log's length when this follower first found a full read waiting: lag is counted
+    # from there, so that replaying a long log is never mistaken for falling behind.
+    live_from: int | None = None
 
 
 class WsHub:
@@ -98,8 +101,11 @@ class WsHub:
         self._send_timeout_s = send_timeout_s
 
     async def run(self) -> None:
-        """Sweep until cancelled (the app's shutdown); cancelling it just ends the sweeps."""
-        period = min(0.5, self._send_timeout_s / 2)
+        """Sweep until cancelled (the app's shutdown); cancelling it just ends the sweeps.
+        A send timeout of 0 or less turns the watchdog off."""
+        if self._send_timeout_s <= 0:
+            return
+        period = max(0.05, min(0.5, self._send_timeout_s / 2))
         while True:
             await trio.sleep(period)
             deadline = trio.current_time() - self._send_timeout_s
@@ -205,7 +211,11 @@ class WsConnection:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            await self._deliver(*ready)
+            try:
+                await self._deliver(*ready)
+            except Exception:  # a bug or a backend failure costs this follower, not all
+                log.exception("delivering task %s failed", ready[0])
+                self.unfollow(ready[0])
 
     async def _deliver(self, task_id: str, ended: bool) -> None:
         """Send what lies past one follower's cursor (at most ``_READ_LIMIT`` events).
@@ -213,20 +223,33 @@ class WsConnection:
         One event per message costs a frame each, and a frame costs the scheduler turns of
         hypercorn's send path; under load a backlog of frames takes a while. So unless
         this task's log has ended, the backlog yields to a reply or an ended task that
-        came meanwhile, and its rest goes out after them."""
+        came meanwhile, and its rest goes out after them. A follower that was replaced or
+        dropped meanwhile (resubscribe, unsubscribe, the client too slow) gets no more."""
         follower = self._followers.get(task_id)
         if follower is None:
             return
         backend = self.rt.manager.backend
         events = await backend.read(task_id, follower.cursor, _READ_LIMIT)
-        if not events or self._followers.get(task_id) is not follower:
+        if not self._serving(task_id, follower):
+            return
+        if not events:
+            # Nothing past the cursor: if the log has ended there, nothing ever will be.
+            record = await backend.get(task_id)
+            if record is None or (not record.active and record.last_seq <= follower.cursor):
+                if self._followers.get(task_id) is follower:
+                    self.unfollow(task_id)
             return
         if len(events) == _READ_LIMIT:
             record = await backend.get(task_id)
-            if record is not None and \
-                    record.last_seq - follower.cursor > self.rt.settings.ws_max_lag_events:
-                self.give_up()
+            if not self._serving(task_id, follower):
                 return
+            if record is not None and record.active:
+                if follower.live_from is None:
+                    follower.live_from = record.last_seq
+                lag = record.last_seq - max(follower.cursor, follower.live_from)
+                if lag > self.rt.settings.ws_max_lag_events:
+                    self.give_up()
+                    return
             # More to come, after other tasks have had a turn (an ended log stays ahead).
             (self._ended if ended else self._ready)[task_id] = None
         if self.batch:
@@ -237,12 +260,18 @@ class WsConnection:
             for event in events:
                 await self._send(['{"type":"event","event":' + event.json + "}"])
                 follower.cursor = event.seq
-                if not ended and (self._replies or self._ended) \
-                        and event.seq < events[-1].seq:
+                if event.seq == events[-1].seq:
+                    break
+                if not self._serving(task_id, follower):
+                    return
+                if not ended and (self._replies or self._ended):
                     self._ready[task_id] = None
                     return
         if events[-1].terminal and self._followers.get(task_id) is follower:
             self.unfollow(task_id)
+
+    def _serving(self, task_id: str, follower: _Follower) -> bool:
+        return not self.too_slow and self._followers.get(task_id) is follower
 
     async def _send(self, texts: list[str]) -> None:
         """Send whole messages. Shielded: the pump is cancelled only when the connection

@@ -150,6 +150,9 @@ class OpenAICompatibleModel:
                         if done:
                             return
                     await flush()
+                except _HTTP_FAILURES:
+                    await flush()  # what arrived before the connection failed is kept
+                    raise
                 finally:
                     if isinstance(network, PacedStream):
                         network.before_wait = None
