@@ -226,25 +226,25 @@ async def _answer_before_the_body(tether: Tether, head: bytes) -> tuple[bytes, b
     return answer, rest
 
 
-async def test_a_413_before_the_body_closes_the_keep_alive_connection(tether: Tether) -> None:
+async def _assert_closed_before_the_body(tether: Tether, length: int, status: bytes,
+                                         code: bytes) -> None:
     head = (b"POST /api/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nContent-Length: 30000000\r\n\r\n")
+            b"\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n")
     answer, body = await _answer_before_the_body(tether, head)
-    assert answer.startswith(b"HTTP/1.1 413")
+    assert answer.startswith(b"HTTP/1.1 " + status)
     assert b"connection: close" in answer.lower()
-    assert b"payload_too_large" in body
+    assert code in body
+
+
+async def test_a_413_before_the_body_closes_the_keep_alive_connection(tether: Tether) -> None:
+    await _assert_closed_before_the_body(tether, 30_000_000, b"413", b"payload_too_large")
 
 
 async def test_a_401_before_the_body_closes_the_keep_alive_connection(
     start_tether: Any,
 ) -> None:
     tether: Tether = await start_tether(api_keys={"key-alice": "alice"})
-    head = (b"POST /api/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nContent-Length: 500000\r\n\r\n")
-    answer, body = await _answer_before_the_body(tether, head)
-    assert answer.startswith(b"HTTP/1.1 401")
-    assert b"connection: close" in answer.lower()
-    assert b"unauthorized" in body
+    await _assert_closed_before_the_body(tether, 500_000, b"401", b"unauthorized")
 
 
 async def test_a_small_unread_body_keeps_the_connection(tether: Tether, fakes: Fakes) -> None:

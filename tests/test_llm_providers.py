@@ -26,7 +26,7 @@ from server.providers.llm.local import (
 from server.providers.llm.openai_compat import OpenAICompatibleModel
 from server.providers.llm.paced import paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
-from tests.fakes.base import Exchange
+from tests.fakes.base import ConnRecord, Exchange
 from tests.fakes.scripted import ScriptedServer, send_sse, start_stream, until_client_leaves
 
 WAIT = 10.0  # upper bound for anything a test waits on; tests never sleep a fixed time
@@ -602,18 +602,20 @@ async def test_cancelling_upstream_stream_closes_the_connection(
         await until_client_leaves()  # holds the stream open until the client closes it
 
     upstream.route("POST", "/v1/chat/completions", handler)
-    got_first = trio.Event()
+    conn = await _cancel_after_first_delta(upstream, http, Collected())
+    assert conn.closed_by == "client"
 
-    async def on_delta(delta: ModelDelta) -> None:
-        got_first.set()
 
+async def _cancel_after_first_delta(upstream: ScriptedServer, http: httpx2.AsyncClient,
+                                    collected: Collected) -> ConnRecord:
+    """Stream, cancel once the first delta is in, and return the upstream's record of the
+    connection once it saw it closed."""
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(model_for(upstream, http).stream_chat, BODY, on_delta)
-            await got_first.wait()
+            nursery.start_soon(model_for(upstream, http).stream_chat, BODY, collected)
+            await collected.first.wait()
             nursery.cancel_scope.cancel()
-        conn = await upstream.wait_connection_closed(upstream.requests[0].conn_id)
-    assert conn.closed_by == "client"
+        return await upstream.wait_connection_closed(upstream.requests[0].conn_id)
 
 
 async def test_upstream_list_models(upstream: ScriptedServer, http: httpx2.AsyncClient) -> None:
@@ -760,17 +762,8 @@ async def test_cancelling_a_paced_stream_during_its_pause_closes_the_connection(
         await until_client_leaves()
 
     upstream.route("POST", "/v1/chat/completions", handler)
-    got_first = trio.Event()
-
-    async def on_delta(delta: ModelDelta) -> None:
-        got_first.set()
-
+    collected = Collected()
     # Once the first delta is in, every read waits an hour: the cancel ends the wait.
-    async with paced(lambda: 3600 if got_first.is_set() else 0) as http:
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(model_for(upstream, http).stream_chat, BODY, on_delta)
-                await got_first.wait()
-                nursery.cancel_scope.cancel()
-            conn = await upstream.wait_connection_closed(upstream.requests[0].conn_id)
+    async with paced(lambda: 3600 if collected.first.is_set() else 0) as http:
+        conn = await _cancel_after_first_delta(upstream, http, collected)
     assert conn.closed_by == "client"
