@@ -16,11 +16,13 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from server.api import chat, health, models, tasks, ws
+from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
 from server.api.common import close_if_body_unread, error_response
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
 from server.schemas import RequestError
+from server.tasks.errors import TaskRefused
 
 log = logging.getLogger("tether")
 
@@ -64,6 +66,10 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
         return error_response(error)
+
+    @app.errorhandler(TaskRefused)
+    async def task_refused(error: TaskRefused) -> Response:
+        return error_response(refusal(error))
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:

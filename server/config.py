@@ -72,6 +72,9 @@ class Settings:
     max_body_bytes: int = 1_000_000
     sse_keepalive_s: float = 15.0
     http_max_connections: int = 1000
+    # The longest one step on shared task state may take (admission, the terminal event):
+    # past it, admission answers 503 and a terminal write is given up and logged.
+    backend_timeout_s: float = 5.0
 
     ws_reconnect_grace_s: float = 10.0
     ws_ping_interval_s: float = 20.0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -346,3 +346,35 @@ class TaskRecord:
             "finish_reason": self.finish_reason,
             "last_seq": self.last_seq,
         }
+
+    def copy(self) -> TaskRecord:
+        """A copy that shares nothing mutable with this record."""
+        return replace(self, sources=list(self.sources), tool_calls=list(self.tool_calls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, session_bound: bool = False) -> TaskRecord:
+        """The record that ``to_dict`` gave (a terminal event's data, a stored copy)."""
+        return cls(
+            id=data["id"],
+            user=data["user"],
+            model=data["model"],
+            mode=data["mode"],
+            chat_id=data.get("chat_id"),
+            message_id=data.get("message_id"),
+            session_id=data.get("session_id"),
+            status=data.get("status", "queued"),
+            phase=data.get("phase", "queued"),
+            created_at=data["created_at"],
+            started_at=data.get("started_at"),
+            ended_at=data.get("ended_at"),
+            content=data.get("content") or "",
+            reasoning=data.get("reasoning") or "",
+            sources=list(data.get("sources") or ()),
+            tool_calls=list(data.get("tool_calls") or ()),
+            usage=data.get("usage"),
+            error=data.get("error"),
+            cancel_reason=data.get("cancel_reason"),
+            last_seq=data.get("last_seq", 0),
+            finish_reason=data.get("finish_reason"),
+            session_bound=session_bound,
+        )

@@ -15,7 +15,8 @@ from typing import Protocol
 
 import trio
 
-from server.schemas import RequestError, TaskRecord
+from server.schemas import TaskRecord
+from server.tasks.errors import UnknownSession
 from server.tasks.manager import TaskManager
 
 
@@ -54,11 +55,10 @@ class SessionRegistry:
             await trio.sleep_forever()
 
     def check_owner(self, user: str, session_id: str) -> None:
-        """Another user's session is not found (404); an unknown one is fine."""
+        """Another user's session is ``UnknownSession``; an unknown one is fine."""
         session = self._sessions.get(session_id)
         if session is not None and session.user != user:
-            raise RequestError(404, "not_found", f"No session {session_id!r}.",
-                               param="session_id")
+            raise UnknownSession(session_id)
 
     def _owned(self, user: str, session_id: str) -> Session:
         self.check_owner(user, session_id)

@@ -75,13 +75,14 @@ class Tether:
 
     async def wait_phase(self, task_id: str, phase: str, key: str | None = None) -> None:
         """Follow the task's events until it reports being in ``phase``."""
-        record = await self.runtime.manager.backend.get(task_id)
-        assert record is not None
-        after = 0
-        while record.phase != phase:
+        manager = self.runtime.manager
+        while True:
+            record = await manager.find(task_id)
+            assert record is not None
+            if record.phase == phase:
+                return
             assert record.active, f"task ended in {record.phase} before reaching {phase}"
-            after = record.last_seq
-            await self.runtime.manager.backend.wait_beyond(task_id, after)
+            await manager.next_events(task_id, record.last_seq)
 
 
 def base_settings(fakes: Fakes, **overrides: Any) -> Settings:

@@ -74,10 +74,10 @@ async def test_stop_during_generation_keeps_partial_content(
     fakes.model.push(TextReply([f"w{i} " for i in range(400)], interval=0.02))
     task_id = await tether.background(chat_body())
     # Wait until some deltas have been produced.
-    backend = tether.runtime.manager.backend
+    manager = tether.runtime.manager
     with trio.fail_after(WAIT):
-        while len([e for e in await backend.read(task_id, 0) if e.type == "delta"]) < 3:
-            await backend.wait_beyond(task_id, (await backend.get(task_id)).last_seq)  # type: ignore[union-attr]
+        while len([e for e in await manager.read(task_id, 0) if e.type == "delta"]) < 3:
+            await manager.next_events(task_id, (await manager.read(task_id, 0))[-1].seq)
     terminal = await _stop_and_check(tether, task_id, fakes.model, "/v1/chat/completions",
                                      "generating")
     events = await tether.events(task_id)
@@ -238,7 +238,7 @@ async def test_shutdown_cancels_running_tasks_with_reason_shutdown(
     with trio.fail_after(WAIT):
         await manager.wait_ended(task_id)
         await fakes.search.wait_connection_closed(request.conn_id)
-    events = [e.to_dict() for e in await manager.backend.read(task_id, 0)]
+    events = [e.to_dict() for e in await manager.read(task_id, 0)]
     terminal = assert_log_well_formed(events)
     assert terminal["type"] == "task:cancelled"
     assert terminal["data"]["cancel_reason"] == "shutdown"

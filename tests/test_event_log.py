@@ -45,10 +45,8 @@ async def test_retention_keeps_a_log_while_someone_reads_it() -> None:
     backend = MemoryBackend()
     record = TaskRecord(id="t", user="u", model="m", mode="background")
     assert await backend.admit(record, max_total=10, max_per_user=10)
-    await backend.append(record, "task:queued", {})
     record.status, record.ended_at = "completed", 100.0
-    await backend.save(record)
-    await backend.append(record, "task:completed", {})
+    await backend.finish(record)
     with backend.reading("t"):
         assert await backend.expire(now=1000.0, retention_s=1.0) == []
         assert len(await backend.read("t", 0)) == 2
@@ -68,6 +66,6 @@ async def test_admission_counts_active_tasks_per_user_and_in_all() -> None:
     assert await backend.admit(records[2], max_total=3, max_per_user=2)
     assert not await backend.admit(records[3], max_total=3, max_per_user=2)
     records[0].status, records[0].ended_at = "cancelled", 1.0
-    await backend.save(records[0])
+    await backend.finish(records[0])
     assert await backend.counts() == (2, {"a": 1, "b": 1})
     assert await backend.admit(records[3], max_total=3, max_per_user=2)

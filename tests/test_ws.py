@@ -313,7 +313,7 @@ async def test_slow_reader_does_not_delay_a_fast_one(start_tether: Any, fakes: F
         # Chunks that one read brought are one delta: count the text, not the events.
         streamed = "".join(e["data"]["content"] for e in events if e["type"] == "delta")
         assert streamed == terminal["data"]["content"] == big * 600
-        record = await tether.runtime.manager.backend.get(task_id)
+        record = await tether.runtime.manager.find(task_id)
         assert record is not None and record.ended_at is not None
         # The task was not held back by the slow reader: it ended about when the fake
         # finished sending, and the fast reader had everything right after.
@@ -347,7 +347,7 @@ async def test_reattaching_lists_the_sessions_tasks_with_their_last_seq(
     async with connect(tether, session_id=session_id) as back:
         listed = {t["task_id"]: t for t in back.first_message["tasks"]}
         assert list(listed) == [finished, running]
-        records = {t: await tether.runtime.manager.backend.get(t) for t in listed}
+        records = {t: await tether.runtime.manager.find(t) for t in listed}
         assert listed[finished]["status"] == "completed"
         assert listed[running]["status"] == "running"
         for task_id, entry in listed.items():

@@ -82,7 +82,7 @@ async def _completed_tasks(tether: Tether, fakes: Fakes, count: int, chunks: int
 
 
 async def _log_size(tether: Tether, task_ids: list[str]) -> int:
-    records = [await tether.runtime.manager.backend.get(t) for t in task_ids]
+    records = [await tether.runtime.manager.find(t) for t in task_ids]
     return sum(r.last_seq for r in records if r is not None)
 
 
@@ -110,7 +110,7 @@ async def test_batched_replay_sends_a_backlog_in_few_messages(
     tether: Tether, fakes: Fakes
 ) -> None:
     [task_id] = await _completed_tasks(tether, fakes, 1, chunks=600)
-    record = await tether.runtime.manager.backend.get(task_id)
+    record = await tether.runtime.manager.find(task_id)
     assert record is not None and record.last_seq > 256
     async with connect(tether, batch=True) as client:
         await client.send({"type": "subscribe", "task_id": task_id, "after": 0})
@@ -194,7 +194,7 @@ async def _until_expired(tether: Tether, task_id: str) -> None:
     """Wait for retention to drop the task: it cannot while a reader still follows it."""
     manager = tether.runtime.manager
     with trio.fail_after(WAIT):
-        while await manager.backend.get(task_id) is not None:
+        while await manager.find(task_id) is not None:
             await manager.wait_sweep()
 
 

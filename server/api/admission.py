@@ -8,12 +8,19 @@ from typing import Any
 
 from server.runtime import Runtime
 from server.schemas import ChatRequest, RequestError, parse_chat_request
+from server.tasks.errors import (
+    BackendUnavailable,
+    ShuttingDown,
+    TaskRefused,
+    TooManyTasks,
+    UnknownSession,
+)
 
 
 def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
     """Validate a decoded chat request and what it names (tools, model, session). Raises
-    ``RequestError`` (400, or 404 for an unknown model or another user's session), with
-    ``param`` naming the field. No I/O."""
+    ``RequestError`` (400, or 404 for an unknown model) or ``UnknownSession`` (another
+    user's session), with ``param`` naming the field. No I/O."""
     chat = parse_chat_request(raw, default_model=rt.settings.default_model)
     unknown = [t for t in chat.tool_ids if t not in rt.tools]
     if unknown:
@@ -35,3 +42,17 @@ def failure_status(error_type: str) -> int:
     if error_type == "model_not_found":
         return 404
     return 500
+
+
+def refusal(exc: TaskRefused) -> RequestError:
+    """The HTTP answer to what the task layer refused."""
+    if isinstance(exc, TooManyTasks):
+        return RequestError(429, "too_many_tasks", exc.message, headers={"Retry-After": "1"})
+    if isinstance(exc, ShuttingDown):
+        return RequestError(503, "shutting_down", exc.message)
+    if isinstance(exc, BackendUnavailable):
+        return RequestError(503, "backend_unavailable", exc.message,
+                            headers={"Retry-After": "1"})
+    if isinstance(exc, UnknownSession):
+        return RequestError(404, "not_found", exc.message, param="session_id")
+    return RequestError(500, "internal_error", exc.message)

@@ -22,7 +22,6 @@ from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
 from server.runtime import Runtime
 from server.schemas import RequestError, TaskRecord
-from server.tasks.backend import next_events
 
 blueprint = Blueprint("chat", __name__)
 
@@ -55,8 +54,10 @@ async def chat_completions() -> Response:
                             headers=sse_headers(record.id))
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
         return response
-    await rt.manager.wait_ended(record.id)
-    return _completion_response(record, headers, openai)
+    ended = await rt.manager.wait_ended(record.id)
+    if ended is None:  # expired already: retention shorter than the wait
+        raise RequestError(500, "internal_error", "The task's result is no longer kept.")
+    return _completion_response(ended, headers, openai)
 
 
 def _finish_reason(record: TaskRecord, openai: bool) -> str:
@@ -122,14 +123,14 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
     If the client goes away, the task is stopped by the connection binding that the
     handler registered (``binding.bind_to_connection``), started or not.
     """
-    backend = rt.manager.backend
+    manager = rt.manager
     keepalive = rt.settings.sse_keepalive_s
     cursor = 0
     role_sent = False
-    with backend.reading(record.id):
+    with manager.reading(record.id):
         yield sse.comment("task " + record.id)
-        while (events := await next_events(backend, record.id, cursor,
-                                           wait_s=keepalive)) is not None:
+        while (events := await manager.next_events(record.id, cursor,
+                                                   wait_s=keepalive)) is not None:
             if not events:
                 yield sse.KEEPALIVE
                 continue
@@ -153,7 +154,9 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
                 elif event.type == "status":
                     parts.append(sse.comment(str(event.data.get("description", ""))))
                 elif event.terminal:
-                    parts.extend(_stream_end(record, include_usage, openai))
+                    # The terminal event carries the task as it ended.
+                    ended = TaskRecord.from_dict(event.data)
+                    parts.extend(_stream_end(ended, include_usage, openai))
                     yield "".join(parts)
                     return
             if parts:

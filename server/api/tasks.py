@@ -10,7 +10,6 @@ from server.api import sse
 from server.api.common import current_user, json_response, runtime, sse_headers
 from server.runtime import Runtime
 from server.schemas import RequestError, TaskRecord
-from server.tasks.backend import next_events
 
 blueprint = Blueprint("tasks", __name__)
 
@@ -31,10 +30,9 @@ async def _own_task(task_id: str) -> tuple[str, TaskRecord]:
 async def list_tasks() -> Response:
     user = current_user()
     include = request.args.get("include_finished", "false").lower() in ("1", "true", "yes")
-    records = await runtime().manager.backend.list_tasks(
+    records = await runtime().manager.list_tasks(
         user, chat_id=request.args.get("chat_id"), include_finished=include
     )
-    records.sort(key=lambda r: r.created_at)
     return json_response({"tasks": [r.to_dict() for r in records]})
 
 
@@ -62,12 +60,11 @@ async def stop_chat(chat_id: str) -> Response:
     stops the wait."""
     user = current_user()
     manager = runtime().manager
-    records = await manager.backend.list_tasks(user, chat_id=chat_id)
+    records = await manager.list_tasks(user, chat_id=chat_id)
     for record in records:
         manager.stop(record.id, "stop")
-    for record in records:
-        await manager.wait_ended(record.id)
-    return json_response({"tasks": [r.to_dict() for r in records]})
+    ended = [await manager.wait_ended(record.id) or record for record in records]
+    return json_response({"tasks": [r.to_dict() for r in ended]})
 
 
 @blueprint.get("/api/tasks/<task_id>/events")
@@ -97,11 +94,12 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
 
     Closing the connection ends only this reader; the task goes on.
     """
-    backend = rt.manager.backend
+    manager = rt.manager
     cursor = after
-    with backend.reading(task_id):
-        while (events := await next_events(backend, task_id, cursor, limit=500,
-                                           wait_s=rt.settings.sse_keepalive_s)) is not None:
+    with manager.reading(task_id):
+        while (events := await manager.next_events(task_id, cursor, limit=500,
+                                                   wait_s=rt.settings.sse_keepalive_s)
+               ) is not None:
             if not events:
                 yield sse.KEEPALIVE
                 continue

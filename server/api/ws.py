@@ -32,11 +32,12 @@ from urllib.parse import parse_qsl
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
-from server.api.admission import check_chat
+from server.api.admission import check_chat, refusal
 from server.runtime import Runtime
 from server.schemas import Event, RequestError
 from server.sessions import Session
 from server.tasks.backend import LogWatch
+from server.tasks.errors import TaskRefused
 
 log = logging.getLogger("tether.ws")
 
@@ -154,7 +155,7 @@ class WsConnection:
         def on_append(event: Event) -> None:
             self._mark(task_id, event.terminal)
 
-        watch = self.rt.manager.backend.watch(task_id, on_append)
+        watch = self.rt.manager.watch(task_id, on_append)
         if watch is None:
             return
         self._followers[task_id] = _Follower(after, watch)
@@ -228,19 +229,19 @@ class WsConnection:
         follower = self._followers.get(task_id)
         if follower is None:
             return
-        backend = self.rt.manager.backend
-        events = await backend.read(task_id, follower.cursor, _READ_LIMIT)
+        manager = self.rt.manager
+        events = await manager.read(task_id, follower.cursor, _READ_LIMIT)
         if not self._serving(task_id, follower):
             return
         if not events:
             # Nothing past the cursor: if the log has ended there, nothing ever will be.
-            record = await backend.get(task_id)
+            record = await manager.find(task_id)
             if record is None or (not record.active and record.last_seq <= follower.cursor):
                 if self._followers.get(task_id) is follower:
                     self.unfollow(task_id)
             return
         if len(events) == _READ_LIMIT:
-            record = await backend.get(task_id)
+            record = await manager.find(task_id)
             if not self._serving(task_id, follower):
                 return
             if record is not None and record.active:
@@ -329,11 +330,11 @@ class WsConnection:
         logs are: a connection re-attaching with ``?session_id=`` resubscribes to each with
         the ``after`` it last saw (tasks already running are not followed on their own)."""
         assert self.session is not None
-        records = await self.rt.manager.backend.list_tasks(
+        records = await self.rt.manager.list_tasks(
             self.user, session_id=self.session.id, include_finished=True)
         return [{"task_id": r.id, "chat_id": r.chat_id, "message_id": r.message_id,
                  "status": r.status, "phase": r.phase, "last_seq": r.last_seq}
-                for r in sorted(records, key=lambda r: r.created_at)]
+                for r in records]
 
     async def _receive_loop(self, connection: trio.CancelScope) -> None:
         while (raw := await self._ws.receive()) is not None:
@@ -368,7 +369,7 @@ class WsConnection:
             elif kind == "stop":
                 task_id = await self._own_task(message)
                 if task_id not in self._followers and self.rt.manager.is_running(task_id):
-                    record = await self.rt.manager.backend.get(task_id)
+                    record = await self.rt.manager.find(task_id)
                     # Follow from where the task is, so its terminal event reaches us.
                     self.follow(task_id, record.last_seq if record else 0)
                 self.rt.manager.stop(task_id, "stop")
@@ -376,7 +377,8 @@ class WsConnection:
                 raise RequestError(400, "invalid_request", "Missing field 'type'.")
             else:
                 raise RequestError(400, "unknown_type", f"Unknown message type {kind!r}.")
-        except RequestError as exc:
+        except (RequestError, TaskRefused) as failure:
+            exc = refusal(failure) if isinstance(failure, TaskRefused) else failure
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
             if exc.param is not None:
                 error["param"] = exc.param
@@ -439,10 +441,11 @@ async def serve(rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCalla
     conn = WsConnection(rt, user, ws, batch=args.get("batch", "") in ("1", "true"))
     try:
         session = rt.sessions.attach(user, args.get("session_id"), conn)
-    except RequestError as exc:
+    except TaskRefused as failure:
+        refused = refusal(failure)
         await ws.send(json.dumps({"type": "error", "error": {
-            "code": exc.code, "message": exc.message}, "ref": "session"}))
-        await ws.close(CLOSE_NOT_FOUND, exc.message)
+            "code": refused.code, "message": refused.message}, "ref": "session"}))
+        await ws.close(CLOSE_NOT_FOUND, refused.message)
         return
     conn.session = session
     await conn.run(hub)

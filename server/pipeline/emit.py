@@ -16,7 +16,7 @@ class Emitter(Protocol):
         """Say where the task is now (``web_search``, ``tools``, ``generating``)."""
         ...
 
-    def set_result(
+    async def set_result(
         self,
         *,
         usage: dict[str, Any] | None = None,

@@ -136,10 +136,10 @@ async def generate(
         if client_calls:
             openai_calls = [c.openai() for c in client_calls]
             await emit("delta", {"content": "", "tool_calls": openai_calls})
-            emit.set_result(usage=usage, finish_reason="tool_calls", tool_calls=openai_calls)
+            await emit.set_result(usage=usage, finish_reason="tool_calls", tool_calls=openai_calls)
             return
         if not server_calls or round_number == max_rounds:
-            emit.set_result(usage=usage, finish_reason=result.finish_reason or "stop")
+            await emit.set_result(usage=usage, finish_reason=result.finish_reason or "stop")
             return
         await emit.set_phase("tools")
         outputs = await _run_tools(server_calls, tools, emit, tool_timeout_s)
@@ -170,7 +170,8 @@ async def _run_tools(
         }
         if failed:
             status["error"] = True
-        emit.set_result(tool_calls=[{**call.openai(), "result": output[:2000], "server": True}])
+        await emit.set_result(
+            tool_calls=[{**call.openai(), "result": output[:2000], "server": True}])
         await emit("status", status)
 
     async with trio.open_nursery() as nursery:

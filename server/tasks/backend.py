@@ -1,9 +1,9 @@
 """Where task state lives: the registry, the event logs and the retained results.
 
 ``TaskBackend`` is the seam for more than one process: the in-memory backend serves one
-process (the embedded default); a Redis backend would implement the same coroutines with
-streams for the logs and pub/sub for stop signals. Nothing outside ``server.tasks`` knows
-which backend is in use.
+process (the embedded default); a Redis backend implements the same coroutines with
+streams for the logs. Nothing outside ``server.tasks`` knows which backend is in use, and
+nothing outside the task manager calls one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,15 @@ import trio
 from server.schemas import Event, TaskRecord
 
 
+def apply_event(record: TaskRecord, type_: str, data: dict[str, Any]) -> None:
+    """What an event changes in its task's record: the fields the log carries."""
+    if type_ == "delta":
+        record.content += data.get("content", "")
+        record.reasoning += data.get("reasoning", "")
+    elif type_ == "source":
+        record.sources.append(data)
+
+
 class LogWatch(Protocol):
     def close(self) -> None:
         """Stop the calls; idempotent."""
@@ -26,14 +35,19 @@ class LogWatch(Protocol):
 
 class TaskBackend(Protocol):
     """Every coroutine here is one short step on shared state; only ``wait_beyond`` waits.
-    Cancelling a step before it returns leaves the state as it was or fully changed."""
+    Cancelling a step before it returns leaves the state as it was or fully changed.
+
+    The records a backend hands out are copies: a change reaches the shared state only
+    through ``save``, ``append`` or ``finish``, so that another process sees it too."""
 
     async def admit(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
-        """Register ``record`` if the limits allow it (checked and inserted atomically)."""
+        """Register ``record`` and write its ``task:queued`` event (seq 1), if the limits
+        allow it: checked, reserved and written as one step."""
         ...
 
     async def save(self, record: TaskRecord) -> None:
-        """Persist changes to ``record``'s fields."""
+        """Persist the record's own fields: all but those its events carry (``content``,
+        ``reasoning``, ``sources``), which ``append`` keeps in step with the log."""
         ...
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
@@ -48,7 +62,17 @@ class TaskBackend(Protocol):
     ) -> list[TaskRecord]: ...
 
     async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
-        """Append an event to the task's log and set ``record.last_seq``."""
+        """Append a non-terminal event to the task's log, apply it to the stored record
+        (``apply_event``) and set ``record.last_seq``. Raises ``LogClosed`` once the log
+        has its terminal event."""
+        ...
+
+    async def finish(self, record: TaskRecord) -> Event | None:
+        """End the task as ``record`` says (its ``status`` is terminal): write the
+        ``task:<status>`` event carrying the record, whose ``last_seq`` is that event's
+        own seq, persist the whole record and release its admission, as one step. None,
+        with nothing written, if the log already has its terminal event: a task ends
+        once, whoever ends it."""
         ...
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]: ...

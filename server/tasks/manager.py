@@ -5,15 +5,19 @@ that runs the pipeline inside its own ``trio.CancelScope``; ``stop()`` cancels t
 synchronously and records why, so a caller that is itself being cancelled (its client went
 away) can stop its task from a ``finally`` without awaiting anything. The runner catches the
 outcome after the scope has exited and writes exactly one terminal event with whatever
-content was produced, so nothing needs shielding and a cancel never loses the partial answer.
+content was produced (a shielded step with a deadline), so a cancel never loses the partial
+answer. The manager is also the API layer's one way to the task state: records, logs and
+watches go through it, never to the backend directly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,45 +28,41 @@ from server.metrics import Metrics
 from server.schemas import (
     CancelReason,
     ChatRequest,
+    Event,
     Phase,
-    RequestError,
     TaskFailure,
     TaskRecord,
 )
-from server.tasks.backend import TaskBackend
+from server.tasks.backend import LogWatch, TaskBackend, apply_event, next_events
+from server.tasks.errors import BackendUnavailable, ShuttingDown, TooManyTasks
 
 log = logging.getLogger("tether.tasks")
 
 
 class TaskEmitter:
-    """The pipeline's ``emit``: turns reports into events and keeps the task's state current."""
+    """The pipeline's ``emit``: turns reports into events and keeps the task's record
+    current, here and in the backend."""
 
-    def __init__(self, manager: TaskManager, record: TaskRecord) -> None:
-        self._manager = manager
+    def __init__(self, metrics: Metrics, backend: TaskBackend, record: TaskRecord) -> None:
+        self._metrics = metrics
+        self._backend = backend
         self._record = record
 
     async def __call__(self, type_: str, data: dict[str, Any]) -> None:
-        record = self._record
-        if type_ == "delta":
-            record.content += data.get("content", "")
-            record.reasoning += data.get("reasoning", "")
-        elif type_ == "source":
-            record.sources.append(data)
-        elif type_ == "status" and data.get("error"):
+        if type_ == "status" and data.get("error"):
             # A step that failed while the task went on: count it by what failed.
             kind = _STEP_KINDS.get(str(data.get("action")), "other")
-            self._manager.metrics.upstream_errors.labels(kind).inc()
-        await self._manager.backend.append(record, type_, data)
+            self._metrics.upstream_errors.labels(kind).inc()
+        # The backend applies the event to its copy of the record; this is ours.
+        await self._backend.append(self._record, type_, data)
+        apply_event(self._record, type_, data)
 
     async def set_phase(self, phase: Phase) -> None:
-        record = self._record
-        if record.phase != phase:
-            self._manager.metrics.tasks_active.labels(record.phase).dec()
-            self._manager.metrics.tasks_active.labels(phase).inc()
-            record.phase = phase
-            await self._manager.backend.save(record)
+        if self._record.phase != phase:
+            enter_phase(self._metrics, self._record, phase)
+            await self._backend.save(self._record)
 
-    def set_result(
+    async def set_result(
         self,
         *,
         usage: dict[str, Any] | None = None,
@@ -75,6 +75,7 @@ class TaskEmitter:
             self._record.finish_reason = finish_reason
         if tool_calls is not None:
             self._record.tool_calls.extend(tool_calls)
+        await self._backend.save(self._record)
 
 
 Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
@@ -100,7 +101,7 @@ class TaskManager:
         self, settings: Settings, backend: TaskBackend, runner: Runner, metrics: Metrics
     ) -> None:
         self.settings = settings
-        self.backend = backend
+        self._backend = backend
         self.metrics = metrics
         self._runner = runner
         self._running: dict[str, RunningTask] = {}
@@ -144,7 +145,7 @@ class TaskManager:
         period = max(0.05, min(self.settings.task_retention_s / 4, 30.0))
         while True:
             await trio.sleep(period)
-            await self.backend.expire(time.time(), self.settings.task_retention_s)
+            await self._backend.expire(time.time(), self.settings.task_retention_s)
             swept, self._swept = self._swept, trio.Event()
             swept.set()
 
@@ -159,15 +160,18 @@ class TaskManager:
         self._spawn_listeners.append(listener)
 
     async def spawn(self, user: str, request: ChatRequest) -> TaskRecord:
-        """Admit a task and start it. Awaits nothing but admission; raises ``RequestError``
-        (429 past the limits, 503 while shutting down).
+        """Admit a task and start it; return a copy of its record. Awaits nothing but
+        admission: ``TooManyTasks`` past the limits, ``ShuttingDown`` while shutting
+        down, ``BackendUnavailable`` if the backend fails or does not answer in time.
 
-    Cancelling it before it returns leaves no task behind: it does not
-        checkpoint between admission and start.
-    """
+        Admission is one step on shared state, shielded: a caller cancelled meanwhile
+        gets its task started all the same (and its own clean-up stops it, as for any
+        task of a connection that went away), never a reservation without a task. From
+        there to the start there is no checkpoint.
+        """
         nursery = self._nursery
         if nursery is None or not self.accepting:
-            raise RequestError(503, "shutting_down", "The server is shutting down.")
+            raise ShuttingDown("The server is shutting down.")
         record = TaskRecord(
             id=new_task_id(),
             user=user,
@@ -178,36 +182,41 @@ class TaskManager:
             session_id=request.session_id,
             session_bound=request.session_id is not None and not request.background,
         )
-        admitted = await self.backend.admit(
-            record,
-            max_total=self.settings.max_active_tasks,
-            max_per_user=self.settings.max_active_tasks_per_user,
-        )
+        with trio.CancelScope(shield=True) as step:
+            step.relative_deadline = self.settings.backend_timeout_s
+            try:
+                admitted = await self._backend.admit(
+                    record,
+                    max_total=self.settings.max_active_tasks,
+                    max_per_user=self.settings.max_active_tasks_per_user,
+                )
+            except BackendUnavailable:
+                raise
+            except Exception as exc:
+                log.error("admission of %s failed", record.id, exc_info=exc)
+                raise BackendUnavailable("The task store failed; retry.") from exc
+        if step.cancelled_caught:
+            raise BackendUnavailable("The task store did not answer in time; retry.")
         if not admitted:
             self.metrics.rejected.labels("too_many_tasks").inc()
-            raise RequestError(
-                429,
-                "too_many_tasks",
-                "Too many active tasks; retry after some have ended.",
-                headers={"Retry-After": "1"},
-            )
-        await self.backend.append(record, "task:queued", {})
+            raise TooManyTasks("Too many active tasks; retry after some have ended.")
         rt = RunningTask(record=record, request=request)
         if self.settings.task_timeout_s > 0:
             rt.scope.relative_deadline = self.settings.task_timeout_s
         self._running[record.id] = rt
         self.metrics.tasks_active.labels("queued").inc()
         nursery.start_soon(self._run_task, rt, name=f"task {record.id}")
+        snapshot = record.copy()
         for listener in self._spawn_listeners:
             try:
-                listener(record)
+                listener(snapshot)
             except Exception:  # a listener's bug must not orphan the task
                 log.exception("spawn listener failed for %s", record.id)
-        return record
+        return snapshot
 
     async def _run_task(self, rt: RunningTask) -> None:
         record = rt.record
-        emitter = TaskEmitter(self, record)
+        emitter = TaskEmitter(self.metrics, self._backend, record)
         completed = False
         failure: BaseException | None = None
         try:
@@ -216,28 +225,35 @@ class TaskManager:
                 record.started_at = time.time()
                 log.info("task=%s started mode=%s model=%s user=%s", record.id, record.mode,
                          record.model, record.user)
-                await self.backend.save(record)
+                await self._backend.save(record)
                 await emitter("task:started", {})
                 await self._runner(rt.request, emitter)
                 completed = True
         except Exception as exc:  # caught here: escaping, it would close the task nursery
             failure = exc
         finally:
-            # Reached with the task's scope already exited. Only a shutdown cancels from
-            # outside it, and the writes below do not block on the in-memory backend.
+            # The task's scope has exited; what is left is the terminal write. It is
+            # shielded, so that a shutdown cancelling the nursery meanwhile cannot cut it,
+            # and bounded, so that a backend that does not answer cannot hold it.
             timed_out = rt.scope.cancelled_caught and rt.cancel_reason is None
-            await self._finish(rt, emitter, completed=completed, failure=failure,
-                               timed_out=timed_out)
+            with trio.CancelScope(shield=True) as step:
+                step.relative_deadline = self.settings.backend_timeout_s
+                await self._finish(rt, completed=completed, failure=failure,
+                                   timed_out=timed_out)
+            if step.cancelled_caught:
+                log.error("task=%s: the terminal event was not written in %.1f s", record.id,
+                          self.settings.backend_timeout_s)
 
     async def _finish(
         self,
         rt: RunningTask,
-        emitter: TaskEmitter,
         *,
         completed: bool,
         failure: BaseException | None,
         timed_out: bool,
     ) -> None:
+        """Decide how the task ended, once, and write it: the backend writes the terminal
+        event, with the record as it ends, in the same step as the record itself."""
         record = rt.record
         record.ended_at = time.time()
         if failure is not None:
@@ -247,7 +263,7 @@ class TaskManager:
             self.metrics.upstream_errors.labels(kind).inc()
         elif completed:
             record.status = "completed"
-            await emitter.set_phase("done")
+            enter_phase(self.metrics, record, "done")
         else:
             record.status = "cancelled"
             record.cancel_reason = "timeout" if timed_out else (rt.cancel_reason or "shutdown")
@@ -259,11 +275,11 @@ class TaskManager:
                  "chars=%d", record.id, record.status, record.mode, record.phase,
                  record.cancel_reason, record.error["type"] if record.error else None,
                  started - record.created_at, record.ended_at - started, len(record.content))
-        await self.backend.save(record)
-        # The terminal event carries the task as it ends, its own seq included.
-        record.last_seq += 1
         try:
-            await self.backend.append(record, "task:" + record.status, record.to_dict())
+            if await self._backend.finish(record) is None:
+                log.warning("task=%s had already been ended elsewhere", record.id)
+        except Exception:
+            log.exception("task=%s: the terminal event was not written", record.id)
         finally:
             self._running.pop(record.id, None)
             rt.ended.set()
@@ -281,36 +297,83 @@ class TaskManager:
         rt.scope.cancel()
         return True
 
-    async def wait_ended(self, task_id: str) -> None:
-        """Wait for the task's terminal event to be written. Cancelling it only stops the
-        wait; the task goes on."""
+    async def wait_ended(self, task_id: str) -> TaskRecord | None:
+        """Wait until the task has ended and return its record as it ended (None if it is
+        unknown or expired). Cancelling it only stops the wait; the task goes on."""
         rt = self._running.get(task_id)
         if rt is not None:
             await rt.ended.wait()
+            return rt.record.copy()  # the runner's own record is the one that ended
+        # Not run here: its terminal event, which carries the record, is the sign.
+        record = await self._backend.get(task_id)
+        if record is None or not record.active:
+            return record
+        cursor = record.last_seq
+        while (events := await self.next_events(task_id, cursor)) is not None:
+            if events and events[-1].terminal:
+                return TaskRecord.from_dict(events[-1].data,
+                                            session_bound=record.session_bound)
+            cursor = events[-1].seq if events else cursor
+        return await self._backend.get(task_id)
 
     def is_running(self, task_id: str) -> bool:
         return task_id in self._running
 
     async def get(self, user: str, task_id: str) -> TaskRecord | None:
         """The task if it exists and belongs to ``user``; another user's task is unknown."""
-        record = await self.backend.get(task_id)
+        record = await self._backend.get(task_id)
         if record is None or record.user != user:
             return None
         return record
+
+    async def find(self, task_id: str) -> TaskRecord | None:
+        """The task whoever it belongs to, for a caller that has checked already."""
+        return await self._backend.get(task_id)
+
+    async def list_tasks(
+        self,
+        user: str,
+        *,
+        chat_id: str | None = None,
+        session_id: str | None = None,
+        include_finished: bool = False,
+    ) -> list[TaskRecord]:
+        """The user's tasks (running ones only, unless ``include_finished``), oldest first."""
+        records = await self._backend.list_tasks(user, chat_id=chat_id, session_id=session_id,
+                                                 include_finished=include_finished)
+        return sorted(records, key=lambda r: r.created_at)
 
     async def stop_and_wait(
         self, user: str, task_id: str, reason: CancelReason
     ) -> TaskRecord | None:
         """Stop the user's task and return it once it has ended (idempotent).
 
-    Cancelling it stops only the wait.
-    """
-        record = await self.get(user, task_id)
-        if record is None:
+        Cancelling it stops only the wait.
+        """
+        if await self.get(user, task_id) is None:
             return None
         self.stop(task_id, reason)
-        await self.wait_ended(task_id)
-        return record
+        return await self.wait_ended(task_id)
+
+    # -- reading the logs -----------------------------------------------------------------
+
+    async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
+        """The task's events past ``after`` (at most ``limit``), in order."""
+        return await self._backend.read(task_id, after, limit)
+
+    async def next_events(self, task_id: str, cursor: int, *, limit: int = 256,
+                          wait_s: float = math.inf) -> list[Event] | None:
+        """See ``backend.next_events``: the events past ``cursor``, waiting for them."""
+        return await next_events(self._backend, task_id, cursor, limit=limit, wait_s=wait_s)
+
+    def reading(self, task_id: str) -> AbstractContextManager[None]:
+        """Hold the task's log against retention while following it."""
+        return self._backend.reading(task_id)
+
+    def watch(self, task_id: str, on_append: Callable[[Event], None]) -> LogWatch | None:
+        """Call ``on_append`` with each event appended to the task's log (see
+        ``TaskBackend.watch``); None if the task is unknown or expired."""
+        return self._backend.watch(task_id, on_append)
 
     def session_tasks(self, session_id: str) -> list[str]:
         """Running tasks bound to a WebSocket session (``background: true`` never is)."""
@@ -323,6 +386,12 @@ class TaskManager:
     @property
     def running_count(self) -> int:
         return len(self._running)
+
+
+def enter_phase(metrics: Metrics, record: TaskRecord, phase: Phase) -> None:
+    metrics.tasks_active.labels(record.phase).dec()
+    metrics.tasks_active.labels(phase).inc()
+    record.phase = phase
 
 
 def describe_failure(failure: BaseException, phase: str) -> dict[str, Any]:

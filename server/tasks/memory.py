@@ -1,12 +1,19 @@
-"""The in-memory task backend: one process, no persistence."""
+"""The in-memory task backend: one process, no persistence.
+
+It keeps its own copy of each record and hands out copies, as a shared store would: the
+task manager's record and the stored one agree only through ``save``, ``append`` and
+``finish``, so code that forgets to persist a change fails here too, not only on Redis.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from server.schemas import Event, TaskRecord
+from server.tasks.backend import apply_event
 from server.tasks.log import EventLog
 
 
@@ -28,17 +35,22 @@ class MemoryBackend:
         user_count = self._active_by_user.get(record.user, 0)
         if self._active_total >= max_total or user_count >= max_per_user:
             return False
-        self._records[record.id] = record
-        self._logs[record.id] = EventLog(record.id, record.chat_id, record.message_id)
+        log = EventLog(record.id, record.chat_id, record.message_id)
+        record.last_seq = log.append("task:queued", {}).seq
+        self._records[record.id] = record.copy()
+        self._logs[record.id] = log
         self._active_ids.add(record.id)
         self._active_total += 1
         self._active_by_user[record.user] = user_count + 1
         return True
 
     async def save(self, record: TaskRecord) -> None:
-        # Records are shared objects here; the only bookkeeping is the active counts.
-        if not record.active and record.id in self._active_ids:
-            self._release(record)
+        stored = self._records.get(record.id)
+        if stored is None:
+            return
+        self._records[record.id] = replace(
+            record.copy(), content=stored.content, reasoning=stored.reasoning,
+            sources=stored.sources, last_seq=stored.last_seq)
 
     def _release(self, record: TaskRecord) -> None:
         self._active_ids.discard(record.id)
@@ -50,7 +62,8 @@ class MemoryBackend:
             self._active_by_user[record.user] = remaining
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        return self._records.get(task_id)
+        record = self._records.get(task_id)
+        return None if record is None else record.copy()
 
     async def list_tasks(
         self,
@@ -61,7 +74,7 @@ class MemoryBackend:
         include_finished: bool = False,
     ) -> list[TaskRecord]:
         return [
-            r
+            r.copy()
             for r in self._records.values()
             if r.user == user
             and (include_finished or r.active)
@@ -77,8 +90,20 @@ class MemoryBackend:
 
     async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
         event = self._log(record.id).append(type_, data)
-        record.last_seq = event.seq
+        stored = self._records[record.id]
+        apply_event(stored, type_, data)
+        stored.last_seq = record.last_seq = event.seq
         return event
+
+    async def finish(self, record: TaskRecord) -> Event | None:
+        log = self._log(record.id)
+        if log.closed:
+            return None
+        record.last_seq = log.last_seq + 1
+        self._records[record.id] = record.copy()
+        if record.id in self._active_ids:
+            self._release(record)
+        return log.append("task:" + record.status, record.to_dict())
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
         log = self._logs.get(task_id)

@@ -1,0 +1,231 @@
+"""The task state machine, without sockets: queued → running → exactly one terminal state,
+the reason decided once, admission and its refusals, and the terminal write's guarantees.
+
+The runner is a function of the test's, driven by events; the backend is the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from server.config import Settings
+from server.metrics import Metrics
+from server.schemas import ChatRequest, Event, TaskFailure, TaskRecord, parse_chat_request
+from server.tasks.errors import ShuttingDown, TooManyTasks
+from server.tasks.manager import TaskEmitter, TaskManager
+from server.tasks.memory import MemoryBackend
+
+WAIT = 10
+
+Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
+
+
+def _request() -> ChatRequest:
+    return parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
+                               "background": True}, default_model="m")
+
+
+class Script:
+    """A runner the test steers: it reports, then waits until released or cancelled."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.release = trio.Event()
+        self.running = trio.Event()
+        self.fail = fail
+
+    async def __call__(self, request: ChatRequest, emit: TaskEmitter) -> None:
+        await emit.set_phase("generating")
+        await emit("delta", {"content": "part"})
+        self.running.set()
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        await emit("delta", {"content": "ial"})
+        await emit.set_result(usage={"total_tokens": 2}, finish_reason="stop")
+
+
+@asynccontextmanager
+async def running_manager(runner: Runner, backend: Any = None,
+                          **overrides: Any) -> AsyncIterator[TaskManager]:
+    settings = Settings().with_overrides(**overrides)
+    manager = TaskManager(settings, backend or MemoryBackend(), runner, Metrics())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        yield manager
+        await manager.shutdown()
+
+
+async def _events(manager: TaskManager, task_id: str) -> list[Event]:
+    return await manager.read(task_id, 0)
+
+
+def _terminals(events: list[Event]) -> list[Event]:
+    return [e for e in events if e.terminal]
+
+
+async def test_a_task_goes_queued_running_completed_with_one_terminal_event() -> None:
+    script = Script()
+    async with running_manager(script) as manager:
+        record = await manager.spawn("u", _request())
+        assert record.status == "queued" and record.last_seq == 1
+        with trio.fail_after(WAIT):
+            await script.running.wait()
+        running = await manager.find(record.id)
+        assert running is not None
+        assert (running.status, running.phase, running.content) == (
+            "running", "generating", "part")
+        script.release.set()
+        ended = await manager.wait_ended(record.id)
+    assert ended is not None and ended.status == "completed" and ended.phase == "done"
+    events = await _events(manager, record.id)
+    assert [e.type for e in events] == ["task:queued", "task:started", "delta", "delta",
+                                        "task:completed"]
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    terminal = events[-1].data
+    assert terminal["content"] == "partial" and terminal["last_seq"] == 5
+    assert terminal["usage"] == {"total_tokens": 2} and terminal["finish_reason"] == "stop"
+    stored = await manager.find(record.id)
+    assert stored is not None and stored.to_dict() == terminal
+
+
+async def test_the_first_stop_reason_wins_and_a_stop_after_the_end_changes_nothing() -> None:
+    script = Script()
+    async with running_manager(script) as manager:
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            await script.running.wait()
+        assert manager.stop(record.id, "stop")
+        assert manager.stop(record.id, "disconnect")  # still running until it unwinds
+        with trio.fail_after(WAIT):
+            ended = await manager.wait_ended(record.id)
+        assert not manager.stop(record.id, "shutdown")
+    assert ended is not None
+    assert (ended.status, ended.cancel_reason, ended.phase, ended.content) == (
+        "cancelled", "stop", "generating", "part")
+    events = await _events(manager, record.id)
+    assert [e.type for e in _terminals(events)] == ["task:cancelled"]
+    assert events[-1].data["cancel_reason"] == "stop"
+
+
+async def test_a_failure_ends_the_task_failed_in_its_phase() -> None:
+    script = Script(fail=TaskFailure("upstream_error", "model said no"))
+    async with running_manager(script) as manager:
+        record = await manager.spawn("u", _request())
+        script.release.set()
+        with trio.fail_after(WAIT):
+            ended = await manager.wait_ended(record.id)
+    assert ended is not None and ended.status == "failed"
+    assert ended.error == {"phase": "generating", "type": "upstream_error",
+                           "message": "model said no"}
+    assert ended.content == "part"
+    assert len(_terminals(await _events(manager, record.id))) == 1
+
+
+async def test_the_task_deadline_ends_it_cancelled_with_reason_timeout() -> None:
+    script = Script()
+    async with running_manager(script, task_timeout_s=0.2) as manager:
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            ended = await manager.wait_ended(record.id)
+    assert ended is not None and (ended.status, ended.cancel_reason) == ("cancelled", "timeout")
+
+
+async def test_shutdown_ends_running_tasks_and_refuses_new_ones() -> None:
+    script = Script()
+    async with running_manager(script) as manager:
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            await script.running.wait()
+        with trio.fail_after(WAIT):
+            await manager.shutdown()
+        with pytest.raises(ShuttingDown):
+            await manager.spawn("u", _request())
+    ended = await manager.find(record.id)
+    assert ended is not None and (ended.status, ended.cancel_reason) == ("cancelled", "shutdown")
+
+
+async def test_admission_refuses_past_the_limits_and_frees_a_place_when_a_task_ends() -> None:
+    script = Script()
+    async with running_manager(script, max_active_tasks=2,
+                               max_active_tasks_per_user=1) as manager:
+        first = await manager.spawn("a", _request())
+        with pytest.raises(TooManyTasks):
+            await manager.spawn("a", _request())
+        await manager.spawn("b", _request())
+        with pytest.raises(TooManyTasks):
+            await manager.spawn("c", _request())
+        manager.stop(first.id, "stop")
+        with trio.fail_after(WAIT):
+            await manager.wait_ended(first.id)
+        await manager.spawn("c", _request())
+        manager.begin_shutdown()
+
+
+async def test_a_caller_cancelled_during_spawn_still_gets_a_started_task() -> None:
+    """Admission is shielded: no reservation is ever left without its task."""
+    script = Script()
+    async with running_manager(script) as manager:
+        with trio.CancelScope() as caller:
+            caller.cancel()
+            record = await manager.spawn("u", _request())
+        assert not caller.cancelled_caught  # spawn itself did not checkpoint unshielded
+        assert manager.is_running(record.id)
+        with trio.fail_after(WAIT):
+            await script.running.wait()
+        manager.stop(record.id, "disconnect")
+
+
+class _SlowFinish(MemoryBackend):
+    """The memory backend, with its terminal write held until the test lets it through,
+    as a remote store's round trip would hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finishing = trio.Event()
+        self.let_through = trio.Event()
+
+    async def finish(self, record: TaskRecord) -> Event | None:
+        self.finishing.set()
+        await self.let_through.wait()
+        return await super().finish(record)
+
+
+async def test_the_terminal_write_survives_the_nursery_being_cancelled() -> None:
+    backend = _SlowFinish()
+    script = Script()
+    manager = TaskManager(Settings(), backend, script, Metrics())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            await script.running.wait()
+        # No grace: the nursery is cancelled while the terminal write is under way.
+        nursery.start_soon(manager.shutdown, 0)
+        with trio.fail_after(WAIT):
+            await backend.finishing.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        backend.let_through.set()
+    events = await _events(manager, record.id)
+    assert events[-1].type == "task:cancelled"
+    assert events[-1].data["cancel_reason"] == "shutdown"
+    assert events[-1].data["content"] == "part"
+
+
+async def test_a_terminal_write_that_never_returns_is_given_up_and_the_task_let_go() -> None:
+    backend = _SlowFinish()
+    script = Script()
+    async with running_manager(script, backend, backend_timeout_s=0.2) as manager:
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            await script.running.wait()
+        manager.stop(record.id, "stop")
+        with trio.fail_after(WAIT):
+            await manager.wait_ended(record.id)
+        assert not manager.is_running(record.id)
+    assert _terminals(await _events(manager, record.id)) == []
