@@ -72,6 +72,14 @@ class Settings:
     max_body_bytes: int = 1_000_000
     sse_keepalive_s: float = 15.0
     http_max_connections: int = 1000
+    # Where task state lives: "memory" (this process only) or "redis" (shared by every
+    # process and replica that uses the same Redis and prefix).
+    backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "tether"
+    # A replica that has not renewed its heartbeat for this long is taken for dead: its
+    # running tasks end failed (replica_lost).
+    replica_ttl_s: float = 10.0
     # The longest one step on shared task state may take (admission, the terminal event):
     # past it, admission answers 503 and a terminal write is given up and logged.
     backend_timeout_s: float = 5.0
@@ -95,6 +103,8 @@ class Settings:
                 continue
             values[f.name] = _parse(f.name, f.type, raw)
         settings = cls(**values)
+        if settings.backend not in ("memory", "redis"):
+            raise SettingsError(f"TETHER_BACKEND={settings.backend!r} is not memory or redis")
         if settings.api_keys_file:
             keys = dict(settings.api_keys)
             keys.update(_parse_keys(Path(settings.api_keys_file).read_text()))

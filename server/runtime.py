@@ -19,8 +19,10 @@ from server.providers.search.factory import build_search_provider
 from server.providers.tools.base import Tool
 from server.providers.tools.registry import build_tools
 from server.sessions import SessionRegistry
+from server.tasks.backend import TaskBackend
 from server.tasks.manager import TaskManager
 from server.tasks.memory import MemoryBackend
+from server.tasks.redis import RedisBackend
 
 
 @dataclass
@@ -55,6 +57,15 @@ def build_http_client(settings: Settings, *, keepalive: int,
                               trust_env=False)
 
 
+def build_backend(settings: Settings) -> TaskBackend:
+    if settings.backend == "redis":
+        return RedisBackend(settings.redis_url, prefix=settings.redis_prefix,
+                            retention_s=settings.task_retention_s,
+                            replica_ttl_s=settings.replica_ttl_s,
+                            timeout_s=settings.backend_timeout_s)
+    return MemoryBackend()
+
+
 def build_runtime(settings: Settings) -> Runtime:
     # Two pools: model streams are long and go to one or two hosts, so their connections
     # are worth keeping; searches and page fetches are short and go everywhere. Apart,
@@ -72,7 +83,7 @@ def build_runtime(settings: Settings) -> Runtime:
     search = build_search_provider(settings, http)
     tools = build_tools(settings, http)
     pipeline = ChatPipeline(settings, models, search, tools, http)
-    manager = TaskManager(settings, MemoryBackend(), pipeline.run_chat, metrics)
+    manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
                    model_http=model_http, load=load, models=models, search=search, tools=tools,

@@ -4,6 +4,7 @@ loopback port, talked to over sockets."""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -20,8 +21,49 @@ from server.runtime import Runtime
 from tests.fakes.model import FakeModel
 from tests.fakes.pages import FakePages
 from tests.fakes.search import FakeSearxng
+from tests.redis_server import RedisServer
 
 WAIT = 10.0  # generous upper bound for anything a test waits on
+BACKENDS = ("memory", "redis")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_backends: run the module's servers on the memory and on the Redis "
+                   "task backend")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if ("backend_kind" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("both_backends")):
+        metafunc.parametrize("backend_kind", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Any:
+    """One real redis-server for the whole test session; each server under test gets a
+    key prefix of its own in it."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    """The task backend of the servers a test starts: memory, unless the module is marked
+    ``both_backends`` (then each test runs once per backend)."""
+    return str(getattr(request, "param", "memory"))
+
+
+@pytest.fixture
+def backend_settings(request: pytest.FixtureRequest, backend_kind: str) -> dict[str, Any]:
+    """Settings for the chosen backend; Redis only starts when a test needs it."""
+    if backend_kind != "redis":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"backend": "redis", "redis_url": server.url,
+            "redis_prefix": "t" + secrets.token_hex(6)}
 
 
 @dataclass
@@ -109,13 +151,13 @@ StartTether = Callable[..., Any]
 
 @pytest.fixture
 async def start_tether(
-    nursery: trio.Nursery, fakes: Fakes
+    nursery: trio.Nursery, fakes: Fakes, backend_settings: dict[str, Any]
 ) -> AsyncIterator[Callable[..., Any]]:
     """Start a Tether server with the test settings plus overrides; returns a ``Tether``."""
     started: list[Tether] = []
 
     async def start(**overrides: Any) -> Tether:
-        settings = base_settings(fakes, **overrides)
+        settings = base_settings(fakes, **{**backend_settings, **overrides})
         app = create_app(settings)
         stop = trio.Event()
         binds = await nursery.start(

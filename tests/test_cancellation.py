@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import httpx2
+import pytest
 import trio
 import trio.lowlevel
 
@@ -15,6 +16,8 @@ from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.base import FakeServer
 from tests.fakes.model import HangReply, TextReply, ToolCallReply
 from tests.helpers import assert_log_well_formed, chat_body
+
+pytestmark = pytest.mark.both_backends
 
 
 async def _stop_and_check(

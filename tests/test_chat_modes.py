@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import httpx2
+import pytest
 import trio
 
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import TextReply
 from tests.helpers import assert_log_well_formed, chat_body
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_background_request_answers_202_with_task_id(tether: Tether) -> None:

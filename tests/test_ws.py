@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import HangReply, TextReply
 from tests.helpers import TERMINAL, assert_log_well_formed, chat_body
+
+pytestmark = pytest.mark.both_backends
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 

@@ -62,7 +62,7 @@ async def stop_chat(chat_id: str) -> Response:
     manager = runtime().manager
     records = await manager.list_tasks(user, chat_id=chat_id)
     for record in records:
-        manager.stop(record.id, "stop")
+        await manager.stop_anywhere(record.id, "stop")
     ended = [await manager.wait_ended(record.id) or record for record in records]
     return json_response({"tasks": [r.to_dict() for r in ended]})
 

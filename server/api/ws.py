@@ -155,7 +155,7 @@ class WsConnection:
         def on_append(event: Event) -> None:
             self._mark(task_id, event.terminal)
 
-        watch = self.rt.manager.watch(task_id, on_append)
+        watch = self.rt.manager.watch(task_id, on_append, after)
         if watch is None:
             return
         self._followers[task_id] = _Follower(after, watch)
@@ -368,11 +368,11 @@ class WsConnection:
                 self.unfollow(task_id)
             elif kind == "stop":
                 task_id = await self._own_task(message)
-                if task_id not in self._followers and self.rt.manager.is_running(task_id):
-                    record = await self.rt.manager.find(task_id)
+                record = await self.rt.manager.find(task_id)
+                if task_id not in self._followers and record is not None and record.active:
                     # Follow from where the task is, so its terminal event reaches us.
-                    self.follow(task_id, record.last_seq if record else 0)
-                self.rt.manager.stop(task_id, "stop")
+                    self.follow(task_id, record.last_seq)
+                await self.rt.manager.stop_anywhere(task_id, "stop")
             elif kind is None:
                 raise RequestError(400, "invalid_request", "Missing field 'type'.")
             else:

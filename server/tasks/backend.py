@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import trio
 
-from server.schemas import Event, TaskRecord
+from server.schemas import CancelReason, Event, TaskRecord
 
 
 def apply_event(record: TaskRecord, type_: str, data: dict[str, Any]) -> None:
@@ -87,10 +87,12 @@ class TaskBackend(Protocol):
         """Mark a reader following the task's log, so that retention keeps it meanwhile."""
         ...
 
-    def watch(self, task_id: str, on_append: Callable[[Event], None]) -> LogWatch | None:
-        """Call ``on_append`` synchronously with each event appended to the task's log
-        until the returned watch is closed; None if the task is unknown or expired. A watch
-        counts as a reader for retention. ``on_append`` must not block or raise."""
+    def watch(self, task_id: str, on_append: Callable[[Event], None],
+              after: int = 0) -> LogWatch | None:
+        """Call ``on_append`` with each event appended to the task's log past ``after``
+        until the returned watch is closed; None if the task is unknown or expired. Events
+        past ``after`` that exist already may be reported too. A watch counts as a reader
+        for retention. ``on_append`` must not block or raise."""
         ...
 
     async def expire(self, now: float, retention_s: float) -> list[str]:
@@ -100,6 +102,19 @@ class TaskBackend(Protocol):
 
     async def counts(self) -> tuple[int, dict[str, int]]:
         """Active tasks in all and per user."""
+        ...
+
+    async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
+        """Deliver a stop to the process that runs the task (not this one); False if no
+        process runs it."""
+        ...
+
+    async def serve(self, on_stop: Callable[[str, CancelReason], object], done: trio.Event,
+                    *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The backend's own work, until ``done`` is set (after every task's terminal
+        write): ``on_stop`` is called with each stop that another process sends to a task
+        run here. It ends on ``done``, not by cancellation, and in bounded time."""
         ...
 
 

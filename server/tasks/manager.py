@@ -116,14 +116,30 @@ class TaskManager:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the task nursery until ``shutdown()``. Cancelling it cancels every task, and
         each still writes its terminal event (reason ``shutdown``)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._expire_loop)
-            self.accepting = True
-            task_status.started()
-            await self._closing.wait()
-            nursery.cancel_scope.cancel()
-        self._nursery = None
+        backend_done = trio.Event()
+        async with trio.open_nursery() as outer:
+            await outer.start(self._serve_backend, backend_done)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._expire_loop)
+                    self.accepting = True
+                    task_status.started()
+                    await self._closing.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._nursery = None
+                # Every task has written its terminal event (or given up): the backend
+                # may go.
+                backend_done.set()
+
+    async def _serve_backend(self, done: trio.Event, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        # Shielded: even when the manager is cancelled from outside, the backend's
+        # connections must outlive the tasks' terminal writes. It ends on ``done``.
+        with trio.CancelScope(shield=True):
+            await self._backend.serve(self.stop, done, task_status=task_status)
 
     def begin_shutdown(self) -> None:
         """Refuse new tasks and stop the running ones with reason ``shutdown``, so that
@@ -297,6 +313,18 @@ class TaskManager:
         rt.scope.cancel()
         return True
 
+    async def stop_anywhere(self, task_id: str, reason: CancelReason) -> bool:
+        """``stop``, for a task run by this process or by another one (through the
+        backend); returns whether it was running."""
+        if self.stop(task_id, reason):
+            return True
+        # Shielded like ``stop`` is synchronous: a caller that goes away meanwhile (the
+        # client of an HTTP stop) has still given the stop.
+        with trio.CancelScope(shield=True) as step:
+            step.relative_deadline = self.settings.backend_timeout_s
+            return await self._backend.request_stop(task_id, reason)
+        raise BackendUnavailable("The task store did not answer in time; retry.")
+
     async def wait_ended(self, task_id: str) -> TaskRecord | None:
         """Wait until the task has ended and return its record as it ended (None if it is
         unknown or expired). Cancelling it only stops the wait; the task goes on."""
@@ -352,7 +380,7 @@ class TaskManager:
         """
         if await self.get(user, task_id) is None:
             return None
-        self.stop(task_id, reason)
+        await self.stop_anywhere(task_id, reason)
         return await self.wait_ended(task_id)
 
     # -- reading the logs -----------------------------------------------------------------
@@ -370,10 +398,11 @@ class TaskManager:
         """Hold the task's log against retention while following it."""
         return self._backend.reading(task_id)
 
-    def watch(self, task_id: str, on_append: Callable[[Event], None]) -> LogWatch | None:
-        """Call ``on_append`` with each event appended to the task's log (see
-        ``TaskBackend.watch``); None if the task is unknown or expired."""
-        return self._backend.watch(task_id, on_append)
+    def watch(self, task_id: str, on_append: Callable[[Event], None],
+              after: int = 0) -> LogWatch | None:
+        """Call ``on_append`` with each event appended to the task's log past ``after``
+        (see ``TaskBackend.watch``); None if the task is unknown or expired."""
+        return self._backend.watch(task_id, on_append, after)
 
     def session_tasks(self, session_id: str) -> list[str]:
         """Running tasks bound to a WebSocket session (``background: true`` never is)."""

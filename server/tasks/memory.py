@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from server.schemas import Event, TaskRecord
+import trio
+
+from server.schemas import CancelReason, Event, TaskRecord
 from server.tasks.backend import apply_event
 from server.tasks.log import EventLog
 
@@ -126,7 +128,8 @@ class MemoryBackend:
             if log is not None:
                 log.readers -= 1
 
-    def watch(self, task_id: str, on_append: Callable[[Event], None]) -> _MemoryWatch | None:
+    def watch(self, task_id: str, on_append: Callable[[Event], None],
+              after: int = 0) -> _MemoryWatch | None:
         log = self._logs.get(task_id)
         if log is None:
             return None
@@ -148,6 +151,14 @@ class MemoryBackend:
 
     async def counts(self) -> tuple[int, dict[str, int]]:
         return self._active_total, dict(self._active_by_user)
+
+    async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
+        return False  # one process: a task not running here runs nowhere
+
+    async def serve(self, on_stop: Callable[[str, CancelReason], object], done: trio.Event,
+                    *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # nothing to do in the background
 
 
 class _MemoryWatch:
