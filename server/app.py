@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     runtime: Runtime = build_runtime(settings)
     app.extensions["tether"] = runtime
     hub = ws.WsHub(settings.ws_send_timeout_s)
+    app.extensions["tether_ws"] = hub
 
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
         bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))

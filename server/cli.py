@@ -22,9 +22,12 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
+from server.api.ws import WsHub
 from server.app import create_app
 from server.config import Settings, SettingsError, read_dotenv
 from server.runtime import Runtime
+
+log = logging.getLogger("tether")
 
 
 class ListenError(Exception):
@@ -36,6 +39,9 @@ def hypercorn_config(settings: Settings) -> Config:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.websocket_ping_interval = settings.ws_ping_interval_s or None
+    # With several workers, each binds its own socket to the port (SO_REUSEPORT) and the
+    # kernel spreads new connections over them.
+    config.workers = max(1, settings.workers)
     config.keep_alive_timeout = 75
     # Tasks are stopped as soon as shutdown begins, so their streams end at once. What can
     # outlast that is hypercorn's WebSocket ping loop, which sleeps a whole ping interval
@@ -66,6 +72,7 @@ async def serve_app(
     Cancelling it closes every connection (tasks end with reason ``shutdown``)."""
     config = hypercorn_config(settings)
     manager = cast(Runtime, app.extensions["tether"]).manager
+    hub = cast(WsHub, app.extensions["tether_ws"])
 
     async def shutdown() -> None:
         if shutdown_trigger is None:
@@ -73,8 +80,12 @@ async def serve_app(
         else:
             await shutdown_trigger()
         # Stop the tasks first, so that their SSE and sync answers end with a terminal
-        # event while hypercorn waits for connections to finish.
+        # event while hypercorn waits for connections to finish; WebSocket clients get
+        # their tasks' terminal events, then a close that tells them to reconnect.
         manager.begin_shutdown()
+        with trio.move_on_after(config.graceful_timeout / 2):
+            await manager.wait_all_ended()
+        hub.close_all()
 
     try:
         sockets = config.create_sockets()
@@ -139,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd = sub.add_parser("serve", help="run the server")
     serve_cmd.add_argument("--host", help="address to bind (default TETHER_HOST or 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port (default TETHER_PORT or 8080)")
+    serve_cmd.add_argument("--workers", type=int,
+                           help="worker processes on the one port (default TETHER_WORKERS or "
+                                "1; more than one needs TETHER_BACKEND=redis)")
     serve_cmd.add_argument("--insecure", action="store_true",
                            help="allow a non-loopback bind with no API keys configured")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("httpx2", "httpcore2", "httpx", "httpcore"):  # one line per upstream request
+    # httpx: one line per upstream request; coredis: one per retried command.
+    for noisy in ("httpx2", "httpcore2", "httpx", "httpcore", "coredis"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         environ = {**read_dotenv(Path(".env")), **os.environ}
@@ -158,16 +173,37 @@ def main(argv: list[str] | None = None) -> int:
         overrides["port"] = args.port
     if args.insecure:
         overrides["insecure"] = True
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     settings = settings.with_overrides(**overrides)
     if not settings.api_keys and not settings.insecure and not is_loopback(settings.host):
         print("tether: refusing to bind to a non-loopback address with no API keys "
               "(set TETHER_API_KEYS, or pass --insecure)", file=sys.stderr)
         return 2
+    if settings.workers > 1 and settings.backend != "redis":
+        print("tether: --workers needs TETHER_BACKEND=redis (workers share their tasks "
+              "through Redis; TETHER_REDIS_URL says where it is)", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        return run_workers(settings)
+    return serve_process(settings)
+
+
+def serve_process(settings: Settings) -> int:
+    """Serve in this process until SIGTERM or SIGINT; the exit status (2: it could not
+    start). The supervisor of ``--workers`` runs no trio before it forks: a worker
+    inherits none of its state."""
     try:
         app = create_app(settings)
     except SettingsError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
+    if settings.backend == "redis":
+        problem = trio.run(check_redis, settings.redis_url)
+        if problem is not None:
+            print(f"tether: cannot use Redis at {settings.redis_url}: {problem}",
+                  file=sys.stderr)
+            return 2
     tune_garbage_collector()
     try:
         trio.run(partial(serve_app, app, settings, shutdown_trigger=_termination_signal))
@@ -176,6 +212,63 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
+
+def run_workers(settings: Settings) -> int:
+    """``--workers N``: N worker processes, each a whole server on the same port, sharing
+    task state through Redis. This process only supervises them: a SIGTERM or SIGINT is
+    passed on to every worker (which ends its tasks with reason ``shutdown``); a worker
+    that dies otherwise is replaced; one that cannot start (exit status 2: the port,
+    the settings) stops them all."""
+    workers: set[int] = set()
+    stopping = False
+    status = 0
+
+    def stop_all(signum: int = signal.SIGTERM, frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def start_worker() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: its own process group, so that a terminal's Ctrl-C
+            os.setpgid(0, 0)  # reaches it once, through the supervisor
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os._exit(serve_process(settings))
+        workers.add(pid)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    for _ in range(settings.workers):
+        start_worker()
+    log.info("supervising %d workers on %s:%d", settings.workers, settings.host, settings.port)
+    while workers:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        workers.discard(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            continue
+        if code == 2:
+            status = 2
+            stop_all()
+            continue
+        log.error("worker %d exited with status %d; starting another", pid, code)
+        start_worker()
+    return status
+
+
+async def check_redis(url: str) -> str | None:
+    """Why Redis at ``url`` cannot be used, or None if it answers."""
+    from server.tasks.redis import ping
+
+    return await ping(url)
 
 if __name__ == "__main__":
     sys.exit(main())

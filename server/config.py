@@ -80,6 +80,8 @@ class Settings:
     # A replica that has not renewed its heartbeat for this long is taken for dead: its
     # running tasks end failed (replica_lost).
     replica_ttl_s: float = 10.0
+    # Worker processes serving the one port (`tether serve --workers N`); needs Redis.
+    workers: int = 1
     # The longest one step on shared task state may take (admission, the terminal event):
     # past it, admission answers 503 and a terminal write is given up and logged.
     backend_timeout_s: float = 5.0

@@ -21,7 +21,8 @@ async def readyz() -> Response:
     manager = runtime().manager
     if not manager.accepting:
         return error_response(RequestError(503, "shutting_down", "The server is shutting down."))
-    return json_response({"status": "ready", "active_tasks": manager.running_count})
+    return json_response({"status": "ready", "active_tasks": manager.running_count,
+                          "replica": manager.replica_id})
 
 
 @blueprint.get("/metrics")

@@ -42,6 +42,8 @@ from server.tasks.errors import TaskRefused
 log = logging.getLogger("tether.ws")
 
 CLOSE_TOO_SLOW = 4008
+# RFC 6455's "service restart": this server is going away, another one will answer.
+CLOSE_RESTART = 1012
 CLOSE_NOT_FOUND = 4404
 # Events the pump takes from one log at a time: bounds one batch message and lets other
 # tasks' events interleave when one task has a long backlog (a replay).
@@ -115,6 +117,12 @@ class WsHub:
                 if since is not None and since < deadline:
                     conn.give_up()
 
+    def close_all(self) -> None:
+        """The server is shutting down: every connection sends what is ready for it (the
+        terminal events of its tasks, stopped by now) and closes with 1012, which tells
+        the client to reconnect, to another replica if there is one."""
+        for conn in self.connections:
+            conn.restart()
 
 class WsConnection:
     def __init__(self, rt: Runtime, user: str, ws: AsgiWebSocket, *, batch: bool) -> None:
@@ -133,6 +141,7 @@ class WsConnection:
         self._wake = trio.Event()
         self._reply_room = trio.Event()
         self.too_slow = False
+        self.restarting = False
         self.sending_since: float | None = None
         self._spawning = False
 
@@ -190,6 +199,11 @@ class WsConnection:
 
     # -- sending --------------------------------------------------------------------------
 
+    def restart(self) -> None:
+        """Close with 1012 once nothing is ready to send."""
+        self.restarting = True
+        self._wake.set()
+
     def give_up(self) -> None:
         """The client fell too far behind: end the connection (4008) after the message
         in flight."""
@@ -198,8 +212,9 @@ class WsConnection:
 
     async def _pump(self) -> None:
         """The connection's only writer: replies, then ended tasks, then the rest. Returns
-        when the client fell too far behind; cancelled when it goes (a message in flight
-        is finished first)."""
+        when the client fell too far behind, or when the server restarts and nothing is
+        left to send; cancelled when the client goes (a message in flight is finished
+        first)."""
         while not self.too_slow:
             if self._replies:
                 texts = list(self._replies)
@@ -209,6 +224,8 @@ class WsConnection:
                 continue
             ready = self._next_ready()
             if ready is None:
+                if self.restarting:
+                    return
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
@@ -317,7 +334,9 @@ class WsConnection:
             self._unfollow_all()
             if self.session is not None:
                 self.rt.sessions.detach(self.session, self)
-        if self.too_slow:
+        if self.restarting and not self.too_slow:
+            await self._ws.close(CLOSE_RESTART, "server restarting: reconnect with session_id")
+        elif self.too_slow:
             # The close frame queues behind what the kernel already holds for the client:
             # a slow reader gets it after those messages; a dead one is dropped by
             # TCP_USER_TIMEOUT (see cli.py). The session was detached above, so waiting

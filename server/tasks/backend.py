@@ -9,6 +9,9 @@ nothing outside the task manager calls one.
 from __future__ import annotations
 
 import math
+import os
+import secrets
+import socket
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -33,12 +36,19 @@ class LogWatch(Protocol):
         ...
 
 
+def new_replica_id() -> str:
+    """This process's name among the replicas of a task space: host, pid and a nonce."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 class TaskBackend(Protocol):
     """Every coroutine here is one short step on shared state; only ``wait_beyond`` waits.
     Cancelling a step before it returns leaves the state as it was or fully changed.
 
     The records a backend hands out are copies: a change reaches the shared state only
     through ``save``, ``append`` or ``finish``, so that another process sees it too."""
+
+    replica_id: str
 
     async def admit(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
         """Register ``record`` and write its ``task:queued`` event (seq 1), if the limits

@@ -153,9 +153,13 @@ class TaskManager:
         close the nursery."""
         self.begin_shutdown()
         with trio.move_on_after(grace_s):
-            for rt in list(self._running.values()):
-                await rt.ended.wait()
+            await self.wait_all_ended()
         self._closing.set()
+
+    async def wait_all_ended(self) -> None:
+        """Wait until every task running now has written its terminal event."""
+        for rt in list(self._running.values()):
+            await rt.ended.wait()
 
     async def _expire_loop(self) -> None:
         period = max(0.05, min(self.settings.task_retention_s / 4, 30.0))
@@ -413,6 +417,11 @@ class TaskManager:
         ]
 
     @property
+    def replica_id(self) -> str:
+        """This process's name in the task space (in ``/readyz``)."""
+        return self._backend.replica_id
+
+    @property
     def running_count(self) -> int:
         return len(self._running)
 
@@ -428,6 +437,9 @@ def describe_failure(failure: BaseException, phase: str) -> dict[str, Any]:
     leaf = _first_leaf(failure)
     if isinstance(leaf, TaskFailure):
         return {"phase": phase, "type": leaf.type, "message": leaf.message}
+    if isinstance(leaf, BackendUnavailable):
+        log.warning("task failed in phase %s: %s", phase, leaf.message)
+        return {"phase": phase, "type": "backend_unavailable", "message": leaf.message}
     log.error("task failed in phase %s", phase, exc_info=failure)
     return {"phase": phase, "type": "internal_error", "message": "Internal error in the task."}
 

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from server.schemas import CancelReason, Event, TaskRecord
-from server.tasks.backend import apply_event
+from server.tasks.backend import apply_event, new_replica_id
 from server.tasks.log import EventLog
 
 
@@ -25,6 +25,7 @@ class UnknownTask(KeyError):
 
 class MemoryBackend:
     def __init__(self) -> None:
+        self.replica_id = new_replica_id()
         self._records: dict[str, TaskRecord] = {}
         self._logs: dict[str, EventLog] = {}
         self._active_ids: set[str] = set()

@@ -31,9 +31,6 @@ out together, one pipeline per round trip.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +43,7 @@ import trio
 
 from server import fastjson
 from server.schemas import TERMINAL_EVENTS, CancelReason, Event, TaskRecord
-from server.tasks.backend import LogWatch
+from server.tasks.backend import LogWatch, new_replica_id
 from server.tasks.errors import BackendUnavailable
 from server.tasks.log import LogClosed
 from server.tasks.memory import MemoryBackend
@@ -149,10 +146,6 @@ class _SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
             self._available_connections.put_nowait(None)
 
 
-def new_replica_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
 @dataclass(eq=False)
 class _Write:
     """One append waiting for the next pipeline."""
@@ -220,7 +213,6 @@ class RedisBackend:
         async with self._client:
             try:
                 await self._heartbeat_once()
-                await self._client.sadd(self._adm("replicas"), [self.replica_id])
                 await self._ensure_control_group()
             except coredis.exceptions.RedisError as exc:
                 failure = exc
@@ -245,8 +237,11 @@ class RedisBackend:
             raise BackendUnavailable(f"Redis at {self.url} cannot be used: {failure}")
 
     async def _heartbeat_once(self) -> None:
-        await self._client.set(self._heartbeat_key(self.replica_id), str(time.time()),
-                               px=int(self._ttl_s * 800))
+        # The replica list is renewed too: a Redis that restarted has forgotten it.
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.set(self._heartbeat_key(self.replica_id), str(time.time()),
+                     px=int(self._ttl_s * 800))
+            pipe.sadd(self._adm("replicas"), [self.replica_id])
 
     async def _heartbeat_loop(self) -> None:
         # The key lives 0.8 TTL and is renewed four times in that: a replica that stops
@@ -675,6 +670,23 @@ class RedisBackend:
             await self._client.srem(self._adm("replicas"), [replica])
             await self._client.delete([self._control_key(replica)])
         return ended
+
+
+async def ping(url: str, timeout_s: float = 5.0) -> str | None:
+    """Why Redis at ``url`` cannot be used, or None if it answers a PING."""
+    try:
+        client = coredis.Redis.from_url(url, decode_responses=True)
+        with trio.fail_after(timeout_s):
+            async with client:
+                await client.ping()
+    except trio.TooSlowError:
+        return f"no answer in {timeout_s:.0f} s"
+    except Exception as exc:  # noqa: BLE001 - coredis wraps what it raises in groups
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        return str(leaf) or type(leaf).__name__
+    return None
 
 
 class _RemoteWatch:

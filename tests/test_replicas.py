@@ -1,0 +1,274 @@
+"""Two Tether replicas (two server processes) on one real Redis: a task started on one is
+stopped, read, followed and failed over from the other."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import httpx2
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from server.config import Settings
+from tests.conftest import WAIT, Fakes, base_settings
+from tests.fakes.model import HangReply, TextReply
+from tests.helpers import assert_log_well_formed, chat_body
+from tests.redis_server import RedisServer
+from tests.replicas import ROOT, Replica
+from tests.test_ws import connect
+
+TTL = 2.0  # the replicas' heartbeat TTL here: failover within it
+
+
+def replica_settings(fakes: Fakes, redis_url: str, **overrides: Any) -> Settings:
+    return base_settings(fakes, backend="redis", redis_url=redis_url,
+                         redis_prefix="r" + secrets.token_hex(6), replica_ttl_s=TTL,
+                         **overrides)
+
+
+@pytest.fixture
+async def pair(fakes: Fakes, redis_server: RedisServer) -> AsyncIterator[tuple[Replica, Replica]]:
+    settings = replica_settings(fakes, redis_server.url)
+    a, b = Replica(settings, name="A"), Replica(settings, name="B")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.start)
+            nursery.start_soon(b.start)
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _events(replica: Replica, task_id: str, after: int = 0) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    async with replica.client.stream("GET", f"/api/tasks/{task_id}/events?after={after}"
+                                     ) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+    return out
+
+
+async def _deltas_seen(replica: Replica, task_id: str, count: int) -> list[dict[str, Any]]:
+    """Follow the task's events on ``replica`` until ``count`` deltas have gone by."""
+    seen: list[dict[str, Any]] = []
+    async with replica.client.stream("GET", f"/api/tasks/{task_id}/events") as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+                if sum(e["type"] == "delta" for e in seen) >= count:
+                    return seen
+    raise AssertionError("the log ended before enough deltas")
+
+
+async def test_a_stop_via_b_stops_a_search_running_on_a(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.search.configure(delay=30)
+    task_id = await a.background(chat_body(features={"web_search": True}))
+    with trio.fail_after(WAIT):
+        request = await fakes.search.wait_for_request("/search")
+    response = await b.client.post(f"/api/tasks/{task_id}/stop")
+    assert response.status_code == 200
+    task = response.json()
+    assert (task["status"], task["cancel_reason"], task["phase"]) == (
+        "cancelled", "stop", "web_search")
+    with trio.fail_after(WAIT):
+        closed = await fakes.search.wait_connection_closed(request.conn_id)
+    assert closed.closed_at is not None
+    terminal = assert_log_well_formed(await _events(b, task_id))
+    assert terminal["type"] == "task:cancelled"
+    assert not fakes.model.chat_requests
+
+
+async def test_events_via_b_from_a_cursor_are_gapless_with_one_terminal(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.model.push(TextReply([f"w{i} " for i in range(30)], interval=0.01))
+    task_id = await a.background(chat_body())
+    with trio.fail_after(WAIT):
+        events = await _events(b, task_id, after=2)
+    terminal = assert_log_well_formed(events, after=2)
+    assert terminal["type"] == "task:completed"
+    streamed = "".join(e["data"]["content"] for e in events if e["type"] == "delta")
+    assert streamed == "".join(f"w{i} " for i in range(30)) == terminal["data"]["content"]
+    from_a = await _events(a, task_id)
+    assert from_a[2:] == events
+
+
+async def test_a_websocket_on_b_follows_and_stops_a_task_of_a_session_on_a(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.model.push(TextReply([f"w{i} " for i in range(2000)], interval=0.01))
+    async with connect(cast(Any, a)) as on_a:
+        task_id = await on_a.chat(chat_body())
+        await on_a.events_until_terminal(task_id, stop_when=lambda e: e["type"] == "delta")
+        async with connect(cast(Any, b), session_id=on_a.session_id) as on_b:
+            listed = {t["task_id"]: t for t in on_b.first_message["tasks"]}
+            assert listed[task_id]["status"] == "running"
+            await on_b.send({"type": "subscribe", "task_id": task_id, "after": 1})
+            seen = await on_b.events_until_terminal(
+                task_id, stop_when=lambda e: e["type"] == "delta")
+            assert seen[0]["seq"] == 2
+            with trio.fail_after(WAIT):
+                model_request = await fakes.model.wait_for_request("/v1/chat/completions")
+            await on_b.send({"type": "stop", "task_id": task_id})
+            rest = await on_b.events_until_terminal(task_id)
+    events = seen + rest
+    terminal = assert_log_well_formed(events, after=1)
+    assert (terminal["type"], terminal["data"]["cancel_reason"]) == ("task:cancelled", "stop")
+    streamed = "".join(e["data"]["content"] for e in events if e["type"] == "delta")
+    assert streamed and terminal["data"]["content"] == streamed
+    with trio.fail_after(WAIT):
+        await fakes.model.wait_connection_closed(model_request.conn_id)
+
+
+async def test_a_replica_killed_mid_answer_fails_its_task_replica_lost_within_the_ttl(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+    task_id = await a.background(chat_body())
+    with trio.fail_after(WAIT):
+        seen = await _deltas_seen(b, task_id, 3)
+    await a.kill()
+    killed = time.monotonic()
+    with trio.fail_after(WAIT):
+        events = await _events(b, task_id, after=seen[-1]["seq"])
+    noticed = time.monotonic() - killed
+    terminal = events[-1]
+    assert terminal["type"] == "task:failed"
+    assert terminal["data"]["error"]["type"] == "replica_lost"
+    assert terminal["data"]["error"]["phase"] == "generating"
+    everything = await _events(b, task_id)
+    assert_log_well_formed(everything)
+    streamed = "".join(e["data"]["content"] for e in everything if e["type"] == "delta")
+    assert len(streamed) > 0 and terminal["data"]["content"] == streamed
+    assert noticed < 2 * TTL, f"noticed after {noticed:.2f} s"
+    # The place the lost task held is free again.
+    response = await b.client.get("/api/tasks")
+    assert response.json()["tasks"] == []
+
+
+async def test_the_admission_limit_holds_across_both_replicas(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    settings = replica_settings(fakes, redis_server.url, max_active_tasks=2)
+    a, b = Replica(settings, name="A"), Replica(settings, name="B")
+    try:
+        await a.start()
+        await b.start()
+        fakes.model.push(HangReply())
+        fakes.model.push(HangReply())
+        first = await a.background(chat_body())
+        await b.background(chat_body())
+        for replica in (a, b):
+            refused = await replica.chat({**chat_body(), "background": True})
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "too_many_tasks"
+        stopped = await b.client.post(f"/api/tasks/{first}/stop")
+        assert stopped.json()["status"] == "cancelled"
+        fakes.model.push(TextReply(["ok"]))
+        assert (await a.chat({**chat_body(), "background": True})).status_code == 202
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_redis_restart_fails_running_tasks_and_the_replica_goes_on(
+    fakes: Fakes
+) -> None:
+    """Redis keeps no data here: a restart loses the running tasks' logs. Each running
+    task ends ``failed`` with ``backend_unavailable`` and its partial content, written
+    anew; the replica serves new tasks as soon as Redis is back."""
+    redis = RedisServer()
+    redis.start()
+    replica = Replica(replica_settings(fakes, redis.url), name="A")
+    try:
+        await replica.start()
+        fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+        task_id = await replica.background(chat_body())
+        with trio.fail_after(WAIT):
+            await _deltas_seen(replica, task_id, 3)
+        redis.restart()
+        with trio.fail_after(WAIT):
+            events = await _events(replica, task_id)
+        terminal = events[-1]
+        assert terminal["type"] == "task:failed"
+        assert terminal["data"]["error"]["type"] == "backend_unavailable"
+        assert terminal["data"]["content"].startswith("w0 w1 w2 ")
+        fakes.model.push(TextReply(["back"]))
+        answer = await replica.chat(chat_body())
+        assert answer.status_code == 200
+        assert answer.json()["choices"][0]["message"]["content"] == "back"
+    finally:
+        await replica.close()
+        redis.stop()
+
+
+async def test_a_replica_shutting_down_ends_its_tasks_and_closes_websockets_with_1012(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+    async with connect(cast(Any, a)) as on_a:
+        task_id = await on_a.chat(chat_body())
+        await on_a.events_until_terminal(task_id, stop_when=lambda e: e["type"] == "delta")
+        assert await a.terminate() == 0
+        events = await on_a.events_until_terminal(task_id)
+        assert (events[-1]["type"], events[-1]["data"]["cancel_reason"]) == (
+            "task:cancelled", "shutdown")
+        with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
+            await on_a.ws.get_message()
+        assert closed.value.reason is not None and closed.value.reason.code == 1012
+    async with connect(cast(Any, b), session_id=on_a.session_id) as on_b:
+        listed = {t["task_id"]: t for t in on_b.first_message["tasks"]}
+        assert listed[task_id]["status"] == "cancelled"
+
+
+async def test_two_workers_share_one_port_and_one_task_space(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    server = Replica(replica_settings(fakes, redis_server.url), args=("--workers", "2"),
+                     name="workers")
+    try:
+        await server.start()
+        # New connections are spread over the workers by the kernel.
+        seen: set[str] = set()
+        with trio.fail_after(WAIT):
+            while len(seen) < 2:
+                async with httpx2.AsyncClient(base_url=server.base_url,
+                                              trust_env=False) as fresh:
+                    seen.add((await fresh.get("/readyz")).json()["replica"])
+        fakes.search.configure(delay=30)
+        task_id = await server.background(chat_body(features={"web_search": True}))
+        with trio.fail_after(WAIT):
+            request = await fakes.search.wait_for_request("/search")
+        # Each stop on a connection of its own: whichever worker it reaches stops it.
+        async with httpx2.AsyncClient(base_url=server.base_url, trust_env=False) as fresh:
+            stopped = (await fresh.post(f"/api/tasks/{task_id}/stop")).json()
+        assert (stopped["status"], stopped["cancel_reason"]) == ("cancelled", "stop")
+        with trio.fail_after(WAIT):
+            await fakes.search.wait_connection_closed(request.conn_id)
+        assert await server.terminate() == 0
+    finally:
+        await server.close()
+
+
+async def test_workers_without_redis_is_refused_with_a_clear_error() -> None:
+    process = await trio.run_process(
+        [sys.executable, "-m", "server", "serve", "--workers", "2", "--port", "0"],
+        capture_stderr=True, check=False, env={"PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    assert process.returncode == 2
+    assert b"--workers needs TETHER_BACKEND=redis" in process.stderr
