@@ -9,6 +9,7 @@ This module holds that state and the grace timers; it moves no bytes.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,8 +17,10 @@ from typing import Protocol
 import trio
 
 from server.schemas import TaskRecord
-from server.tasks.errors import UnknownSession
+from server.tasks.errors import TaskRefused, UnknownSession
 from server.tasks.manager import TaskManager
+
+log = logging.getLogger("tether.sessions")
 
 
 class SessionConnection(Protocol):
@@ -54,22 +57,31 @@ class SessionRegistry:
             task_status.started()
             await trio.sleep_forever()
 
-    def check_owner(self, user: str, session_id: str) -> None:
-        """Another user's session is ``UnknownSession``; an unknown one is fine."""
+    async def check_owner(self, user: str, session_id: str) -> None:
+        """Raise ``UnknownSession`` for another user's session; an unknown one becomes
+        ``user``'s (in every process sharing the task space)."""
         session = self._sessions.get(session_id)
         if session is not None and session.user != user:
             raise UnknownSession(session_id)
+        if not await self._manager.claim_session(session_id, user):
+            raise UnknownSession(session_id)
 
-    def _owned(self, user: str, session_id: str) -> Session:
-        self.check_owner(user, session_id)
+    def _local(self, user: str, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
             session = Session(session_id, user)
             self._sessions[session_id] = session
         return session
 
-    def attach(self, user: str, session_id: str | None, conn: SessionConnection) -> Session:
-        session = self._owned(user, session_id or new_session_id())
+    async def attach(self, user: str, session_id: str | None,
+                     conn: SessionConnection) -> Session:
+        """Join a connection to its session (a new one without ``session_id``). Raises
+        ``UnknownSession`` for another user's, ``BackendUnavailable`` if the shared store
+        fails."""
+        session_id = session_id or new_session_id()
+        await self.check_owner(user, session_id)
+        await self._manager.session_presence(session_id, user, +1)
+        session = self._local(user, session_id)
         if session.grace is not None:
             session.grace.cancel()
             session.grace = None
@@ -77,14 +89,23 @@ class SessionRegistry:
         return session
 
     def detach(self, session: Session, conn: SessionConnection) -> None:
-        """Called when a connection closes (synchronously, also from a cancelled handler)."""
+        """Called when a connection closes (synchronously, also from a cancelled handler);
+        the session's grace period starts when its last connection anywhere has gone."""
         session.connections.discard(conn)
-        if not session.connections:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._left, session)
+
+    async def _left(self, session: Session) -> None:
+        try:
+            await self._manager.session_presence(session.id, session.user, -1)
+        except TaskRefused as exc:
+            log.warning("session %s: a closed connection was not counted: %s", session.id,
+                        exc.message)
+        if not session.connections and session.grace is None:
             self._start_grace(session)
 
     def _start_grace(self, session: Session) -> None:
-        if self._grace_s <= 0 or self._nursery is None:
-            self._expire(session)
+        if self._nursery is None:
             return
         scope = trio.CancelScope()
         session.grace = scope
@@ -92,16 +113,22 @@ class SessionRegistry:
 
     async def _grace_timer(self, session: Session, scope: trio.CancelScope) -> None:
         with scope:
-            await trio.sleep(self._grace_s)
-            if session.grace is scope and not session.connections:
-                self._expire(session)
-
-    def _expire(self, session: Session) -> None:
-        session.grace = None
-        for task_id in self._manager.session_tasks(session.id):
-            self._manager.stop(task_id, "disconnect")
-        if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
+            await trio.sleep(max(self._grace_s, 0))
+            if session.grace is not scope or session.connections:
+                return
+            session.grace = None
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+            try:
+                if await self._manager.session_connected_elsewhere(session.id):
+                    return  # the client came back through another process
+                for record in await self._manager.list_tasks(session.user,
+                                                             session_id=session.id):
+                    if record.session_bound:
+                        await self._manager.stop_anywhere(record.id, "disconnect")
+            except TaskRefused as exc:
+                log.warning("session %s: its tasks could not be stopped: %s", session.id,
+                            exc.message)
 
     def _on_spawn(self, record: TaskRecord) -> None:
         if record.session_id is None:
@@ -109,10 +136,11 @@ class SessionRegistry:
         if not record.session_bound:
             session = self._sessions.get(record.session_id)
         else:
-            session = self._owned(record.user, record.session_id)
+            session = self._local(record.user, record.session_id)
             if not session.connections and session.grace is None:
-                # Started over HTTP for a session nobody is connected to: its tasks live
-                # for the grace period unless a connection comes (grace 0: not at all).
+                # Started over HTTP for a session nobody here is connected to: its tasks
+                # live for the grace period unless a connection comes, here or elsewhere
+                # (grace 0: not at all).
                 self._start_grace(session)
         for conn in list(session.connections if session else ()):
             conn.auto_follow(record.id)

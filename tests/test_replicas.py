@@ -272,3 +272,42 @@ async def test_workers_without_redis_is_refused_with_a_clear_error() -> None:
         capture_stderr=True, check=False, env={"PATH": "/usr/bin:/bin"}, cwd=ROOT)
     assert process.returncode == 2
     assert b"--workers needs TETHER_BACKEND=redis" in process.stderr
+
+
+async def test_the_reconnect_grace_holds_across_replicas(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    """The last connection closes on A, the client comes back on B within the grace: the
+    task goes on past A's grace period. When B's connection closes too, the task is
+    stopped (on A) with reason disconnect once the grace has run out."""
+    grace = 1.0
+    settings = replica_settings(fakes, redis_server.url, ws_reconnect_grace_s=grace)
+    a, b = Replica(settings, name="A"), Replica(settings, name="B")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.start)
+            nursery.start_soon(b.start)
+        fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+        async with connect(cast(Any, a)) as on_a:
+            task_id = await on_a.chat(chat_body())
+            seen = await on_a.events_until_terminal(
+                task_id, stop_when=lambda e: e["type"] == "delta")
+        left_a = time.monotonic()
+        async with connect(cast(Any, b), session_id=on_a.session_id) as on_b:
+            await on_b.send({"type": "subscribe", "task_id": task_id,
+                             "after": seen[-1]["seq"]})
+            # Deltas still flowing well after A's grace period has run out.
+            late = await on_b.events_until_terminal(
+                task_id, stop_when=lambda e: time.monotonic() > left_a + 2 * grace)
+            assert late[-1]["type"] == "delta", late[-1]
+        with trio.fail_after(WAIT):
+            model_request = await fakes.model.wait_for_request("/v1/chat/completions")
+            events = await _events(a, task_id, after=late[-1]["seq"])
+        terminal = events[-1]
+        assert (terminal["type"], terminal["data"]["cancel_reason"]) == (
+            "task:cancelled", "disconnect")
+        with trio.fail_after(WAIT):
+            await fakes.model.wait_connection_closed(model_request.conn_id)
+    finally:
+        await a.close()
+        await b.close()

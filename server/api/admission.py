@@ -17,10 +17,11 @@ from server.tasks.errors import (
 )
 
 
-def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
+async def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
     """Validate a decoded chat request and what it names (tools, model, session). Raises
     ``RequestError`` (400, or 404 for an unknown model) or ``UnknownSession`` (another
-    user's session), with ``param`` naming the field. No I/O."""
+    user's session), with ``param`` naming the field. Only the session's owner may need a
+    look at the shared task store."""
     chat = parse_chat_request(raw, default_model=rt.settings.default_model)
     unknown = [t for t in chat.tool_ids if t not in rt.tools]
     if unknown:
@@ -30,7 +31,7 @@ def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
         raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.",
                            param="model")
     if chat.session_id is not None:
-        rt.sessions.check_owner(user, chat.session_id)
+        await rt.sessions.check_owner(user, chat.session_id)
     return chat
 
 

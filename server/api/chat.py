@@ -36,7 +36,7 @@ async def chat_completions() -> Response:
     arrived = time.perf_counter()
     rt = runtime()
     user = current_user()
-    chat = check_chat(rt, user, await read_json_body())
+    chat = await check_chat(rt, user, await read_json_body())
     record = await rt.manager.spawn(user, chat)
     if record.mode != "background":
         # Bound to this connection however it ends (see app.bind_to_connection).

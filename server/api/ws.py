@@ -44,6 +44,8 @@ log = logging.getLogger("tether.ws")
 CLOSE_TOO_SLOW = 4008
 # RFC 6455's "service restart": this server is going away, another one will answer.
 CLOSE_RESTART = 1012
+# RFC 6455's "try again later": the shared task store did not answer.
+CLOSE_TRY_LATER = 1013
 CLOSE_NOT_FOUND = 4404
 # Events the pump takes from one log at a time: bounds one batch message and lets other
 # tasks' events interleave when one task has a long backlog (a replay).
@@ -426,7 +428,7 @@ class WsConnection:
         if not isinstance(body, dict):
             raise RequestError(400, "invalid_request", "Missing field 'request' (an object).")
         assert self.session is not None
-        chat = check_chat(self.rt, self.user,
+        chat = await check_chat(self.rt, self.user,
                           {**body, "session_id": self.session.id, "background": False})
         self._spawning = True
         try:
@@ -459,12 +461,13 @@ async def serve(rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCalla
     ws = AsgiWebSocket(receive, send)
     conn = WsConnection(rt, user, ws, batch=args.get("batch", "") in ("1", "true"))
     try:
-        session = rt.sessions.attach(user, args.get("session_id"), conn)
+        session = await rt.sessions.attach(user, args.get("session_id"), conn)
     except TaskRefused as failure:
         refused = refusal(failure)
         await ws.send(json.dumps({"type": "error", "error": {
             "code": refused.code, "message": refused.message}, "ref": "session"}))
-        await ws.close(CLOSE_NOT_FOUND, refused.message)
+        await ws.close(CLOSE_NOT_FOUND if refused.status == 404 else CLOSE_TRY_LATER,
+                       refused.message)
         return
     conn.session = session
     await conn.run(hub)

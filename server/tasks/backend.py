@@ -114,6 +114,18 @@ class TaskBackend(Protocol):
         """Active tasks in all and per user."""
         ...
 
+    async def claim_session(self, session_id: str, user: str) -> bool:
+        """Make an unknown session ``user``'s; False if it is another user's."""
+        ...
+
+    async def session_presence(self, session_id: str, user: str, delta: int) -> None:
+        """Count ``delta`` connections of this process to the session (+1, -1)."""
+        ...
+
+    async def session_connected_elsewhere(self, session_id: str) -> bool:
+        """Whether another live process holds a connection to the session."""
+        ...
+
     async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
         """Deliver a stop to the process that runs the task (not this one); False if no
         process runs it."""

@@ -387,6 +387,19 @@ class TaskManager:
         await self.stop_anywhere(task_id, reason)
         return await self.wait_ended(task_id)
 
+    # -- sessions (their registry is per process; what processes share is here) --------
+
+    async def claim_session(self, session_id: str, user: str) -> bool:
+        """Make an unknown session ``user``'s; False if it is another user's."""
+        return await self._backend.claim_session(session_id, user)
+
+    async def session_presence(self, session_id: str, user: str, delta: int) -> None:
+        """Count a connection of this process to the session joining (+1) or leaving."""
+        await self._backend.session_presence(session_id, user, delta)
+
+    async def session_connected_elsewhere(self, session_id: str) -> bool:
+        return await self._backend.session_connected_elsewhere(session_id)
+
     # -- reading the logs -----------------------------------------------------------------
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
@@ -407,14 +420,6 @@ class TaskManager:
         """Call ``on_append`` with each event appended to the task's log past ``after``
         (see ``TaskBackend.watch``); None if the task is unknown or expired."""
         return self._backend.watch(task_id, on_append, after)
-
-    def session_tasks(self, session_id: str) -> list[str]:
-        """Running tasks bound to a WebSocket session (``background: true`` never is)."""
-        return [
-            task_id
-            for task_id, rt in self._running.items()
-            if rt.record.session_id == session_id and rt.record.session_bound
-        ]
 
     @property
     def replica_id(self) -> str:

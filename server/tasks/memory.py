@@ -153,6 +153,16 @@ class MemoryBackend:
     async def counts(self) -> tuple[int, dict[str, int]]:
         return self._active_total, dict(self._active_by_user)
 
+    # One process: its session registry knows every session and connection.
+    async def claim_session(self, session_id: str, user: str) -> bool:
+        return True
+
+    async def session_presence(self, session_id: str, user: str, delta: int) -> None:
+        return None
+
+    async def session_connected_elsewhere(self, session_id: str) -> bool:
+        return False
+
     async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
         return False  # one process: a task not running here runs nowhere
 

@@ -135,6 +135,28 @@ return 1
 """
 
 
+# KEYS: the session. ARGV: user, replica, delta (0: claim only), idle lifetime ms.
+# -1 the session is another user's. A session with no connection left expires after the
+# lifetime; one with connections does not.
+_SESSION = """
+local owner = redis.call('HGET', KEYS[1], 'user')
+if owner and owner ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'user', ARGV[1])
+local field = 'c:' .. ARGV[2]
+if tonumber(ARGV[3]) ~= 0 then
+  if redis.call('HINCRBY', KEYS[1], field, ARGV[3]) <= 0 then
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
+if redis.call('HLEN', KEYS[1]) <= 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return 1
+"""
+
+
 class _SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
     """coredis 6.9 loses a pool slot each time a leased connection dies (a blocking read
     cancelled, a server restart): after ``max_connections`` of them every command waits
@@ -174,6 +196,7 @@ class RedisBackend:
         self._create = self._client.register_script(_CREATE)
         self._append = self._client.register_script(_APPEND)
         self._finish = self._client.register_script(_FINISH)
+        self._session = self._client.register_script(_SESSION)
         self._local = MemoryBackend()
         # chat_id and message_id of tasks read from Redis, which every event carries.
         self._identities: dict[str, tuple[str | None, str | None]] = {}
@@ -579,6 +602,38 @@ class RedisBackend:
         raw = await self._client.hgetall(self._adm("counts"))
         per_user = {k[2:]: int(v) for k, v in raw.items() if k.startswith("u:")}
         return int(raw.get("*", 0)), per_user
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _session_key(self, session_id: str) -> str:
+        return f"{self._prefix}:session:{session_id}"
+
+    async def claim_session(self, session_id: str, user: str) -> bool:
+        return await self._session_step(session_id, user, 0)
+
+    async def session_presence(self, session_id: str, user: str, delta: int) -> None:
+        await self._session_step(session_id, user, delta)
+
+    async def _session_step(self, session_id: str, user: str, delta: int) -> bool:
+        try:
+            result: Any = await self._session(
+                keys=[self._session_key(session_id)],
+                args=[user, self.replica_id, str(delta), str(self._retention_ms)])
+        except coredis.exceptions.RedisError as exc:
+            raise BackendUnavailable(f"Redis failed: {exc}") from exc
+        return bool(result == 1)
+
+    async def session_connected_elsewhere(self, session_id: str) -> bool:
+        key = self._session_key(session_id)
+        fields = await self._client.hgetall(key)
+        for name, count in fields.items():
+            replica = name[2:]
+            if not name.startswith("c:") or replica == self.replica_id or int(count) <= 0:
+                continue
+            if await self._client.exists([self._heartbeat_key(replica)]):
+                return True
+            await self._client.hdel(key, [name])  # a dead replica's count
+        return False
 
     # -- stops from anywhere -----------------------------------------------------------------
 
