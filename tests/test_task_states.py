@@ -1,7 +1,8 @@
-"""The task state machine, without sockets: queued → running → exactly one terminal state,
+"""The task state machine, without HTTP: queued → running → exactly one terminal state,
 the reason decided once, admission and its refusals, and the terminal write's guarantees.
 
-The runner is a function of the test's, driven by events; the backend is the real one.
+The runner is a function of the test's, driven by events; the backend is a real one, the
+memory backend or the Redis backend on a real redis-server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from server.schemas import ChatRequest, Event, TaskFailure, TaskRecord, parse_ch
 from server.tasks.errors import ShuttingDown, TooManyTasks
 from server.tasks.manager import TaskEmitter, TaskManager
 from server.tasks.memory import MemoryBackend
+from server.tasks.redis import RedisBackend
 
 WAIT = 10
 
@@ -50,11 +52,25 @@ class Script:
         await emit.set_result(usage={"total_tokens": 2}, finish_reason="stop")
 
 
+pytestmark = pytest.mark.both_backends
+
+
+@pytest.fixture
+def make_backend(backend_settings: dict[str, Any]) -> Callable[[], Any]:
+    """The backend of the module's run (memory or Redis), fresh for each manager."""
+    def make() -> Any:
+        if not backend_settings:
+            return MemoryBackend()
+        return RedisBackend(backend_settings["redis_url"],
+                            prefix=backend_settings["redis_prefix"])
+    return make
+
+
 @asynccontextmanager
-async def running_manager(runner: Runner, backend: Any = None,
+async def running_manager(runner: Runner, backend: Any,
                           **overrides: Any) -> AsyncIterator[TaskManager]:
     settings = Settings().with_overrides(**overrides)
-    manager = TaskManager(settings, backend or MemoryBackend(), runner, Metrics())
+    manager = TaskManager(settings, backend, runner, Metrics())
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         yield manager
@@ -69,9 +85,11 @@ def _terminals(events: list[Event]) -> list[Event]:
     return [e for e in events if e.terminal]
 
 
-async def test_a_task_goes_queued_running_completed_with_one_terminal_event() -> None:
+async def test_a_task_goes_queued_running_completed_with_one_terminal_event(
+    make_backend: Callable[[], Any],
+) -> None:
     script = Script()
-    async with running_manager(script) as manager:
+    async with running_manager(script, make_backend()) as manager:
         record = await manager.spawn("u", _request())
         assert record.status == "queued" and record.last_seq == 1
         with trio.fail_after(WAIT):
@@ -94,9 +112,11 @@ async def test_a_task_goes_queued_running_completed_with_one_terminal_event() ->
     assert stored is not None and stored.to_dict() == terminal
 
 
-async def test_the_first_stop_reason_wins_and_a_stop_after_the_end_changes_nothing() -> None:
+async def test_the_first_stop_reason_wins_and_a_stop_after_the_end_changes_nothing(
+    make_backend: Callable[[], Any],
+) -> None:
     script = Script()
-    async with running_manager(script) as manager:
+    async with running_manager(script, make_backend()) as manager:
         record = await manager.spawn("u", _request())
         with trio.fail_after(WAIT):
             await script.running.wait()
@@ -113,9 +133,11 @@ async def test_the_first_stop_reason_wins_and_a_stop_after_the_end_changes_nothi
     assert events[-1].data["cancel_reason"] == "stop"
 
 
-async def test_a_failure_ends_the_task_failed_in_its_phase() -> None:
+async def test_a_failure_ends_the_task_failed_in_its_phase(
+    make_backend: Callable[[], Any],
+) -> None:
     script = Script(fail=TaskFailure("upstream_error", "model said no"))
-    async with running_manager(script) as manager:
+    async with running_manager(script, make_backend()) as manager:
         record = await manager.spawn("u", _request())
         script.release.set()
         with trio.fail_after(WAIT):
@@ -127,18 +149,22 @@ async def test_a_failure_ends_the_task_failed_in_its_phase() -> None:
     assert len(_terminals(await _events(manager, record.id))) == 1
 
 
-async def test_the_task_deadline_ends_it_cancelled_with_reason_timeout() -> None:
+async def test_the_task_deadline_ends_it_cancelled_with_reason_timeout(
+    make_backend: Callable[[], Any],
+) -> None:
     script = Script()
-    async with running_manager(script, task_timeout_s=0.2) as manager:
+    async with running_manager(script, make_backend(), task_timeout_s=0.2) as manager:
         record = await manager.spawn("u", _request())
         with trio.fail_after(WAIT):
             ended = await manager.wait_ended(record.id)
     assert ended is not None and (ended.status, ended.cancel_reason) == ("cancelled", "timeout")
 
 
-async def test_shutdown_ends_running_tasks_and_refuses_new_ones() -> None:
+async def test_shutdown_ends_running_tasks_and_refuses_new_ones(
+    make_backend: Callable[[], Any],
+) -> None:
     script = Script()
-    async with running_manager(script) as manager:
+    async with running_manager(script, make_backend()) as manager:
         record = await manager.spawn("u", _request())
         with trio.fail_after(WAIT):
             await script.running.wait()
@@ -150,9 +176,11 @@ async def test_shutdown_ends_running_tasks_and_refuses_new_ones() -> None:
     assert ended is not None and (ended.status, ended.cancel_reason) == ("cancelled", "shutdown")
 
 
-async def test_admission_refuses_past_the_limits_and_frees_a_place_when_a_task_ends() -> None:
+async def test_admission_refuses_past_the_limits_and_frees_a_place_when_a_task_ends(
+    make_backend: Callable[[], Any],
+) -> None:
     script = Script()
-    async with running_manager(script, max_active_tasks=2,
+    async with running_manager(script, make_backend(), max_active_tasks=2,
                                max_active_tasks_per_user=1) as manager:
         first = await manager.spawn("a", _request())
         with pytest.raises(TooManyTasks):
@@ -167,10 +195,12 @@ async def test_admission_refuses_past_the_limits_and_frees_a_place_when_a_task_e
         manager.begin_shutdown()
 
 
-async def test_a_caller_cancelled_during_spawn_still_gets_a_started_task() -> None:
+async def test_a_caller_cancelled_during_spawn_still_gets_a_started_task(
+    make_backend: Callable[[], Any],
+) -> None:
     """Admission is shielded: no reservation is ever left without its task."""
     script = Script()
-    async with running_manager(script) as manager:
+    async with running_manager(script, make_backend()) as manager:
         with trio.CancelScope() as caller:
             caller.cancel()
             record = await manager.spawn("u", _request())

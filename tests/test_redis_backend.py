@@ -1,0 +1,113 @@
+"""The Redis backend's own guarantees, on a real redis-server, with several backends (as
+several replicas would hold) in one test: global admission under concurrency, exactly one
+terminal event when two survivors reap a dead replica at once, and a connection pool that
+survives blocking reads being cancelled."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import trio
+
+from server.schemas import TaskRecord
+from server.tasks.redis import RedisBackend
+from tests.conftest import WAIT
+from tests.redis_server import RedisServer
+
+
+def _record(user: str = "u") -> TaskRecord:
+    return TaskRecord(id="task_" + secrets.token_hex(8), user=user, model="m", mode="background")
+
+
+@asynccontextmanager
+async def serving(*backends: RedisBackend) -> AsyncIterator[None]:
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for backend in backends:
+            await nursery.start(backend.serve, lambda task_id, reason: None, done)
+        try:
+            yield
+        finally:
+            done.set()
+
+
+def _backends(server: RedisServer, count: int, **options: Any) -> list[RedisBackend]:
+    prefix = "b" + secrets.token_hex(6)
+    return [RedisBackend(server.url, prefix=prefix, **options) for _ in range(count)]
+
+
+async def test_admission_is_global_and_atomic_under_concurrency(
+    redis_server: RedisServer,
+) -> None:
+    a, b = _backends(redis_server, 2)
+    admitted: list[bool] = []
+
+    async def admit(backend: RedisBackend) -> None:
+        admitted.append(await backend.admit(_record(), max_total=5, max_per_user=100))
+
+    async with serving(a, b):
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(admit, (a, b)[i % 2])
+        assert admitted.count(True) == 5
+        assert await a.counts() == (5, {"u": 5})
+
+
+async def test_two_survivors_reaping_a_dead_replica_write_one_terminal_event(
+    redis_server: RedisServer,
+) -> None:
+    # The dead one heartbeats too rarely to come back by itself once its key is gone.
+    dead, *_ = _backends(redis_server, 1, replica_ttl_s=1000)
+    prefix = dead._prefix
+    b = RedisBackend(redis_server.url, prefix=prefix)
+    c = RedisBackend(redis_server.url, prefix=prefix)
+    record = _record()
+    async with serving(dead, b, c):
+        assert await dead.admit(record, max_total=10, max_per_user=10)
+        record.status = "running"
+        await dead.save(record)
+        await dead.append(record, "delta", {"content": "partial "})
+        await dead.append(record, "delta", {"content": "answer"})
+        raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
+        async with raw:
+            await raw.delete([f"{prefix}:replica:{dead.replica_id}"])
+        reaped: list[list[str]] = []
+
+        async def reap(backend: RedisBackend) -> None:
+            reaped.append(await backend.reap_dead_replicas())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reap, b)
+            nursery.start_soon(reap, c)
+        assert sorted(len(r) for r in reaped) == [0, 1]
+        events = await b.read(record.id, 0)
+        assert [e.type for e in events] == ["task:queued", "delta", "delta", "task:failed"]
+        assert [e.seq for e in events] == [1, 2, 3, 4]
+        terminal = events[-1].data
+        assert terminal["error"]["type"] == "replica_lost"
+        assert terminal["content"] == "partial answer" and terminal["last_seq"] == 4
+        ended = await c.get(record.id)
+        assert ended is not None and ended.status == "failed" and ended.content == "partial answer"
+        assert await b.counts() == (0, {})
+
+
+async def test_cancelled_blocking_reads_do_not_use_up_the_connection_pool(
+    redis_server: RedisServer,
+) -> None:
+    """Waiting on a log written elsewhere is a blocking read; each cancelled one costs its
+    connection. The pool must make new ones rather than run dry."""
+    owner, reader = _backends(redis_server, 2, max_connections=3)
+    record = _record()
+    async with serving(owner, reader):
+        assert await owner.admit(record, max_total=10, max_per_user=10)
+        for _ in range(10):
+            with trio.move_on_after(0.05) as waited:
+                await reader.wait_beyond(record.id, 1)
+            assert waited.cancelled_caught
+        with trio.fail_after(WAIT):
+            fetched = await reader.get(record.id)
+        assert fetched is not None and fetched.last_seq == 1
