@@ -73,10 +73,11 @@ async def connect(tether: Tether, *, batch: bool) -> AsyncIterator[Client]:
 
 
 async def _completed_tasks(tether: Tether, fakes: Fakes, count: int, chunks: int) -> list[str]:
-    """Background tasks whose whole answers are in their logs. The chunks come 1 ms
-    apart, so that nearly each one is read, and logged, as a delta of its own."""
+    """Background tasks whose whole answers are in their logs. The chunks come 3 ms
+    apart, so that most are read, and logged, as deltas of their own (an append to Redis
+    takes a round trip, and what arrives meanwhile is merged into the next delta)."""
     for _ in range(count):
-        fakes.model.push(TextReply([f"w{i} " for i in range(chunks)], interval=0.001))
+        fakes.model.push(TextReply([f"w{i} " for i in range(chunks)], interval=0.003))
     task_ids = [await tether.background(chat_body()) for _ in range(count)]
     with trio.fail_after(WAIT):
         for task_id in task_ids:
