@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCENARIOS = ("time_to_task_id", "stop_latency", "disconnect", "scale", "waiting",
-             "cancel_storm")
+             "cancel_storm", "replicas")
 # Scale runs first so that its memory per task is measured from a server that has not yet
 # grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
+# Replicas runs last: it starts its own Redis and Tether processes and ends them after.
 RUN_ORDER = ("scale", "waiting", "time_to_task_id", "stop_latency", "disconnect",
-             "cancel_storm")
+             "cancel_storm", "replicas")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class BenchConfig:
     storm_tasks: int = 10_000
     storm_concurrency: int = 200
     storm_max_delay_s: float = 1.5
+    # 7. replicas on one Redis (and ``serve --workers 2``)
+    replica_stop_samples: int = 100  # per arm: stop via the task's replica / via the other
+    replica_resume_samples: int = 100  # per arm: subscribe on the task's replica / the other
+    replica_scale_levels: tuple[int, ...] = (100, 300)  # tasks, at scale_rate, scale_tokens
     # server settings the bench runs with (TETHER_* environment)
     server_env: dict[str, str] = field(default_factory=dict)
 
@@ -85,5 +90,8 @@ QUICK = BenchConfig(
     scale_tokens=200,  # 4 s of streaming: enough probe samples for a p99
     storm_tasks=1000,
     storm_concurrency=100,
+    replica_stop_samples=30,
+    replica_resume_samples=30,
+    replica_scale_levels=(100,),
     server_env=dict(_SERVER_ENV),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import uuid
@@ -98,6 +99,31 @@ class Bench:
         proc.port = port
         self.server = proc
         await self._wait_healthz(proc)
+
+    async def start_tether(self, name: str, env: dict[str, str], args: list[str] | None = None,
+                           *, replicas: int = 1) -> Proc:
+        """Start another Tether server than the bench's own (the replicas scenario's): the
+        bench's settings plus ``env``, on a free port, with ``args`` after ``serve``; wait
+        until ``/readyz`` has answered from ``replicas`` different replicas (the workers of
+        ``--workers N`` share the port, and each new connection reaches one of them)."""
+        port = free_port()
+        proc = self.procs.spawn(name, ["-m", "server", "serve", "--host", "127.0.0.1",
+                                       "--port", str(port), *(args or [])],
+                                {**self.server_env(), **env})
+        proc.port = port
+        proc.forks = replicas > 1
+        await self._wait_healthz(proc)
+        seen: set[str] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < replicas:
+            if time.monotonic() > deadline or not proc.alive():
+                raise ProcessError(f"{name}: /readyz answered from {len(seen)} of {replicas} "
+                                   f"replicas:\n{proc.log_tail()}")
+            with contextlib.suppress(OSError, HttpError, ValueError):
+                ready = await get_json("127.0.0.1", port, "/readyz")
+                seen.add(str(ready.get("replica")))
+            await trio.sleep(0.02)
+        return proc
 
     async def restart_server(self) -> None:
         """End the Tether server by its pid and start a fresh one (a fresh heap, for memory
@@ -206,8 +232,9 @@ class Bench:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.tether.port}/ws"
 
-    def conn(self) -> HttpConnection:
-        return HttpConnection("127.0.0.1", self.tether.port)
+    def conn(self, port: int | None = None) -> HttpConnection:
+        """A connection to the bench's Tether server (or to another one, by its port)."""
+        return HttpConnection("127.0.0.1", port or self.tether.port)
 
     def pf_conn(self) -> HttpConnection:
         return HttpConnection("127.0.0.1", self.pf.port)
@@ -245,10 +272,10 @@ class Bench:
         await self.fake("search").configure(page_base_url=self.fake("pages").base_url)
         await self.fake("model").configure(default_reply=DEFAULT_REPLY)
 
-    async def stop_chat(self, chat_id: str) -> tuple[float, int]:
+    async def stop_chat(self, chat_id: str, port: int | None = None) -> tuple[float, int]:
         """Stop every task of a chat; returns how long the stop took (s) and how many
-        tasks it stopped."""
-        conn = self.conn()
+        tasks it stopped. ``port``: another Tether server than the bench's own."""
+        conn = self.conn(port)
         try:
             answer = await conn.request("POST", f"/api/chats/{chat_id}/stop", {})
         finally:
@@ -257,16 +284,17 @@ class Bench:
             raise HttpError(f"chat stop -> {answer.status}: {answer.body[:200]!r}")
         return answer.elapsed, len(answer.json().get("tasks", []))
 
-    async def running_tasks(self) -> list[dict[str, Any]]:
-        answer = await get_json("127.0.0.1", self.tether.port, "/api/tasks")
+    async def running_tasks(self, port: int | None = None) -> list[dict[str, Any]]:
+        answer = await get_json("127.0.0.1", port or self.tether.port, "/api/tasks")
         tasks: list[dict[str, Any]] = answer.get("tasks", [])
         return tasks
 
-    async def wait_no_tasks(self, timeout: float = 30.0) -> float | None:
+    async def wait_no_tasks(self, timeout: float = 30.0, port: int | None = None
+                            ) -> float | None:
         """Wait until ``GET /api/tasks`` is empty; the time it took, or None."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
-            if not await self.running_tasks():
+            if not await self.running_tasks(port):
                 return time.monotonic() - start
             await trio.sleep(0.05)
         return None
@@ -282,18 +310,31 @@ class Bench:
         process = psutil.Process(pid) if pid is not None else self.server_process()
         return float(process.memory_info().rss) / 2**20
 
+    def proc_rss_mb(self, proc: Proc) -> float:
+        """RSS of a process of the run with its forked workers (``--workers N``), in MB."""
+        return sum(float(p.memory_info().rss) for p in proc.processes()) / 2**20
+
     def server_cpu_s(self) -> float:
         times = self.server_process().cpu_times()
         return float(times.user + times.system)
 
     def cpu_by_process(self) -> dict[str, float]:
-        """CPU seconds (user + system) so far of every process of the run, the bench too."""
+        """CPU seconds (user + system) so far of every process of the run, the bench too.
+        The forked workers of a ``--workers N`` server are ``<name>/1``, ``<name>/2``, ...
+        beside its supervisor ``<name>``."""
         out: dict[str, float] = {}
-        pids = {p.name: p.pid for p in self.procs.procs}
-        pids["bench"] = psutil.Process().pid
-        for name, pid in pids.items():
+        named: list[tuple[str, psutil.Process]] = []
+        for proc in self.procs.procs:
             try:
-                times = psutil.Process(pid).cpu_times()
+                processes = proc.processes()
+            except psutil.Error:
+                continue
+            named += [(proc.name if i == 0 else f"{proc.name}/{i}", process)
+                      for i, process in enumerate(processes)]
+        named.append(("bench", psutil.Process()))
+        for name, process in named:
+            try:
+                times = process.cpu_times()
             except psutil.Error:
                 continue
             out[name] = float(times.user + times.system)

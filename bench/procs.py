@@ -4,7 +4,9 @@ Each child is a real process started with ``subprocess.Popen`` from the reposito
 output going to a log file. ``ProcessSet.kill_all`` ends every child by its pid (SIGTERM, then
 SIGKILL after a grace period); ``__main__`` calls it from a ``finally`` outside ``trio.run`` and
 from a SIGTERM handler, and Linux children also get PR_SET_PDEATHSIG so that a bench killed
-with SIGKILL does not leave them behind.
+with SIGKILL does not leave them behind. A child that forks its own workers (``tether serve
+--workers N``) is marked ``forks``: the workers it was seen with are ended by their pids
+after it (a fork does not inherit PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 import trio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +54,8 @@ class Proc:
     log_path: Path
     port: int = 0
     interrupt_first: bool = False  # SIGINT before SIGTERM (lets a profiler write its report)
+    forks: bool = False  # a supervisor whose forked children do the work (``--workers N``)
+    forked: dict[int, psutil.Process] = field(default_factory=dict)  # every child seen
 
     @property
     def pid(self) -> int:
@@ -62,6 +67,17 @@ class Proc:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def processes(self) -> list[psutil.Process]:
+        """The process, then (if it ``forks``) its current children by pid, which are
+        remembered so that ``ProcessSet.kill`` can end them. Raises ``psutil.Error`` when
+        the process is gone."""
+        main = psutil.Process(self.pid)
+        if not self.forks:
+            return [main]
+        children = sorted(main.children(), key=lambda p: p.pid)
+        self.forked.update((child.pid, child) for child in children)
+        return [main, *children]
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -77,7 +93,8 @@ class ProcessSet:
     procs: list[Proc] = field(default_factory=list)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              *, interrupt_first: bool = False) -> Proc:
+              *, interrupt_first: bool = False, program: str | None = None) -> Proc:
+        """Start ``python <args>`` (or ``program <args>``), output to ``<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
@@ -85,7 +102,7 @@ class ProcessSet:
         child_env.update(env or {})
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
-                [sys.executable, *args], cwd=REPO_ROOT, env=child_env, stdout=log,
+                [program or sys.executable, *args], cwd=REPO_ROOT, env=child_env, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
@@ -125,11 +142,33 @@ class ProcessSet:
 
     def kill(self, proc: Proc, grace: float | None = None) -> None:
         """End one child by its pid: SIGINT (if asked) / SIGTERM, then SIGKILL after
-        ``grace`` seconds (longer when a profiler has a report to write)."""
-        if proc.popen.poll() is not None:
-            return
+        ``grace`` seconds (longer when a profiler has a report to write); then any of its
+        forked workers still running, by their pids."""
         if grace is None:
             grace = 30.0 if proc.interrupt_first else 3.0
+        if proc.forks and proc.alive():
+            with contextlib.suppress(psutil.Error):
+                proc.processes()
+        self._end(proc, grace)
+        left = [p for p in proc.forked.values() if p.is_running()]
+        for process in left:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(left, timeout=grace)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=grace)
+
+    def end(self, proc: Proc) -> None:
+        """End one child (``kill``) and forget it."""
+        self.kill(proc)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def _end(self, proc: Proc, grace: float) -> None:
+        if proc.popen.poll() is not None:
+            return
         signals = [signal.SIGINT, signal.SIGTERM] if proc.interrupt_first else [signal.SIGTERM]
         for sig in signals:
             with contextlib.suppress(ProcessLookupError):

@@ -198,7 +198,7 @@ def serve_process(settings: Settings) -> int:
     except SettingsError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
-    if settings.backend == "redis":
+    if settings.backend == "redis" and settings.redis_url:
         problem = trio.run(check_redis, settings.redis_url)
         if problem is not None:
             print(f"tether: cannot use Redis at {settings.redis_url}: {problem}",

@@ -75,7 +75,7 @@ class Settings:
     # Where task state lives: "memory" (this process only) or "redis" (shared by every
     # process and replica that uses the same Redis and prefix).
     backend: str = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str | None = None
     redis_prefix: str = "tether"
     # A replica that has not renewed its heartbeat for this long is taken for dead: its
     # running tasks end failed (replica_lost).
@@ -107,6 +107,9 @@ class Settings:
         settings = cls(**values)
         if settings.backend not in ("memory", "redis"):
             raise SettingsError(f"TETHER_BACKEND={settings.backend!r} is not memory or redis")
+        if settings.backend == "redis" and not settings.redis_url:
+            raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL "
+                                "(for example redis://127.0.0.1:6379/0)")
         if settings.api_keys_file:
             keys = dict(settings.api_keys)
             keys.update(_parse_keys(Path(settings.api_keys_file).read_text()))

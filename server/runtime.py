@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx2
 
 from server.auth import Authenticator
-from server.config import Settings
+from server.config import Settings, SettingsError
 from server.load import LoadGauge
 from server.metrics import Metrics
 from server.pipeline.chat import ChatPipeline
@@ -59,6 +59,8 @@ def build_http_client(settings: Settings, *, keepalive: int,
 
 def build_backend(settings: Settings) -> TaskBackend:
     if settings.backend == "redis":
+        if not settings.redis_url:
+            raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL")
         return RedisBackend(settings.redis_url, prefix=settings.redis_prefix,
                             retention_s=settings.task_retention_s,
                             replica_ttl_s=settings.replica_ttl_s,

@@ -45,6 +45,7 @@ from typing import Any
 import trio
 
 from bench.context import Bench
+from bench.procs import Proc
 from bench.stats import ratio, summarize
 from bench.workers import WorkerPool, split
 
@@ -73,6 +74,18 @@ class Spec:
 
 
 @dataclass
+class Target:
+    """A Tether server of another scenario's own to run levels against (the replicas
+    scenario starts several): its process (a ``--workers`` supervisor stands for its
+    workers too), the scenario its result sets and checks go under, and its RSS right after
+    start-up (for the memory per task)."""
+
+    proc: Proc
+    scenario: str
+    rss_at_start_mb: float
+
+
+@dataclass
 class Probe:
     probe: list[float] = field(default_factory=list)
     floor: list[float] = field(default_factory=list)
@@ -81,9 +94,10 @@ class Probe:
 
 
 async def probe_loop(b: Bench, probe: Probe, until: float, chat_id: str,
-                     interval: float) -> None:
-    """Background POSTs interleaved with ``/healthz`` until ``until`` (monotonic)."""
-    conn = b.conn()
+                     interval: float, port: int | None = None) -> None:
+    """Background POSTs interleaved with ``/healthz`` until ``until`` (monotonic), to the
+    bench's Tether server or to the one on ``port``."""
+    conn = b.conn(port)
     try:
         while time.monotonic() < until:
             floor = await conn.request("GET", "/healthz")
@@ -99,9 +113,12 @@ async def probe_loop(b: Bench, probe: Probe, until: float, chat_id: str,
         await conn.aclose()
 
 
-async def watch_rss(b: Bench, probe: Probe, stop: trio.Event, pid: int | None = None) -> None:
+async def watch_rss(b: Bench, probe: Probe, stop: trio.Event, proc: Proc | None = None
+                    ) -> None:
+    """The peak RSS of the bench's Tether server (or of ``proc``, with its workers)."""
     while not stop.is_set():
-        probe.peak_rss_mb = max(probe.peak_rss_mb, b.rss_mb(pid))
+        rss = b.rss_mb() if proc is None else b.proc_rss_mb(proc)
+        probe.peak_rss_mb = max(probe.peak_rss_mb, rss)
         with trio.move_on_after(0.1):
             await stop.wait()
 
@@ -119,9 +136,10 @@ async def model_schedule(b: Bench) -> dict[str, float]:
     return out
 
 
-async def server_records(b: Bench, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+async def server_records(b: Bench, task_ids: list[str], port: int | None = None
+                         ) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    conn = b.conn()
+    conn = b.conn(port)
     try:
         for task_id in task_ids:
             answer = await conn.request("GET", f"/api/tasks/{task_id}")
@@ -142,6 +160,12 @@ def cpu_percent(before: dict[str, float], after: dict[str, float], wall: float
             for name in after if name in before and wall > 0}
 
 
+def process_cpu(cpu: dict[str, float], name: str) -> float:
+    """One process's figure in a ``cpu_by_process`` reading (or ``cpu_percent`` of two),
+    with its forked workers' (``<name>/1``, ...)."""
+    return sum(v for k, v in cpu.items() if k == name or k.startswith(name + "/"))
+
+
 def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum the workers' analyses (counts add up, lists concatenate, dicts merge)."""
     out: dict[str, Any] = {}
@@ -158,10 +182,16 @@ def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def run_level(b: Bench, pool: WorkerPool, spec: Spec) -> dict[str, Any]:
+async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | None = None
+                    ) -> dict[str, Any]:
+    """One level against the bench's Tether server or relay floor (``spec.target``), or
+    against ``target``, another Tether server."""
     res = b.results
     tether = spec.target == "tether"
-    proc = b.tether if tether else b.floor
+    proc = target.proc if target else b.tether if tether else b.floor
+    scenario = target.scenario if target else SCENARIO
+    label = f"{proc.name} {spec.n}x{spec.rate:g}/s" if target else spec.label
+    port = proc.port if target else None
     server_name = proc.name
     await b.reset_fakes()
     await b.fake("model").configure(
@@ -177,7 +207,7 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec) -> dict[str, Any]:
     probe = Probe()
     for a in connect:
         probe.failures += [f"connect: {f}" for f in a.get("failures", [])]
-    rss_before = b.rss_mb(proc.pid)
+    rss_before = b.proc_rss_mb(proc)
     probe.peak_rss_mb = rss_before
     duration = spec.tokens / spec.rate
     cmds: list[dict[str, Any] | None] = []
@@ -192,10 +222,10 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec) -> dict[str, Any]:
     cpu_b: dict[str, float] = {}
     waited: list[dict[str, Any]] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_rss, b, probe, stop, proc.pid)
+        nursery.start_soon(watch_rss, b, probe, stop, proc)
         if tether:
             nursery.start_soon(probe_loop, b, probe, t0 + duration / 2, chat_id,
-                               b.cfg.scale_probe_interval_s)
+                               b.cfg.scale_probe_interval_s, port)
         await trio.sleep_until(_trio_at(t0 + duration / 2))
         cpu_a, ta = b.cpu_by_process(), time.monotonic()
         await trio.sleep(max(0.5, t0 + 0.9 * duration - ta))
@@ -208,32 +238,34 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec) -> dict[str, Any]:
     cpu1, wall = b.cpu_by_process(), time.monotonic() - t0
     complete = all(w.get("complete") for w in waited)
     pending = [t for w in waited for t in w.get("pending", [])]
-    records = await server_records(b, pending) if tether else {}
+    records = await server_records(b, pending, port) if tether else {}
     schedule = await model_schedule(b)
     found = merge(await pool.all({"cmd": "analyze", "schedule": schedule, "rate": spec.rate,
                                   "tokens": spec.tokens, "window": window,
                                   "records": records}, used))
     await pool.all({"cmd": "close"}, used)
     if tether:
-        await b.stop_chat(chat_id)
-        await b.wait_no_tasks(30)
-    key = f"{spec.target}{'' if spec.batch or not tether else '-unbatched'}/" \
+        await b.stop_chat(chat_id, port)
+        await b.wait_no_tasks(30, port)
+    key = f"{proc.name if target else spec.target}" \
+          f"{'' if spec.batch or not tether else '-unbatched'}/" \
           f"tasks={spec.n}/rate={spec.rate:g}"
-    probe_s = res.add_set(SCENARIO, f"{key}/time_to_task_id", probe.probe)
-    floor_s = res.add_set(SCENARIO, f"{key}/floor", probe.floor)
+    probe_s = res.add_set(scenario, f"{key}/time_to_task_id", probe.probe)
+    floor_s = res.add_set(scenario, f"{key}/floor", probe.floor)
     spawn = summarize([t / 1000 for t in found.get("ttid", [])])
-    res.sets.setdefault(SCENARIO, {})[f"{key}/spawn_ws_chat_to_task"] = spawn
+    res.sets.setdefault(scenario, {})[f"{key}/spawn_ws_chat_to_task"] = spawn
     lag = summarize([x / 1000 for x in found.get("lags", [])])
-    res.sets[SCENARIO][f"{key}/event_lag"] = lag
+    res.sets[scenario][f"{key}/event_lag"] = lag
     in_window = int(found.get("tokens_in_window", 0))
-    server_cpu_s = cpu_b.get(server_name, 0.0) - cpu_a.get(server_name, 0.0)
+    server_cpu_s = process_cpu(cpu_b, server_name) - process_cpu(cpu_a, server_name)
     us_per_token = round(server_cpu_s / in_window * 1e6, 1) if in_window else None
     level_tokens = int(found.get("tokens_delivered", 0))
-    level_cpu_s = cpu1.get(server_name, 0.0) - cpu0.get(server_name, 0.0)
+    level_cpu_s = process_cpu(cpu1, server_name) - process_cpu(cpu0, server_name)
     clean = (found.get("lost", 0) == 0 and found.get("out_of_order", 0) == 0
              and found.get("undelivered", 0) == 0 and found.get("closed", 0) == 0
              and found.get("not_completed", 0) == 0 and failed == 0)
-    kb_per_task = round((probe.peak_rss_mb - (b.rss_at_start_mb if tether else rss_before))
+    at_start = target.rss_at_start_mb if target else b.rss_at_start_mb
+    kb_per_task = round((probe.peak_rss_mb - (at_start if tether else rss_before))
                         * 1024 / spec.n, 1)
     row: dict[str, Any] = {
         "tasks": spec.n, "rate": spec.rate, "tokens": spec.tokens, "target": spec.target,
@@ -256,7 +288,7 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec) -> dict[str, Any]:
         "window_s": round(window[1] - window[0], 2) if window else None,
         "us_per_token": round(level_cpu_s / level_tokens * 1e6, 1) if level_tokens else None,
         "us_per_token_window": us_per_token,
-        "cpu_percent": cpu_percent(cpu0, cpu1, wall).get(server_name, 0.0),
+        "cpu_percent": process_cpu(cpu_percent(cpu0, cpu1, wall), server_name),
         "cpu_percent_by_process": cpu_percent(cpu0, cpu1, wall),
         "cpu_percent_window": cpu_percent(cpu_a, cpu_b, window[1] - window[0])
         if window else {},
@@ -271,8 +303,8 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec) -> dict[str, Any]:
         and lag["p99"] is not None and lag["p99"] < LAG_LIMIT_MS)
     row["holds"] = row["holds_latency"]
     for failure in probe.failures[:5]:
-        res.errors.append(f"scale {spec.label}: {failure}")
-    res.check(f"scale {spec.label}: no event lost or out of order, every event delivered, "
+        res.errors.append(f"{scenario} {label}: {failure}")
+    res.check(f"{scenario} {label}: no event lost or out of order, every event delivered, "
               "every task completed", clean,
               f"lost {row['lost']}, out of order {row['out_of_order']}, undelivered "
               f"{row['undelivered']}, connections closed or refused {row['closed_connections']}"
