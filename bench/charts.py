@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,12 +173,53 @@ def _cancel_storm(res: Results) -> Figure | None:
     return fig
 
 
+def _replicas(res: Results) -> Figure | None:
+    data = res.figures.get("replicas") or {}
+    stop, resume = data.get("stop"), data.get("resume")
+    levels = (data.get("scale") or {}).get("levels") or []
+    if not (stop or resume or levels):
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels: list[str] = []
+    same: tuple[list[float], list[float]] = ([], [])
+    cross: tuple[list[float], list[float]] = ([], [])
+    for part, metrics in ((stop, (("answer", "stop answer"), ("upstream", "upstream closed"))),
+                          (resume, (("first_event", "resume: first event"),))):
+        for key, label in metrics if part else ():
+            labels.append(label)
+            for arm, series in (("same", same), ("cross", cross)):
+                series[0].append(_num(part[arm][key]["p50"]))
+                series[1].append(_num(part[arm][key]["p99"]))
+    if labels:
+        _bars(left, labels, {"on A (the task's replica)": same, "via B": cross}, "ms")
+        if stop:
+            left.axhline(stop["goal_ms"], color="red", lw=0.8, ls="--")
+        left.set_title("stop and resume: the task's replica and another")
+    if levels:
+        names = [f"{r['label']}\n{r['tasks']} tasks" for r in levels]
+        _bars(right, names, {"event lag": ([_num(r["lag_p50"]) for r in levels],
+                                           [_num(r["lag_p99"]) for r in levels])}, "ms")
+        twin = right.twinx()
+        per_token = [_num(r["us_per_token"]) for r in levels]
+        twin.plot(range(len(levels)), per_token, "o", color="black",
+                  label="server µs per token")
+        twin.set_ylabel("µs per delivered token")
+        known = [v for v in per_token if not math.isnan(v)]
+        if known:
+            twin.set_ylim(0, 1.4 * max(known))
+        twin.legend(loc="upper center", fontsize=7)
+        right.set_title("streams: memory, Redis, Redis with --workers 2")
+    fig.tight_layout()
+    return fig
+
+
 DRAWERS: dict[str, Drawer] = {
     "time_to_task_id": _time_to_task_id,
     "stop_latency": _stop_latency,
     "disconnect": _disconnect,
     "scale": _scale,
     "cancel_storm": _cancel_storm,
+    "replicas": _replicas,
 }
 
 

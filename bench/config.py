@@ -47,8 +47,8 @@ class BenchConfig:
     storm_concurrency: int = 200
     storm_max_delay_s: float = 1.5
     # 7. replicas on one Redis (and ``serve --workers 2``)
-    replica_stop_samples: int = 100  # per arm: stop via the task's replica / via the other
-    replica_resume_samples: int = 100  # per arm: subscribe on the task's replica / the other
+    replica_stop_samples: int = 300  # per arm: stop via the task's replica / via the other
+    replica_resume_samples: int = 200  # per arm: subscribe on the task's replica / the other
     replica_scale_levels: tuple[int, ...] = (100, 300)  # tasks, at scale_rate, scale_tokens
     # server settings the bench runs with (TETHER_* environment)
     server_env: dict[str, str] = field(default_factory=dict)
@@ -90,8 +90,8 @@ QUICK = BenchConfig(
     scale_tokens=200,  # 4 s of streaming: enough probe samples for a p99
     storm_tasks=1000,
     storm_concurrency=100,
-    replica_stop_samples=30,
-    replica_resume_samples=30,
+    replica_stop_samples=100,
+    replica_resume_samples=50,
     replica_scale_levels=(100,),
     server_env=dict(_SERVER_ENV),
 )

@@ -284,6 +284,123 @@ def _storm(res: Results) -> list[str]:
     return out + [""]
 
 
+def _replicas(res: Results) -> list[str]:
+    fig = res.figures.get("replicas") or {}
+    if not fig:
+        return []
+    out = ["## 7. Replicas on one Redis", "",
+           "The scenario's own redis-server and Tether processes (`TETHER_BACKEND=redis`); "
+           "the bench's memory-backend server is not involved. Samples of the two arms are "
+           "interleaved in pairs, in random order. p50 / p99 in ms.", ""]
+    stop = fig.get("stop")
+    if stop:
+        same, cross, r = stop["same"], stop["cross"], stop["ratio"]
+        out += ["### Stop via another replica", "",
+                "A background task streams on replica A (a long, slow model stream); once the "
+                "fake model has its request, `POST /api/tasks/{id}/stop` goes to A or to B. "
+                "From sending the stop to its HTTP answer, and to the fake model recording "
+                "the task's connection closed.", ""]
+        out += _table(
+            ["stop sent to", "n", "answer ms", "upstream closed ms", "ended in phase"],
+            [["A (the task's replica)", str(same["n"]),
+              _pair(same["answer"]["p50"], same["answer"]["p99"]),
+              _pair(same["upstream"]["p50"], same["upstream"]["p99"]),
+              ", ".join(same["ended_in"])],
+             ["B (another replica)", str(cross["n"]),
+              _pair(cross["answer"]["p50"], cross["answer"]["p99"]),
+              _pair(cross["upstream"]["p50"], cross["upstream"]["p99"]),
+              ", ".join(cross["ended_in"])],
+             ["**B / A**", "", f"**{_pair(r['answer_p50'], r['answer_p99'], _x)}**",
+              f"**{_pair(r['upstream_p50'], r['upstream_p99'], _x)}**", ""]])
+        met = "met" if stop["goal_met"] else "not met"
+        out += ["", f"Goal: a stop via another replica answered and its upstream closed "
+                f"within {stop['goal_ms']:g} ms at p99: **{met}** (answer p99 "
+                f"{_dur(cross['answer']['p99'])}, upstream closed p99 "
+                f"{_dur(cross['upstream']['p99'])}).", ""]
+    resume = fig.get("resume")
+    if resume:
+        same, cross, r = resume["same"], resume["cross"], resume["ratio"]
+        out += ["### Resume from another replica", "",
+                f"A task streams on A at {resume['rate']:g} tokens/s; a WebSocket client "
+                f"(`?batch=1`) on A or on B sends `subscribe` with `after` "
+                f"{resume['back']} events before the task's last one, and collects the "
+                f"replayed events and {resume['live']} live ones. From sending `subscribe` to "
+                "the first event's arrival; a violation is a place where the seqs do not go "
+                "on by one from `after`.", ""]
+        out += _table(
+            ["subscribed on", "n", "first event ms", "violations (samples)", "errors"],
+            [["A (the task's replica)", str(same["n"]),
+              _pair(same["first_event"]["p50"], same["first_event"]["p99"]),
+              f"{same['violations']} ({same['samples_with_violations']})",
+              str(same["errors"])],
+             ["B (another replica)", str(cross["n"]),
+              _pair(cross["first_event"]["p50"], cross["first_event"]["p99"]),
+              f"{cross['violations']} ({cross['samples_with_violations']})",
+              str(cross["errors"])],
+             ["**B / A**", "", f"**{_pair(r['p50'], r['p99'], _x)}**", "", ""]])
+        out.append("")
+    scale = fig.get("scale")
+    if scale and scale.get("levels"):
+        out += _replicas_scale(scale)
+    return out
+
+
+def _replicas_scale(scale: dict[str, Any]) -> list[str]:
+    cores = scale.get("cores")
+    out = ["### Scale: one process, two workers", "",
+           f"The scale scenario's streams ({scale['tokens']} tokens at {scale['rate']:g} "
+           "tokens/s each, one WebSocket client each, `?batch=1`) against a fresh "
+           "memory-backend process (the reference), a Redis-backend process and "
+           "`serve --workers 2` on Redis, one after the other. Delivered tokens/s: model "
+           "tokens reaching clients per second over the second half of the streaming. "
+           "µs per token: server CPU (for `--workers 2`, supervisor + both workers) from "
+           "the chats to the last end, per delivered token. CPU %: of one core, over the "
+           f"second half of the streaming; this machine has {cores} cores "
+           f"({(cores or 0) * 100} %), shared by every process.", ""]
+    table = []
+    for r in scale["levels"]:
+        window = r["cpu_percent_window"]
+        clients = sum(v for k, v in window.items() if k.startswith("client"))
+        servers = "+".join(f"{v:.0f}" for k, v in window.items()
+                           if k.split("/")[0] == r["server"])
+        table.append([
+            str(r["label"]), str(r["tasks"]),
+            f"{r['delivered_tokens_per_s']} / {r['offered_tokens_per_s']}",
+            _pair(r["lag_p50"], r["lag_p99"]),
+            f"{r['lost']} / {r['out_of_order']} / {r['undelivered']} / "
+            f"{r['closed_connections']}",
+            _us(r["us_per_token"]),
+            f"{servers} / {r['redis_cpu_percent']:.0f} / {window.get('model', 0):.0f} / "
+            f"{clients:.0f} / {window.get('bench', 0):.0f}",
+            f"{r['total_cpu_percent']:.0f}",
+        ])
+    out += _table(["server", "tasks", "tokens/s delivered / offered", "event lag ms",
+                   "events lost / out of order / undelivered / connections closed",
+                   "server µs per token",
+                   "CPU % server(s) / redis / model / clients / bench", "CPU % all"], table)
+    out.append("")
+    for c in scale.get("comparisons") or []:
+        w = c["w2_over_w1"]
+        text = (f"{c['tasks']} tasks: `--workers 2` / 1 process (both on Redis): event lag "
+                f"p50 {_x(w['lag_p50'])}, p99 {_x(w['lag_p99'])}, server CPU per token "
+                f"{_x(w['us_per_token'])}, delivered tokens/s {_x(w['delivered_tokens_per_s'])}.")
+        mem = c.get("redis_over_memory")
+        if mem:
+            text += (f" Redis / memory backend (1 process): CPU per token "
+                     f"{_x(mem['us_per_token'])}, event lag p99 {_x(mem['lag_p99'])}.")
+        text += (f" What the cores allow: in the 2-worker run every process together used "
+                 f"{c['total_cpu_percent_w2']:.0f} % of {(cores or 0) * 100} %, the "
+                 f"processes other than Tether's {c['others_cpu_percent']:.0f} %, so the "
+                 f"two workers could have had at most {_x(c['gain_allowed'])} the one core a "
+                 f"single process can use; the single process used "
+                 f"{c['one_worker_cpu_percent']:.0f} % of its core, so "
+                 + ("it was the bottleneck." if c["one_worker_cpu_percent"] >= 90 else
+                    "this level did not need a second worker: the ratios show what splitting "
+                    "costs, not a capacity gain."))
+        out += [text, ""]
+    return out
+
+
 def markdown(res: Results) -> str:
     data = res.to_json()
     m = data["machine"]
@@ -302,7 +419,8 @@ def markdown(res: Results) -> str:
         "are beside the ratios. All processes (server, fakes, bench client) share this "
         "machine's cores.", "",
     ]
-    for section in (_time_to_task_id, _stop_latency, _disconnect, _scale, _storm, _waiting):
+    for section in (_time_to_task_id, _stop_latency, _disconnect, _scale, _storm, _waiting,
+                    _replicas):
         out += section(res)
     if res.checks:
         out += ["## Checks", ""]

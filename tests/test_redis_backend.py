@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import coredis
+import pytest
 import trio
 
 from server.schemas import TaskRecord
+from server.tasks.log import LogClosed
 from server.tasks.redis import RedisBackend
 from tests.conftest import WAIT
 from tests.redis_server import RedisServer
@@ -111,3 +113,30 @@ async def test_cancelled_blocking_reads_do_not_use_up_the_connection_pool(
         with trio.fail_after(WAIT):
             fetched = await reader.get(record.id)
         assert fetched is not None and fetched.last_seq == 1
+
+
+async def test_an_owner_reaped_while_alive_ends_its_local_copy_as_redis_says(
+    redis_server: RedisServer,
+) -> None:
+    """A replica cut off from Redis longer than its TTL is taken for dead and its task
+    reaped. When it writes again, the log is closed: its own readers then see the end
+    Redis holds, and its terminal write changes nothing."""
+    owner, *_ = _backends(redis_server, 1, replica_ttl_s=1000)
+    reaper = RedisBackend(redis_server.url, prefix=owner._prefix)
+    record = _record()
+    async with serving(owner, reaper):
+        assert await owner.admit(record, max_total=10, max_per_user=10)
+        await owner.append(record, "delta", {"content": "partial"})
+        raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
+        async with raw:
+            await raw.delete([f"{owner._prefix}:replica:{owner.replica_id}"])
+        assert await reaper.reap_dead_replicas() == [record.id]
+        with pytest.raises(LogClosed):
+            await owner.append(record, "delta", {"content": " more"})
+        record.status = "failed"
+        assert await owner.finish(record) is None
+        seen_here = await owner.read(record.id, 0)
+        assert [e.type for e in seen_here] == ["task:queued", "delta", "task:failed"]
+        assert seen_here[-1].data["error"]["type"] == "replica_lost"
+        assert [e.to_dict() for e in await reaper.read(record.id, 0)] == [
+            e.to_dict() for e in seen_here]

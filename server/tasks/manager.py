@@ -35,6 +35,7 @@ from server.schemas import (
 )
 from server.tasks.backend import LogWatch, TaskBackend, apply_event, next_events
 from server.tasks.errors import BackendUnavailable, ShuttingDown, TooManyTasks
+from server.tasks.log import LogClosed
 
 log = logging.getLogger("tether.tasks")
 
@@ -442,6 +443,9 @@ def describe_failure(failure: BaseException, phase: str) -> dict[str, Any]:
     leaf = _first_leaf(failure)
     if isinstance(leaf, TaskFailure):
         return {"phase": phase, "type": leaf.type, "message": leaf.message}
+    if isinstance(leaf, LogClosed):
+        log.warning("task ended elsewhere in phase %s: %s", phase, leaf)
+        return {"phase": phase, "type": "ended_elsewhere", "message": str(leaf)}
     if isinstance(leaf, BackendUnavailable):
         log.warning("task failed in phase %s: %s", phase, leaf.message)
         return {"phase": phase, "type": "backend_unavailable", "message": leaf.message}

@@ -64,6 +64,10 @@ class MemoryBackend:
         else:
             self._active_by_user[record.user] = remaining
 
+    def has(self, task_id: str) -> bool:
+        """Whether the task's record and log are here (admitted and not yet expired)."""
+        return task_id in self._logs
+
     async def get(self, task_id: str) -> TaskRecord | None:
         record = self._records.get(task_id)
         return None if record is None else record.copy()

@@ -451,6 +451,11 @@ class RedisBackend:
             await self._finish_locally(record)
             raise BackendUnavailable(f"Redis failed: {exc}") from exc
         if written is None:
+            # Ended elsewhere meanwhile (reaped while Redis could not hear from us): the
+            # local copy ends as Redis says, so that readers here see that end too.
+            ended = (await self._load([record.id]))[0]
+            if ended is not None and not ended.active:
+                await self._finish_locally(ended)
             return None
         return await self._finish_locally(record) or written
 
@@ -484,7 +489,7 @@ class RedisBackend:
         raise BackendUnavailable(f"could not end task {record.id}: its log kept moving")
 
     async def _finish_locally(self, record: TaskRecord) -> Event | None:
-        if await self._local.get(record.id) is None:
+        if not self._local.has(record.id):
             return None
         return await self._local.finish(record)
 
@@ -496,7 +501,7 @@ class RedisBackend:
             log.warning("could not release the place of %s: %s", task_id, exc)
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
-        if await self._local.get(task_id) is not None:
+        if self._local.has(task_id):
             return await self._local.read(task_id, after, limit)
         log_key = self._task_keys(task_id)[1]
         entries = await self._client.xrange(log_key, f"(0-{max(after, 0)}"
@@ -533,7 +538,7 @@ class RedisBackend:
         return raw[0] is not None, raw[1] is not None, int(raw[2] or 0)
 
     async def wait_beyond(self, task_id: str, after: int) -> bool:
-        if await self._local.get(task_id) is not None:
+        if self._local.has(task_id):
             return await self._local.wait_beyond(task_id, after)
         log_key = self._task_keys(task_id)[1]
         while True:
