@@ -145,14 +145,21 @@ class WsConnection:
         self.too_slow = False
         self.restarting = False
         self.sending_since: float | None = None
+        # While this connection's own chat is being admitted, tasks started in the session
+        # wait here: its own must be answered (``task``) before its events, and another's
+        # (spawned meanwhile elsewhere in the session) is followed right after.
         self._spawning = False
+        self._deferred: list[str] = []
 
     # -- following ------------------------------------------------------------------------
 
     def auto_follow(self, task_id: str) -> None:
         """A task was started in this session: follow it from the start. While this
-        connection's own ``chat`` is spawning, it follows later, after its ``task`` answer."""
-        if not self._spawning:
+        connection's own ``chat`` is being admitted, it follows later (its own after its
+        ``task`` answer)."""
+        if self._spawning:
+            self._deferred.append(task_id)
+        else:
             self.follow(task_id, 0)
 
     def follow(self, task_id: str, after: int) -> None:
@@ -431,10 +438,15 @@ class WsConnection:
         chat = await check_chat(self.rt, self.user,
                           {**body, "session_id": self.session.id, "background": False})
         self._spawning = True
+        record = None
         try:
             record = await self.rt.manager.spawn(self.user, chat)
         finally:
             self._spawning = False
+            others = [t for t in self._deferred if record is None or t != record.id]
+            self._deferred = []
+            for task_id in others:
+                self.follow(task_id, 0)
         self.rt.metrics.time_to_task_id.labels("ws").observe(time.perf_counter() - arrived)
         # The answer goes out first; the follower then replays the task's log from seq 1.
         await self.send({"type": "task", "task_id": record.id, "chat_id": record.chat_id,
