@@ -157,6 +157,15 @@ return 1
 """
 
 
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """Redis failing is ``BackendUnavailable`` to the callers (a 503, not a 500)."""
+    try:
+        yield
+    except coredis.exceptions.RedisError as exc:
+        raise BackendUnavailable(f"Redis failed: {exc}") from exc
+
+
 class _SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
     """coredis 6.9 loses a pool slot each time a leased connection dies (a blocking read
     cancelled, a server restart): after ``max_connections`` of them every command waits
@@ -289,9 +298,13 @@ class RedisBackend:
                       self.replica_id])
             if not reserved:
                 return False
+        except coredis.exceptions.RedisError as exc:
+            raise BackendUnavailable(f"Redis failed: {exc}") from exc
+        try:
             await self._create(keys=[rec, logkey],
                                args=["{}", *self._fields(record, owner=self.replica_id)])
         except coredis.exceptions.RedisError as exc:
+            await self._release_place(record.id, self.replica_id)  # no task, no place
             raise BackendUnavailable(f"Redis failed: {exc}") from exc
         await self._local.admit(record, max_total=_UNLIMITED, max_per_user=_UNLIMITED)
         return True
@@ -327,19 +340,20 @@ class RedisBackend:
         return records[0]
 
     async def _load(self, task_ids: list[str]) -> list[TaskRecord | None]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for task_id in task_ids:
-                rec, _, content, reasoning, sources = self._task_keys(task_id)
-                pipe.hgetall(rec)
-                pipe.get(content)
-                pipe.get(reasoning)
-                pipe.lrange(sources, 0, -1)
-        results = list(pipe.results or ())
-        out: list[TaskRecord | None] = []
-        for i in range(len(task_ids)):
-            raw, content, reasoning, sources = results[4 * i:4 * i + 4]
-            out.append(self._decode(cast(dict[str, str], raw), content, reasoning, sources))
-        return out
+        with _store_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    rec, _, content, reasoning, sources = self._task_keys(task_id)
+                    pipe.hgetall(rec)
+                    pipe.get(content)
+                    pipe.get(reasoning)
+                    pipe.lrange(sources, 0, -1)
+            results = list(pipe.results or ())
+            out: list[TaskRecord | None] = []
+            for i in range(len(task_ids)):
+                raw, content, reasoning, sources = results[4 * i:4 * i + 4]
+                out.append(self._decode(cast(dict[str, str], raw), content, reasoning, sources))
+            return out
 
     @staticmethod
     def _decode(raw: dict[str, str], content: str | None, reasoning: str | None,
@@ -360,19 +374,20 @@ class RedisBackend:
         session_id: str | None = None,
         include_finished: bool = False,
     ) -> list[TaskRecord]:
-        index = self._adm(f"user:{user}")
-        task_ids = sorted(await self._client.smembers(index))
-        records = await self._load(task_ids) if task_ids else []
-        gone = [t for t, r in zip(task_ids, records, strict=True) if r is None]
-        if gone:
-            await self._client.srem(index, gone)
-        return [
-            r for r in records
-            if r is not None and r.user == user
-            and (include_finished or r.active)
-            and (chat_id is None or r.chat_id == chat_id)
-            and (session_id is None or r.session_id == session_id)
-        ]
+        with _store_errors():
+            index = self._adm(f"user:{user}")
+            task_ids = sorted(await self._client.smembers(index))
+            records = await self._load(task_ids) if task_ids else []
+            gone = [t for t, r in zip(task_ids, records, strict=True) if r is None]
+            if gone:
+                await self._client.srem(index, gone)
+            return [
+                r for r in records
+                if r is not None and r.user == user
+                and (include_finished or r.active)
+                and (chat_id is None or r.chat_id == chat_id)
+                and (session_id is None or r.session_id == session_id)
+            ]
 
     # -- the log -----------------------------------------------------------------------------
 
@@ -503,12 +518,13 @@ class RedisBackend:
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
         if self._local.has(task_id):
             return await self._local.read(task_id, after, limit)
-        log_key = self._task_keys(task_id)[1]
-        entries = await self._client.xrange(log_key, f"(0-{max(after, 0)}"
-                                            if after > 0 else "-", "+", count=limit)
-        if not entries:
-            return []
-        chat_id, message_id = await self._identity(task_id)
+        start = f"(0-{after}" if after > 0 else "-"
+        with _store_errors():
+            entries = await self._client.xrange(self._task_keys(task_id)[1], start, "+",
+                                                count=limit)
+            if not entries:
+                return []
+            chat_id, message_id = await self._identity(task_id)
         return [self._event(task_id, chat_id, message_id, e) for e in entries]
 
     @staticmethod
@@ -541,15 +557,17 @@ class RedisBackend:
         if self._local.has(task_id):
             return await self._local.wait_beyond(task_id, after)
         log_key = self._task_keys(task_id)[1]
-        while True:
-            exists, closed, last = await self._log_state(task_id)
-            if last > after:
-                return True
-            if not exists or closed:
-                return False
-            found = await self._client.xread({log_key: f"0-{after}"}, count=1, block=5000)
-            if found:
-                return True
+        with _store_errors():
+            while True:
+                exists, closed, last = await self._log_state(task_id)
+                if last > after:
+                    return True
+                if not exists or closed:
+                    return False
+                found = await self._client.xread({log_key: f"0-{after}"}, count=1,
+                                                 block=5000)
+                if found:
+                    return True
 
     @contextmanager
     def reading(self, task_id: str) -> Iterator[None]:
@@ -604,9 +622,10 @@ class RedisBackend:
         return expired
 
     async def counts(self) -> tuple[int, dict[str, int]]:
-        raw = await self._client.hgetall(self._adm("counts"))
-        per_user = {k[2:]: int(v) for k, v in raw.items() if k.startswith("u:")}
-        return int(raw.get("*", 0)), per_user
+        with _store_errors():
+            raw = await self._client.hgetall(self._adm("counts"))
+            per_user = {k[2:]: int(v) for k, v in raw.items() if k.startswith("u:")}
+            return int(raw.get("*", 0)), per_user
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -629,27 +648,29 @@ class RedisBackend:
         return bool(result == 1)
 
     async def session_connected_elsewhere(self, session_id: str) -> bool:
-        key = self._session_key(session_id)
-        fields = await self._client.hgetall(key)
-        for name, count in fields.items():
-            replica = name[2:]
-            if not name.startswith("c:") or replica == self.replica_id or int(count) <= 0:
-                continue
-            if await self._client.exists([self._heartbeat_key(replica)]):
-                return True
-            await self._client.hdel(key, [name])  # a dead replica's count
-        return False
+        with _store_errors():
+            key = self._session_key(session_id)
+            fields = await self._client.hgetall(key)
+            for name, count in fields.items():
+                replica = name[2:]
+                if not name.startswith("c:") or replica == self.replica_id or int(count) <= 0:
+                    continue
+                if await self._client.exists([self._heartbeat_key(replica)]):
+                    return True
+                await self._client.hdel(key, [name])  # a dead replica's count
+            return False
 
     # -- stops from anywhere -----------------------------------------------------------------
 
     async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
         """Send a stop to the replica that runs the task; False if it runs nowhere."""
-        raw = await self._client.hmget(self._task_keys(task_id)[0], ["owner", "closed"])
-        owner, closed = raw[0], raw[1]
-        if owner is None or closed is not None:
-            return False
-        await self._client.xadd(self._control_key(owner), {"task": task_id, "reason": reason})
-        return True
+        with _store_errors():
+            raw = await self._client.hmget(self._task_keys(task_id)[0], ["owner", "closed"])
+            owner, closed = raw[0], raw[1]
+            if owner is None or closed is not None:
+                return False
+            await self._client.xadd(self._control_key(owner), {"task": task_id, "reason": reason})
+            return True
 
     async def _ensure_control_group(self) -> None:
         try:
