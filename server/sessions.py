@@ -48,6 +48,7 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._nursery: trio.Nursery | None = None
         manager.add_spawn_listener(self._on_spawn)
+        manager.add_follow_listener(self._on_remote_spawn)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery of the grace timers. Cancelling it drops pending timers (the
@@ -144,3 +145,17 @@ class SessionRegistry:
                 self._start_grace(session)
         for conn in list(session.connections if session else ()):
             conn.auto_follow(record.id)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._announce, record.session_id, record.id)
+
+    async def _announce(self, session_id: str, task_id: str) -> None:
+        try:
+            await self._manager.announce_task(session_id, task_id)
+        except TaskRefused as exc:
+            log.warning("task %s not announced to its session elsewhere: %s", task_id,
+                        exc.message)
+
+    def _on_remote_spawn(self, session_id: str, task_id: str) -> None:
+        session = self._sessions.get(session_id)
+        for conn in list(session.connections if session else ()):
+            conn.auto_follow(task_id)

@@ -311,3 +311,16 @@ async def test_the_reconnect_grace_holds_across_replicas(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_connection_on_b_follows_a_task_started_on_a_in_its_session(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.model.push(TextReply([f"w{i} " for i in range(20)], interval=0.01))
+    async with connect(cast(Any, b)) as on_b:
+        task_id = await a.background({**chat_body(), "session_id": on_b.session_id})
+        events = await on_b.events_until_terminal(task_id)
+    terminal = assert_log_well_formed(events)
+    assert terminal["type"] == "task:completed"
+    assert terminal["data"]["content"] == "".join(f"w{i} " for i in range(20))

@@ -30,6 +30,19 @@ def apply_event(record: TaskRecord, type_: str, data: dict[str, Any]) -> None:
         record.sources.append(data)
 
 
+class Control(Protocol):
+    """What other processes ask of this one, through the backend."""
+
+    def stop(self, task_id: str, reason: CancelReason) -> object:
+        """Stop a task run here (as a local stop would)."""
+        ...
+
+    def follow(self, session_id: str, task_id: str) -> None:
+        """A task of the session started elsewhere: this process's connections to the
+        session follow it."""
+        ...
+
+
 class LogWatch(Protocol):
     def close(self) -> None:
         """Stop the calls; idempotent."""
@@ -131,12 +144,15 @@ class TaskBackend(Protocol):
         process runs it."""
         ...
 
-    async def serve(self, on_stop: Callable[[str, CancelReason], object], done: trio.Event,
-                    *,
+    async def announce_task(self, session_id: str, task_id: str) -> None:
+        """Tell the other processes with connections to the session about its new task."""
+        ...
+
+    async def serve(self, control: Control, done: trio.Event, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The backend's own work, until ``done`` is set (after every task's terminal
-        write): ``on_stop`` is called with each stop that another process sends to a task
-        run here. It ends on ``done``, not by cancellation, and in bounded time."""
+        write): what other processes ask of this one goes to ``control``. It ends on
+        ``done``, not by cancellation, and in bounded time."""
         ...
 
 

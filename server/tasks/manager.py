@@ -82,6 +82,7 @@ class TaskEmitter:
 Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
 _STEP_KINDS = {"queries": "query_model", "search": "search", "fetch": "page", "tool_call": "tool"}
 SpawnListener = Callable[[TaskRecord], None]
+FollowListener = Callable[[str, str], None]
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TaskManager:
         self._closing = trio.Event()
         self._swept = trio.Event()
         self._spawn_listeners: list[SpawnListener] = []
+        self._follow_listeners: list[FollowListener] = []
         self.accepting = False
 
     # -- lifetime -------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class TaskManager:
         # Shielded: even when the manager is cancelled from outside, the backend's
         # connections must outlive the tasks' terminal writes. It ends on ``done``.
         with trio.CancelScope(shield=True):
-            await self._backend.serve(self.stop, done, task_status=task_status)
+            await self._backend.serve(self, done, task_status=task_status)
 
     def begin_shutdown(self) -> None:
         """Refuse new tasks and stop the running ones with reason ``shutdown``, so that
@@ -179,6 +181,23 @@ class TaskManager:
     def add_spawn_listener(self, listener: SpawnListener) -> None:
         """Called synchronously with each new task's record (WebSocket sessions use it)."""
         self._spawn_listeners.append(listener)
+
+    def add_follow_listener(self, listener: FollowListener) -> None:
+        """Called with ``(session_id, task_id)`` for each task of a session that another
+        process started (WebSocket sessions use it, as ``add_spawn_listener``)."""
+        self._follow_listeners.append(listener)
+
+    def follow(self, session_id: str, task_id: str) -> None:
+        """The backend's news of a task started elsewhere in a session."""
+        for listener in self._follow_listeners:
+            try:
+                listener(session_id, task_id)
+            except Exception:
+                log.exception("follow listener failed for %s", task_id)
+
+    async def announce_task(self, session_id: str, task_id: str) -> None:
+        """Tell the other processes with connections to the session about its new task."""
+        await self._backend.announce_task(session_id, task_id)
 
     async def spawn(self, user: str, request: ChatRequest) -> TaskRecord:
         """Admit a task and start it; return a copy of its record. Awaits nothing but

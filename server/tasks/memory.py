@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from server.schemas import CancelReason, Event, TaskRecord
-from server.tasks.backend import apply_event, new_replica_id
+from server.tasks.backend import Control, apply_event, new_replica_id
 from server.tasks.log import EventLog
 
 
@@ -170,8 +170,10 @@ class MemoryBackend:
     async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
         return False  # one process: a task not running here runs nowhere
 
-    async def serve(self, on_stop: Callable[[str, CancelReason], object], done: trio.Event,
-                    *,
+    async def announce_task(self, session_id: str, task_id: str) -> None:
+        return None
+
+    async def serve(self, control: Control, done: trio.Event, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()  # nothing to do in the background
 

@@ -43,14 +43,13 @@ import trio
 
 from server import fastjson
 from server.schemas import TERMINAL_EVENTS, CancelReason, Event, TaskRecord
-from server.tasks.backend import LogWatch, new_replica_id
+from server.tasks.backend import Control, LogWatch, new_replica_id
 from server.tasks.errors import BackendUnavailable
 from server.tasks.log import LogClosed
 from server.tasks.memory import MemoryBackend
 
 log = logging.getLogger("tether.redis")
 
-StopHandler = Callable[[str, CancelReason], object]
 _UNLIMITED = 1 << 62
 
 # The record's own fields, stored as JSON values (content, reasoning and sources live in
@@ -231,7 +230,7 @@ class RedisBackend:
 
     # -- lifetime ------------------------------------------------------------------------
 
-    async def serve(self, on_stop: StopHandler, done: trio.Event, *,
+    async def serve(self, control: Control, done: trio.Event, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, announce this replica, and run its background work until ``done``:
         the append pipeline, the heartbeat, the control stream (stops for tasks run
@@ -253,7 +252,7 @@ class RedisBackend:
                     self._nursery = nursery
                     nursery.start_soon(self._write_loop)
                     nursery.start_soon(self._heartbeat_loop)
-                    nursery.start_soon(self._control_loop, on_stop)
+                    nursery.start_soon(self._control_loop, control)
                     nursery.start_soon(self._reap_loop)
                     task_status.started()
                     await done.wait()
@@ -647,18 +646,30 @@ class RedisBackend:
             raise BackendUnavailable(f"Redis failed: {exc}") from exc
         return bool(result == 1)
 
+    async def announce_task(self, session_id: str, task_id: str) -> None:
+        with _store_errors():
+            for replica in await self._session_replicas(session_id):
+                await self._client.xadd(self._control_key(replica),
+                                        {"task": task_id, "session": session_id})
+
+    async def _session_replicas(self, session_id: str) -> list[str]:
+        """The other live replicas with a connection to the session (a dead one's count
+        is dropped as it is met)."""
+        key = self._session_key(session_id)
+        out: list[str] = []
+        for name, count in (await self._client.hgetall(key)).items():
+            replica = name[2:]
+            if not name.startswith("c:") or replica == self.replica_id or int(count) <= 0:
+                continue
+            if await self._client.exists([self._heartbeat_key(replica)]):
+                out.append(replica)
+            else:
+                await self._client.hdel(key, [name])
+        return out
+
     async def session_connected_elsewhere(self, session_id: str) -> bool:
         with _store_errors():
-            key = self._session_key(session_id)
-            fields = await self._client.hgetall(key)
-            for name, count in fields.items():
-                replica = name[2:]
-                if not name.startswith("c:") or replica == self.replica_id or int(count) <= 0:
-                    continue
-                if await self._client.exists([self._heartbeat_key(replica)]):
-                    return True
-                await self._client.hdel(key, [name])  # a dead replica's count
-            return False
+            return bool(await self._session_replicas(session_id))
 
     # -- stops from anywhere -----------------------------------------------------------------
 
@@ -679,7 +690,7 @@ class RedisBackend:
         except coredis.exceptions.StreamDuplicateConsumerGroupError:
             pass
 
-    async def _control_loop(self, on_stop: StopHandler) -> None:
+    async def _control_loop(self, control: Control) -> None:
         """Apply the stops sent to this replica. What was read and not acknowledged (a
         connection dropped in between) is read again first."""
         key = self._control_key(self.replica_id)
@@ -695,7 +706,10 @@ class RedisBackend:
                     continue
                 for entry in entries:
                     values = entry.field_values
-                    on_stop(str(values["task"]), cast(CancelReason, values["reason"]))
+                    if "session" in values:
+                        control.follow(str(values["session"]), str(values["task"]))
+                    else:
+                        control.stop(str(values["task"]), cast(CancelReason, values["reason"]))
                 if entries:
                     await self._client.xack(key, "owner", [e.identifier for e in entries])
             except coredis.exceptions.RedisError as exc:
