@@ -196,9 +196,18 @@ class RedisBackend:
         self._retention_ms = max(1, int(retention_s * 1000))
         self._ttl_s = replica_ttl_s
         self._timeout_s = timeout_s
-        pool = _SlotKeepingPool.from_url(url, decode_responses=True,
-                                         max_connections=max_connections)
-        self._client = coredis.Redis(connection_pool=pool, decode_responses=True)
+        # Two clients. Commands share a few multiplexed connections; a blocking read (a
+        # reader waiting on a log written elsewhere, the control stream) holds one of its
+        # own until it returns. Apart, a crowd of waiting readers can never leave the
+        # appends and the heartbeat without a connection.
+        self._client = coredis.Redis(
+            connection_pool=_SlotKeepingPool.from_url(url, decode_responses=True,
+                                                      max_connections=64),
+            decode_responses=True)
+        self._waiting = coredis.Redis(
+            connection_pool=_SlotKeepingPool.from_url(url, decode_responses=True,
+                                                      max_connections=max_connections),
+            decode_responses=True)
         self._reserve = self._client.register_script(_RESERVE)
         self._release = self._client.register_script(_RELEASE)
         self._create = self._client.register_script(_CREATE)
@@ -241,7 +250,7 @@ class RedisBackend:
         ``done`` rather than by cancellation: cancelled, they would die with it, and the
         last terminal writes and the sign-off would have nothing to go through."""
         failure: coredis.exceptions.RedisError | None = None
-        async with self._client:
+        async with self._client, self._waiting:
             try:
                 await self._heartbeat_once()
                 await self._ensure_control_group()
@@ -563,8 +572,8 @@ class RedisBackend:
                     return True
                 if not exists or closed:
                     return False
-                found = await self._client.xread({log_key: f"0-{after}"}, count=1,
-                                                 block=5000)
+                found = await self._waiting.xread({log_key: f"0-{after}"}, count=1,
+                                                  block=5000)
                 if found:
                     return True
 
@@ -596,8 +605,8 @@ class RedisBackend:
             try:
                 chat_id, message_id = await self._identity(task_id)
                 while True:
-                    found = await self._client.xread({log_key: f"0-{cursor}"}, count=256,
-                                                     block=5000)
+                    found = await self._waiting.xread({log_key: f"0-{cursor}"}, count=256,
+                                                      block=5000)
                     if not found:
                         exists, closed, last = await self._log_state(task_id)
                         if not exists or (closed and last <= cursor):
@@ -697,7 +706,7 @@ class RedisBackend:
         pending = True
         while True:
             try:
-                found = await self._client.xreadgroup(
+                found = await self._waiting.xreadgroup(
                     "owner", self.replica_id, {key: "0" if pending else ">"}, count=100,
                     block=None if pending else 5000)
                 entries = (found or {}).get(key, ())
