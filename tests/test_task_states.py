@@ -259,3 +259,29 @@ async def test_a_terminal_write_that_never_returns_is_given_up_and_the_task_let_
             await manager.wait_ended(record.id)
         assert not manager.is_running(record.id)
     assert _terminals(await _events(manager, record.id)) == []
+
+
+async def test_reports_from_steps_running_side_by_side_all_reach_the_log_in_order(
+    make_backend: Callable[[], Any],
+) -> None:
+    """Page reads and tool calls run side by side and each reports as it ends; on a shared
+    store every append is a round trip, and none may take another's seq."""
+
+    async def side_by_side(request: ChatRequest, emit: TaskEmitter) -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(emit, "status", {"description": f"step {i}"})
+                nursery.start_soon(emit, "delta", {"content": f"<{i}>"})
+
+    async with running_manager(side_by_side, make_backend()) as manager:
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            ended = await manager.wait_ended(record.id)
+    assert ended is not None and ended.status == "completed", ended
+    events = await _events(manager, record.id)
+    assert [e.seq for e in events] == list(range(1, 44))  # queued, started, 40, the end
+    steps = [e.data["description"] for e in events if e.type == "status"]
+    assert sorted(steps) == sorted(f"step {i}" for i in range(20))
+    parts = "".join(e.data["content"] for e in events if e.type == "delta")
+    assert parts == ended.content and sorted(parts.split("<")[1:]) == sorted(
+        f"{i}>" for i in range(20))

@@ -87,7 +87,8 @@ class TaskBackend(Protocol):
     async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
         """Append a non-terminal event to the task's log, apply it to the stored record
         (``apply_event``) and set ``record.last_seq``. Raises ``LogClosed`` once the log
-        has its terminal event."""
+        has its terminal event. Appends of one task must not overlap (the task's emitter
+        orders them): the next seq follows ``record.last_seq``."""
         ...
 
     async def finish(self, record: TaskRecord) -> Event | None:

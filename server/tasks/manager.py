@@ -48,15 +48,23 @@ class TaskEmitter:
         self._metrics = metrics
         self._backend = backend
         self._record = record
+        # A task's steps run side by side (page reads, tool calls) and each reports as it
+        # goes; an append takes the next seq, which on a shared store is a round trip
+        # away. One append at a time per task, in the order they came.
+        self._appending = trio.StrictFIFOLock()
 
     async def __call__(self, type_: str, data: dict[str, Any]) -> None:
+        """Append an event to the task's log. Cancelled while waiting for an earlier
+        append of the task, it writes nothing; once its own append has begun, that append
+        completes (the backend shields it)."""
         if type_ == "status" and data.get("error"):
             # A step that failed while the task went on: count it by what failed.
             kind = _STEP_KINDS.get(str(data.get("action")), "other")
             self._metrics.upstream_errors.labels(kind).inc()
-        # The backend applies the event to its copy of the record; this is ours.
-        await self._backend.append(self._record, type_, data)
-        apply_event(self._record, type_, data)
+        async with self._appending:
+            # The backend applies the event to its copy of the record; this is ours.
+            await self._backend.append(self._record, type_, data)
+            apply_event(self._record, type_, data)
 
     async def set_phase(self, phase: Phase) -> None:
         if self._record.phase != phase:
