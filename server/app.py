@@ -15,7 +15,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from server.api import chat, health, models, tasks, ws
+from server.api import chat, health, models, page, tasks, ws
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
 from server.api.common import close_if_body_unread, error_response
@@ -34,7 +34,8 @@ _HTTP_CODES = {
 
 def create_app(settings: Settings | None = None) -> QuartTrio:
     settings = settings or Settings.from_env()
-    app = QuartTrio("tether")
+    # No framework static folder: api/page.py serves the package's own, with its rules.
+    app = QuartTrio("tether", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
@@ -45,7 +46,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
         bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))
-    for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint):
+    for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
+                      page.blueprint):
         app.register_blueprint(blueprint)
 
     @app.before_serving

@@ -90,6 +90,10 @@ class Settings:
     ws_ping_interval_s: float = 20.0
     ws_max_lag_events: int = 10_000
     ws_send_timeout_s: float = 30.0
+    # Browser origins, besides the server's own, whose pages may open /ws (the Origin
+    # header; "*" allows any). A WebSocket is not bound by the same-origin policy, so
+    # without this check any site a user visits could drive their session.
+    ws_allowed_origins: tuple[str, ...] = ()
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -150,8 +154,25 @@ def _parse_keys(raw: str) -> dict[str, str]:
     return keys
 
 
+def _parse_origins(raw: str) -> tuple[str, ...]:
+    """Comma-separated origins (``https://chat.example.com``), compared with a browser's
+    ``Origin`` header as it sends it: lower case, no path, no trailing slash."""
+    origins = []
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/").lower()
+        if not origin:
+            continue
+        if origin != "*" and "://" not in origin:
+            raise SettingsError(f"TETHER_WS_ALLOWED_ORIGINS entry {item.strip()!r} is not "
+                                "an origin such as https://chat.example.com")
+        origins.append(origin)
+    return tuple(origins)
+
+
 def _parse(name: str, type_name: Any, raw: str) -> Any:
     kind = str(type_name)
+    if name == "ws_allowed_origins":
+        return _parse_origins(raw)
     try:
         if name == "api_keys":
             return _parse_keys(raw)

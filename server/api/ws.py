@@ -33,6 +33,7 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from server.api.admission import check_chat, refusal
+from server.api.origin import check_origin
 from server.runtime import Runtime
 from server.schemas import Event, RequestError
 from server.sessions import Session
@@ -465,6 +466,7 @@ async def serve(rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCalla
                for name, value in cast(Any, scope)["headers"]}
     args = dict(parse_qsl(cast(Any, scope)["query_string"].decode("latin-1")))
     try:
+        check_origin(headers.get("origin"), headers.get("host"), rt.settings.ws_allowed_origins)
         user = rt.auth.user_for(headers.get("authorization"), args.get("token"))
     except RequestError as exc:
         await _refuse(scope, send, exc)
@@ -486,7 +488,7 @@ async def serve(rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCalla
 
 
 async def _refuse(scope: Scope, send: ASGISendCallable, exc: RequestError) -> None:
-    """Answer the upgrade with the error as HTTP (401 with the OpenAI error body), where
+    """Answer the upgrade with the error as HTTP (401 or 403 with the OpenAI error body), where
     the server can (hypercorn can); else refuse it with a close."""
     if "websocket.http.response" not in (cast(Any, scope).get("extensions") or {}):
         await send({"type": "websocket.close", "code": 1008, "reason": exc.message})

@@ -160,6 +160,8 @@ async def run_web_search(
                                              done=True, error=True, url=result.url))
                 return
             texts[i] = page.text
+            await emit("status", _status("fetch", f"Read {result.url}", done=True,
+                                         url=result.url))
 
         async with trio.open_nursery() as nursery:
             for i, result in to_fetch:
