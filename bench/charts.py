@@ -185,7 +185,9 @@ def _replicas(res: Results) -> Figure | None:
     cross: tuple[list[float], list[float]] = ([], [])
     for part, metrics in ((stop, (("answer", "stop answer"), ("upstream", "upstream closed"))),
                           (resume, (("first_event", "resume: first event"),))):
-        for key, label in metrics if part else ():
+        if not part:
+            continue
+        for key, label in metrics:
             labels.append(label)
             for arm, series in (("same", same), ("cross", cross)):
                 series[0].append(_num(part[arm][key]["p50"]))

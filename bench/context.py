@@ -318,6 +318,15 @@ class Bench:
         times = self.server_process().cpu_times()
         return float(times.user + times.system)
 
+    @staticmethod
+    def machine_busy_s() -> float:
+        """CPU seconds the whole machine has been busy (every core, every process, this
+        run's or not), from ``/proc/stat``: all but idle and iowait (guest time is already
+        inside user time)."""
+        times = psutil.cpu_times()._asdict()
+        idle = ("idle", "iowait", "guest", "guest_nice")
+        return float(sum(v for k, v in times.items() if k not in idle))
+
     def cpu_by_process(self) -> dict[str, float]:
         """CPU seconds (user + system) so far of every process of the run, the bench too.
         The forked workers of a ``--workers N`` server are ``<name>/1``, ``<name>/2``, ...

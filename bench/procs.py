@@ -160,9 +160,9 @@ class ProcessSet:
                 process.kill()
         psutil.wait_procs(alive, timeout=grace)
 
-    def end(self, proc: Proc) -> None:
+    def end(self, proc: Proc, grace: float | None = None) -> None:
         """End one child (``kill``) and forget it."""
-        self.kill(proc)
+        self.kill(proc, grace)
         if proc in self.procs:
             self.procs.remove(proc)
 

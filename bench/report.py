@@ -284,6 +284,11 @@ def _storm(res: Results) -> list[str]:
     return out + [""]
 
 
+# CPU % of the machine beyond the run's own processes above which a level's figures are
+# flagged as shared with another job.
+FOREIGN_CPU_WARNING = 20.0
+
+
 def _replicas(res: Results) -> list[str]:
     fig = res.figures.get("replicas") or {}
     if not fig:
@@ -356,7 +361,9 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
            "µs per token: server CPU (for `--workers 2`, supervisor + both workers) from "
            "the chats to the last end, per delivered token. CPU %: of one core, over the "
            f"second half of the streaming; this machine has {cores} cores "
-           f"({(cores or 0) * 100} %), shared by every process.", ""]
+           f"({(cores or 0) * 100} %), shared by every process; \"machine\" is the whole "
+           "machine's busy time over the same window, and what it has above \"all\" was "
+           "not this run's (another job on the machine).", ""]
     table = []
     for r in scale["levels"]:
         window = r["cpu_percent_window"]
@@ -372,12 +379,13 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
             _us(r["us_per_token"]),
             f"{servers} / {r['redis_cpu_percent']:.0f} / {window.get('model', 0):.0f} / "
             f"{clients:.0f} / {window.get('bench', 0):.0f}",
-            f"{r['total_cpu_percent']:.0f}",
+            f"{r['total_cpu_percent']:.0f} / {_us(r.get('machine_cpu_percent'))}",
         ])
     out += _table(["server", "tasks", "tokens/s delivered / offered", "event lag ms",
                    "events lost / out of order / undelivered / connections closed",
                    "server µs per token",
-                   "CPU % server(s) / redis / model / clients / bench", "CPU % all"], table)
+                   "CPU % server(s) / redis / model / clients / bench",
+                   "CPU % all / machine"], table)
     out.append("")
     for c in scale.get("comparisons") or []:
         w = c["w2_over_w1"]
@@ -397,6 +405,11 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
                  + ("it was the bottleneck." if c["one_worker_cpu_percent"] >= 90 else
                     "this level did not need a second worker: the ratios show what splitting "
                     "costs, not a capacity gain."))
+        foreign = c.get("foreign_cpu_percent")
+        if foreign is not None and foreign >= FOREIGN_CPU_WARNING:
+            text += (f" **Beware**: in one of these runs the machine was busy {foreign:.0f} % "
+                     "of a core beyond this run's processes (another job shared the cores), "
+                     "which moves the figures of this level.")
         out += [text, ""]
     return out
 

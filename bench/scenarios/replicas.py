@@ -24,7 +24,8 @@ workers too); the bench's own memory-backend server is left alone. Three parts:
    ``run_level``, its client worker processes; N streams at ``scale_rate`` tokens/s of
    ``scale_tokens`` tokens) against a memory-backend process (the reference: what the Redis
    backend must keep), a Redis-backend process, and ``serve --workers 2`` on Redis, all three
-   started fresh and idle while another runs. Per level and server: delivered tokens/s
+   started fresh (each warmed up by ``WARM_UP``, not reported) and idle while another runs.
+   Per level and server: delivered tokens/s
    (over the scale scenario's CPU window, against the offered N x rate), event lag,
    events lost, server CPU per delivered token (a ``--workers`` server's is its supervisor's
    plus its workers'), and the CPU % of every process over the window. Ratios: two workers
@@ -63,6 +64,14 @@ RESUME_STREAM: dict[str, Any] = {"kind": "text", "tokens": 3000, "rate": 50}
 RESUME_BACK = 10  # the cursor: this many events before the task's last one
 RESUME_LIVE = 5  # then wait for this many events past the backlog
 ARMS = ("same", "cross")  # the task's own replica (A), the other one (B)
+# Before its levels, each fresh server streams this warm-up (tasks, tokens): in the scale
+# scenario a level follows smaller ones, here it would otherwise meet a cold process (empty
+# connection pool, first runs of every code path).
+WARM_UP = (10, 50)
+# A Tether server that has had WebSocket connections takes its whole graceful timeout (3 s,
+# hypercorn's ping loops) to exit on SIGTERM, a --workers supervisor a little more: wait
+# that long before SIGKILL, so that the replicas leave Redis as in a clean shutdown.
+SHUTDOWN_GRACE_S = 8.0
 
 
 @dataclass
@@ -111,6 +120,13 @@ async def start_redis(b: Bench) -> Proc:
 def redis_env(redis: Proc, prefix: str) -> dict[str, str]:
     return {"TETHER_BACKEND": "redis", "TETHER_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
             "TETHER_REDIS_PREFIX": prefix}
+
+
+def end_tether(b: Bench, proc: Proc, exits: dict[str, int | None]) -> None:
+    """End a Tether server of the scenario (SIGTERM, SIGKILL after ``SHUTDOWN_GRACE_S``) and
+    note its exit status (-9: it had to be killed)."""
+    b.procs.end(proc, SHUTDOWN_GRACE_S)
+    exits[proc.name] = proc.popen.returncode
 
 
 def _pids(proc: Proc) -> str:
@@ -170,6 +186,7 @@ async def _stop_one(b: Bench, start: HttpConnection, via: HttpConnection, arm: s
 
 
 async def stop_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
+    """Part 1: stops of A's tasks sent to A and to B, interleaved."""
     res = b.results
     await b.reset_fakes()
     await b.fake("model").configure(default_reply=LONG_STREAM)
@@ -281,6 +298,7 @@ async def _resume_one(client: WsClient, arm: str, task_id: str, after: int) -> R
 
 
 async def resume_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
+    """Part 2: subscriptions from a cursor to a task streaming on A, on A and on B."""
     res = b.results
     await b.reset_fakes()
     await b.fake("model").configure(default_reply=RESUME_STREAM)
@@ -341,6 +359,8 @@ async def resume_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
 
 @dataclass
 class Config:
+    """One server of part 3: its key in the figures, its label in the report."""
+
     key: str
     label: str
     proc: Proc
@@ -368,6 +388,7 @@ def _row(config: Config, row: dict[str, Any], cores: int) -> dict[str, Any]:
         "server_cpu_percent": round(server, 1),
         "redis_cpu_percent": window.get("redis", 0.0),
         "total_cpu_percent": total, "others_cpu_percent": round(total - server, 1),
+        "machine_cpu_percent": row.get("machine_cpu_percent_window"),
         "cpu_percent_window": window, "cores": cores,
         "peak_rss_mb": row["peak_rss_mb"], "kb_per_task": row["kb_per_task"],
     }
@@ -386,6 +407,10 @@ def _compare(rows: dict[str, dict[str, Any]], cores: int) -> dict[str, Any]:
         "one_worker_cpu_percent": one["server_cpu_percent"],
         "others_cpu_percent": two["others_cpu_percent"],
         "total_cpu_percent_w2": two["total_cpu_percent"],
+        # CPU the machine spent beyond this run's processes (another job), at worst
+        "foreign_cpu_percent": max(
+            (round(r["machine_cpu_percent"] - r["total_cpu_percent"], 1)
+             for r in rows.values() if r["machine_cpu_percent"] is not None), default=None),
     }
     if mem is not None:
         out["redis_over_memory"] = {key: ratio(one[key], mem[key])
@@ -399,10 +424,12 @@ def _cpu_text(row: dict[str, Any], name: str) -> str:
     clients = sum(v for k, v in window.items() if k.startswith("client"))
     return (f"server {'+'.join(servers)} / redis {row['redis_cpu_percent']:.0f} / model "
             f"{window.get('model', 0):.0f} / clients {clients:.0f} / total "
-            f"{row['total_cpu_percent']:.0f}")
+            f"{row['total_cpu_percent']:.0f} (machine {row['machine_cpu_percent']:.0f})")
 
 
-async def scale_part(b: Bench, redis: Proc) -> dict[str, Any]:
+async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dict[str, Any]:
+    """Part 3: the scale levels on a memory-backend process, a Redis-backend process and
+    ``--workers 2`` on Redis (their exit statuses go to ``exits``)."""
     cfg = b.cfg
     cores = b.results.machine.get("cores") or 1
     specs = [("memory", "memory backend, 1 process", "tether_memory",
@@ -427,8 +454,13 @@ async def scale_part(b: Bench, redis: Proc) -> dict[str, Any]:
             for spec in specs:
                 nursery.start_soon(start, *spec)
         b.progress.step("servers up: " + ", ".join(
-            f"{c.proc.name} :{c.proc.port} (pids {_pids(c.proc)})" for c in configs.values()))
+            f"{configs[key].proc.name} :{configs[key].proc.port} "
+            f"(pids {_pids(configs[key].proc)})" for key, *_ in specs))
         await pool.start()
+        for key, *_ in specs:
+            await run_level(b, pool, Spec(WARM_UP[0], cfg.scale_rate, WARM_UP[1]),
+                            Target(configs[key].proc, SCENARIO, configs[key].rss_at_start_mb))
+        b.progress.step(f"warm-up done: {WARM_UP[0]} streams of {WARM_UP[1]} tokens each")
         for n in cfg.replica_scale_levels:
             rows: dict[str, dict[str, Any]] = {}
             for key, *_ in specs:
@@ -449,7 +481,7 @@ async def scale_part(b: Bench, redis: Proc) -> dict[str, Any]:
     finally:
         await pool.stop()
         for config in configs.values():
-            b.procs.end(config.proc)
+            end_tether(b, config.proc, exits)
     return {"rate": cfg.scale_rate, "tokens": cfg.scale_tokens, "cores": cores,
             "levels": levels, "comparisons": comparisons}
 
@@ -466,6 +498,7 @@ async def run(b: Bench) -> None:
         return
     fig: dict[str, Any] = {}
     pair: dict[str, Proc] = {}
+    exits: dict[str, int | None] = {}
 
     async def start(name: str, env: dict[str, str]) -> None:
         pair[name] = await b.start_tether(name, env)
@@ -488,8 +521,12 @@ async def run(b: Bench) -> None:
                       f"{len(await b.running_tasks(reps.a.port))} tasks left")
         finally:
             for proc in pair.values():
-                b.procs.end(proc)
-        fig["scale"] = await scale_part(b, redis)
+                end_tether(b, proc, exits)
+        fig["scale"] = await scale_part(b, redis, exits)
     finally:
+        fig["exit_codes"] = exits
         res.figures[SCENARIO] = fig
         b.procs.end(redis)
+    res.check(f"replicas: every Tether process exited 0 on SIGTERM within "
+              f"{SHUTDOWN_GRACE_S:g} s", all(code == 0 for code in exits.values()),
+              ", ".join(f"{name}: {code}" for name, code in exits.items()))

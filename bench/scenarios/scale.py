@@ -218,6 +218,7 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
     cpu0, t0 = b.cpu_by_process(), time.monotonic()
     await pool.each(cmds)
     window: list[float] = []
+    busy_a = busy_b = 0.0
     cpu_a: dict[str, float] = {}
     cpu_b: dict[str, float] = {}
     waited: list[dict[str, Any]] = []
@@ -227,9 +228,9 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
             nursery.start_soon(probe_loop, b, probe, t0 + duration / 2, chat_id,
                                b.cfg.scale_probe_interval_s, port)
         await trio.sleep_until(_trio_at(t0 + duration / 2))
-        cpu_a, ta = b.cpu_by_process(), time.monotonic()
+        cpu_a, busy_a, ta = b.cpu_by_process(), b.machine_busy_s(), time.monotonic()
         await trio.sleep(max(0.5, t0 + 0.9 * duration - ta))
-        cpu_b, tb = b.cpu_by_process(), time.monotonic()
+        cpu_b, busy_b, tb = b.cpu_by_process(), b.machine_busy_s(), time.monotonic()
         window = [ta, tb]
         waited = await pool.all({"cmd": "wait", "stall_s": STALL_S, "hard_s": duration,
                                  "started_at": t0, "deadline_s": duration + 120 + spec.n / 10},
@@ -292,6 +293,9 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
         "cpu_percent_by_process": cpu_percent(cpu0, cpu1, wall),
         "cpu_percent_window": cpu_percent(cpu_a, cpu_b, window[1] - window[0])
         if window else {},
+        # the whole machine's over the window: more than the sum above is someone else's
+        "machine_cpu_percent_window": round(100 * (busy_b - busy_a) / (window[1] - window[0]),
+                                            1) if window else None,
         "peak_rss_mb": round(probe.peak_rss_mb, 1), "rss_before_mb": round(rss_before, 1),
         "kb_per_task": kb_per_task, "duration_s": round(wall, 2),
     }
