@@ -126,8 +126,8 @@ async def test_an_owner_reaped_while_alive_ends_its_local_copy_as_redis_says(
     redis_server: RedisServer,
 ) -> None:
     """A replica cut off from Redis longer than its TTL is taken for dead and its task
-    reaped. When it writes again, the log is closed: its own readers then see the end
-    Redis holds, and its terminal write changes nothing."""
+    reaped. What it appends after that, Redis refuses; its end changes nothing in Redis,
+    and its own readers see the end Redis holds."""
     owner, *_ = _backends(redis_server, 1, replica_ttl_s=1000)
     reaper = RedisBackend(redis_server.url, prefix=owner._prefix)
     record = _record()
@@ -138,12 +138,14 @@ async def test_an_owner_reaped_while_alive_ends_its_local_copy_as_redis_says(
         async with raw:
             await raw.delete([f"{owner._prefix}:replica:{owner.replica_id}"])
         assert await reaper.reap_dead_replicas() == [record.id]
-        with pytest.raises(LogClosed):
-            await owner.append(record, "delta", {"content": " more"})
+        await owner.append(record, "delta", {"content": " more"})  # written behind
         record.status = "failed"
         assert await owner.finish(record) is None
+        in_redis = await reaper.read(record.id, 0)
+        assert [e.type for e in in_redis] == ["task:queued", "delta", "task:failed"]
         seen_here = await owner.read(record.id, 0)
-        assert [e.type for e in seen_here] == ["task:queued", "delta", "task:failed"]
+        assert seen_here[-1].type == "task:failed"
         assert seen_here[-1].data["error"]["type"] == "replica_lost"
-        assert [e.to_dict() for e in await reaper.read(record.id, 0)] == [
-            e.to_dict() for e in seen_here]
+        assert seen_here[-1].data["content"] == in_redis[-1].data["content"] == "partial"
+        with pytest.raises(LogClosed):
+            await owner.append(record, "delta", {"content": " after the end"})

@@ -22,10 +22,11 @@ whoever calls it). Stops for a task run elsewhere go to its owner's control stre
 ``P:control:<replica>``, read through a consumer group so that a stop survives a dropped
 connection.
 
-The tasks this process runs are also kept in a local in-memory backend, written after
-Redis: their readers and watchers here are served from memory, with no round trip, and
-only readers of tasks run elsewhere read Redis. Appends from every task of the process go
-out together, one pipeline per round trip.
+The tasks this process runs are also kept in a local in-memory backend: their readers and
+watchers here are served from memory as soon as an event is appended, with no round trip,
+and only readers of tasks run elsewhere read Redis. Appends are written behind: from every
+task of the process they go out together, one pipeline per round trip, and a task does not
+wait for Redis to answer; its end waits for its writes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ from server.tasks.memory import MemoryBackend
 log = logging.getLogger("tether.redis")
 
 _UNLIMITED = 1 << 62
+# Appends queued for Redis at most, from all tasks of the process: past it, Redis is too far
+# behind and a task waits before it appends.
+_MAX_QUEUED_WRITES = 10_000
 
 # The record's own fields, stored as JSON values (content, reasoning and sources live in
 # keys of their own).
@@ -180,6 +184,7 @@ class _SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
 class _Write:
     """One append waiting for the next pipeline."""
 
+    task_id: str
     keys: list[str]
     args: list[str]
     done: trio.Event = field(default_factory=trio.Event)
@@ -219,6 +224,11 @@ class RedisBackend:
         self._identities: dict[str, tuple[str | None, str | None]] = {}
         self._writes: list[_Write] = []
         self._write_wanted = trio.Event()
+        self._room = trio.Event()  # set when the queue has room again
+        # Each running task's latest write (its end waits for it), and the first write of
+        # a task that Redis refused (its next append raises it).
+        self._last_write: dict[str, _Write] = {}
+        self._write_failures: dict[str, Exception] = {}
         self._nursery: trio.Nursery | None = None
 
     # -- keys ------------------------------------------------------------------------------
@@ -400,8 +410,22 @@ class RedisBackend:
     # -- the log -----------------------------------------------------------------------------
 
     async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
+        """Append to the local copy at once (readers here see the event as they would on
+        the memory backend) and queue the write to Redis for the next pipeline; the task
+        does not wait for Redis's answer. Each task's writes go out in order. A write that
+        Redis refused (the log closed elsewhere, the task lost in a restart, Redis down)
+        fails the task's next append, so the task ends at once; readers here may then have
+        seen one event that Redis never got. Waits only while Redis is too far behind
+        (``_MAX_QUEUED_WRITES``); cancelled then, it writes nothing."""
         if type_ in TERMINAL_EVENTS:
             raise ValueError("a terminal event is written by finish()")
+        failure = self._write_failures.get(record.id)
+        if failure is not None:
+            raise failure
+        while len(self._writes) >= _MAX_QUEUED_WRITES:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
         seq = record.last_seq + 1
         content = reasoning = source = ""
         if type_ == "delta":
@@ -409,47 +433,53 @@ class RedisBackend:
             reasoning = data.get("reasoning", "")
         elif type_ == "source":
             source = fastjson.dumps(data)
-        write = _Write(self._task_keys(record.id),
+        write = _Write(record.id, self._task_keys(record.id),
                        [str(seq), type_, fastjson.dumps(data), content, reasoning, source])
-        result = await self._write(write)
-        if result == 0:
-            raise LogClosed(f"task {record.id} already ended; {type_} not written")
-        if result == -1:
-            raise BackendUnavailable(f"Redis no longer holds task {record.id}")
-        if result == -2:
-            raise BackendUnavailable(f"the log of task {record.id} moved on without it")
+        self._writes.append(write)
+        self._last_write[record.id] = write
+        self._write_wanted.set()
         return await self._local.append(record, type_, data)
 
-    async def _write(self, write: _Write) -> Any:
-        """Queue one append for the next pipeline and wait for its answer. Shielded and
-        bounded: once queued it is written, and the task's record here must agree."""
-        self._writes.append(write)
-        self._write_wanted.set()
-        with trio.CancelScope(shield=True) as step:
-            step.relative_deadline = self._timeout_s
-            await write.done.wait()
-        if step.cancelled_caught:
-            raise BackendUnavailable("Redis did not answer in time")
-        if isinstance(write.result, BaseException):
-            raise BackendUnavailable(f"Redis failed: {write.result}") from write.result
-        return write.result
+    def _refused(self, task_id: str, result: Any) -> Exception | None:
+        """Why Redis did not take a write (None: it did)."""
+        if result in (1, 2):  # 2: written already, by a retried send
+            return None
+        if result == 0:
+            return LogClosed(f"task {task_id} was ended elsewhere")
+        if result == -1:
+            return BackendUnavailable(f"Redis no longer holds task {task_id}")
+        if result == -2:
+            return BackendUnavailable(f"the log of task {task_id} moved on without it")
+        return BackendUnavailable(f"Redis failed: {result}")
 
     async def _write_loop(self) -> None:
         """Send what piled up meanwhile in one pipeline, and repeat: appends of every task
-        of this process share the round trips."""
+        of this process share the round trips, and one pipeline at a time keeps each
+        task's writes in order."""
         while True:
             await self._write_wanted.wait()
             self._write_wanted = trio.Event()
             batch, self._writes = self._writes, []
+            self._room.set()
             if not batch:
                 continue
             try:
                 results = await self._send(batch)
-            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+            except Exception as exc:  # noqa: BLE001 - every write of the batch failed
                 results = [exc] * len(batch)
             for write, result in zip(batch, results, strict=True):
                 write.result = result
                 write.done.set()
+                refusal = self._refused(write.task_id, result)
+                if refusal is not None:
+                    self._write_failures.setdefault(write.task_id, refusal)
+
+    async def _flushed(self, task_id: str) -> None:
+        """Wait until the task's queued writes have had Redis's answer (bounded)."""
+        write = self._last_write.pop(task_id, None)
+        if write is not None:
+            with trio.move_on_after(self._timeout_s):
+                await write.done.wait()
 
     async def _send(self, batch: list[_Write]) -> list[Any]:
         for attempt in (1, 2):
@@ -467,6 +497,8 @@ class RedisBackend:
         return results
 
     async def finish(self, record: TaskRecord) -> Event | None:
+        await self._flushed(record.id)  # the end goes after the task's last event
+        self._write_failures.pop(record.id, None)
         try:
             written = await self._end(record, self.replica_id)
         except coredis.exceptions.RedisError as exc:
