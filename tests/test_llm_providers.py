@@ -348,11 +348,9 @@ async def test_upstream_stream_delivers_content_finish_and_usage(
     assert request.headers["authorization"] == "Bearer sk-test"
 
 
-async def test_upstream_chunks_read_together_are_one_delta(
-    upstream: ScriptedServer, http: httpx2.AsyncClient
-) -> None:
-    """What one read brings is handed on as one delta: the server does less work per
-    token exactly when it is behind."""
+async def test_upstream_chunks_read_together_are_one_delta(upstream: ScriptedServer) -> None:
+    """What one read of a paced connection (the model client's kind) brings is handed on
+    as one delta: the server does less work per token exactly when it is behind."""
     collected = Collected()
 
     async def handler(ex: Exchange) -> None:
@@ -367,12 +365,58 @@ async def test_upstream_chunks_read_together_are_one_delta(
         await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
-    await model_for(upstream, http).stream_chat(BODY, collected)
+    async with paced(lambda: 0.0) as http:
+        await model_for(upstream, http).stream_chat(BODY, collected)
     assert [d.content for d in collected.deltas] == ["one ", "two three"]
     burst = collected.deltas[1]
     assert burst.reasoning == "hm"
     assert [(c.id, c.name, c.arguments) for c in burst.tool_calls] == [("call_1", "f", "{}")]
     assert (burst.finish_reason, burst.usage) == ("stop", USAGE)
+
+
+async def test_upstream_sse_framing_follows_the_spec_at_the_edges(
+    upstream: ScriptedServer, http: httpx2.AsyncClient
+) -> None:
+    """A chunk split over several ``data:`` lines is one event; bare CR ends a line; an
+    event ends at its blank line; comments, ``event:``, ``id:`` and ``retry:`` are not
+    data; a field without a space after its colon is read too."""
+    multi = json.dumps(chunk("multi ")).replace(', "model"', ',\ndata: "model"')
+    assert "\ndata: " in multi
+
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        await ex.send(": a comment\r\rretry: 3000\r\r")
+        await ex.send(f"data: {multi}\n\n")
+        await ex.send(f"event: message\rid: 7\rdata: {json.dumps(chunk('cr '))}\r\r")
+        await ex.send(f"data:{json.dumps(chunk('nospace '))}\r\n\r\n")
+        await ex.send(f"data: {json.dumps(chunk('split'))[:20]}")
+        await ex.send(f"{json.dumps(chunk('split'))[20:]}\n")
+        await ex.send(f": not the end yet\n\ndata: {json.dumps(chunk(finish='stop'))}\n\n")
+        await ex.send("data: [DONE]\n\n")
+        await ex.finish()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    await model_for(upstream, http).stream_chat(BODY, collected)
+    assert collected.content == "multi cr nospace split"
+    assert collected.finish_reason == "stop"
+
+
+async def test_upstream_event_past_the_size_bound_fails_the_stream(
+    upstream: ScriptedServer, http: httpx2.AsyncClient
+) -> None:
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        await send_sse(ex, chunk("kept"))
+        for _ in range(40):  # a line that never ends, 40 x 32 KiB
+            await ex.send("x" * 32768)
+        await until_client_leaves()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    with pytest.raises(ModelError, match="limit"):
+        await model_for(upstream, http).stream_chat(BODY, collected)
+    assert collected.content == "kept"
 
 
 async def test_upstream_bad_chunk_fails_after_the_good_ones_of_its_read(

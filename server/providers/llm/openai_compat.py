@@ -2,9 +2,9 @@
 
 Every completion is requested as a stream (``"stream": true`` with usage included), whatever
 the client asked for: the pipeline decides how to present it, and a stream lets the task hold
-the partial answer at every moment. The SSE body is split into lines here, without
-``aiter_lines``, so that an upstream sending a line without end cannot grow our memory
-without bound.
+the partial answer at every moment. The SSE body is parsed by httpx2's ``EventSource``, with
+a bound on one event's size, so that an upstream sending a line without end cannot grow our
+memory without bound.
 
 Every failure comes out as ``ModelError``: an error status (with the upstream's own message
 when its body has one), a transport error or timeout, a chunk that is not JSON, an error
@@ -14,7 +14,6 @@ exception escapes.
 
 from __future__ import annotations
 
-import codecs
 import json
 from typing import Any
 
@@ -24,8 +23,8 @@ from server import fastjson
 from server.providers.llm.base import ModelDelta, ModelError, OnDelta, ToolCallDelta
 from server.providers.llm.paced import PacedStream
 
-# An SSE line is one chunk: a few hundred bytes, a few KiB for a large tool-call argument.
-_MAX_LINE_CHARS = 1_000_000
+# An SSE event is one chunk: a few hundred bytes, a few KiB for a large tool-call argument.
+_MAX_EVENT_BYTES = 1_000_000
 # Enough for any JSON error message; an HTML error page is cut here and not shown anyway.
 _MAX_ERROR_BODY_BYTES = 64 * 1024
 # A whole non-streamed completion (from an upstream that ignores "stream": true) or model list.
@@ -110,11 +109,9 @@ class OpenAICompatibleModel:
                     for delta in _completion_deltas(raw):
                         await on_delta(delta)
                     return
-                lines = _LineSplitter(_MAX_LINE_CHARS)
-                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 # What arrived together is handed on as one delta. On a paced connection
                 # (see ``paced``) "together" is everything one socket read brought, handed
-                # on when the connection next needs bytes; otherwise it is one HTTP chunk.
+                # on when the connection next needs bytes; otherwise it is one event.
                 pending: list[ModelDelta] = []
 
                 async def flush() -> None:
@@ -128,27 +125,27 @@ class OpenAICompatibleModel:
                 if isinstance(network, PacedStream):
                     network.before_wait = flush
                 try:
-                    async for raw in response.aiter_raw():
-                        done = False
+                    # httpx2's parser follows the SSE spec: CR, LF and CRLF line ends, an
+                    # event's data lines joined, comments and other fields skipped, an
+                    # event ended by its blank line (one cut off at the end is dropped),
+                    # and a bound on the size of one event.
+                    async for event in httpx2.EventSource(response, _MAX_EVENT_BYTES):
+                        data = event.data.strip()
+                        if not data:
+                            continue  # an event of other fields only (retry:, id:)
+                        if data == "[DONE]":
+                            await flush()
+                            return
                         try:
-                            for line in lines.feed(decoder.decode(raw)):
-                                data = _sse_data(line)
-                                if data is None:
-                                    continue
-                                if data == "[DONE]":
-                                    done = True
-                                    break
-                                delta = _parse_chunk(data)
-                                finished = finished or delta.finish_reason is not None
-                                if _carries_something(delta):
-                                    pending.append(delta)
+                            delta = _parse_chunk(data)
                         except ModelError:
                             await flush()  # a bad chunk fails the stream after the good ones
                             raise
-                        if done or not paced:
+                        finished = finished or delta.finish_reason is not None
+                        if _carries_something(delta):
+                            pending.append(delta)
+                        if not paced:
                             await flush()
-                        if done:
-                            return
                     await flush()
                 except _HTTP_FAILURES:
                     await flush()  # what arrived before the connection failed is kept
@@ -156,10 +153,6 @@ class OpenAICompatibleModel:
                 finally:
                     if isinstance(network, PacedStream):
                         network.before_wait = None
-                # A last line without its newline counts only if it is [DONE]: a chunk cut
-                # there may be cut short.
-                if _sse_data(lines.flush()) == "[DONE]":
-                    return
         except _HTTP_FAILURES as exc:
             if finished:
                 # The answer is complete; only the usage chunk or [DONE] was lost with the
@@ -168,49 +161,6 @@ class OpenAICompatibleModel:
             raise ModelError(_describe_failure(exc)) from None
         if not finished:
             raise ModelError("upstream stream ended early")
-
-
-class _LineSplitter:
-    """Cuts decoded text into lines (``\\n`` or ``\\r\\n``), holding at most ``limit`` chars
-    of an unfinished line. Work is linear in the input even when a long line arrives in many
-    small pieces."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._pending: list[str] = []
-        self._pending_chars = 0
-
-    def feed(self, text: str) -> list[str]:
-        parts = text.split("\n")
-        if len(parts) == 1:
-            self._hold(text)
-            return []
-        lines = ["".join(self._pending) + parts[0], *parts[1:-1]]
-        self._pending, self._pending_chars = [], 0
-        self._hold(parts[-1])
-        return [line.removesuffix("\r") for line in lines]
-
-    def flush(self) -> str:
-        rest = "".join(self._pending)
-        self._pending, self._pending_chars = [], 0
-        return rest.removesuffix("\r")
-
-    def _hold(self, text: str) -> None:
-        if not text:
-            return
-        self._pending.append(text)
-        self._pending_chars += len(text)
-        if self._pending_chars > self._limit:
-            raise ModelError(f"upstream sent a stream line longer than {self._limit} characters")
-
-
-def _sse_data(line: str) -> str | None:
-    """The value of a ``data:`` line, else None (comments, blank lines, other fields)."""
-    name, colon, value = line.partition(":")
-    if name != "data" or not colon:
-        return None
-    value = value.strip()
-    return value or None
 
 
 def _json_object(raw: str | bytes, invalid: str) -> dict[str, Any]:
