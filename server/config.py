@@ -68,6 +68,13 @@ class Settings:
     max_active_tasks: int = field(default_factory=_default_max_tasks)
     max_active_tasks_per_user: int = field(default_factory=_default_max_tasks)
     task_retention_s: float = 600.0
+    # Bounds on one task, so that an upstream that streams without end cannot grow memory
+    # for the whole task timeout: past one, the task ends failed (task_too_large), the
+    # content so far kept.
+    max_task_events: int = 100_000
+    max_content_chars: int = 4_000_000
+    # Ended tasks kept for reading at most (the oldest unread ones go first past it).
+    max_retained_tasks: int = 20_000
     task_timeout_s: float = 1800.0
     max_body_bytes: int = 1_000_000
     sse_keepalive_s: float = 15.0

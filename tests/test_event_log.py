@@ -69,3 +69,19 @@ async def test_admission_counts_active_tasks_per_user_and_in_all() -> None:
     await backend.finish(records[0])
     assert await backend.counts() == (2, {"a": 1, "b": 1})
     assert await backend.admit(records[3], max_total=3, max_per_user=2)
+
+
+async def test_retention_keeps_at_most_so_many_ended_tasks_oldest_unread_first() -> None:
+    backend = MemoryBackend()
+    records = [TaskRecord(id=f"t{i}", user="u", model="m", mode="sync") for i in range(6)]
+    for i, record in enumerate(records):
+        assert await backend.admit(record, max_total=10, max_per_user=10)
+        if i < 5:  # t5 stays running
+            record.status, record.ended_at = "completed", 100.0 + i
+            await backend.finish(record)
+    with backend.reading("t0"):
+        expired = await backend.expire(now=200.0, retention_s=1000.0, max_retained=2)
+    # Two ended tasks stay: t0, which is being read, and t4, the newest.
+    assert sorted(expired) == ["t1", "t2", "t3"]
+    assert [await backend.get(f"t{i}") is not None for i in range(6)] == [
+        True, False, False, False, True, True]

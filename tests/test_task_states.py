@@ -285,3 +285,38 @@ async def test_reports_from_steps_running_side_by_side_all_reach_the_log_in_orde
     parts = "".join(e.data["content"] for e in events if e.type == "delta")
     assert parts == ended.content and sorted(parts.split("<")[1:]) == sorted(
         f"{i}>" for i in range(20))
+
+
+async def test_an_answer_past_its_bound_ends_the_task_failed_with_what_it_had(
+    make_backend: Callable[[], Any],
+) -> None:
+    async def endless(request: ChatRequest, emit: TaskEmitter) -> None:
+        while True:
+            await emit("delta", {"content": "0123456789"})
+
+    async with running_manager(endless, make_backend(), max_content_chars=55) as manager:
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            ended = await manager.wait_ended(record.id)
+    assert ended is not None and ended.status == "failed"
+    assert ended.error is not None and ended.error["type"] == "task_too_large"
+    assert ended.content == "0123456789" * 5
+    assert (await _events(manager, record.id))[-1].data["content"] == ended.content
+
+
+async def test_a_log_past_its_bound_ends_the_task_with_its_terminal_event_last(
+    make_backend: Callable[[], Any],
+) -> None:
+    async def chatty(request: ChatRequest, emit: TaskEmitter) -> None:
+        while True:
+            await emit("status", {"description": "still here"})
+
+    async with running_manager(chatty, make_backend(), max_task_events=10) as manager:
+        record = await manager.spawn("u", _request())
+        with trio.fail_after(WAIT):
+            ended = await manager.wait_ended(record.id)
+    assert ended is not None and ended.error is not None
+    assert ended.error["type"] == "task_too_large"
+    events = await _events(manager, record.id)
+    assert [e.seq for e in events] == list(range(1, 11))
+    assert events[-1].type == "task:failed"

@@ -36,12 +36,15 @@ async def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
 
 
 def failure_status(error_type: str) -> int:
-    """The HTTP status of a task that failed with ``error.type``: the upstream's failure is
-    502, a model the upstream does not know is 404, anything else is ours (500)."""
+    """The HTTP status of a task that failed with ``error.type``: the upstream's failure
+    (or an answer past the task's bounds) is 502, a model the upstream does not know is
+    404, anything else is ours (500)."""
     if error_type == "upstream_error":
         return 502
     if error_type == "model_not_found":
         return 404
+    if error_type == "task_too_large":
+        return 502  # the upstream's answer went past the task's bounds
     return 500
 
 

@@ -119,9 +119,10 @@ class TaskBackend(Protocol):
         for retention. ``on_append`` must not block or raise."""
         ...
 
-    async def expire(self, now: float, retention_s: float) -> list[str]:
-        """Forget ended tasks that ended more than ``retention_s`` ago and that nobody is
-        reading; return their ids."""
+    async def expire(self, now: float, retention_s: float,
+                     max_retained: int | None = None) -> list[str]:
+        """Forget ended tasks that ended more than ``retention_s`` ago, and the oldest
+        ended ones past ``max_retained``, that nobody is reading; return their ids."""
         ...
 
     async def counts(self) -> tuple[int, dict[str, int]]:

@@ -44,10 +44,13 @@ class TaskEmitter:
     """The pipeline's ``emit``: turns reports into events and keeps the task's record
     current, here and in the backend."""
 
-    def __init__(self, metrics: Metrics, backend: TaskBackend, record: TaskRecord) -> None:
+    def __init__(self, metrics: Metrics, backend: TaskBackend, record: TaskRecord, *,
+                 max_events: int, max_content_chars: int) -> None:
         self._metrics = metrics
         self._backend = backend
         self._record = record
+        self._max_events = max_events
+        self._max_content_chars = max_content_chars
         # A task's steps run side by side (page reads, tool calls) and each reports as it
         # goes; an append takes the next seq, which on a shared store is a round trip
         # away. One append at a time per task, in the order they came.
@@ -62,9 +65,25 @@ class TaskEmitter:
             kind = _STEP_KINDS.get(str(data.get("action")), "other")
             self._metrics.upstream_errors.labels(kind).inc()
         async with self._appending:
+            self._check_bounds(type_, data)
             # The backend applies the event to its copy of the record; this is ours.
             await self._backend.append(self._record, type_, data)
             apply_event(self._record, type_, data)
+
+    def _check_bounds(self, type_: str, data: dict[str, Any]) -> None:
+        """Raise ``TaskFailure`` (``task_too_large``) before an event that would take the
+        task past its bounds; the task then ends failed with what it has so far, its
+        terminal event the one place left in its log."""
+        record = self._record
+        if record.last_seq + 2 > self._max_events:
+            raise TaskFailure("task_too_large",
+                              f"The task reached its limit of {self._max_events} events.")
+        if type_ == "delta":
+            grown = (len(record.content) + len(data.get("content", ""))
+                     + len(record.reasoning) + len(data.get("reasoning", "")))
+            if grown > self._max_content_chars:
+                raise TaskFailure("task_too_large", "The answer reached its limit of "
+                                  f"{self._max_content_chars} characters.")
 
     async def set_phase(self, phase: Phase) -> None:
         if self._record.phase != phase:
@@ -176,7 +195,8 @@ class TaskManager:
         period = max(0.05, min(self.settings.task_retention_s / 4, 30.0))
         while True:
             await trio.sleep(period)
-            await self._backend.expire(time.time(), self.settings.task_retention_s)
+            await self._backend.expire(time.time(), self.settings.task_retention_s,
+                                       self.settings.max_retained_tasks)
             swept, self._swept = self._swept, trio.Event()
             swept.set()
 
@@ -264,7 +284,9 @@ class TaskManager:
 
     async def _run_task(self, rt: RunningTask) -> None:
         record = rt.record
-        emitter = TaskEmitter(self.metrics, self._backend, record)
+        emitter = TaskEmitter(self.metrics, self._backend, record,
+                              max_events=self.settings.max_task_events,
+                              max_content_chars=self.settings.max_content_chars)
         completed = False
         failure: BaseException | None = None
         try:

@@ -140,15 +140,17 @@ class MemoryBackend:
             return None
         return _MemoryWatch(log, on_append)
 
-    async def expire(self, now: float, retention_s: float) -> list[str]:
-        expired = [
-            r.id
-            for r in self._records.values()
-            if not r.active
-            and r.ended_at is not None
-            and now - r.ended_at >= retention_s
-            and not self._logs[r.id].readers
-        ]
+    async def expire(self, now: float, retention_s: float,
+                     max_retained: int | None = None) -> list[str]:
+        ended = [r for r in self._records.values()
+                 if not r.active and r.ended_at is not None and not self._logs[r.id].readers]
+        expired = [r.id for r in ended if now - (r.ended_at or now) >= retention_s]
+        if max_retained is not None:
+            kept = [r for r in ended if now - (r.ended_at or now) < retention_s]
+            excess = len(self._records) - len(self._active_ids) - len(expired) - max_retained
+            if excess > 0:
+                kept.sort(key=lambda r: r.ended_at or 0.0)
+                expired += [r.id for r in kept[:excess]]
         for task_id in expired:
             del self._records[task_id]
             del self._logs[task_id]

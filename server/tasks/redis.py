@@ -653,10 +653,11 @@ class RedisBackend:
             except coredis.exceptions.RedisError as exc:
                 log.warning("following task %s failed: %s", task_id, exc)
 
-    async def expire(self, now: float, retention_s: float) -> list[str]:
+    async def expire(self, now: float, retention_s: float,
+                     max_retained: int | None = None) -> list[str]:
         # Redis expires its keys by itself (set with the terminal event); the local copies
         # go as the memory backend lets them go.
-        expired = await self._local.expire(now, retention_s)
+        expired = await self._local.expire(now, retention_s, max_retained)
         for task_id in expired:
             self._identities.pop(task_id, None)
         return expired
