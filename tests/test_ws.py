@@ -303,10 +303,12 @@ async def test_bad_messages_get_errors_and_the_connection_keeps_working(
 
 
 async def test_slow_reader_does_not_delay_a_fast_one(start_tether: Any, fakes: Fakes) -> None:
-    tether: Tether = await start_tether(ws_send_timeout_s=1, ws_reconnect_grace_s=30)
-    big = "z" * 32768
     # 20 MB in all: more than the kernel buffers between the server and a client that
-    # does not read can hold, so the slow connection's writer blocks.
+    # does not read can hold, so the slow connection's writer blocks (and more than a
+    # task's default bound on its answer, raised here).
+    tether: Tether = await start_tether(ws_send_timeout_s=1, ws_reconnect_grace_s=30,
+                                        max_content_chars=30_000_000)
+    big = "z" * 32768
     fakes.model.push(TextReply([big] * 600, interval=0.002))
     async with connect(tether) as fast, connect(tether, session_id=fast.session_id) as slow:
         task_id = await fast.chat(chat_body())
