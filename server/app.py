@@ -15,7 +15,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from server.api import chat, health, models, page, tasks, ws
+from server.api import chat, health, models, page, tasks, tools, ws
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
 from server.api.common import close_if_body_unread, error_response
@@ -47,11 +47,15 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
         bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
-                      page.blueprint):
+                      page.blueprint, tools.blueprint):
         app.register_blueprint(blueprint)
 
     @app.before_serving
     async def start() -> None:
+        if runtime.mcp is not None:
+            # Each MCP server answers or fails its first attempt (bounded) before the first
+            # request, so that its tools are there; one that is down never stops the start.
+            await app.nursery.start(runtime.mcp.run)
         await app.nursery.start(runtime.manager.run)
         await app.nursery.start(runtime.sessions.run)
         app.nursery.start_soon(hub.run)
@@ -61,6 +65,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     @app.after_serving
     async def stop() -> None:
         await runtime.manager.shutdown()
+        if runtime.mcp is not None:  # after the tasks: none is left calling a tool
+            await runtime.mcp.close()
         await runtime.http.aclose()
         await runtime.model_http.aclose()
 

@@ -6,7 +6,9 @@ Nothing else in the server reads the environment: ``Settings`` is built at start
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -64,6 +66,18 @@ class Settings:
 
     tool_timeout_s: float = 30.0
     max_tool_rounds: int = 8
+    # MCP servers whose tools are offered as mcp:<server>:<tool> (a JSON file in the common
+    # mcpServers shape; read at start-up by read_mcp_config).
+    mcp_config: str | None = None
+    # Calls in flight at once on one MCP server; more wait their turn (inside the task).
+    mcp_max_concurrent_calls: int = 8
+    # Start (or reach), initialize and list the tools of one MCP server.
+    mcp_connect_timeout_s: float = 10.0
+    # After a call was abandoned (stop, timeout), the server must answer a ping this fast,
+    # or its session is restarted (a stdio server's process with it).
+    mcp_ping_timeout_s: float = 5.0
+    # Longest MCP tool result given to the model, in characters.
+    mcp_max_result_chars: int = 16_000
 
     max_active_tasks: int = field(default_factory=_default_max_tasks)
     max_active_tasks_per_user: int = field(default_factory=_default_max_tasks)
@@ -126,6 +140,89 @@ class Settings:
             keys.update(_parse_keys(Path(settings.api_keys_file).read_text()))
             settings = replace(settings, api_keys=keys)
         return settings
+
+
+@dataclass(frozen=True)
+class McpStdioServer:
+    """An MCP server that Tether runs as a subprocess and talks to over stdin and stdout."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class McpHttpServer:
+    """An MCP server that Tether reaches over streamable HTTP."""
+
+    name: str
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+McpServerConfig = McpStdioServer | McpHttpServer
+
+# Server names become part of tool ids (mcp:<server>:<tool>) and of the function names the
+# model sees, so they are kept to what both can carry.
+_MCP_SERVER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def read_mcp_config(path: str) -> tuple[McpServerConfig, ...]:
+    """The servers of an ``mcpServers`` JSON file (the shape Claude Desktop, Cursor and
+    others use): each is ``{"command", "args"?, "env"?, "cwd"?}`` (stdio) or ``{"url",
+    "headers"?}`` (streamable HTTP). Raises ``SettingsError`` for a file that cannot be read
+    or holds anything else: a broken configuration stops the start, while a server that
+    does not answer never does."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SettingsError(f"TETHER_MCP_CONFIG={path!r} cannot be read: "
+                            f"{exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise SettingsError(f"TETHER_MCP_CONFIG={path!r} is not valid JSON: {exc}") from exc
+    servers = raw.get("mcpServers") if isinstance(raw, dict) else None
+    if not isinstance(servers, dict):
+        raise SettingsError(f"TETHER_MCP_CONFIG={path!r} has no \"mcpServers\" object")
+    return tuple(_mcp_server(path, name, entry) for name, entry in servers.items())
+
+
+def _mcp_server(path: str, name: str, entry: Any) -> McpServerConfig:
+    where = f"TETHER_MCP_CONFIG={path!r}: server {name!r}"
+    if not _MCP_SERVER_NAME.fullmatch(name):
+        raise SettingsError(f"{where}: a name is 1 to 64 of A-Z a-z 0-9 _ -")
+    if not isinstance(entry, dict):
+        raise SettingsError(f"{where} is not an object")
+    kind = entry.get("type", entry.get("transport"))
+    if kind in ("sse",):
+        raise SettingsError(f"{where}: the old HTTP+SSE transport is not supported; "
+                            "use the server's streamable HTTP endpoint")
+    if "url" in entry and "command" not in entry:
+        url = entry["url"]
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise SettingsError(f"{where}: url must be an http(s) URL")
+        return McpHttpServer(name, url, _string_map(where, "headers", entry.get("headers")))
+    command = entry.get("command")
+    if not isinstance(command, str) or not command:
+        raise SettingsError(f"{where} needs a \"command\" (stdio) or a \"url\" (HTTP)")
+    args = entry.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise SettingsError(f"{where}: args must be a list of strings")
+    cwd = entry.get("cwd")
+    if cwd is not None and not isinstance(cwd, str):
+        raise SettingsError(f"{where}: cwd must be a string")
+    return McpStdioServer(name, command, tuple(args), _string_map(where, "env", entry.get("env")),
+                          cwd)
+
+
+def _string_map(where: str, key: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise SettingsError(f"{where}: {key} must be an object of strings")
+    return dict(value)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx2
 
 from server.auth import Authenticator
-from server.config import Settings, SettingsError
+from server.config import Settings, SettingsError, read_mcp_config
 from server.load import LoadGauge
 from server.metrics import Metrics
 from server.pipeline.chat import ChatPipeline
@@ -16,8 +16,8 @@ from server.providers.llm.paced import Pause, paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
 from server.providers.search.base import SearchProvider
 from server.providers.search.factory import build_search_provider
-from server.providers.tools.base import Tool
-from server.providers.tools.registry import build_tools
+from server.providers.tools.mcp import McpServers
+from server.providers.tools.registry import ToolRegistry, build_tools
 from server.sessions import SessionRegistry
 from server.tasks.backend import TaskBackend
 from server.tasks.manager import TaskManager
@@ -35,7 +35,8 @@ class Runtime:
     load: LoadGauge
     models: ModelRouter
     search: SearchProvider
-    tools: dict[str, Tool]
+    tools: ToolRegistry
+    mcp: McpServers | None
     pipeline: ChatPipeline
     manager: TaskManager
     sessions: SessionRegistry
@@ -83,10 +84,14 @@ def build_runtime(settings: Settings) -> Runtime:
     metrics.read_pause.set_function(lambda: load.read_pause_s)
     models = build_model_router(settings, model_http)
     search = build_search_provider(settings, http)
-    tools = build_tools(settings, http)
+    # A configuration file that cannot be read stops the start (SettingsError); a server in
+    # it that does not answer never does.
+    mcp = McpServers(read_mcp_config(settings.mcp_config), settings) if settings.mcp_config \
+        else None
+    tools = ToolRegistry(build_tools(settings, http), mcp, settings.mcp_max_result_chars)
     pipeline = ChatPipeline(settings, models, search, tools, http)
     manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
                    model_http=model_http, load=load, models=models, search=search, tools=tools,
-                   pipeline=pipeline, manager=manager, sessions=sessions)
+                   mcp=mcp, pipeline=pipeline, manager=manager, sessions=sessions)

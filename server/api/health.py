@@ -18,11 +18,17 @@ async def healthz() -> Response:
 
 @blueprint.get("/readyz")
 async def readyz() -> Response:
-    manager = runtime().manager
+    rt = runtime()
+    manager = rt.manager
     if not manager.accepting:
         return error_response(RequestError(503, "shutting_down", "The server is shutting down."))
-    return json_response({"status": "ready", "active_tasks": manager.running_count,
-                          "replica": manager.replica_id})
+    ready: dict[str, object] = {"status": "ready", "active_tasks": manager.running_count,
+                                "replica": manager.replica_id}
+    if rt.mcp is not None:
+        # Shown, not judged: a process whose MCP server is down still serves everything
+        # else (and gives the model an error for that server's tools), so it stays ready.
+        ready["mcp"] = rt.mcp.status()
+    return json_response(ready)
 
 
 @blueprint.get("/metrics")

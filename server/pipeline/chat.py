@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import httpx2
@@ -22,7 +23,7 @@ class ChatPipeline:
         settings: Settings,
         models: ModelRouter,
         search: SearchProvider,
-        tools: dict[str, Tool],
+        tools: Mapping[str, Tool],
         http: httpx2.AsyncClient,
     ) -> None:
         self.settings = settings
@@ -51,7 +52,10 @@ class ChatPipeline:
             )
             if sources:
                 messages = inject_sources(messages, sources)
-        server_tools = {name: self.tools[name] for name in request.tool_ids}
+        # By the name the model calls each by (an MCP tool's id is not a function name). A
+        # tool whose MCP server dropped it since admission is not offered.
+        server_tools = {tool.spec.name: tool for tool in
+                        (self.tools.get(tool_id) for tool_id in request.tool_ids) if tool}
         body: dict[str, Any] = {**request.passthrough, "model": request.model,
                                 "messages": messages}
         if server_tools:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import trio
 
 from server.pipeline.emit import Emitter
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
-from server.providers.tools.base import Tool, ToolError
+from server.providers.tools.base import ProgressReporter, Tool, ToolError, ToolProgress, ToolSpec
 from server.schemas import TaskFailure
 
 
@@ -87,11 +88,13 @@ def _add_usage(total: dict[str, Any] | None, more: dict[str, Any] | None) -> dic
     return total
 
 
-async def run_tool_call(tool: Tool, call: _PendingCall, timeout: float) -> tuple[str, bool]:
+async def run_tool_call(tool: Tool, call: _PendingCall, timeout: float,
+                        progress: ProgressReporter | None = None) -> tuple[str, bool]:
     """Run one tool call; returns (result text for the model, whether it failed).
 
     A tool that raises, times out or gets bad arguments gives the model an error result.
-    Cancelling it (the task stopped) cancels the tool and closes its connections.
+    ``progress`` gets the tool's progress reports. Cancelling it (the task stopped) cancels
+    the tool and closes its connections.
     """
     try:
         arguments = json.loads(call.arguments or "{}")
@@ -101,7 +104,7 @@ async def run_tool_call(tool: Tool, call: _PendingCall, timeout: float) -> tuple
         return f"Error: invalid arguments for {call.name}: {exc}", True
     try:
         with trio.fail_after(timeout):
-            return await tool.run(arguments), False
+            return await tool.run(arguments, progress), False
     except trio.TooSlowError:
         return f"Error: {call.name} timed out after {timeout:g} s", True
     except ToolError as exc:
@@ -115,7 +118,7 @@ async def generate(
     body: dict[str, Any],
     emit: Emitter,
     *,
-    tools: dict[str, Tool],
+    tools: Mapping[str, Tool],
     max_rounds: int,
     tool_timeout_s: float,
 ) -> None:
@@ -149,32 +152,67 @@ async def generate(
             messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
 
 
+def _tool_details(spec: ToolSpec) -> dict[str, Any]:
+    """What a status event says about the tool besides the name the model called: the
+    MCP server and the tool's own name there."""
+    if spec.server is None:
+        return {}
+    return {"tool_id": spec.tool_id, "mcp_server": spec.server, "mcp_tool": spec.remote_name}
+
+
+def _tool_title(spec: ToolSpec) -> str:
+    if spec.server is None:
+        return spec.name
+    return f"{spec.remote_name} on MCP server {spec.server}"
+
+
 async def _run_tools(
-    calls: list[_PendingCall], tools: dict[str, Tool], emit: Emitter, timeout: float
+    calls: list[_PendingCall], tools: Mapping[str, Tool], emit: Emitter, timeout: float
 ) -> list[str]:
     outputs = [""] * len(calls)
 
     async def one(i: int, call: _PendingCall) -> None:
+        tool = tools[call.name]
+        details = _tool_details(tool.spec)
+        title = _tool_title(tool.spec)
         await emit("status", {"phase": "tools", "action": "tool_call",
-                              "description": f"Calling {call.name}", "done": False,
+                              "description": f"Calling {title}", "done": False,
                               "tool": call.name, "tool_call_id": call.id,
-                              "arguments": call.arguments})
+                              "arguments": call.arguments, **details})
+
+        async def report(progress: ToolProgress) -> None:
+            status: dict[str, Any] = {
+                "phase": "tools", "action": "tool_call",
+                "description": f"{title}: {progress.message or _fraction(progress)}",
+                "done": False, "tool": call.name, "tool_call_id": call.id, **details,
+                "progress": progress.progress,
+            }
+            if progress.total is not None:
+                status["total"] = progress.total
+            await emit("status", status)
+
         started = time.monotonic()
-        output, failed = await run_tool_call(tools[call.name], call, timeout)
+        output, failed = await run_tool_call(tool, call, timeout, report)
         outputs[i] = output
         status: dict[str, Any] = {
             "phase": "tools", "action": "tool_call",
-            "description": f"{call.name} {'failed' if failed else 'done'}", "done": True,
-            "tool": call.name, "tool_call_id": call.id, "result": output[:2000],
+            "description": f"{title} {'failed' if failed else 'done'}", "done": True,
+            "tool": call.name, "tool_call_id": call.id, **details, "result": output[:2000],
             "duration_s": round(time.monotonic() - started, 4),
         }
         if failed:
             status["error"] = True
         await emit.set_result(
-            tool_calls=[{**call.openai(), "result": output[:2000], "server": True}])
+            tool_calls=[{**call.openai(), "result": output[:2000], "server": True, **details}])
         await emit("status", status)
 
     async with trio.open_nursery() as nursery:
         for i, call in enumerate(calls):
             nursery.start_soon(one, i, call)
     return outputs
+
+
+def _fraction(progress: ToolProgress) -> str:
+    if progress.total:
+        return f"{progress.progress:g} of {progress.total:g}"
+    return f"{progress.progress:g}"

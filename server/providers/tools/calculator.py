@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from server.providers.tools.base import ToolError, ToolSpec
+from server.providers.tools.base import ProgressReporter, ToolError, ToolSpec
 
 __all__ = ["CalculatorTool", "evaluate"]
 
@@ -91,7 +91,8 @@ class CalculatorTool:
     def __init__(self) -> None:
         self.spec = SPEC
 
-    async def run(self, arguments: dict[str, Any]) -> str:
+    async def run(self, arguments: dict[str, Any],
+                  progress: ProgressReporter | None = None) -> str:
         """Evaluate ``arguments["expression"]``; raises ``ToolError`` for a bad expression.
 
         It does no I/O and takes microseconds, so cancelling it has nothing to interrupt.

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import trio
 
-from server.providers.tools.base import ToolError, ToolSpec
+from server.providers.tools.base import ProgressReporter, ToolError, ToolSpec
 
 __all__ = ["CurrentTimeTool"]
 
@@ -44,7 +44,8 @@ class CurrentTimeTool:
         self.spec = SPEC
         self._clock = clock
 
-    async def run(self, arguments: dict[str, Any]) -> str:
+    async def run(self, arguments: dict[str, Any],
+                  progress: ProgressReporter | None = None) -> str:
         """The current time in the asked time zone; ``ToolError`` for an unknown zone.
 
         Loading a zone reads a small file in a worker thread; cancelling it abandons

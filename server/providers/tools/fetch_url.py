@@ -7,7 +7,7 @@ from typing import Any
 import httpx2
 
 from server.config import Settings
-from server.providers.tools.base import ToolError, ToolSpec
+from server.providers.tools.base import ProgressReporter, ToolError, ToolSpec
 from server.providers.web.base import PageError
 from server.providers.web.pages import fetch_page
 
@@ -41,7 +41,8 @@ class FetchUrlTool:
         self._max_chars = settings.page_max_chars
         self._allow_private = settings.fetch_allow_private
 
-    async def run(self, arguments: dict[str, Any]) -> str:
+    async def run(self, arguments: dict[str, Any],
+                  progress: ProgressReporter | None = None) -> str:
         """Fetch the page; ``ToolError`` when it cannot be fetched or read.
 
         Cancelling it closes the connection to the web server (and abandons a parse
