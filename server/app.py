@@ -68,6 +68,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         if runtime.mcp is not None:  # after the tasks: none is left calling a tool
             await runtime.mcp.close()
         await runtime.http.aclose()
+        if runtime.pages_http is not runtime.http:
+            await runtime.pages_http.aclose()
         await runtime.model_http.aclose()
 
     app.after_request(close_if_body_unread)

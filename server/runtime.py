@@ -14,6 +14,8 @@ from server.metrics import Metrics
 from server.pipeline.chat import ChatPipeline
 from server.providers.llm.paced import Pause, paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
+from server.providers.net.client import client_with_backend
+from server.providers.net.public_only import PublicOnlyBackend
 from server.providers.search.base import SearchProvider
 from server.providers.search.factory import build_search_provider
 from server.providers.tools.mcp import McpServers
@@ -31,6 +33,7 @@ class Runtime:
     auth: Authenticator
     metrics: Metrics
     http: httpx2.AsyncClient
+    pages_http: httpx2.AsyncClient  # http itself when private addresses are allowed
     model_http: httpx2.AsyncClient
     load: LoadGauge
     models: ModelRouter
@@ -42,16 +45,23 @@ class Runtime:
     sessions: SessionRegistry
 
 
+def _limits(settings: Settings, *, keepalive: int) -> httpx2.Limits:
+    return httpx2.Limits(
+        max_connections=settings.http_max_connections,
+        max_keepalive_connections=min(keepalive, settings.http_max_connections),
+    )
+
+
+def _timeout(settings: Settings) -> httpx2.Timeout:
+    return httpx2.Timeout(settings.llm_timeout_s, connect=10.0)
+
+
 def build_http_client(settings: Settings, *, keepalive: int,
                       pause: Pause | None = None) -> httpx2.AsyncClient:
     """A client for outgoing HTTP; with ``pause``, its reads are paced (see ``paced``).
     Timeouts here are outer bounds; each step also has its own deadline inside the task's
     cancel scope."""
-    limits = httpx2.Limits(
-        max_connections=settings.http_max_connections,
-        max_keepalive_connections=min(keepalive, settings.http_max_connections),
-    )
-    timeout = httpx2.Timeout(settings.llm_timeout_s, connect=10.0)
+    limits, timeout = _limits(settings, keepalive=keepalive), _timeout(settings)
     if pause is not None:
         return paced_client(limits, timeout, pause)
     return httpx2.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True,
@@ -77,6 +87,10 @@ def build_runtime(settings: Settings) -> Runtime:
     # otherwise be walked by every page fetch.
     load = LoadGauge()
     http = build_http_client(settings, keepalive=50)
+    # Page fetches (search results, fetch_url) go where outside text points: unless
+    # allowed, they reach public addresses only, checked where they connect.
+    pages_http = http if settings.fetch_allow_private else client_with_backend(
+        PublicOnlyBackend(), _limits(settings, keepalive=50), _timeout(settings))
     model_http = build_http_client(settings, keepalive=settings.http_max_connections,
                                    pause=lambda: load.read_pause_s)
     metrics = Metrics()
@@ -88,10 +102,11 @@ def build_runtime(settings: Settings) -> Runtime:
     # it that does not answer never does.
     mcp = McpServers(read_mcp_config(settings.mcp_config), settings) if settings.mcp_config \
         else None
-    tools = ToolRegistry(build_tools(settings, http), mcp, settings.mcp_max_result_chars)
-    pipeline = ChatPipeline(settings, models, search, tools, http)
+    tools = ToolRegistry(build_tools(settings, pages_http), mcp, settings.mcp_max_result_chars)
+    pipeline = ChatPipeline(settings, models, search, tools, pages_http)
     manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
-                   model_http=model_http, load=load, models=models, search=search, tools=tools,
-                   mcp=mcp, pipeline=pipeline, manager=manager, sessions=sessions)
+                   pages_http=pages_http, model_http=model_http, load=load, models=models,
+                   search=search, tools=tools, mcp=mcp, pipeline=pipeline, manager=manager,
+                   sessions=sessions)

@@ -162,7 +162,7 @@ async def test_private_addresses_are_refused_unless_allowed(
     tool_message = [m for m in fakes.model.chat_requests[-1]["messages"]
                     if m["role"] == "tool"][0]
     assert "non-public address" in tool_message["content"]
-    assert not fakes.pages.requests_for("/page")
+    assert not fakes.pages.connections  # refused before connecting, not after
 
 
 async def test_redirects_are_followed_for_pages(tether: Tether, fakes: Fakes) -> None:

@@ -153,7 +153,6 @@ async def run_web_search(
                 page = await fetch_page(
                     http, result.url, timeout=settings.page_timeout_s,
                     max_bytes=settings.page_max_bytes, max_chars=settings.page_max_chars,
-                    allow_private=settings.fetch_allow_private,
                 )
             except PageError as exc:
                 await emit("status", _status("fetch", f"Could not read {result.url}: {exc}",

@@ -21,10 +21,11 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import httpcore2
 import httpx2
 import trio
 from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream, TrioBackend
+
+from server.providers.net.client import client_with_backend
 
 Pause = Callable[[], float]
 
@@ -100,13 +101,4 @@ class _PacedBackend(AsyncNetworkBackend):
 def paced_client(limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause
                  ) -> httpx2.AsyncClient:
     """An httpx2 client whose connections are ``PacedStream``s."""
-    transport = httpx2.AsyncHTTPTransport(limits=limits, trust_env=False)
-    transport._pool = httpcore2.AsyncConnectionPool(
-        ssl_context=httpx2.create_ssl_context(trust_env=False),
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=_PacedBackend(pause),
-    )
-    return httpx2.AsyncClient(transport=transport, timeout=timeout, follow_redirects=True,
-                              trust_env=False)
+    return client_with_backend(_PacedBackend(pause), limits, timeout)

@@ -34,12 +34,12 @@ class FetchUrlTool:
     """The ``fetch_url`` tool: ``{"url": str}`` → ``"Title: ...\\n\\n<text>"``."""
 
     def __init__(self, http: httpx2.AsyncClient, settings: Settings) -> None:
+        """``http`` is the page client: it decides which addresses may be reached."""
         self.spec = SPEC
         self._http = http
         self._timeout = settings.page_timeout_s
         self._max_bytes = settings.page_max_bytes
         self._max_chars = settings.page_max_chars
-        self._allow_private = settings.fetch_allow_private
 
     async def run(self, arguments: dict[str, Any],
                   progress: ProgressReporter | None = None) -> str:
@@ -59,7 +59,6 @@ class FetchUrlTool:
                 timeout=self._timeout,
                 max_bytes=self._max_bytes,
                 max_chars=self._max_chars,
-                allow_private=self._allow_private,
             )
         except PageError as exc:
             raise ToolError(f"could not fetch {url}: {exc}") from None

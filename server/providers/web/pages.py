@@ -9,7 +9,6 @@ document never holds a connection that a cancel should have closed.
 from __future__ import annotations
 
 import codecs
-import ipaddress
 from contextlib import aclosing
 from urllib.parse import urlsplit
 
@@ -70,13 +69,12 @@ async def fetch_page(
     timeout: float,
     max_bytes: int,
     max_chars: int,
-    allow_private: bool = True,
 ) -> Page:
-    """GET ``url`` and return its readable text.
+    """GET ``url`` with ``http`` and return its readable text.
 
-    With ``allow_private`` false, a URL (or a redirect) whose host resolves to a loopback,
-    private, link-local or otherwise non-public address is refused, so that a search
-    result or a model's ``fetch_url`` cannot reach the server's own network.
+    Which addresses may be reached is the client's to say: the server's page client
+    connects to public addresses only, checked where it connects (``net.public_only``),
+    unless ``TETHER_FETCH_ALLOW_PRIVATE`` is set.
 
     Only http and https URLs are fetched. The whole call (connect, body, extraction) is
     bounded by ``timeout`` seconds; at most ``max_bytes`` of body are read (then the
@@ -92,8 +90,7 @@ async def fetch_page(
     try:
         with trio.fail_after(timeout):
             final_url, media_type, body, truncated, charset = await _download(
-                http, url, max_bytes, allow_private
-            )
+                http, url, max_bytes)
             text = _decode(body, charset)
             if media_type in _HTML_TYPES:
                 if len(text) > THREAD_THRESHOLD_CHARS:
@@ -129,31 +126,13 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 
 
-async def _check_public(host: str) -> None:
-    """Refuse a host that is, or resolves to, a non-public address. Cancelling it
-    abandons the name lookup."""
-    try:
-        addresses = [ipaddress.ip_address(host.strip("[]"))]
-    except ValueError:
-        try:
-            infos = await trio.socket.getaddrinfo(host, None)
-        except OSError as exc:
-            raise PageError(f"cannot resolve {host}: {exc}") from None
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-    for address in addresses:
-        if not address.is_global:
-            raise PageError(f"{host} is a non-public address ({address}); refused")
-
-
 async def _download(
-    http: httpx2.AsyncClient, url: str, max_bytes: int, allow_private: bool = True
+    http: httpx2.AsyncClient, url: str, max_bytes: int
 ) -> tuple[str, str, bytes, bool, str | None]:
     """(final url, media type, body, truncated, charset); the response is closed on return.
 
-    Redirects are followed here, not by the client, so that every hop can be checked."""
+    Redirects are followed here, not by the client, so that every hop's URL is checked."""
     for _ in range(_MAX_REDIRECTS + 1):
-        if not allow_private:
-            await _check_public(urlsplit(url).hostname or "")
         result = await _read_body(http, url, max_bytes)
         if isinstance(result, tuple):
             return result

@@ -1,0 +1,1 @@
+"""Outgoing connections below httpx2: network backends and the clients built on them."""
