@@ -16,6 +16,7 @@ from server.providers.llm.paced import Pause, paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
 from server.providers.net.client import client_with_backend
 from server.providers.net.public_only import PublicOnlyBackend
+from server.providers.net.tls_safe import TlsSafeBackend
 from server.providers.search.base import SearchProvider
 from server.providers.search.factory import build_search_provider
 from server.providers.tools.mcp import McpServers
@@ -64,8 +65,7 @@ def build_http_client(settings: Settings, *, keepalive: int,
     limits, timeout = _limits(settings, keepalive=keepalive), _timeout(settings)
     if pause is not None:
         return paced_client(limits, timeout, pause)
-    return httpx2.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True,
-                              trust_env=False)
+    return client_with_backend(TlsSafeBackend(), limits, timeout)
 
 
 def build_backend(settings: Settings) -> TaskBackend:

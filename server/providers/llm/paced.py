@@ -23,9 +23,10 @@ from typing import Any
 
 import httpx2
 import trio
-from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream, TrioBackend
+from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream
 
 from server.providers.net.client import client_with_backend
+from server.providers.net.tls_safe import TlsSafeBackend
 
 Pause = Callable[[], float]
 
@@ -77,7 +78,7 @@ class PacedStream(AsyncNetworkStream):
 
 class _PacedBackend(AsyncNetworkBackend):
     def __init__(self, pause: Pause) -> None:
-        self._inner = TrioBackend()
+        self._inner = TlsSafeBackend()
         self._pause = pause
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,

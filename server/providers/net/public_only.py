@@ -19,7 +19,9 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import httpcore2
 import trio
-from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream, TrioBackend
+from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream
+
+from server.providers.net.tls_safe import TlsSafeBackend
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str], Awaitable[list[IpAddress]]]
@@ -46,7 +48,7 @@ class PublicOnlyBackend(AsyncNetworkBackend):
     def __init__(self, resolve: Resolve = resolve_host,
                  inner: AsyncNetworkBackend | None = None) -> None:
         self._resolve = resolve
-        self._inner = inner or TrioBackend()
+        self._inner = inner or TlsSafeBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,

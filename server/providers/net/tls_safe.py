@@ -1,0 +1,72 @@
+"""TCP connections that are closed when their TLS handshake does not finish.
+
+httpcore2 (2.x, ``_backends/trio.py``) closes the TCP stream when a TLS handshake fails with
+an ``Exception``, but not when it is cancelled (``trio.Cancelled`` is a ``BaseException``),
+and the connection that was being set up is then dropped from the pool unclosed. A page
+fetch or a model call stopped during the handshake, which is what a stop does, so leaves a
+socket open to the server until the garbage collector reaches it; with the collector tuned
+for fewer pauses (cli.tune_garbage_collector) that can be minutes. Every outgoing client's
+connections come through ``TlsSafeBackend``, whose streams close themselves when
+``start_tls`` ends in anything but a TLS stream.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream, TrioBackend
+
+
+class TlsSafeStream(AsyncNetworkStream):
+    def __init__(self, inner: AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> AsyncNetworkStream:
+        """The TLS stream; cancelled or failed, the TCP stream is closed first (its close
+        shielded: it only releases the socket)."""
+        try:
+            return await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._inner.aclose()
+            raise
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class TlsSafeBackend(AsyncNetworkBackend):
+    """httpcore2's trio backend, its streams wrapped in ``TlsSafeStream``."""
+
+    def __init__(self) -> None:
+        self._inner = TrioBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[SOCKET_OPTION] | None = None,
+                          ) -> AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address,
+                                               socket_options)
+        return TlsSafeStream(stream)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[SOCKET_OPTION] | None = None,
+                                  ) -> AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+        return TlsSafeStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
