@@ -57,7 +57,9 @@ async def run_all(b: Bench, scenarios: list[str]) -> None:
         nursery.start_soon(on_sigterm)
         b.progress.section("start-up")
         await b.start()
-        b.results.settings["server_env"] = b.server_env()
+        b.results.settings["server_env"] = b.main_server_env()
+        if b.mcp_config is not None:
+            b.results.settings["mcp_config"] = b.mcp_config
         b.results.settings["model_id"] = b.model_id
         b.results.settings["websocket"] = b.ws_available
         b.results.settings["server_rss_at_start_mb"] = round(b.rss_at_start_mb, 1)
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix=f"tether-bench-{name}-"))
     procs = ProcessSet(log_dir)
     b = Bench(cfg, progress, procs, results)
+    # The stop-latency scenario's MCP rows need MCP servers; no other scenario uses them.
+    b.with_mcp = "stop_latency" in scenarios
     if args.profile:
         b.profile_path = str(RESULTS_DIR / f"{name}-profile.txt")
     progress.step(f"{cfg.mode} run {name!r}: {', '.join(scenarios)}; process logs in {log_dir}")

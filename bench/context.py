@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,7 +17,8 @@ import trio
 from bench.config import BenchConfig
 from bench.fakes import FakeControl
 from bench.httpclient import HttpConnection, HttpError, get_json
-from bench.procs import Proc, ProcessError, ProcessSet, free_port
+from bench.mcp_fake import McpFakeControl, start_mcp_fake
+from bench.procs import REPO_ROOT, Proc, ProcessError, ProcessSet, free_port
 from bench.progress import Progress
 from bench.results import Results
 from bench.wsclient import ws_client
@@ -24,6 +27,12 @@ from bench.wsclient import ws_client
 PROFILE_SHOW = r".*/(hypercorn|quart_trio|wsproto|h11|httpx2|httpcore2)/.*"
 # The model fake's answer for ordinary tasks: short, instant.
 DEFAULT_REPLY: dict[str, Any] = {"kind": "text", "chunks": ["Hello", " from", " the", " fake."]}
+# The MCP servers of the bench's own Tether server (``Bench.with_mcp``), by their names in
+# TETHER_MCP_CONFIG, which are also the labels of their records: the test fake
+# (tests/fakes/mcp_server.py) as a stdio server that Tether starts, and over streamable HTTP
+# in the ``mcp_http`` child (bench/mcp_fake.py).
+MCP_STDIO = "stdio"
+MCP_HTTP = "http"
 
 
 @dataclass
@@ -38,6 +47,12 @@ class Bench:
     search: FakeControl | None = None
     pages: FakeControl | None = None
     model: FakeControl | None = None
+    # MCP servers for the stop-latency scenario's MCP rows: only when it runs, and only for
+    # the bench's own server (it connects to them at start-up; they idle otherwise).
+    with_mcp: bool = False
+    mcp: McpFakeControl | None = None
+    mcp_config: dict[str, Any] | None = None
+    mcp_config_path: str | None = None
     model_id: str = "fake-model"
     ws_available: bool = False
     profile_path: str | None = None
@@ -52,16 +67,27 @@ class Bench:
         async def start_fake(name: str, module: str) -> None:
             fakes[name] = await self.procs.start_fake(name, module)
 
+        async def start_mcp() -> None:
+            self.mcp = await start_mcp_fake(self.procs, "mcp_http", MCP_HTTP)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(start_fake, "search", "tests.fakes.search")
             nursery.start_soon(start_fake, "pages", "tests.fakes.pages")
             nursery.start_soon(start_fake, "model", "tests.fakes.model")
+            if self.with_mcp:
+                nursery.start_soon(start_mcp)
         self.search = FakeControl("search", fakes["search"].port)
         self.pages = FakeControl("pages", fakes["pages"].port)
         self.model = FakeControl("model", fakes["model"].port)
         await self.reset_fakes()
         self.progress.step(f"fakes up: search :{self.search.port}, pages :{self.pages.port}, "
                            f"model :{self.model.port}")
+        if self.mcp is not None:
+            self._write_mcp_config(self.mcp)
+            self.progress.step(f"MCP fakes: {MCP_HTTP} at {self.mcp.http_url} (pid "
+                               f"{self.mcp.proc.pid}), {MCP_STDIO} started by Tether, "
+                               f"recording to :{self.mcp.record_port}; config "
+                               f"{self.mcp_config_path}")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._start_server)
             nursery.start_soon(self._start_payload_first)
@@ -83,10 +109,34 @@ class Bench:
                            f"WebSocket {'yes' if self.ws_available else 'NOT available'}")
 
     def server_env(self) -> dict[str, str]:
+        """The settings of every Tether server of the run (the replicas scenario's too)."""
         env = dict(self.cfg.server_env)
         env["TETHER_LLM_BASE_URL"] = self.fake("model").base_url + "/v1"
         env["TETHER_SEARXNG_URL"] = self.fake("search").base_url
         return env
+
+    def main_server_env(self) -> dict[str, str]:
+        """The settings of the bench's own Tether server: ``server_env`` and, with MCP, the
+        MCP configuration."""
+        env = self.server_env()
+        if self.mcp_config_path is not None:
+            env["TETHER_MCP_CONFIG"] = self.mcp_config_path
+        return env
+
+    def _write_mcp_config(self, mcp: McpFakeControl) -> None:
+        """TETHER_MCP_CONFIG for the bench's server, in the log folder: the test fake over
+        stdio (started by Tether, from the repository root, recording to the ``mcp_http``
+        child) and the ``mcp_http`` child's streamable-HTTP endpoint."""
+        self.mcp_config = {"mcpServers": {
+            MCP_STDIO: {"command": sys.executable,
+                        "args": ["-m", "tests.fakes.mcp_server", "--label", MCP_STDIO,
+                                 "--record", f"127.0.0.1:{mcp.record_port}"],
+                        "cwd": str(REPO_ROOT)},
+            MCP_HTTP: {"url": mcp.http_url},
+        }}
+        path = self.procs.log_dir / "mcp.json"
+        path.write_text(json.dumps(self.mcp_config, indent=2))
+        self.mcp_config_path = str(path)
 
     async def _start_server(self) -> None:
         port = free_port()
@@ -94,7 +144,7 @@ class Bench:
         if self.profile_path:
             args = ["-m", "pyinstrument", "-o", self.profile_path, "-r", "text",
                     f"--show-regex={PROFILE_SHOW}", *args]
-        proc = self.procs.spawn("tether", args, self.server_env(),
+        proc = self.procs.spawn("tether", args, self.main_server_env(),
                                 interrupt_first=bool(self.profile_path))
         proc.port = port
         self.server = proc

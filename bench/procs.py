@@ -6,7 +6,9 @@ SIGKILL after a grace period); ``__main__`` calls it from a ``finally`` outside 
 from a SIGTERM handler, and Linux children also get PR_SET_PDEATHSIG so that a bench killed
 with SIGKILL does not leave them behind. A child that forks its own workers (``tether serve
 --workers N``) is marked ``forks``: the workers it was seen with are ended by their pids
-after it (a fork does not inherit PR_SET_PDEATHSIG).
+after it (a fork does not inherit PR_SET_PDEATHSIG). So are the processes a child started
+itself and that outlive it (a Tether server's stdio MCP servers), taken just before it is
+ended.
 """
 
 from __future__ import annotations
@@ -143,14 +145,20 @@ class ProcessSet:
     def kill(self, proc: Proc, grace: float | None = None) -> None:
         """End one child by its pid: SIGINT (if asked) / SIGTERM, then SIGKILL after
         ``grace`` seconds (longer when a profiler has a report to write); then any of its
-        forked workers still running, by their pids."""
+        forked workers, or other processes it started, still running, by their pids."""
         if grace is None:
             grace = 30.0 if proc.interrupt_first else 3.0
-        if proc.forks and proc.alive():
+        # Whatever the child started itself (a Tether server's stdio MCP servers), taken
+        # while it is still their parent: ended by pid after it if still running.
+        started: list[psutil.Process] = []
+        if proc.alive():
             with contextlib.suppress(psutil.Error):
-                proc.processes()
+                if proc.forks:
+                    proc.processes()
+                started = psutil.Process(proc.pid).children(recursive=True)
         self._end(proc, grace)
-        left = [p for p in proc.forked.values() if p.is_running()]
+        every = {p.pid: p for p in [*proc.forked.values(), *started]}
+        left = [p for p in every.values() if p.is_running()]
         for process in left:
             with contextlib.suppress(psutil.Error):
                 process.terminate()

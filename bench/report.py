@@ -100,6 +100,23 @@ def _stop_latency(res: Results) -> list[str]:
     if ping:
         out += ["", f"WebSocket ping round trip (baseline): p50 {_dur(ping['p50'])}, "
                 f"p99 {_dur(ping['p99'])} (n={ping['n']})."]
+    mcp = [r for r in rows if str(r["phase"]).startswith("mcp_")]
+    if mcp:
+        out += ["", "MCP rows (`mcp_stdio`: the MCP server over stdio, `mcp_http`: over "
+                "streamable HTTP; the model calls its `slow` tool for an hour and the stop "
+                "goes once the server has the call): \"upstream closed\" is the MCP server "
+                "seeing the cancel, the first of its records below (CLOCK_MONOTONIC; a stdio "
+                "server's records are stamped as they reach the recorder). p50 / p99 in ms "
+                "from the stop; upstream / ping is the p50 ratio.", ""]
+        out += _table(["phase", "stop by", "`notifications/cancelled` ms",
+                       "HTTP stream closed ms (by)", "tool cancelled ms", "upstream / ping"],
+                      [[str(r["phase"]), str(r["transport"]),
+                        _pair(r.get("notified_p50"), r.get("notified_p99")),
+                        (_pair(r.get("stream_closed_p50"), r.get("stream_closed_p99"))
+                         + f" ({r.get('stream_closed_by') or '–'})")
+                        if "stream_closed_p50" in r else "–",
+                        _pair(r.get("tool_cancelled_p50"), r.get("tool_cancelled_p99")),
+                        _x(r.get("upstream_ratio_p50"))] for r in mcp])
     return out + [""]
 
 

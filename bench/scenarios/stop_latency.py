@@ -2,10 +2,17 @@
 
 Each sample puts one task in a phase and holds it there with a fake that does not answer
 (search: ``mode=hang``; page fetch: the pages fake's ``delay``; tool call: the model asks for
-``fetch_url`` on ``/hang``; generating: a long slow token stream), then sends the stop and
-measures from that moment to (a) the HTTP answer of ``POST /api/tasks/{id}/stop``, (b) the
+``fetch_url`` on ``/hang``; generating: a long slow token stream; MCP call: the model asks for
+the MCP tool ``mcp:<server>:slow`` for an hour, on the stdio server or the streamable-HTTP
+one, and the stop goes once the MCP server has the call), then sends the stop and measures
+from that moment to (a) the HTTP answer of ``POST /api/tasks/{id}/stop``, (b) the
 ``task:cancelled`` event at a subscribed WebSocket client, (c) the fake upstream recording its
-connection closed (``closed_at`` on CLOCK_MONOTONIC, the clock the bench reads too).
+connection closed (``closed_at`` on CLOCK_MONOTONIC, the clock the bench reads too); for an
+MCP call, the MCP server seeing the cancel: the first of its records of
+``notifications/cancelled`` and (over HTTP) of the call's response stream ending (closed by
+Tether, or, rarely, ended by the server first), each stamped with CLOCK_MONOTONIC too (see
+``bench/mcp_fake.py``); both are kept apart as well. An MCP stop must end the task in
+phase ``tools``.
 "queued" sends the stop right after the task id, before the task can do any I/O (with web
 search on against a hanging search engine, so the phase it ended in is reported).
 Baseline: a WebSocket ``ping`` round trip, interleaved with the samples.
@@ -18,14 +25,19 @@ from typing import Any
 
 import trio
 
-from bench.context import Bench
+from bench.context import MCP_HTTP, MCP_STDIO, Bench
 from bench.fakes import FakeControl
-from bench.httpclient import HttpConnection
+from bench.httpclient import HttpConnection, get_json
 from bench.stats import ratio, summarize
 from bench.wsclient import WsClient, ws_client
 
 SCENARIO = "stop_latency"
 PHASES = ("queued", "web_search", "page_fetch", "tool_call", "generating")
+# A stop during an MCP call, per transport of the MCP server: phase -> server name.
+MCP_PHASES = {"mcp_stdio": MCP_STDIO, "mcp_http": MCP_HTTP}
+# The MCP tool's call: an hour, longer than any sample (the task's tool timeout, 30 s by
+# default, is longer than a sample too).
+MCP_SLOW_ARGS = '{"seconds": 3600, "steps": 1}'
 # 100 s of tokens: longer than any sample (the fake builds the token list up front, so
 # it is kept small).
 LONG_STREAM: dict[str, Any] = {"kind": "text", "tokens": 2000, "rate": 20}
@@ -38,9 +50,10 @@ class PhaseSetup:
     upstream: str | None = None  # which fake's connection the stop must close
     path_prefix: str = "/"
     count: int = 1  # requests to wait for before stopping
+    mcp_server: str | None = None  # an MCP call on this server (its records' label)
 
 
-async def _configure(b: Bench, phase: str) -> PhaseSetup:
+async def _configure(b: Bench, phase: str, mcp_names: dict[str, str]) -> PhaseSetup:
     await b.reset_fakes()
     search, pages, model = b.fake("search"), b.fake("pages"), b.fake("model")
     if phase == "queued":
@@ -60,7 +73,29 @@ async def _configure(b: Bench, phase: str) -> PhaseSetup:
     if phase == "generating":
         await model.configure(default_reply=LONG_STREAM)
         return PhaseSetup(upstream="model", path_prefix="/v1/chat/completions")
+    if phase in MCP_PHASES:
+        server = MCP_PHASES[phase]
+        tool_id = f"mcp:{server}:slow"
+        await model.configure(default_reply={"kind": "tool_calls",
+                                             "calls": [[mcp_names[tool_id], MCP_SLOW_ARGS]]})
+        return PhaseSetup(tool_ids=[tool_id], mcp_server=server)
     raise ValueError(phase)
+
+
+async def _mcp_tool_names(b: Bench, timeout: float = 30.0) -> dict[str, str]:
+    """The function names the model is to call the MCP ``slow`` tools by, per tool id, from
+    ``GET /api/tools`` (a server's tools are listed once its session is open)."""
+    wanted = {f"mcp:{server}:slow" for server in MCP_PHASES.values()}
+    names: dict[str, str] = {}
+    with trio.move_on_after(timeout):
+        while True:
+            listing = await get_json("127.0.0.1", b.tether.port, "/api/tools")
+            names = {str(t["id"]): str(t["name"]) for t in listing.get("tools", [])
+                     if t.get("id") in wanted}
+            if len(names) == len(wanted):
+                break
+            await trio.sleep(0.1)
+    return names
 
 
 @dataclass
@@ -71,6 +106,13 @@ class Sample:
     ended_in: str = ""
     status: str = ""
     reason: str = ""
+    # an MCP call: the server's records of notifications/cancelled and (HTTP) of the call's
+    # response stream closed, after the stop; the tool's own cancel; what went wrong
+    notified: float | None = None
+    stream_closed: float | None = None
+    stream_closed_by: str = ""
+    tool_cancelled: float | None = None
+    mcp_problem: str = ""
 
 
 async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsClient,
@@ -80,6 +122,7 @@ async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsC
     seen_before = 0
     if setup.upstream is not None:
         seen_before = len(await b.fake(setup.upstream).requests(setup.path_prefix))
+    mcp_mark = b.mcp.mark() if b.mcp is not None else 0
     if transport == "http":
         answer = await http.request("POST", "/api/chat/completions",
                                     {**body, "background": True})
@@ -100,6 +143,13 @@ async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsC
         conn_ids = sorted({int(r["conn_id"]) for r in mine})
         if phase == "generating":
             await sub.wait_event(task_id, "delta", timeout=10)
+    call: dict[str, Any] | None = None
+    if setup.mcp_server is not None:
+        assert b.mcp is not None
+        call = await b.mcp.wait_for("call", after=mcp_mark, timeout=10,
+                                    server=setup.mcp_server, tool="slow")
+        if call is None:
+            raise RuntimeError(f"{phase}: the MCP server {setup.mcp_server} saw no call")
     sample = Sample()
     if transport == "http":
         stop = await http.request("POST", f"/api/tasks/{task_id}/stop", {})
@@ -121,8 +171,44 @@ async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsC
                 closed.append(float(record["closed_at"]))
         if len(closed) == len(conn_ids):
             sample.upstream = max(closed) - t_stop
+    if call is not None:
+        await _mcp_cancel(b, setup, call, mcp_mark, t_stop, sample)
     await sub.send({"type": "unsubscribe", "task_id": task_id})
     return sample
+
+
+async def _mcp_cancel(b: Bench, setup: PhaseSetup, call: dict[str, Any], mark: int,
+                      t_stop: float, sample: Sample) -> None:
+    """What the MCP server recorded of the stopped call: ``notifications/cancelled`` and,
+    over HTTP, the call's response stream closed; ``upstream`` is the first of them."""
+    assert b.mcp is not None and setup.mcp_server is not None
+    match = {"server": setup.mcp_server, "request_id": call["request_id"]}
+    notified = await b.mcp.wait_for("notification_cancelled", after=mark, timeout=10, **match)
+    if notified is not None:
+        sample.notified = float(notified["at"]) - t_stop
+    seen = [sample.notified] if sample.notified is not None else []
+    if setup.mcp_server == MCP_HTTP:
+        closed = await b.mcp.wait_for("stream_closed", after=mark, timeout=10, **match)
+        if closed is not None:
+            sample.stream_closed = float(closed["at"]) - t_stop
+            sample.stream_closed_by = str(closed.get("by", ""))
+            seen.append(sample.stream_closed)
+    cancelled = await b.mcp.wait_for("cancelled", after=mark, timeout=10, **match)
+    if cancelled is not None:
+        sample.tool_cancelled = float(cancelled["at"]) - t_stop
+    if seen:
+        sample.upstream = min(seen)
+    problems = []
+    if notified is None:
+        problems.append("no notifications/cancelled within 10 s")
+    if setup.mcp_server == MCP_HTTP and sample.stream_closed is None:
+        problems.append("its response stream not closed within 10 s")
+    if cancelled is None:
+        problems.append("the tool not cancelled within 10 s")
+    if [r for r in b.mcp.records[mark:] if r.get("event") == "finished"
+            and all(r.get(k) == v for k, v in match.items())]:
+        problems.append("the tool finished")
+    sample.mcp_problem = "; ".join(problems)
 
 
 async def run(b: Bench) -> None:
@@ -134,10 +220,22 @@ async def run(b: Bench) -> None:
     pings: list[float] = []
     problems: list[str] = []
     chat_id = "bench-stop-" + b.marker("c")
+    phases: list[str] = list(PHASES)
+    mcp_names: dict[str, str] = {}
+    if b.mcp is None:
+        res.notes.append("stop_latency: no MCP rows (the bench started no MCP servers)")
+    else:
+        mcp_names = await _mcp_tool_names(b)
+        for phase, server in MCP_PHASES.items():
+            if f"mcp:{server}:slow" in mcp_names:
+                phases.append(phase)
+            else:
+                problems.append(f"{phase}: the server never listed mcp:{server}:slow "
+                                f"(GET /readyz: {await _mcp_status(b)})")
     http = b.conn()
     async with ws_client(b.ws_url) as sub:
-        for phase in PHASES:
-            setup = await _configure(b, phase)
+        for phase in phases:
+            setup = await _configure(b, phase, mcp_names)
             for transport in ("http", "ws"):
                 samples: list[Sample] = []
                 for _ in range(b.cfg.stop_samples):
@@ -151,6 +249,13 @@ async def run(b: Bench) -> None:
                     if setup.upstream and sample.upstream is None:
                         problems.append(f"{phase}/{transport}: the {setup.upstream} "
                                         "connection was not closed within 10 s")
+                    if setup.mcp_server is not None:
+                        if sample.ended_in != "tools":
+                            problems.append(f"{phase}/{transport}: ended in phase "
+                                            f"{sample.ended_in!r}, not tools")
+                        if sample.mcp_problem:
+                            problems.append(f"{phase}/{transport}: MCP server "
+                                            f"{setup.mcp_server}: {sample.mcp_problem}")
                     # Keep the sub connection's replies clean: a stray reply would confuse
                     # the next chat.
                     sub.replies.clear()
@@ -167,7 +272,8 @@ async def run(b: Bench) -> None:
     res.figures[SCENARIO] = rows
     res.figures[SCENARIO + "_ping"] = ping
     res.check("stop: every stopped task ended cancelled (reason stop), every upstream "
-              "connection closed", not problems,
+              "connection closed; every stopped MCP call ended in phase tools and was "
+              "cancelled on its MCP server", not problems,
               "all samples" if not problems else f"{len(problems)} problems, e.g. "
               f"{problems[0]}")
 
@@ -176,7 +282,14 @@ def _row(res: Any, phase: str, transport: str, samples: list[Sample]) -> dict[st
     key = f"{phase}/{transport}"
     row: dict[str, Any] = {"phase": phase, "transport": "HTTP" if transport == "http" else
                            "WebSocket", "n": len(samples)}
-    for metric in ("answer", "cancelled", "upstream"):
+    metrics = ["answer", "cancelled", "upstream"]
+    if phase in MCP_PHASES:
+        metrics += ["notified", "tool_cancelled"]
+        if MCP_PHASES[phase] == MCP_HTTP:
+            metrics.append("stream_closed")
+            row["stream_closed_by"] = ", ".join(sorted({s.stream_closed_by for s in samples
+                                                        if s.stream_closed_by}))
+    for metric in metrics:
         values = [getattr(s, metric) for s in samples if getattr(s, metric) is not None]
         if values:
             summary = res.add_set(SCENARIO, f"{key}/{metric}", values)
@@ -188,3 +301,10 @@ def _row(res: Any, phase: str, transport: str, samples: list[Sample]) -> dict[st
     ended = sorted({s.ended_in for s in samples if s.ended_in})
     row["ended_in"] = ", ".join(ended)
     return row
+
+
+async def _mcp_status(b: Bench) -> Any:
+    try:
+        return (await get_json("127.0.0.1", b.tether.port, "/readyz")).get("mcp")
+    except Exception as exc:  # only for the message
+        return f"{type(exc).__name__}: {exc}"
