@@ -34,7 +34,9 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.session import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
+from mcp_types import CONNECTION_CLOSED
 
 from server.config import McpHttpServer, McpServerConfig, McpStdioServer, Settings
 from server.providers.tools.mcp._http import CancellingTransport
@@ -251,6 +253,18 @@ class McpConnection:
             try:
                 result = await session.call_tool(name, arguments, progress_callback=progress)
                 abandoned = False
+            except MCPError as exc:
+                abandoned = False
+                if exc.code == CONNECTION_CLOSED and self._session is session:
+                    # The session died under the call (a stdio server's process ended):
+                    # the calls after this one wait for the next session instead of
+                    # meeting this one dead before the supervisor has seen it go.
+                    self._session = None
+                    self._connecting = True
+                    self._lost.set()
+                    self._wake()
+                    self._notify()
+                raise
             except Exception:
                 abandoned = False
                 raise
