@@ -255,15 +255,10 @@ class McpConnection:
                 abandoned = False
             except MCPError as exc:
                 abandoned = False
-                if exc.code == CONNECTION_CLOSED and self._session is session:
-                    # The session died under the call (a stdio server's process ended):
-                    # the calls after this one wait for the next session instead of
-                    # meeting this one dead before the supervisor has seen it go.
-                    self._session = None
-                    self._connecting = True
-                    self._lost.set()
-                    self._wake()
-                    self._notify()
+                # The SDK's own word for a transport that ended under the call (a server's
+                # error answer may carry the same code, not this text).
+                if exc.code == CONNECTION_CLOSED and exc.message == "Connection closed":
+                    await self._forget_if_lost(session)
                 raise
             except Exception:
                 abandoned = False
@@ -273,6 +268,19 @@ class McpConnection:
                     self._ping_wanted = True
                     self._wake()
         return result
+
+    async def _forget_if_lost(self, session: ClientSession) -> None:
+        """A call met a closed connection: once the relay confirms that the session's
+        transport ended (waited for at most a second), the calls after this one wait for
+        the next session instead of meeting this dead one before the supervisor has seen
+        it go (a stdio server killed mid-call, and the model's next call right after)."""
+        lost = self._lost
+        with trio.move_on_after(1.0):
+            await lost.wait()
+        if lost.is_set() and self._session is session:
+            self._session = None
+            self._connecting = True
+            self._notify()
 
     async def _ready_session(self) -> ClientSession:
         while True:
