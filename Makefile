@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || (python3 -m uv --version >/dev/null 2
 SYNC := $(UV) sync --frozen --inexact
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: run test lint bench-quick bench-full uv wheel-check
+.PHONY: run test lint contract bench-quick bench-full uv wheel-check
 
 uv:
 	@if [ "$(UV)" = "$(TOOLS)/bin/uv" ] && [ ! -x "$(TOOLS)/bin/uv" ]; then \
@@ -41,3 +41,8 @@ bench-full: uv
 # CI: the built wheel, installed in a fresh environment, serves a web-search answer.
 wheel-check: uv
 	bash .ci/wheel-check "$(UV)"
+
+# CI: schemathesis against a running server, from its own /openapi.json, for a bounded time.
+contract: uv
+	$(SYNC) --group contract
+	bash .ci/contract "$(UV)"
