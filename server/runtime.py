@@ -21,6 +21,7 @@ from server.providers.search.base import SearchProvider
 from server.providers.search.factory import build_search_provider
 from server.providers.tools.mcp import McpServers
 from server.providers.tools.registry import ToolRegistry, build_tools
+from server.providers.web.fetch import HttpPageReader
 from server.sessions import SessionRegistry
 from server.tasks.backend import TaskBackend
 from server.tasks.manager import TaskManager
@@ -102,8 +103,9 @@ def build_runtime(settings: Settings) -> Runtime:
     # it that does not answer never does.
     mcp = McpServers(read_mcp_config(settings.mcp_config), settings) if settings.mcp_config \
         else None
-    tools = ToolRegistry(build_tools(settings, pages_http), mcp, settings.mcp_max_result_chars)
-    pipeline = ChatPipeline(settings, models, search, tools, pages_http)
+    pages = HttpPageReader(pages_http, settings)
+    tools = ToolRegistry(build_tools(settings, pages), mcp, settings.mcp_max_result_chars)
+    pipeline = ChatPipeline(settings, models, search, tools, pages)
     manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,

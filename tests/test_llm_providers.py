@@ -13,11 +13,9 @@ import pytest
 import trio
 
 from server.config import Settings
+from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
 from server.providers.llm.local import (
-    QUERY_PROMPT_MARKER,
-    SOURCES_CLOSE,
-    SOURCES_OPEN,
     LocalModel,
     find_expression,
     find_url,

@@ -19,7 +19,7 @@ from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream
 from server.providers.net.client import client_with_backend
 from server.providers.net.public_only import IpAddress, PublicOnlyBackend
 from server.providers.web.base import PageError
-from server.providers.web.pages import fetch_page
+from server.providers.web.fetch import fetch_page
 
 
 class RecordingNetwork(AsyncNetworkBackend):

@@ -27,7 +27,8 @@ from server.providers.tools.current_time import CurrentTimeTool
 from server.providers.tools.fetch_url import FetchUrlTool
 from server.providers.tools.registry import build_tools
 from server.providers.web.base import PageError
-from server.providers.web.pages import extract_text, fetch_page
+from server.providers.web.fetch import HttpPageReader, fetch_page
+from server.providers.web.text import extract_text
 from tests.fakes.base import Exchange
 from tests.fakes.scripted import (
     Script,
@@ -188,7 +189,7 @@ async def test_current_time_rejects_unknown_zones(zone: object) -> None:
 async def test_build_tools_names_the_three_tools_with_json_schemas(
     http: httpx2.AsyncClient,
 ) -> None:
-    tools = build_tools(Settings(), http)
+    tools = build_tools(Settings(), HttpPageReader(http, Settings()))
     assert set(tools) == {"calculator", "current_time", "fetch_url"}
     for name, tool in tools.items():
         schema = tool.spec.openai_schema()
@@ -202,7 +203,7 @@ async def test_fetch_url_tool_returns_title_and_text(
 ) -> None:
     page = b"<html><head><title>Cats</title></head><body><p>Cats purr.</p></body></html>"
     server = await serve(constant(200, page, "text/html; charset=utf-8"))
-    tool = FetchUrlTool(http, Settings(fetch_allow_private=True))
+    tool = FetchUrlTool(HttpPageReader(http, Settings()))
     assert await tool.run({"url": server.base_url + "/cats"}) == "Title: Cats\n\nCats purr."
 
 
@@ -210,7 +211,7 @@ async def test_fetch_url_tool_turns_page_errors_into_tool_errors(
     serve: Serve, http: httpx2.AsyncClient
 ) -> None:
     server = await serve(constant(404, b"nope", "text/plain"))
-    tool = FetchUrlTool(http, Settings(fetch_allow_private=True))
+    tool = FetchUrlTool(HttpPageReader(http, Settings()))
     with pytest.raises(ToolError, match="404"):
         await tool.run({"url": server.base_url + "/missing"})
     with pytest.raises(ToolError):

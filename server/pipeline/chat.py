@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx2
-
 from server.config import Settings
 from server.pipeline.emit import Emitter
 from server.pipeline.generation import generate
@@ -14,6 +12,7 @@ from server.pipeline.web_search import inject_sources, run_web_search
 from server.providers.llm.router import ModelRouter
 from server.providers.search.base import SearchProvider
 from server.providers.tools.base import Tool
+from server.providers.web.base import PageReader
 from server.schemas import ChatRequest, TaskFailure
 
 
@@ -24,13 +23,13 @@ class ChatPipeline:
         models: ModelRouter,
         search: SearchProvider,
         tools: Mapping[str, Tool],
-        http: httpx2.AsyncClient,
+        pages: PageReader,
     ) -> None:
         self.settings = settings
         self.models = models
         self.search = search
         self.tools = tools
-        self.http = http
+        self.pages = pages
 
     async def run_chat(self, request: ChatRequest, emit: Emitter) -> None:
         """Run one chat request to its end, reporting through ``emit``.
@@ -47,7 +46,7 @@ class ChatPipeline:
             await emit.set_phase("web_search")
             query_model_id = self.settings.query_model or request.model
             sources = await run_web_search(
-                request, emit, settings=self.settings, search=self.search, http=self.http,
+                request, emit, settings=self.settings, search=self.search, pages=self.pages,
                 query_model=self.models.resolve(query_model_id), query_model_id=query_model_id,
             )
             if sources:

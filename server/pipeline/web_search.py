@@ -13,16 +13,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
 import trio
 
 from server.config import Settings
 from server.pipeline.emit import Emitter
+from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
-from server.providers.llm.local import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.search.base import SearchError, SearchProvider, SearchResult
-from server.providers.web.base import PageError
-from server.providers.web.pages import fetch_page
+from server.providers.web.base import PageError, PageReader
 from server.schemas import ChatRequest
 
 
@@ -99,7 +97,7 @@ async def run_web_search(
     *,
     settings: Settings,
     search: SearchProvider,
-    http: httpx2.AsyncClient,
+    pages: PageReader,
     query_model: ModelProvider | None,
     query_model_id: str,
 ) -> list[Source]:
@@ -150,10 +148,7 @@ async def run_web_search(
 
         async def one_page(i: int, result: SearchResult) -> None:
             try:
-                page = await fetch_page(
-                    http, result.url, timeout=settings.page_timeout_s,
-                    max_bytes=settings.page_max_bytes, max_chars=settings.page_max_chars,
-                )
+                page = await pages.read(result.url)
             except PageError as exc:
                 await emit("status", _status("fetch", f"Could not read {result.url}: {exc}",
                                              done=True, error=True, url=result.url))

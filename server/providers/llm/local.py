@@ -44,12 +44,10 @@ from typing import Any
 
 import trio
 
+from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, OnDelta, ToolCallDelta
 
 MODEL_ID = "local"
-QUERY_PROMPT_MARKER = "### Task: generate search queries"
-SOURCES_OPEN = "<sources>"
-SOURCES_CLOSE = "</sources>"
 
 _MAX_QUERY_WORDS = 8
 _MAX_SOURCES = 3

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from server.providers.search._http import text_field
 from server.providers.search.base import SearchResult
-from server.providers.web.pages import fragment_text
+from server.providers.web.text import fragment_text
 
 
 def parse_results(items: list[Any], count: int, *, snippet_key: str) -> list[SearchResult]:

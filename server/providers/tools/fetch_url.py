@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx2
-
-from server.config import Settings
 from server.providers.tools.base import ProgressReporter, ToolError, ToolSpec
-from server.providers.web.base import PageError
-from server.providers.web.pages import fetch_page
+from server.providers.web.base import PageError, PageReader
 
 __all__ = ["FetchUrlTool"]
 
@@ -33,13 +29,9 @@ SPEC = ToolSpec(
 class FetchUrlTool:
     """The ``fetch_url`` tool: ``{"url": str}`` → ``"Title: ...\\n\\n<text>"``."""
 
-    def __init__(self, http: httpx2.AsyncClient, settings: Settings) -> None:
-        """``http`` is the page client: it decides which addresses may be reached."""
+    def __init__(self, pages: PageReader) -> None:
         self.spec = SPEC
-        self._http = http
-        self._timeout = settings.page_timeout_s
-        self._max_bytes = settings.page_max_bytes
-        self._max_chars = settings.page_max_chars
+        self._pages = pages
 
     async def run(self, arguments: dict[str, Any],
                   progress: ProgressReporter | None = None) -> str:
@@ -53,13 +45,7 @@ class FetchUrlTool:
             raise ToolError("fetch_url needs a 'url' string")
         url = url.strip()
         try:
-            page = await fetch_page(
-                self._http,
-                url,
-                timeout=self._timeout,
-                max_bytes=self._max_bytes,
-                max_chars=self._max_chars,
-            )
+            page = await self._pages.read(url)
         except PageError as exc:
             raise ToolError(f"could not fetch {url}: {exc}") from None
         text = page.text or "(the page has no readable text)"

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-import httpx2
-
 from server.config import Settings
 from server.providers.tools.base import Tool
 from server.providers.tools.calculator import CalculatorTool
 from server.providers.tools.current_time import CurrentTimeTool
 from server.providers.tools.fetch_url import FetchUrlTool
 from server.providers.tools.mcp import McpServers, McpTool, function_name
+from server.providers.web.base import PageReader
 
 
-def build_tools(settings: Settings, http: httpx2.AsyncClient) -> dict[str, Tool]:
+def build_tools(settings: Settings, pages: PageReader) -> dict[str, Tool]:
     """Every built-in tool keyed by its ``spec.name``: calculator, current_time, fetch_url."""
-    tools: list[Tool] = [CalculatorTool(), CurrentTimeTool(), FetchUrlTool(http, settings)]
+    tools: list[Tool] = [CalculatorTool(), CurrentTimeTool(), FetchUrlTool(pages)]
     return {tool.spec.name: tool for tool in tools}
 
 
