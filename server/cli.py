@@ -11,7 +11,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -140,10 +141,30 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
+def settings_help() -> str:
+    """Every TETHER_* variable with its default, for ``--help`` (their meanings are in the
+    README's Configuration section and API.md)."""
+    lines = ["settings (TETHER_* variables, with their defaults):"]
+    for f in fields(Settings):
+        default = getattr(Settings(), f.name)
+        if isinstance(default, Mapping | tuple):
+            shown = ",".join(map(str, default)) or "(none)"
+        elif default is None:
+            shown = "(unset)"
+        elif isinstance(default, bool):
+            shown = "true" if default else "false"
+        else:
+            shown = str(default)
+        lines.append(f"  TETHER_{f.name.upper():<34} {shown}")
+    lines.append("Their meanings: README.md (Configuration) and API.md in the project.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tether", description="Tether chat server. Settings are TETHER_* environment "
-        "variables (or a .env file); README.md and API.md in the project document them.")
+        "variables (or a .env file); README.md and API.md in the project document them.",
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
                         version=f"tether {importlib.metadata.version('tether')}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import fields
 from typing import Any
 
 import pytest
 import trio
 
+from server.config import Settings
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import DieMidwayReply, ErrorReply, HangReply
 from tests.helpers import assert_log_well_formed, chat_body
+from tests.replicas import ROOT
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 
@@ -268,3 +272,13 @@ async def test_each_task_logs_one_line_when_it_starts_and_one_when_it_ends(
     assert lines[0].startswith(f"task={task_id} started mode=background")
     assert lines[1].startswith(f"task={task_id} cancelled mode=background")
     assert "reason=stop" in lines[1] and "run_s=" in lines[1]
+
+
+async def test_help_lists_every_setting_with_its_default_and_names_the_docs() -> None:
+    result = await trio.run_process([sys.executable, "-m", "server", "--help"], cwd=ROOT,
+                                    capture_stdout=True, env={"PATH": "/usr/bin:/bin"})
+    out = result.stdout.decode()
+    for f in fields(Settings):
+        assert f"TETHER_{f.name.upper()} " in out, f.name
+    assert "TETHER_BACKEND" in out and "memory" in out
+    assert "README.md" in out and "API.md" in out
