@@ -135,9 +135,12 @@ class CuttableProxy:
     async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream,
                     both: trio.CancelScope) -> None:
         first = True
-        async for data in source:
-            if first and sink.socket.getpeername()[1] == self.target_port:
-                self.websockets += data.startswith(b"GET /ws")
-            first = False
-            await sink.send_all(data)
+        try:
+            async for data in source:
+                if first and sink.socket.getpeername()[1] == self.target_port:
+                    self.websockets += data.startswith(b"GET /ws")
+                first = False
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # a side reset its connection (the browser does, on a cut): as a close
         both.cancel()  # one side closed: close the other too
