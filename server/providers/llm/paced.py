@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
 
 import httpx2
 import trio
@@ -27,17 +26,18 @@ from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream
 
 from server.providers.net.client import client_with_backend
 from server.providers.net.tls_safe import TlsSafeBackend
+from server.providers.net.wrapped import WrappedStream
 
 Pause = Callable[[], float]
 
 
-class PacedStream(AsyncNetworkStream):
+class PacedStream(WrappedStream):
     """A connection whose reads wait ``pause()`` seconds first. ``before_wait``, when set
     (by the reader of the response in flight), runs before each read: the moment the
     bytes already received are all parsed."""
 
     def __init__(self, inner: AsyncNetworkStream, pause: Pause) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._pause = pause
         self.before_wait: Callable[[], Awaitable[None]] | None = None
         # Smoothed time between two reads. A stream whose bytes come further apart than
@@ -61,19 +61,10 @@ class PacedStream(AsyncNetworkStream):
         self._last_read_at = now
         return data
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> AsyncNetworkStream:
         tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
         return PacedStream(tls, self._pause)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
 
 
 class _PacedBackend(AsyncNetworkBackend):

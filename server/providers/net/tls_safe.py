@@ -14,25 +14,14 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable
-from typing import Any
 
 import trio
 from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream, TrioBackend
 
+from server.providers.net.wrapped import WrappedStream
 
-class TlsSafeStream(AsyncNetworkStream):
-    def __init__(self, inner: AsyncNetworkStream) -> None:
-        self._inner = inner
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
+class TlsSafeStream(WrappedStream):
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> AsyncNetworkStream:
         """The TLS stream; cancelled or failed, the TCP stream is closed first (its close
@@ -43,9 +32,6 @@ class TlsSafeStream(AsyncNetworkStream):
             with trio.CancelScope(shield=True):
                 await self._inner.aclose()
             raise
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
 
 
 class TlsSafeBackend(AsyncNetworkBackend):
