@@ -809,3 +809,48 @@ async def test_cancelling_a_paced_stream_during_its_pause_closes_the_connection(
     async with paced(lambda: 3600 if collected.first.is_set() else 0) as http:
         conn = await _cancel_after_first_delta(upstream, http, collected)
     assert conn.closed_by == "client"
+
+
+async def test_a_paced_stream_silent_past_its_read_timeout_fails_and_is_closed(
+    upstream: ScriptedServer,
+) -> None:
+    """A plain connection's reads wait on the socket itself; the read timeout is kept by
+    the client's watchdog, which closes the connection: the model call fails as timed
+    out, and the upstream sees the connection closed."""
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        await send_sse(ex, chunk("first "))
+        await until_client_leaves()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    async with paced(lambda: 0.0) as http:
+        with trio.fail_after(WAIT), pytest.raises(ModelError, match="timed out"):
+            await model_for(upstream, http, timeout=0.3).stream_chat(BODY, collected)
+        conn = await upstream.wait_connection_closed(upstream.requests[0].conn_id)
+    assert [d.content for d in collected.deltas] == ["first "]
+    assert conn.closed_by == "client"
+
+
+async def test_a_paced_streams_read_timeout_bounds_each_read_not_the_stream(
+    upstream: ScriptedServer,
+) -> None:
+    """Chunks that come within the timeout of each other keep the stream going however
+    long it lasts in all (here twice the timeout)."""
+    async def handler(ex: Exchange) -> None:
+        await start_stream(ex)
+        for i in range(8):
+            await send_sse(ex, chunk(f"t{i} "))
+            await trio.sleep(0.1)  # the upstream's pace: a read waits about this long
+        await send_sse(ex, chunk(finish="stop"))
+        await ex.send("data: [DONE]\n\n")
+        await ex.finish()
+
+    upstream.route("POST", "/v1/chat/completions", handler)
+    collected = Collected()
+    async with paced(lambda: 0.0) as http:
+        with trio.fail_after(WAIT):
+            await model_for(upstream, http, timeout=0.4).stream_chat(BODY, collected)
+    assert "".join(d.content or "" for d in collected.deltas) == "".join(
+        f"t{i} " for i in range(8))
+    assert collected.finish_reason == "stop"
