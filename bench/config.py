@@ -33,9 +33,11 @@ class BenchConfig:
     scale_tokens: int = 200
     scale_rate: float = 50.0
     # (tasks, tokens/s, tokens): many slow streams
-    scale_slow_levels: tuple[tuple[int, float, int], ...] = ((1000, 5.0, 25),)
+    # 60 tokens: 12 s of streaming, so that the steady state outlasts the ramp of 1,000 chats
+    scale_slow_levels: tuple[tuple[int, float, int], ...] = ((1000, 5.0, 60),)
     scale_unbatched_levels: tuple[int, ...] = (100,)  # Tether without ?batch=1
     scale_floor_levels: tuple[int, ...] = (100, 300)  # the same streams on the relay floor
+    scale_floor_slow: bool = True  # the slow levels on the relay floor too
     scale_max_workers: int = 4  # WebSocket client worker processes
     scale_probe_interval_s: float = 0.02
     # 6. waiting tasks

@@ -143,8 +143,10 @@ def _scale(res: Results) -> list[str]:
            f"Concurrent background tasks, each streaming {fig.get('tokens')} tokens (1,000-task "
            "level: fewer, slower) from the fake model to its own WebSocket client (clients "
            "spread over worker processes; Tether's connect with `?batch=1` unless marked "
-           "unbatched). Time to task id: probe requests in the first half of the streaming, "
-           "interleaved with the `/healthz` floor. Event lag: arrival at the client minus the "
+           "unbatched). Ramp: from sending the chats until every client has its first token. "
+           "Time to task id: probe requests from then on, over the first half of the "
+           "streaming left, interleaved with the `/healthz` floor. Event lag (every token, "
+           "the ramp's included): arrival at the client minus the "
            "fake's send schedule (so it includes any lag of the fake itself). KB per task: the "
            "server's peak RSS above its RSS at start-up, divided by the tasks; per added task: its "
            "rise over the previous level's peak, divided by the added tasks (not judged at "
@@ -160,6 +162,7 @@ def _scale(res: Results) -> list[str]:
         table.append([
             str(r["tasks"]), f"{r.get('rate', fig.get('rate')):g}",
             "yes" if r.get("batch", True) else "no",
+            f"{r['ramp_s']:.2f}" if r.get("ramp_s") is not None else "–",
             _pair(r["ttid_p50"], r["ttid_p99"]), _pair(r["floor_p50"], r["floor_p99"]),
             _pair(r["ttid_ratio_p50"], r["ttid_ratio_p99"], _x),
             _pair(r["lag_p50"], r["lag_p99"]),
@@ -171,7 +174,7 @@ def _scale(res: Results) -> list[str]:
             else "–",
             "yes" if r["holds"] else "no",
         ])
-    out += _table(["tasks", "tokens/s each", "batched", "task id ms", "floor ms",
+    out += _table(["tasks", "tokens/s each", "batched", "ramp s", "task id ms", "floor ms",
                    "task id / floor", "event lag ms",
                    "events lost / out of order / undelivered / connections closed",
                    "server µs per token", "CPU % server / model / clients / bench",

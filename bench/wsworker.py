@@ -18,6 +18,9 @@ Commands, one JSON object per line on stdin, each answered by one JSON line on s
 - ``{"cmd": "chat", "bodies": [...]}``: send ``{"type": "chat", "request": body}`` on
   the i-th connection that has not sent one yet, for body i (the rest send nothing); answers
   ``{"sent_at": t}`` at once. A body's last user message is its marker.
+- ``{"cmd": "streaming", "deadline_s"}``: wait until every chatting connection has its first
+  token (or its terminal event, or is closed), for at most ``deadline_s``; answers
+  ``{"at": t}``, the moment the last of them got there (``null`` if some never did).
 - ``{"cmd": "wait", "stall_s", "hard_s", "started_at"}``: wait until every chatting connection
   has its terminal event (or is closed), or no event arrived for ``stall_s`` after
   ``started_at + hard_s``; answers ``{"complete", "pending": [task ids], "last_event_at"}``.
@@ -312,6 +315,18 @@ class Worker:
     def _chatting(self) -> list[_Conn]:
         return [c for c in self.conns if c.chat_sent_at]
 
+    async def streaming(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        with trio.move_on_after(float(cmd["deadline_s"])):
+            while True:
+                firsts = [min(c.tokens.values()) if c.tokens else None
+                          for c in self._chatting() if not c.terminal and not c.ws.closed]
+                if None not in firsts:
+                    return {"at": max(firsts, default=time.monotonic())}
+                self.changed = trio.Event()
+                with trio.move_on_after(0.05):
+                    await self.changed.wait()
+        return {"at": None}
+
     async def wait(self, cmd: dict[str, Any]) -> dict[str, Any]:
         started = float(cmd.get("started_at") or time.monotonic())
         hard, stall = float(cmd["hard_s"]), float(cmd["stall_s"])
@@ -448,6 +463,8 @@ async def serve() -> None:
                     answer = await worker.connect(cmd)
                 elif name == "chat":
                     answer = await worker.chat(cmd)
+                elif name == "streaming":
+                    answer = await worker.streaming(cmd)
                 elif name == "wait":
                     answer = await worker.wait(cmd)
                 elif name == "analyze":

@@ -7,11 +7,15 @@ R tokens/s. Tether's clients connect with ``?batch=1`` (what the browser client 
 on the unbatched levels. The same streams are also run against the relay floor
 (``baselines/relay_floor.py``), which relays each model chunk as one WebSocket frame.
 
-Each level is timed from the moment the chats are sent (t0; the streams last D = T / R):
+Each level is timed from the moment the chats are sent (t0; the streams last D = T / R).
+The burst of N chats is the ramp: it ends at t1, when every client has its first token
+(``ramp_s`` = t1 - t0; admitting N tasks and opening N model requests at once is its own
+load, not the steady state of N streams). Then:
 
-- first half (t0 to t0 + D/2): a probe client sends background POSTs (short answers)
-  interleaved with the ``/healthz`` floor: the time to task id under this load;
-- CPU window (t0 + D/2 to t0 + 0.9 D, at least 0.5 s), with the probe stopped: CPU % of
+- first half of what remains (t1 to h = t1 + (t0 + D - t1) / 2): a probe client sends
+  background POSTs (short answers) interleaved with the ``/healthz`` floor: the time to
+  task id while N tasks stream;
+- CPU window (h to t0 + 0.9 D, at least 0.5 s), with the probe stopped: CPU % of
   every process over the window (who ran out of CPU), and the server's CPU over the window
   per token that reached a client in it (``us_per_token_window``: steady state, but
   meaningless once the server lags by more than the window);
@@ -216,7 +220,6 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
                                                for _ in range(c)]})
     stop = trio.Event()
     cpu0, t0 = b.cpu_by_process(), time.monotonic()
-    await pool.each(cmds)
     window: list[float] = []
     busy_a = busy_b = 0.0
     cpu_a: dict[str, float] = {}
@@ -224,10 +227,20 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
     waited: list[dict[str, Any]] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_rss, b, probe, stop, proc)
+        await pool.each(cmds)
+        # The level is measured once every task streams: the burst of chats that starts
+        # them (N tasks admitted, N model requests opened at once) is the ramp, reported
+        # as its own figure, not the steady state the level holds.
+        reached = await pool.all({"cmd": "streaming", "deadline_s": duration}, used)
+        ats = [a.get("at") for a in reached]
+        t_streaming = max(ats) if None not in ats and ats else time.monotonic()
+        ramp_s = t_streaming - t0 if None not in ats else None
+        half = max(t_streaming, t0 + duration / 2) if ramp_s is None else (
+            t_streaming + max(0.5, (t0 + duration - t_streaming) / 2))
         if tether:
-            nursery.start_soon(probe_loop, b, probe, t0 + duration / 2, chat_id,
+            nursery.start_soon(probe_loop, b, probe, half, chat_id,
                                b.cfg.scale_probe_interval_s, port)
-        await trio.sleep_until(_trio_at(t0 + duration / 2))
+        await trio.sleep_until(_trio_at(half))
         cpu_a, busy_a, ta = b.cpu_by_process(), b.machine_busy_s(), time.monotonic()
         await trio.sleep(max(0.5, t0 + 0.9 * duration - ta))
         cpu_b, busy_b, tb = b.cpu_by_process(), b.machine_busy_s(), time.monotonic()
@@ -298,6 +311,7 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
                                             1) if window else None,
         "peak_rss_mb": round(probe.peak_rss_mb, 1), "rss_before_mb": round(rss_before, 1),
         "kb_per_task": kb_per_task, "duration_s": round(wall, 2),
+        "ramp_s": None if ramp_s is None else round(ramp_s, 2),
     }
     # Memory is judged in run(), against the level before (see _memory).
     row["holds_latency"] = bool(
@@ -373,7 +387,7 @@ async def run(b: Bench) -> None:
     try:
         levels: list[dict[str, Any]] = []
         extra: list[dict[str, Any]] = []
-        floors: dict[int, dict[str, Any]] = {}
+        floors: dict[tuple[int, float], dict[str, Any]] = {}
         for n in cfg.scale_levels:
             spec = Spec(n, cfg.scale_rate, cfg.scale_tokens)
             row = await run_level(b, pool, spec)
@@ -389,16 +403,20 @@ async def run(b: Bench) -> None:
             row = await run_level(b, pool, spec)
             extra.append(row)
             _progress(b, spec, row)
-        for n in cfg.scale_floor_levels:
-            spec = Spec(n, cfg.scale_rate, cfg.scale_tokens, target="floor")
+        floor_specs = [Spec(n, cfg.scale_rate, cfg.scale_tokens, target="floor")
+                       for n in cfg.scale_floor_levels]
+        if cfg.scale_floor_slow:
+            floor_specs += [Spec(n, rate, tokens, target="floor")
+                            for n, rate, tokens in cfg.scale_slow_levels]
+        for spec in floor_specs:
             row = await run_level(b, pool, spec)
-            floors[n] = row
+            floors[(spec.n, spec.rate)] = row
             _progress(b, spec, row)
     finally:
         await pool.stop()
     per_token: list[dict[str, Any]] = []
     for row in [*levels, *extra]:
-        floor = floors.get(row["tasks"]) if row["rate"] == cfg.scale_rate else None
+        floor = floors.get((row["tasks"], row["rate"]))
         if floor is None:
             continue
         per_token.append({
