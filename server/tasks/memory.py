@@ -7,7 +7,7 @@ task manager's record and the stored one agree only through ``save``, ``append``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -31,6 +31,11 @@ class MemoryBackend:
         self._active_ids: set[str] = set()
         self._active_total = 0
         self._active_by_user: dict[str, int] = {}
+        # The tasks of each session and chat, in admission order: a connection attaching
+        # to its session lists that session's tasks, and with thousands of tasks here a
+        # scan of them all per connection made a burst of connections quadratic.
+        self._by_session: dict[str, dict[str, None]] = {}
+        self._by_chat: dict[str, dict[str, None]] = {}
 
     # Admission counts are kept incrementally so that admitting a task is O(1) even with
     # thousands of tasks in the registry.
@@ -42,6 +47,9 @@ class MemoryBackend:
         record.last_seq = log.append("task:queued", {}).seq
         self._records[record.id] = record.copy()
         self._logs[record.id] = log
+        for index, key in ((self._by_session, record.session_id), (self._by_chat, record.chat_id)):
+            if key is not None:
+                index.setdefault(key, {})[record.id] = None
         self._active_ids.add(record.id)
         self._active_total += 1
         self._active_by_user[record.user] = user_count + 1
@@ -80,9 +88,15 @@ class MemoryBackend:
         session_id: str | None = None,
         include_finished: bool = False,
     ) -> list[TaskRecord]:
+        if session_id is not None:
+            ids: Iterable[str] = self._by_session.get(session_id, {})
+        elif chat_id is not None:
+            ids = self._by_chat.get(chat_id, {})
+        else:
+            ids = self._records
         return [
             r.copy()
-            for r in self._records.values()
+            for r in map(self._records.__getitem__, ids)
             if r.user == user
             and (include_finished or r.active)
             and (chat_id is None or r.chat_id == chat_id)
@@ -152,8 +166,15 @@ class MemoryBackend:
                 kept.sort(key=lambda r: r.ended_at or 0.0)
                 expired += [r.id for r in kept[:excess]]
         for task_id in expired:
-            del self._records[task_id]
+            record = self._records.pop(task_id)
             del self._logs[task_id]
+            for index, key in ((self._by_session, record.session_id),
+                               (self._by_chat, record.chat_id)):
+                ids = index.get(key) if key is not None else None
+                if ids is not None:
+                    ids.pop(task_id, None)
+                    if not ids:
+                        del index[key]  # type: ignore[arg-type]
         return expired
 
     async def counts(self) -> tuple[int, dict[str, int]]:
