@@ -333,8 +333,10 @@ def _paths() -> dict[str, Any]:
                  404: "No indexed document has this path (or the search provider is not "
                       "`local`)."})},
             operationId="getLocalDocument",
-            parameters=[_path_param("path", "The document's path relative to the folder, "
-                                            "as in the source's `url`; it may hold slashes.")])},
+            parameters=[{**_path_param("path", "The document's path relative to the folder, "
+                                               "as in the source's `url`; it may hold "
+                                               "slashes."),
+                         "example": "web-search.md"}])},
         "/healthz": {"get": _operation("Liveness", {"200": _json("Health", "Alive.")},
                                        keyed=False, operationId="healthz")},
         "/health": {"get": _operation("Liveness (alias)", {"200": _json("Health", "Alive.")},
