@@ -15,7 +15,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from server.api import chat, health, models, openapi, page, tasks, tools, ws
+from server.api import chat, health, local_docs, models, openapi, page, tasks, tools, ws
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
 from server.api.common import close_if_body_unread, error_response
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
         bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
-                      page.blueprint, tools.blueprint, openapi.blueprint):
+                      page.blueprint, tools.blueprint, local_docs.blueprint, openapi.blueprint):
         app.register_blueprint(blueprint)
 
     @app.before_serving

@@ -373,6 +373,32 @@ async def test_markup_in_model_output_and_page_titles_is_never_executed(
     await in_browser(scenario)
 
 
+async def test_a_local_source_link_opens_its_document_in_a_new_tab(
+    start_tether: Callable[..., Any],
+) -> None:
+    tether: Tether = await start_tether(llm_base_url=None, default_model="local",
+                                        search_provider="local", search_query_generation=True)
+
+    def scenario(context: BrowserContext) -> None:
+        page, errors = open_page(context, tether.base_url)
+        ask(page, "How does Tether cancel a web search?", web_search=True)
+        expect(page.get_by_test_id("task-state")).to_have_text("completed")
+        link = page.get_by_test_id("sources").get_by_role("link",
+                                                          name="The web search pipeline")
+        # The source's URL is relative to the server: the link resolves it against the page.
+        document_url = tether.base_url + "/api/local-docs/web-search.md"
+        expect(link).to_have_attribute("href", document_url)
+        with context.expect_page() as opened:
+            link.click()
+        document = opened.value
+        document.wait_for_load_state()
+        assert document.url == document_url
+        expect(document.locator("body")).to_contain_text("# The web search pipeline")
+        errors.assert_none()
+
+    await in_browser(scenario)
+
+
 async def test_a_websocket_from_another_origin_is_refused(
     start_tether: Callable[..., Any], fakes: Fakes
 ) -> None:

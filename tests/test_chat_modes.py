@@ -124,7 +124,7 @@ async def test_local_model_answers_web_search_from_local_docs(start_tether: obje
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["sources"], body
-    assert all(s["url"].startswith("local://") for s in body["sources"])
+    assert all(s["url"].startswith("/api/local-docs/") for s in body["sources"])
     assert "[1]" in body["choices"][0]["message"]["content"]
 
 

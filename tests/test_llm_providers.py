@@ -15,11 +15,11 @@ import trio
 from server.config import Settings
 from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
+from server.providers.llm.extractive import best_sentences, split_sentences, terms
 from server.providers.llm.local import (
     LocalModel,
     find_expression,
     find_url,
-    first_sentence,
 )
 from server.providers.llm.openai_compat import OpenAICompatibleModel
 from server.providers.llm.paced import paced_client
@@ -84,9 +84,13 @@ def user(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 
 
-def tool_spec(name: str) -> dict[str, Any]:
+def tool_spec(name: str, description: str = "", properties: dict[str, Any] | None = None,
+              required: list[str] | None = None) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"type": "object", "properties": properties or {}}
+    if required is not None:
+        parameters["required"] = required
     return {"type": "function",
-            "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+            "function": {"name": name, "description": description, "parameters": parameters}}
 
 
 ALL_TOOLS = [tool_spec("calculator"), tool_spec("fetch_url"), tool_spec("current_time")]
@@ -241,18 +245,100 @@ async def test_local_model_answers_with_the_tool_result() -> None:
     assert collected.finish_reason == "stop"
 
 
-async def test_local_model_answers_from_the_first_three_sources_with_citations() -> None:
+async def test_local_model_quotes_the_sentences_that_answer_with_citations() -> None:
     system = sources_message(
-        ("Trio", "https://trio.rtfd.io", "Trio is a friendly async library. It has nurseries."),
-        ("Nurseries", "https://example.org/n", "# Heading\nA nursery holds tasks! More here."),
-        ("Empty", "https://example.org/e", ""),
-        ("Fourth", "https://example.org/4", "Never cited."),
+        ("Trio", "https://trio.rtfd.io",
+         "# Trio\nTrio is a friendly async library for Python. It was first released in "
+         "2017.\n\n```python\nnursery.start_soon(nurseries)  # code is not quoted\n```"),
+        ("Pets", "https://example.org/p", "Cats sleep most of the day. Dogs like long walks."),
+        ("Nurseries", "https://example.org/n",
+         "## Nurseries and tasks\n- A nursery holds the tasks it starts until they end.\n"
+         "| nursery | a table row is not quoted |\nThe weather was fine that week."),
     )
-    collected = await run_local({"messages": [system, user("What is trio?")]})
+    collected = await run_local({"messages": [system, user("What do trio nurseries do?")]})
+    # In the sources' order, each with its source's number; the pets are not cited.
     assert collected.content == (
-        "Here is what I found: Trio is a friendly async library. [1] A nursery holds tasks! "
-        "[2] Empty [3]")
+        "Trio is a friendly async library for Python. [1] "
+        "A nursery holds the tasks it starts until they end. [3]")
     assert collected.finish_reason == "stop"
+
+
+async def test_local_model_quotes_at_most_three_sentences() -> None:
+    system = sources_message(("Otters", "https://example.org/o", " ".join(
+        f"Otter fact number {i} is about otters." for i in range(1, 7))))
+    collected = await run_local({"messages": [system, user("Tell me about otters")]})
+    assert collected.content.count("[1]") == 3
+
+
+async def test_local_model_says_when_no_source_answers() -> None:
+    system = sources_message(("Pets", "https://example.org/p", "Cats sleep most of the day."))
+    collected = await run_local({"messages": [system, user("How do volcanoes form?")]})
+    assert collected.content == "I found nothing in the sources that answers this."
+
+
+async def test_local_model_does_not_end_a_question_twice() -> None:
+    for question, said in (("who are you?", "who are you?"), ("Stop!", "Stop!"),
+                           ("Do it.", "Do it."), ("  Say hi  ", "Say hi.")):
+        collected = await run_local({"messages": [user(question)]})
+        assert collected.content.startswith(f"You asked: {said} I am Tether's"), question
+
+
+WEATHER = tool_spec("get_weather", "Get the current weather in a given location", {
+    "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, ["location"])
+BOOKING = tool_spec("book_table", "Reserve seats at a restaurant", {
+    "guests": {"type": "integer", "minimum": 1, "maximum": 12},
+    "city": {"type": "string"}, "outdoor": {"type": "boolean"},
+    "note": {"type": "string"}}, ["guests", "city"])
+SEARCH = tool_spec("search_docs", "Search the documentation", {
+    "query": {"type": "string"}, "limit": {"type": "integer"}}, ["query"])
+
+
+async def call_for(text: str, tools: list[dict[str, Any]], **extra: Any) -> tuple[str, Any]:
+    collected = await run_local({"messages": [user(text)], "tools": tools, **extra})
+    [call] = collected.tool_calls()
+    assert collected.finish_reason == "tool_calls"
+    return call["name"], json.loads(call["arguments"])
+
+
+async def test_local_model_fills_an_offered_function_from_the_message() -> None:
+    tools = [SEARCH, BOOKING, WEATHER]
+    assert await call_for("What's the weather like in Paris today?", tools) == (
+        "get_weather", {"location": "Paris"})
+    assert await call_for("Weather in New York, NY in fahrenheit please", tools) == (
+        "get_weather", {"location": "New York, NY", "unit": "fahrenheit"})
+    # The description fits too; 0 guests is under the minimum, 4 is the first that fits.
+    assert await call_for("Reserve 0 then 4 seats at a restaurant in Lyon, not outdoor",
+                          tools) == ("book_table", {"guests": 4, "city": "Lyon",
+                                                    "outdoor": False})
+    assert await call_for("Search the docs for cancel scopes, limit 5", tools) == (
+        "search_docs", {"query": "cancel scopes", "limit": 5})
+
+
+async def test_local_model_answers_text_when_the_function_cannot_be_filled() -> None:
+    tagged = tool_spec("tag_weather", "", {"tags": {"type": "array"}}, ["tags"])
+    for text, tools in (("Will the weather hold?", [WEATHER]),  # no place in it
+                        ("Weather in Oslo", [tagged]),  # an array cannot be read
+                        ("Hello there", [WEATHER, BOOKING, SEARCH])):  # nothing fits
+        collected = await run_local({"messages": [user(text)], "tools": tools})
+        assert collected.tool_calls() == [], text
+        assert collected.content.startswith("You asked:")
+
+
+async def test_local_model_built_in_tools_come_before_other_functions() -> None:
+    tools = [WEATHER, tool_spec("calculator")]
+    assert await call_for("What is 2 + 2 for the weather in Paris?", tools) == (
+        "calculator", {"expression": "2 + 2"})
+
+
+async def test_local_model_calls_an_unrelated_function_only_when_a_call_is_required() -> None:
+    message = "I am flying to Rome tomorrow"
+    assert (await run_local({"messages": [user(message)], "tools": [WEATHER]})).tool_calls() == []
+    assert await call_for(message, [WEATHER], tool_choice="required") == (
+        "get_weather", {"location": "Rome"})
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    assert await call_for(message, [SEARCH, WEATHER], tool_choice=forced) == (
+        "get_weather", {"location": "Rome"})
 
 
 @pytest.mark.parametrize(("text", "expression"), [
@@ -273,11 +359,54 @@ def test_find_url_leaves_sentence_punctuation_out() -> None:
     assert find_url("no link") is None
 
 
-def test_first_sentence_is_the_earliest_one_and_is_bounded() -> None:
-    assert first_sentence("Is it? Yes. More.") == "Is it?"
-    assert first_sentence("Pi is 3.14 exactly.") == "Pi is 3.14 exactly."
-    long = first_sentence("word " * 100)
-    assert len(long) <= 203 and long.endswith("...")
+def test_split_sentences_keeps_prose_and_drops_markdown_structure() -> None:
+    text = """Title
+=====
+
+# A heading
+**Lead-in.** First sentence, e.g. with an abbreviation. Pi is 3.14 here! Is it
+wrapped? Yes (it is.) Next one.
+
+- A list item.
+2) A numbered item
+that wraps.
+> A quote.
+
+```sh
+echo "Not a sentence."
+```
+| a | table. |
+|---|---|
+---
+<div>
+Last words."""
+    assert [s.text for s in split_sentences(text)] == [
+        "First sentence, e.g. with an abbreviation.", "Pi is 3.14 here!", "Is it wrapped?",
+        "Yes (it is.)", "Next one.", "A list item.", "A numbered item that wraps.",
+        "A quote.", "Last words."]
+
+
+def test_split_sentences_cuts_a_very_long_sentence() -> None:
+    [sentence] = split_sentences("word " * 200)
+    assert len(sentence.text) <= 403 and sentence.text.endswith("...")
+
+
+def test_terms_match_the_forms_of_a_word() -> None:
+    assert len({*terms("cancel cancels cancelled cancelling cancellation")}) == 1
+    assert terms("How do searches stop?") == terms("search stopped")
+    assert terms("the web_search feature") == ["web_search", "featur"]
+
+
+def test_best_sentences_keep_only_those_near_the_best() -> None:
+    sources = [(1, "Penguins swim fast in cold water.\n\nThe zoo opens at nine every day."
+                   "\n\nA shop near the gate sells hats, maps, mugs, toy penguins and many "
+                   "other souvenirs."),
+               (2, "Penguins and swimming go together.")]
+    # The shop's sentence names penguins, but scores under half the best: not quoted.
+    quoted = best_sentences("Can penguins swim?", sources, count=5)
+    assert [(q.source, q.text) for q in quoted] == [
+        (1, "Penguins swim fast in cold water."), (2, "Penguins and swimming go together.")]
+    assert best_sentences("who are you?", sources) == []
 
 
 # --- a loopback OpenAI-compatible upstream -------------------------------------------------

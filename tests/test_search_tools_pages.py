@@ -593,7 +593,7 @@ def corpus(tmp_path: Path) -> Path:
 
 async def test_local_search_finds_documents_by_word(corpus: Path) -> None:
     results = await LocalSearch(corpus).search("how do I cancel?", 5)
-    assert [r.url for r in results] == ["local://guide/cancel.md"]
+    assert [r.url for r in results] == ["/api/local-docs/guide/cancel.md"]
     (result,) = results
     assert result.title == "Cancel scopes"
     assert "Cancelling a scope" in result.snippet
@@ -602,18 +602,36 @@ async def test_local_search_finds_documents_by_word(corpus: Path) -> None:
 
 async def test_local_search_stems_and_ranks(corpus: Path) -> None:
     results = await LocalSearch(corpus).search("nurseries tasks", 5)
-    assert results[0].url == "local://nurseries.md"
-    assert {r.url for r in results} == {"local://nurseries.md", "local://guide/cancel.md"}
+    assert results[0].url == "/api/local-docs/nurseries.md"
+    assert {r.url for r in results} == {"/api/local-docs/nurseries.md",
+                                        "/api/local-docs/guide/cancel.md"}
 
 
 async def test_local_search_titles_and_file_types(corpus: Path) -> None:
     index = await LocalSearch.build(corpus)
     penguins = await index.search("penguins", 5)
-    assert [(r.url, r.title) for r in penguins] == [("local://notes.txt", "notes.txt")]
+    assert [(r.url, r.title) for r in penguins] == [("/api/local-docs/notes.txt", "notes.txt")]
     otters = await index.search("otters", 5)
     assert [(r.url, r.title) for r in otters] == [
-        ("local://untitled.markdown", "untitled.markdown")
+        ("/api/local-docs/untitled.markdown", "untitled.markdown")
     ]
+
+
+async def test_local_search_reads_back_indexed_documents_only(corpus: Path) -> None:
+    _write(corpus.parent, "outside.md", "# Outside\n\npenguins")
+    index = LocalSearch(corpus, max_content_chars=10)
+    # The whole text, whatever the cap on a result's content.
+    assert await index.document("guide/cancel.md") == (
+        "# Cancel scopes\n\nCancelling a scope stops its tasks.")
+    for path in ("../outside.md", "guide/../nurseries.md", "/nurseries.md", ".hidden/secret.md",
+                 "image.png", "missing.md", "guide", ""):
+        assert await index.document(path) is None, path
+
+
+async def test_local_search_urls_are_percent_encoded(tmp_path: Path) -> None:
+    _write(tmp_path, "two words/ünïcode #1.md", "# Walruses\n\nWalruses dive.")
+    [result] = await LocalSearch(tmp_path).search("walruses", 3)
+    assert result.url == "/api/local-docs/two%20words/%C3%BCn%C3%AFcode%20%231.md"
 
 
 async def test_local_search_caps_content_and_count(tmp_path: Path) -> None:
@@ -673,7 +691,7 @@ async def test_the_project_docs_are_searchable() -> None:
     index = LocalSearch(Settings().search_local_dir)
     results = await index.search("cancel scope", 3)
     assert results
-    assert all(r.url.startswith("local://") and r.content for r in results)
+    assert all(r.url.startswith("/api/local-docs/") and r.content for r in results)
 
 
 # --------------------------------------------------------------------------- factory

@@ -323,6 +323,20 @@ def _paths() -> dict[str, Any]:
         "/api/tools": {"get": _operation(
             "The server tools `tool_ids` accepts", {"200": _json("ToolList", "The tools.")},
             operationId="listTools")},
+        "/api/local-docs/{path}": {"get": _operation(
+            "A document of the `local` search folder (the target of its sources' `url`)",
+            {"200": {"description": "The document's text: Markdown as `text/markdown`, "
+                                    "`.txt` as `text/plain`.",
+                     "content": {"text/markdown": {"schema": {"type": "string"}},
+                                 "text/plain": {"schema": {"type": "string"}}}},
+             **_errors(404, described={
+                 404: "No indexed document has this path (or the search provider is not "
+                      "`local`)."})},
+            operationId="getLocalDocument",
+            parameters=[{**_path_param("path", "The document's path relative to the folder, "
+                                               "as in the source's `url`; it may hold "
+                                               "slashes."),
+                         "example": "web-search.md"}])},
         "/healthz": {"get": _operation("Liveness", {"200": _json("Health", "Alive.")},
                                        keyed=False, operationId="healthz")},
         "/health": {"get": _operation("Liveness (alias)", {"200": _json("Health", "Alive.")},

@@ -339,10 +339,11 @@ function linkCitations(fragment, turn) {
   }
 }
 
-/** The URL if it is http(s), else null: a source must not become a javascript: link. */
+/** The URL if it is http(s), else null: a source must not become a javascript: link. A
+ * relative URL is Tether's own (the local search's documents, /api/local-docs/...). */
 function safeUrl(raw) {
   try {
-    const url = new URL(raw);
+    const url = new URL(raw, document.baseURI);
     return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
   } catch {
     return null;

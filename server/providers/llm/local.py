@@ -11,22 +11,29 @@ pacing). It reads the last user message and applies the first rule that fits:
 2. **Tool results.** If ``role: "tool"`` messages follow the last user message, it answers
    "The <tool> tool returned: <result>." for each of them (a result longer than 300
    characters is cut at a word, with "...").
-3. **Tool calls**, only for tools the request offers in ``tools`` (and not with
-   ``tool_choice: "none"``):
+3. **Tool calls**, only for functions the request offers in ``tools`` (and not with
+   ``tool_choice: "none"``). First the built-in tools, by name:
    - ``calculator`` with ``{"expression": ...}`` when the message holds an arithmetic
      expression: digits, spaces, brackets and ``.`` with at least one operator
      (``+ - * / % ^ **``) between two numbers, e.g. "what is (2 + 3) * 4?";
    - else ``fetch_url`` with ``{"url": ...}`` when it holds an http(s) URL;
    - else ``current_time`` with ``{}`` when it has the word "time" or "date".
 
+   Else any other offered function that shares a word with the message (in its name or
+   description) and whose required parameters the message fills, the best fit first:
+   ``get_weather(location, unit)`` for "What's the weather like in Paris today?" gives
+   ``{"location": "Paris"}`` (``tool_arguments`` says how each type is read).
+
    The call has id ``call_<hash>`` and the answer ends with finish reason ``tool_calls``.
 4. **Web sources.** When a system message holds sources between ``<sources>`` and
    ``</sources>`` (lines ``[n] <title> (<url>)``, each followed by that source's text), it
-   answers "Here is what I found: " and, for each of the first three sources, the first
-   sentence of its text (at most about 200 characters; the title when there is no text)
-   followed by its citation marker `` [n]``.
+   quotes the sentences of the sources that best answer the question (at most three,
+   ranked with BM25 over sentences: see ``extractive``), in the order they come in the
+   sources, each followed by its citation marker `` [n]``. A source with no such sentence
+   is not cited; when no source has one, it says so.
 5. **Otherwise** "You asked: <last user message>. I am Tether's built-in local model;
-   configure TETHER_LLM_BASE_URL to use a real model."
+   configure TETHER_LLM_BASE_URL to use a real model." (with no full stop added after a
+   message that ends with its own).
 
 ``max_tokens`` (or ``max_completion_tokens``) caps the tokens of a text answer; a capped
 answer ends with finish reason ``length``, a whole one with ``stop``. The last delta carries
@@ -46,20 +53,17 @@ import trio
 
 from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, OnDelta, ToolCallDelta
+from server.providers.llm.extractive import STOP_WORDS, best_sentences
+from server.providers.llm.tool_arguments import FunctionSpec, choose_function, find_url
 
 MODEL_ID = "local"
 
 _MAX_QUERY_WORDS = 8
-_MAX_SOURCES = 3
-_MAX_SENTENCE_CHARS = 200
+_MAX_QUOTED_SENTENCES = 3
 _MAX_TOOL_RESULT_CHARS = 300
-
-_STOP_WORDS = frozenset("""
-a about an and any are as at be been being but by can could did do does doing for from
-had has have how i i'd i'm if in into is it it's its just know me my need of on or our
-please say should so some tell than that that's the their them then there these they this
-those to us was we were what what's when where which who why will with would you your
-""".split())
+# The tools with rules of their own; other offered functions are matched by their schema.
+_BUILT_IN_TOOLS = frozenset({"calculator", "fetch_url", "current_time"})
+_NOTHING_FOUND = "I found nothing in the sources that answers this."
 
 # A word for the query keywords: letters and digits, keeping inner marks as in "node.js",
 # "C++", "don't" or "3.11".
@@ -69,11 +73,9 @@ _WORD = re.compile(r"\w(?:[\w'.+#-]*[\w+#])?")
 # numbers (so "2024" or "(see 3)" do not, "2 + 2" and "(1.5)*2" do).
 _EXPRESSION_RUN = re.compile(r"[\d(][\d\s.()+\-*/%^]*[\d.)]")
 _OPERATOR_BETWEEN_NUMBERS = re.compile(r"\d\.?[\s)]*(?:\*\*|[+\-*/%^])[\s(]*\.?\d")
-_URL = re.compile(r"https?://[^\s<>\"'`]+", re.IGNORECASE)
 _TIME_WORD = re.compile(r"\b(?:time|date)\b", re.IGNORECASE)
 _QUESTION_LINE = re.compile(r"^Question:[ \t]*(.*)", re.MULTILINE | re.DOTALL)
 _SOURCE_HEADER = re.compile(r"^\[(\d+)\][ \t]+(.*?)(?:[ \t]+\((\S+)\))?[ \t]*$")
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 _TOKEN = re.compile(r"\S+\s*")
 
 
@@ -161,14 +163,20 @@ def plan_reply(body: dict[str, Any]) -> LocalReply:
     after_question = messages[last_user + 1:]
     if any(m.get("role") == "tool" for m in after_question):
         return LocalReply(text=_tool_results_answer(after_question))
-    call = _choose_tool_call(question, _offered_tools(body))
+    call = _choose_tool_call(question, body)
     if call is not None:
         return LocalReply(tool_call=call)
-    sources = [s for s in parse_sources(messages) if s.text or s.title][:_MAX_SOURCES]
+    sources = parse_sources(messages)
     if sources:
-        sentences = [f"{first_sentence(s.text or s.title)} [{s.number}]" for s in sources]
-        return LocalReply(text="Here is what I found: " + " ".join(sentences))
-    return LocalReply(text=f"You asked: {question.strip()}. I am Tether's built-in local model; "
+        quoted = best_sentences(question, [(s.number, s.text) for s in sources],
+                                _MAX_QUOTED_SENTENCES)
+        if not quoted:
+            return LocalReply(text=_NOTHING_FOUND)
+        return LocalReply(text=" ".join(f"{q.text} [{q.source}]" for q in quoted))
+    asked = question.strip()
+    # "You asked: who are you?." would end the question twice.
+    stop = "" if asked.endswith((".", "!", "?")) else "."
+    return LocalReply(text=f"You asked: {asked}{stop} I am Tether's built-in local model; "
                            "configure TETHER_LLM_BASE_URL to use a real model.")
 
 
@@ -181,7 +189,7 @@ def query_keywords(prompt: str) -> str:
         # No "Question:" line: everything after the marker line is the question.
         question = prompt.lstrip().removeprefix(QUERY_PROMPT_MARKER)
     words = _WORD.findall(question)
-    kept = [w for w in words if w.lower() not in _STOP_WORDS]
+    kept = [w for w in words if w.lower() not in STOP_WORDS]
     # A question made only of stop words ("who are you") still deserves a query.
     return " ".join((kept or words)[:_MAX_QUERY_WORDS])
 
@@ -194,17 +202,6 @@ def find_expression(text: str) -> str | None:
         if _OPERATOR_BETWEEN_NUMBERS.search(candidate):
             return candidate
     return None
-
-
-def find_url(text: str) -> str | None:
-    """The first http(s) URL in ``text``, without the punctuation that ends a sentence."""
-    found = _URL.search(text)
-    if found is None:
-        return None
-    url = found.group(0).rstrip(".,;:!?")
-    if url.endswith(")") and url.count("(") < url.count(")"):
-        url = url[:-1]  # "(see https://x.org/a)": the bracket is the sentence's
-    return url
 
 
 def parse_sources(messages: list[dict[str, Any]]) -> list[LocalSource]:
@@ -225,23 +222,17 @@ def parse_sources(messages: list[dict[str, Any]]) -> list[LocalSource]:
                 headers.append((int(header.group(1)), header.group(2).strip(),
                                 header.group(3) or ""))
                 bodies.append([])
-            elif bodies and line.strip() and not line.lstrip().startswith("#"):
-                # Markdown headings of the page are titles, not sentences: skipped.
-                bodies[-1].append(line.strip())
-        return [LocalSource(n, title, url, " ".join(lines))
+            elif bodies:
+                # Lines as they are: the Markdown's structure tells sentences from the rest.
+                bodies[-1].append(line)
+        return [LocalSource(n, title, url, "\n".join(lines).strip())
                 for (n, title, url), lines in zip(headers, bodies, strict=True)]
     return []
 
 
-def first_sentence(text: str) -> str:
-    """The first sentence of ``text``, cut at a word near 200 characters if longer."""
-    text = " ".join(text.split())
-    end = _SENTENCE_END.search(text)
-    sentence = text[:end.end()] if end is not None else text
-    return _shorten(sentence, _MAX_SENTENCE_CHARS)
-
-
-def _choose_tool_call(question: str, offered: set[str]) -> tuple[str, str] | None:
+def _choose_tool_call(question: str, body: dict[str, Any]) -> tuple[str, str] | None:
+    functions = _offered_functions(body)
+    offered = {f.name for f in functions}
     if "calculator" in offered:
         expression = find_expression(question)
         if expression is not None:
@@ -252,24 +243,37 @@ def _choose_tool_call(question: str, offered: set[str]) -> tuple[str, str] | Non
             return "fetch_url", json.dumps({"url": url})
     if "current_time" in offered and _TIME_WORD.search(question):
         return "current_time", "{}"
-    return None
+    choice = body.get("tool_choice")
+    # "required", or one function named: a call must be made, even without a shared word.
+    required = choice == "required" or (isinstance(choice, dict)
+                                        and isinstance(choice.get("function"), dict))
+    others = [f for f in functions if f.name not in _BUILT_IN_TOOLS]
+    chosen = choose_function(question, others, call_required=required)
+    if chosen is None:
+        return None
+    name, arguments = chosen
+    return name, json.dumps(arguments)
 
 
-def _offered_tools(body: dict[str, Any]) -> set[str]:
-    """Names of the function tools the model may call, after ``tool_choice``."""
+def _offered_functions(body: dict[str, Any]) -> list[FunctionSpec]:
+    """The function tools the model may call, in the order offered, after ``tool_choice``."""
     choice = body.get("tool_choice")
     if choice == "none":
-        return set()
-    names: set[str] = set()
+        return []
+    forced = choice.get("function") if isinstance(choice, dict) else None
+    functions: list[FunctionSpec] = []
     for tool in body.get("tools") or []:
         function = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            names.add(function["name"])
-    if isinstance(choice, dict):
-        forced = choice.get("function")
-        if isinstance(forced, dict):
-            names &= {forced.get("name")}
-    return names
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            continue
+        if isinstance(forced, dict) and function["name"] != forced.get("name"):
+            continue
+        description = function.get("description")
+        parameters = function.get("parameters")
+        functions.append(FunctionSpec(
+            function["name"], description if isinstance(description, str) else "",
+            parameters if isinstance(parameters, dict) else {}))
+    return functions
 
 
 def _tool_results_answer(messages: list[dict[str, Any]]) -> str:

@@ -3,6 +3,12 @@
 This is the provider the embedded default uses: no network, no keys, and it searches
 the project's own ``docs/``. The index is built once, lazily, in a worker thread.
 
+A result's URL is the path under which Tether serves that document,
+``/api/local-docs/<relative path>`` (``api/local_docs.py``), relative to the server
+because the provider does not know the address clients reach it at. ``document`` reads a
+document back from the index by that path, so only indexed files can be served: nothing
+outside the folder, no hidden file, no other type.
+
 Threads and cancellation: every SQLite call runs in ``trio.to_thread.run_sync`` with
 ``abandon_on_cancel=True``, so a cancelled search returns at once and its thread
 finishes on its own. The one connection is shared by those threads
@@ -18,13 +24,17 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import trio
 
 from server.providers.search.base import SearchError, SearchResult
 from server.providers.web.markdown import markdown_title
 
-__all__ = ["LocalSearch", "fts_match_expression"]
+__all__ = ["DOCUMENT_URL_PREFIX", "LocalSearch", "fts_match_expression"]
+
+# Where the API serves the indexed documents; a result's URL is this and its path.
+DOCUMENT_URL_PREFIX = "/api/local-docs/"
 
 INDEXED_SUFFIXES = frozenset({".md", ".markdown", ".txt"})
 _MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
@@ -58,8 +68,9 @@ class _Document:
 class LocalSearch:
     """Full-text search over the ``.md``, ``.markdown`` and ``.txt`` files under a folder.
 
-    Results have the URL ``local://<relative path>`` and carry the document's text in
-    ``content`` (capped at ``max_content_chars``), so no page fetch is needed. A folder
+    Results have the URL ``/api/local-docs/<relative path>`` (percent-encoded) and carry
+    the document's text in ``content`` (capped at ``max_content_chars``), so no page fetch
+    is needed. A folder
     that is missing or holds no such files gives no results. The folder is read once;
     later changes to it are not seen.
     """
@@ -71,6 +82,8 @@ class LocalSearch:
         self._max_content_chars = max_content_chars
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        # Each indexed document's relative path and its row in the index.
+        self._rows: dict[str, int] = {}
 
     @classmethod
     async def build(
@@ -99,7 +112,7 @@ class LocalSearch:
         )
         return [
             SearchResult(
-                url=f"local://{path}",
+                url=DOCUMENT_URL_PREFIX + quote(path),
                 title=title,
                 snippet=" ".join(snippet.split()),
                 content=body[: self._max_content_chars],
@@ -107,7 +120,29 @@ class LocalSearch:
             for path, title, snippet, body in rows
         ]
 
+    async def document(self, path: str) -> str | None:
+        """The whole text of the indexed document at ``path`` (relative to the folder, as
+        in a result's URL, decoded), or None when no indexed document has that path.
+
+        Raises ``SearchError`` if the index cannot be built or read. Cancelling it
+        abandons the lookup running in a worker thread, which finishes on its own.
+        """
+        return await trio.to_thread.run_sync(self._document_in_thread, path,
+                                             abandon_on_cancel=True)
+
     # Everything below runs in worker threads.
+
+    def _document_in_thread(self, path: str) -> str | None:
+        with self._lock:
+            db = self._ensure_index_locked()
+            row = self._rows.get(path)
+            if row is None:
+                return None
+            try:
+                found = db.execute("SELECT body FROM docs WHERE rowid = ?", (row,)).fetchone()
+            except sqlite3.Error as exc:
+                raise SearchError(f"local: the search index failed ({exc})") from None
+            return None if found is None else str(found[0])
 
     def _search_in_thread(self, match: str, count: int) -> list[tuple[str, str, str, str]]:
         with self._lock:
@@ -128,14 +163,15 @@ class LocalSearch:
         try:
             db = sqlite3.connect(":memory:", check_same_thread=False)
             db.execute(_SCHEMA)
+            rows: dict[str, int] = {}
             with db:
-                db.executemany(
-                    "INSERT INTO docs (title, body, path) VALUES (?, ?, ?)",
-                    ((d.title, d.body, d.path) for d in _read_documents(self._directory)),
-                )
+                for d in _read_documents(self._directory):
+                    cursor = db.execute("INSERT INTO docs (title, body, path) VALUES (?, ?, ?)",
+                                        (d.title, d.body, d.path))
+                    rows[d.path] = int(cursor.lastrowid or 0)
         except sqlite3.Error as exc:
             raise SearchError(f"local: could not build the search index ({exc})") from None
-        self._db = db
+        self._db, self._rows = db, rows
         return db
 
 
