@@ -15,6 +15,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from server.access_log import close_access_log, log_access, open_access_log
 from server.api import chat, health, models, openapi, page, tasks, tools, ws
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
@@ -46,6 +47,11 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
         bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))
+    # TETHER_ACCESS_LOG: a file that cannot be opened stops the start (SettingsError).
+    access_log = open_access_log(settings.access_log)
+    if access_log is not None:
+        app.asgi_app = log_access(  # type: ignore[method-assign,assignment]
+            app.asgi_app, access_log)
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
                       page.blueprint, tools.blueprint, openapi.blueprint):
         app.register_blueprint(blueprint)
@@ -71,6 +77,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         if runtime.pages_http is not runtime.http:
             await runtime.pages_http.aclose()
         await runtime.model_http.aclose()
+        if access_log is not None:
+            close_access_log(access_log)
 
     app.after_request(close_if_body_unread)
 
