@@ -23,6 +23,7 @@ from server.api.common import close_if_body_unread, error_response
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
 from server.schemas import RequestError
+from server.startup_check import check_dependencies
 from server.tasks.errors import TaskRefused
 
 log = logging.getLogger("tether")
@@ -108,7 +109,10 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
 
 async def _refresh_models(runtime: Runtime) -> None:
-    """Keep the upstream's model list fresh so that validating a model needs no I/O."""
+    """Keep the upstream's model list fresh so that validating a model needs no I/O. The
+    first fetch is the start-up check's, which also tells the log whether the upstream and
+    the search provider answer."""
+    await check_dependencies(runtime.settings, runtime.models, runtime.http)
     while True:
-        await runtime.models.refresh()
         await trio.sleep(60)
+        await runtime.models.refresh()
