@@ -69,7 +69,7 @@ async def test_a_refused_key_is_a_warning_with_the_upstreams_words(
     await start_tether(llm_api_key="sk-wrong")
     lines = await _startup_lines(caplog, logging.WARNING, "TETHER_LLM_BASE_URL")
     [warning] = [r for r in lines if r.levelno == logging.WARNING]
-    assert "bad api key (HTTP 401)" in warning.getMessage()
+    assert "bad api key" in warning.getMessage()
     assert "sk-wrong" not in warning.getMessage()
 
 

@@ -42,7 +42,7 @@ class ModelRouter:
         try:
             models = await self.upstream.list_models()
         except ModelError as exc:
-            self.last_error = exc.message + (f" (HTTP {exc.status})" if exc.status else "")
+            self.last_error = exc.message
             return
         except Exception as exc:
             # This runs in the app's nursery, where an escaping exception would end the
