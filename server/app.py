@@ -15,6 +15,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from server.access_log import close_access_log, log_access, open_access_log
 from server.api import chat, health, local_docs, models, openapi, page, tasks, tools, ws
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
@@ -22,6 +23,7 @@ from server.api.common import close_if_body_unread, error_response
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
 from server.schemas import RequestError
+from server.startup_check import check_dependencies
 from server.tasks.errors import TaskRefused
 
 log = logging.getLogger("tether")
@@ -46,6 +48,11 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
         bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))
+    # TETHER_ACCESS_LOG: a file that cannot be opened stops the start (SettingsError).
+    access_log = open_access_log(settings.access_log)
+    if access_log is not None:
+        app.asgi_app = log_access(  # type: ignore[method-assign,assignment]
+            app.asgi_app, access_log)
     for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
                       page.blueprint, tools.blueprint, local_docs.blueprint, openapi.blueprint):
         app.register_blueprint(blueprint)
@@ -71,6 +78,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         if runtime.pages_http is not runtime.http:
             await runtime.pages_http.aclose()
         await runtime.model_http.aclose()
+        if access_log is not None:
+            close_access_log(access_log)
 
     app.after_request(close_if_body_unread)
 
@@ -100,7 +109,10 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
 
 async def _refresh_models(runtime: Runtime) -> None:
-    """Keep the upstream's model list fresh so that validating a model needs no I/O."""
+    """Keep the upstream's model list fresh so that validating a model needs no I/O. The
+    first fetch is the start-up check's, which also tells the log whether the upstream and
+    the search provider answer."""
+    await check_dependencies(runtime.settings, runtime.models, runtime.http)
     while True:
-        await runtime.models.refresh()
         await trio.sleep(60)
+        await runtime.models.refresh()

@@ -48,7 +48,7 @@ def hypercorn_config(settings: Settings) -> Config:
     # outlast that is hypercorn's WebSocket ping loop, which sleeps a whole ping interval
     # after its connection closed: do not wait the default 10 s for it.
     config.graceful_timeout = 3
-    config.accesslog = None
+    config.accesslog = None  # Tether writes its own (access_log.py), when asked
     # hypercorn's own handler on top of the root logger's would print every line twice.
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "1; more than one needs TETHER_BACKEND=redis)")
     serve_cmd.add_argument("--insecure", action="store_true",
                            help="allow a non-loopback bind with no API keys configured")
+    serve_cmd.add_argument("--access-log", metavar="TARGET",
+                           help="log one line per request to - (stdout), stderr or a file "
+                                "(default TETHER_ACCESS_LOG, or no access log)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # httpx: one line per upstream request; coredis: one per retried command.
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["insecure"] = True
     if args.workers is not None:
         overrides["workers"] = args.workers
+    if args.access_log:
+        overrides["access_log"] = args.access_log
     settings = settings.with_overrides(**overrides)
     if not settings.api_keys and not settings.insecure and not is_loopback(settings.host):
         print("tether: refusing to bind to a non-loopback address with no API keys "

@@ -38,6 +38,8 @@ class Settings:
     insecure: bool = False
     api_keys: Mapping[str, str] = field(default_factory=dict)
     api_keys_file: str | None = None
+    # One line per request: "-" or "stdout", "stderr", or a file path (unset: no access log).
+    access_log: str | None = None
 
     llm_base_url: str | None = None
     llm_api_key: str | None = None

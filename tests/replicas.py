@@ -51,9 +51,12 @@ class Replica:
     """One Tether server process."""
 
     def __init__(self, settings: Settings, *, args: tuple[str, ...] = (),
-                 name: str = "replica") -> None:
+                 name: str = "replica", output: Path | None = None) -> None:
+        """``output``: a file that gets the process's stdout and stderr (else they are
+        dropped)."""
         self.port = free_port()
         self.name = name
+        self.output = output
         self.settings = settings.with_overrides(port=self.port)
         self._args = args
         self.process: trio.Process | None = None
@@ -68,9 +71,11 @@ class Replica:
     async def start(self, timeout: float = 20.0) -> None:
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
                "PYTHONPATH": str(ROOT), **settings_env(self.settings)}
-        self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "server", "serve", *self._args], cwd=ROOT, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The child keeps its own copy of the file.
+        async with await trio.Path(self.output or os.devnull).open("ab") as out:
+            self.process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "server", "serve", *self._args], cwd=ROOT, env=env,
+                stdout=out.fileno(), stderr=subprocess.STDOUT)
         with trio.fail_after(timeout):
             while True:
                 if self.process.poll() is not None:

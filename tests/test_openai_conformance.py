@@ -82,6 +82,24 @@ async def test_stopped_answer_on_v1_ends_with_stop_and_tells_it_was_stopped(
     assert body["task"]["status"] == "cancelled" and body["task"]["cancel_reason"] == "stop"
 
 
+async def test_stopped_answer_on_v1_carries_the_usage_counted_so_far(
+    tether: Tether, fakes: Fakes
+) -> None:
+    body = await _stop_while_streaming(tether, fakes, "/v1/chat/completions")
+    completion = ChatCompletion.model_validate(body)
+    usage = completion.usage
+    assert usage is not None
+    content = completion.choices[0].message.content or ""
+    # One word per chunk from the fake: Tether counts the chunks the answer holds.
+    assert usage.completion_tokens == len(content.split()) > 0
+    # The prompt as sent, "hello": ceil(5 / 4) tokens.
+    assert usage.prompt_tokens == 2
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert body["usage"]["estimated"] is True
+    task = (await tether.client.get(f"/api/tasks/{body['task_id']}")).json()
+    assert task["usage"] == body["usage"]
+
+
 async def test_stopped_answer_on_tethers_own_route_keeps_cancelled(
     tether: Tether, fakes: Fakes
 ) -> None:

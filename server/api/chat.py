@@ -69,6 +69,14 @@ def _finish_reason(record: TaskRecord, openai: bool) -> str:
     return record.finish_reason or "stop"
 
 
+def _usage(record: TaskRecord) -> dict[str, Any]:
+    """The task's usage (see ``pipeline.usage``), or zeros for an answer that never reached
+    the model (stopped during its web search, say): OpenAI's clients expect an object."""
+    if record.usage is not None:
+        return record.usage
+    return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "estimated": True}
+
+
 def _task_summary(record: TaskRecord) -> dict[str, Any]:
     return {"id": record.id, "status": record.status, "cancel_reason": record.cancel_reason}
 
@@ -93,7 +101,7 @@ def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bo
         "model": record.model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish,
                      "logprobs": None}],
-        "usage": record.usage,
+        "usage": _usage(record),
         "sources": record.sources,
         "task_id": record.id,
         "task": _task_summary(record),
@@ -171,10 +179,10 @@ def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[s
         return [sse.event(fastjson.dumps(payload)), sse.DONE]
     out = [_chunk(record, {}, _finish_reason(record, openai), sources=record.sources,
                   task_id=record.id, task=_task_summary(record))]
-    if include_usage and record.usage is not None:
+    if include_usage:
         body = {"id": "chatcmpl-" + record.id, "object": "chat.completion.chunk",
                 "created": int(record.created_at), "model": record.model, "choices": [],
-                "usage": record.usage}
+                "usage": _usage(record)}
         out.append(sse.event(fastjson.dumps(body)))
     out.append(sse.DONE)
     return out

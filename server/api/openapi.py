@@ -56,6 +56,15 @@ class TaskError(_Open):
     message: str
 
 
+class Usage(_Open):
+    """Token usage: the model's report, or Tether's count where the model gave none."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: bool | None = None
+
+
 class Task(_Open):
     """A task, as ``GET /api/tasks/{task_id}`` and the terminal events show it."""
 
@@ -75,7 +84,7 @@ class Task(_Open):
     reasoning: str | None
     sources: list[dict[str, Any]]
     tool_calls: list[dict[str, Any]]
-    usage: dict[str, Any] | None
+    usage: Usage | None
     error: TaskError | None
     cancel_reason: CancelReason | None
     finish_reason: str | None
@@ -124,7 +133,7 @@ class ChatCompletion(_Open):
     created: int
     model: str
     choices: list[Choice]
-    usage: dict[str, Any] | None
+    usage: Usage
     sources: list[dict[str, Any]]
     task_id: str
     task: TaskSummary

@@ -25,3 +25,9 @@ class Emitter(Protocol):
     ) -> None:
         """Record facts about the answer that are not events."""
         ...
+
+    def keep_usage(self, usage: dict[str, Any] | None) -> None:
+        """Put the answer's usage so far on the task, without a write of its own: the
+        terminal event, written after the pipeline has ended, carries it. Synchronous, so
+        that a generation being cancelled can still leave it. None changes nothing."""
+        ...

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from server.pipeline.emit import Emitter
+from server.pipeline.usage import UsageMeter
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
 from server.providers.tools.base import ProgressReporter, Tool, ToolError, ToolProgress, ToolSpec
 from server.schemas import TaskFailure
@@ -39,16 +40,19 @@ class _PendingCall:
 class RoundResult:
     tool_calls: list[_PendingCall] = field(default_factory=list)
     finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
 
 
-async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter) -> RoundResult:
-    """One model call: emit content deltas, assemble tool calls.
+async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter,
+                       usage: UsageMeter) -> RoundResult:
+    """One model call: emit content deltas, assemble tool calls, count the round's usage
+    on ``usage`` (begun here; the caller ends it).
 
-    Cancelling it closes the model connection; the content emitted so far stays on the task.
+    Cancelling it closes the model connection; the content emitted so far stays on the task,
+    and ``usage`` holds what the round streamed until then.
     """
     calls: dict[int, _PendingCall] = {}
     result = RoundResult()
+    usage.begin_round(body["messages"])
 
     async def on_delta(delta: ModelDelta) -> None:
         if delta.content or delta.reasoning:
@@ -56,6 +60,10 @@ async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter
             if delta.reasoning:
                 data["reasoning"] = delta.reasoning
             await emit("delta", data)
+        # Counted once on the task (after the emit), so that a stopped answer's count
+        # matches its content.
+        if delta.content or delta.reasoning or delta.tool_calls:
+            usage.count_chunks(delta.chunks)
         for piece in delta.tool_calls:
             call = calls.setdefault(piece.index, _PendingCall())
             call.id = piece.id or call.id
@@ -64,28 +72,19 @@ async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter
         if delta.finish_reason:
             result.finish_reason = delta.finish_reason
         if delta.usage:
-            result.usage = delta.usage
+            usage.report(delta.usage)
 
     try:
         await model.stream_chat(body, on_delta)
     except ModelError as exc:
+        if not usage.round_answered:
+            usage.drop_round()
         status = f" (upstream status {exc.status})" if exc.status else ""
         raise TaskFailure("upstream_error", exc.message + status) from None
     result.tool_calls = [calls[i] for i in sorted(calls)]
     for i, call in enumerate(result.tool_calls):
         call.id = call.id or f"call_{i}"
     return result
-
-
-def _add_usage(total: dict[str, Any] | None, more: dict[str, Any] | None) -> dict[str, Any] | None:
-    if more is None:
-        return total
-    if total is None:
-        return dict(more)
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        if isinstance(more.get(key), int):
-            total[key] = int(total.get(key, 0)) + int(more[key])
-    return total
 
 
 async def run_tool_call(tool: Tool, call: _PendingCall, timeout: float,
@@ -123,26 +122,50 @@ async def generate(
     tool_timeout_s: float,
 ) -> None:
     """Stream the answer, running server tools between rounds. Raises ``TaskFailure`` on a
-    model failure; cancelling it closes whatever model or tool connection is open."""
+    model failure; cancelling it closes whatever model or tool connection is open.
+
+    However it ends, the task is left with the usage of the rounds so far (see ``usage``).
+    """
+    usage = UsageMeter()
+    try:
+        await _rounds(model, body, emit, usage, tools=tools, max_rounds=max_rounds,
+                      tool_timeout_s=tool_timeout_s)
+    finally:
+        # Stopped or failed mid-answer: no await here (the task may be cancelled); the
+        # terminal event, written after the pipeline, carries it.
+        emit.keep_usage(usage.so_far())
+
+
+async def _rounds(
+    model: ModelProvider,
+    body: dict[str, Any],
+    emit: Emitter,
+    usage: UsageMeter,
+    *,
+    tools: Mapping[str, Tool],
+    max_rounds: int,
+    tool_timeout_s: float,
+) -> None:
     messages = list(body["messages"])
-    usage: dict[str, Any] | None = None
     for round_number in range(max_rounds + 1):
         round_body = {**body, "messages": messages}
         if tools and round_number == max_rounds:
             # Out of rounds: the model must answer with what it has.
             round_body["tool_choice"] = "none"
         await emit.set_phase("generating")
-        result = await stream_round(model, round_body, emit)
-        usage = _add_usage(usage, result.usage)
+        result = await stream_round(model, round_body, emit, usage)
+        usage.end_round()
         server_calls = [c for c in result.tool_calls if c.name in tools]
         client_calls = [c for c in result.tool_calls if c.name not in tools]
         if client_calls:
             openai_calls = [c.openai() for c in client_calls]
             await emit("delta", {"content": "", "tool_calls": openai_calls})
-            await emit.set_result(usage=usage, finish_reason="tool_calls", tool_calls=openai_calls)
+            await emit.set_result(usage=usage.so_far(), finish_reason="tool_calls",
+                                  tool_calls=openai_calls)
             return
         if not server_calls or round_number == max_rounds:
-            await emit.set_result(usage=usage, finish_reason=result.finish_reason or "stop")
+            await emit.set_result(usage=usage.so_far(),
+                                  finish_reason=result.finish_reason or "stop")
             return
         await emit.set_phase("tools")
         outputs = await _run_tools(server_calls, tools, emit, tool_timeout_s)

@@ -105,6 +105,10 @@ class TaskEmitter:
             self._record.tool_calls.extend(tool_calls)
         await self._backend.save(self._record)
 
+    def keep_usage(self, usage: dict[str, Any] | None) -> None:
+        if usage is not None:
+            self._record.usage = usage
+
 
 Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
 _STEP_KINDS = {"queries": "query_model", "search": "search", "fetch": "page", "tool_call": "tool"}

@@ -31,6 +31,9 @@ class ModelDelta:
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    # The model's stream chunks this delta carries (more than one when they were read
+    # together): what a round's usage counts when the model reports none.
+    chunks: int = 1
 
 
 OnDelta = Callable[[ModelDelta], Awaitable[None]]

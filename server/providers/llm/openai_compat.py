@@ -251,13 +251,15 @@ def _tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
 
 def _merged(deltas: list[ModelDelta]) -> ModelDelta:
     """Consecutive deltas as one: texts joined, tool-call pieces in order (they are
-    assembled by index downstream), the last finish reason and usage."""
+    assembled by index downstream), the chunks of text or tool calls counted, the last
+    finish reason and usage."""
     if len(deltas) == 1:
         return deltas[0]
     merged = ModelDelta(
         content="".join(d.content for d in deltas),
         reasoning="".join(d.reasoning for d in deltas),
         tool_calls=[piece for d in deltas for piece in d.tool_calls],
+        chunks=sum(d.chunks for d in deltas if d.content or d.reasoning or d.tool_calls),
     )
     for d in deltas:
         merged.finish_reason = d.finish_reason or merged.finish_reason
