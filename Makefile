@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || (python3 -m uv --version >/dev/null 2
 SYNC := $(UV) sync --frozen --inexact
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: run test lint contract bench-quick bench-full uv wheel-check
+.PHONY: run test lint contract bench-quick bench-full uv wheel-check guidellm guidellm-check
 
 uv:
 	@if [ "$(UV)" = "$(TOOLS)/bin/uv" ] && [ ! -x "$(TOOLS)/bin/uv" ]; then \
@@ -46,3 +46,14 @@ wheel-check: uv
 contract: uv
 	$(SYNC) --group contract
 	bash .ci/contract "$(UV)"
+
+# guidellm, pinned in its own environment (.tools/guidellm/), offline, against a running
+# server (`make run` in another shell; LOADTEST_TARGET, LOADTEST_MODEL, LOADTEST_TOKENIZER
+# point it elsewhere). The README's "Load testing with guidellm" says more.
+guidellm: uv
+	UV="$(UV)" bash bench/guidellm/run.sh
+
+# CI: a few seconds of guidellm against a server started on the embedded defaults.
+guidellm-check: uv
+	$(SYNC)
+	bash .ci/guidellm "$(UV)"
