@@ -59,6 +59,12 @@ def test_every_relative_link_in_the_docs_resolves_inside_the_repository() -> Non
     assert not problems, "\n".join(problems)
 
 
+def test_the_readme_links_to_no_web_page() -> None:
+    """The README is read in a clone, perhaps offline: what it needs is in the repository."""
+    web = [t for t in _links((ROOT / "README.md").read_text()) if _SCHEME.match(t)]
+    assert not web, f"README.md links outside the repository: {web}"
+
+
 def _route_pattern(rule: str) -> str:
     """A route as API.md writes it: ``{name}`` for a placeholder, a real path for a path."""
     parts = re.split(r"(<[^>]+>)", rule)
