@@ -9,7 +9,8 @@ UV := $(shell command -v uv 2>/dev/null || (python3 -m uv --version >/dev/null 2
 SYNC := $(UV) sync --frozen --inexact
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: run test lint contract bench-quick bench-full uv wheel-check guidellm guidellm-check
+.PHONY: run test lint contract bench-quick bench-full uv wheel-check guidellm guidellm-check \
+	other-pythons
 
 uv:
 	@if [ "$(UV)" = "$(TOOLS)/bin/uv" ] && [ ! -x "$(TOOLS)/bin/uv" ]; then \
@@ -57,3 +58,7 @@ guidellm: uv
 guidellm-check: uv
 	$(SYNC)
 	bash .ci/guidellm "$(UV)"
+
+# CI: the tests' representative part on Python 3.12 and 3.13, each in a throwaway environment.
+other-pythons: uv
+	bash .ci/other-pythons "$(UV)"
