@@ -309,16 +309,49 @@ async def run(b: Bench) -> None:
               f"{rss_cold:.1f} MB before it), peak {t.peak_rss_mb:.1f} MB, end {rss_end:.1f} MB")
 
 
+# Probe tasks at most after the storm: enough to pass through each of the server's pools.
+_FLUSH_PROBES = 40
+
+
 async def _leftover_connections(b: Bench) -> dict[str, dict[str, int]]:
-    """Connections still open at the fakes: ``idle`` now (the server's pool keeps idle
-    keep-alive connections), and ``left`` after one more task has made the pool close
-    every connection idle longer than its keep-alive expiry. A connection opened before
-    that task and still open then is one the server never closed. Connections of the
-    payload-first baseline's own pool (found by their client port) are not counted."""
+    """Connections still open at the fakes: ``idle`` now (the server's pools keep idle
+    keep-alive connections), and ``left`` once more tasks have made the pools close every
+    connection idle longer than its keep-alive expiry. httpcore closes expired connections
+    only when a request passes through their pool, and the server spreads requests over
+    several pools in turn (``server/providers/net/client.py``), so probe tasks run, one
+    after another, until none is left or ``_FLUSH_PROBES`` have run. A connection opened
+    before the first probe and still open then is one the server never closed.
+    Connections of the payload-first baseline's own pool (found by their client port)
+    are not counted."""
     owners = _socket_owners(b)
     idle = {f.name: sum(1 for c in await f.open_connections()
                         if owners.get(_peer_port(c)) != "payload_first") for f in b.fakes}
     flush_at = time.monotonic()
+    left: dict[str, int] = {}
+    details: list[str] = []
+    probes = 0
+    while probes < _FLUSH_PROBES:
+        await _probe_task(b)
+        probes += 1
+        left, details = {}, []
+        owners.update(_socket_owners(b))
+        for fake in b.fakes:
+            records = [c for c in await fake.open_connections()
+                       if float(c["opened_at"]) < flush_at]
+            records = [c for c in records if owners.get(_peer_port(c)) != "payload_first"]
+            left[fake.name] = len(records)
+            details += [f"{fake.name} #{c['id']} opened {flush_at - float(c['opened_at']):.1f} "
+                        f"s before, {len(c['paths'])} requests, last {c['paths'][-1:]}, client "
+                        f"{owners.get(_peer_port(c), 'unknown')}" for c in records[:5]]
+        if not any(left.values()):
+            break
+    b.results.figures[SCENARIO + "_left_connections"] = details
+    b.results.figures[SCENARIO + "_flush_probes"] = probes
+    return {"idle": idle, "left": left}
+
+
+async def _probe_task(b: Bench) -> None:
+    """One background web-search task, waited for until it ends."""
     conn = b.conn()
     try:
         body = b.chat_body("probe " + b.marker("p"), chat_id="bench-storm-probe",
@@ -332,18 +365,6 @@ async def _leftover_connections(b: Bench) -> dict[str, dict[str, int]]:
             await trio.sleep(0.05)
     finally:
         await conn.aclose()
-    left: dict[str, int] = {}
-    details: list[str] = []
-    owners.update(_socket_owners(b))
-    for fake in b.fakes:
-        records = [c for c in await fake.open_connections() if float(c["opened_at"]) < flush_at]
-        records = [c for c in records if owners.get(_peer_port(c)) != "payload_first"]
-        left[fake.name] = len(records)
-        details += [f"{fake.name} #{c['id']} opened {flush_at - float(c['opened_at']):.1f} s "
-                    f"before, {len(c['paths'])} requests, last {c['paths'][-1:]}, client "
-                    f"{owners.get(_peer_port(c), 'unknown')}" for c in records[:5]]
-    b.results.figures[SCENARIO + "_left_connections"] = details
-    return {"idle": idle, "left": left}
 
 
 def _peer_port(record: dict[str, Any]) -> int:
