@@ -17,6 +17,7 @@ keeps its share of the idle connections.
 from __future__ import annotations
 
 import math
+import ssl
 from types import TracebackType
 
 import httpcore2
@@ -53,12 +54,12 @@ class _PoolsInTurn(httpx2.AsyncBaseTransport):
             await transport.aclose()
 
 
-def _transport(backend: httpcore2.AsyncNetworkBackend, max_connections: int | None,
-               max_keepalive: int | None, keepalive_expiry: float | None
-               ) -> httpx2.AsyncHTTPTransport:
-    transport = httpx2.AsyncHTTPTransport(trust_env=False)
+def _transport(backend: httpcore2.AsyncNetworkBackend, ssl_context: ssl.SSLContext,
+               max_connections: int | None, max_keepalive: int | None,
+               keepalive_expiry: float | None) -> httpx2.AsyncHTTPTransport:
+    transport = httpx2.AsyncHTTPTransport(verify=ssl_context, trust_env=False)
     transport._pool = httpcore2.AsyncConnectionPool(
-        ssl_context=httpx2.create_ssl_context(trust_env=False),
+        ssl_context=ssl_context,
         max_connections=max_connections,
         max_keepalive_connections=max_keepalive,
         keepalive_expiry=keepalive_expiry,
@@ -74,8 +75,9 @@ def client_with_backend(backend: httpcore2.AsyncNetworkBackend, limits: httpx2.L
     total, keepalive = limits.max_connections, limits.max_keepalive_connections
     pools = 1 if total is None else min(_MAX_POOLS, max(1, math.ceil(
         total / _CONNECTIONS_PER_POOL)))
+    ssl_context = httpx2.create_ssl_context(trust_env=False)  # loads the CA bundle: once
     transports = [
-        _transport(backend,
+        _transport(backend, ssl_context,
                    None if total is None else math.ceil(total / pools),
                    None if keepalive is None else math.ceil(keepalive / pools),
                    limits.keepalive_expiry)
