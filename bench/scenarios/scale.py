@@ -36,7 +36,8 @@ terminal event), CPU % of every process over the level and over the CPU window, 
 RSS and memory per task (peak RSS above the server's RSS right after start-up, divided by
 N; and the marginal figure, see ``_memory``). A level holds when: time to task id p99 < 50
 ms and at most 2x the floor p99 of the same level, event lag p99 < 100 ms, nothing lost,
-out of order, undelivered or closed, and at most 64 KB of server memory per added task.
+out of order, undelivered or closed, and at most 64 KB of server memory per added task
+(judged from 100 tasks up).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ TTID_LIMIT_MS = 50.0
 TTID_FLOOR_RATIO = 2.0
 LAG_LIMIT_MS = 100.0
 KB_PER_TASK_LIMIT = 64.0
+# Memory is judged from this many tasks up: below it the added tasks' memory (a few MB at
+# most) is lost in the heap's one-off growth (the first use of caches, buffers, pools).
+KB_JUDGED_FROM_TASKS = 100
 STALL_S = 15.0  # no event at any client for this long after the streams' end: stop waiting
 CLIENTS_PER_WORKER = 150  # more clients than this per worker process: use another worker
 
@@ -338,7 +342,7 @@ def _memory(rows: list[dict[str, Any]], previous: dict[str, Any] | None) -> None
     RSS instead (``kb_per_task``), the one-off growth of a fresh heap (about 1 MB: first
     use of caches, buffers, pools) is divided by a handful of tasks at the small levels.
     The first level has no level before it: one task's memory is below RSS noise there,
-    so it is not judged."""
+    so it is not judged, nor is any level of fewer than ``KB_JUDGED_FROM_TASKS`` tasks."""
     for row in rows:
         if previous is None or row["tasks"] <= previous["tasks"]:
             row["kb_per_task_marginal"] = None
@@ -347,7 +351,8 @@ def _memory(rows: list[dict[str, Any]], previous: dict[str, Any] | None) -> None
                 max(0.0, row["peak_rss_mb"] - previous["peak_rss_mb"]) * 1024
                 / (row["tasks"] - previous["tasks"]), 1)
         marginal = row["kb_per_task_marginal"]
-        row["holds"] = bool(row["holds_latency"] and (marginal is None
+        judged = marginal is not None and row["tasks"] >= KB_JUDGED_FROM_TASKS
+        row["holds"] = bool(row["holds_latency"] and (not judged
                                                       or marginal <= KB_PER_TASK_LIMIT))
         previous = row
 
@@ -443,6 +448,6 @@ async def run(b: Bench) -> None:
         "extra_levels": extra, "floor_levels": list(floors.values()),
         "per_token_cpu": per_token, "ttid_limit_ms": TTID_LIMIT_MS,
         "ttid_floor_ratio": TTID_FLOOR_RATIO, "lag_limit_ms": LAG_LIMIT_MS,
-        "kb_per_task_limit": KB_PER_TASK_LIMIT,
+        "kb_per_task_limit": KB_PER_TASK_LIMIT, "kb_judged_from_tasks": KB_JUDGED_FROM_TASKS,
         "highest_level_held": max(held) if held else None,
     }
