@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 
 from server.api.ws import WsHub
 from server.app import create_app
-from server.config import Settings, SettingsError, read_dotenv
+from server.config import Settings, SettingsError, read_dotenv, unknown_variables
 from server.runtime import Runtime
 
 log = logging.getLogger("tether")
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, OSError) as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
+    for line in unknown_variables(environ):
+        log.warning("%s", line)
     overrides: dict[str, object] = {}
     if args.host:
         overrides["host"] = args.host

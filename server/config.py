@@ -6,6 +6,7 @@ Nothing else in the server reads the environment: ``Settings`` is built at start
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -36,13 +37,14 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     insecure: bool = False
-    api_keys: Mapping[str, str] = field(default_factory=dict)
+    # Secrets are left out of the settings' repr (a log line or a traceback may show it).
+    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     api_keys_file: str | None = None
     # One line per request: "-" or "stdout", "stderr", or a file path (unset: no access log).
     access_log: str | None = None
 
     llm_base_url: str | None = None
-    llm_api_key: str | None = None
+    llm_api_key: str | None = field(default=None, repr=False)
     llm_timeout_s: float = 300.0
     default_model: str = "local"
     query_model: str | None = None
@@ -50,9 +52,9 @@ class Settings:
 
     search_provider: str = "local"
     searxng_url: str | None = None
-    brave_api_key: str | None = None
+    brave_api_key: str | None = field(default=None, repr=False)
     brave_base_url: str = "https://api.search.brave.com"
-    tavily_api_key: str | None = None
+    tavily_api_key: str | None = field(default=None, repr=False)
     tavily_base_url: str = "https://api.tavily.com"
     search_local_dir: str = str(DEFAULT_SEARCH_DIR)
     search_result_count: int = 3
@@ -98,7 +100,7 @@ class Settings:
     # Where task state lives: "memory" (this process only) or "redis" (shared by every
     # process and replica that uses the same Redis and prefix).
     backend: str = "memory"
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
     redis_prefix: str = "tether"
     # A replica that has not renewed its heartbeat for this long is taken for dead: its
     # running tasks end failed (replica_lost).
@@ -142,6 +144,24 @@ class Settings:
             keys.update(_parse_keys(Path(settings.api_keys_file).read_text()))
             settings = replace(settings, api_keys=keys)
         return settings
+
+
+# TETHER_* variables that are not settings of the server: the test suite's own.
+_NOT_SETTINGS_PREFIX = "TETHER_TEST_"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each ``TETHER_*`` variable that names no setting (a typo would otherwise
+    be silently ignored), with the closest setting's name when one is close."""
+    known = {"TETHER_" + f.name.upper() for f in fields(Settings)}
+    lines = []
+    for name in sorted(environ):
+        if (name.startswith("TETHER_") and name not in known
+                and not name.startswith(_NOT_SETTINGS_PREFIX)):
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"{name} is not a setting and is ignored{hint}")
+    return lines
 
 
 @dataclass(frozen=True)

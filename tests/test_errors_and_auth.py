@@ -282,3 +282,34 @@ async def test_help_lists_every_setting_with_its_default_and_names_the_docs() ->
         assert f"TETHER_{f.name.upper()} " in out, f.name
     assert "TETHER_BACKEND" in out and "memory" in out
     assert "README.md" in out and "API.md" in out
+
+
+async def test_a_busy_port_and_an_unknown_setting_are_each_one_clear_line() -> None:
+    """A misspelt TETHER_* variable is named with the setting it was likely meant for; a
+    port that is taken ends the start with one line and status 2, no traceback."""
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await trio.run_process(
+            [sys.executable, "-m", "server", "serve", "--port", str(port)], cwd=ROOT,
+            capture_stdout=True, capture_stderr=True, check=False,
+            env={"PATH": "/usr/bin:/bin", "TETHER_SEARCH_PROVIDR": "searxng",
+                 "TETHER_TEST_ANYTHING": "1"})
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert ("TETHER_SEARCH_PROVIDR is not a setting and is ignored "
+            "(did you mean TETHER_SEARCH_PROVIDER?)") in err
+    assert "TETHER_TEST_ANYTHING" not in err  # the test suite's own variables
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_secrets_are_left_out_of_the_settings_repr() -> None:
+    settings = Settings(llm_api_key="sk-upstream-secret", api_keys={"key-of-alice": "alice"},
+                        brave_api_key="brave-secret", tavily_api_key="tavily-secret",
+                        redis_url="redis://:redis-password@127.0.0.1:6379/0")
+    text = repr(settings)
+    for secret in ("sk-upstream-secret", "key-of-alice", "brave-secret", "tavily-secret",
+                   "redis-password"):
+        assert secret not in text
+    assert "port=8080" in text  # the rest is still there
