@@ -12,7 +12,6 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -145,8 +144,9 @@ def settings_help() -> str:
     """Every TETHER_* variable with its default, for ``--help`` (their meanings are in the
     README's Configuration section and API.md)."""
     lines = ["settings (TETHER_* variables, with their defaults):"]
-    for f in fields(Settings):
-        default = getattr(Settings(), f.name)
+    defaults = Settings()
+    for name in Settings.model_fields:
+        default = getattr(defaults, name)
         if isinstance(default, Mapping | tuple):
             shown = ",".join(map(str, default)) or "(none)"
         elif default is None:
@@ -155,7 +155,7 @@ def settings_help() -> str:
             shown = "true" if default else "false"
         else:
             shown = str(default)
-        lines.append(f"  TETHER_{f.name.upper():<34} {shown}")
+        lines.append(f"  TETHER_{name.upper():<34} {shown}")
     lines.append("Their meanings: README.md (Configuration) and API.md in the project.")
     return "\n".join(lines)
 

@@ -10,16 +10,27 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The corpus of the built-in ``local`` search: the repository's docs/ in a checkout; an
 # installed wheel carries the same files inside the package (pyproject.toml, force-include).
 _PACKAGED_DOCS = Path(__file__).resolve().parent / "docs"
 DEFAULT_SEARCH_DIR = _PACKAGED_DOCS if _PACKAGED_DOCS.is_dir() else PROJECT_ROOT / "docs"
+
+
+_PREFIX = "TETHER_"
 
 
 class SettingsError(ValueError):
@@ -32,118 +43,244 @@ def _default_max_tasks() -> int:
     return 2000 * (os.cpu_count() or 1)
 
 
-@dataclass(frozen=True)
-class Settings:
+def _parse_keys(raw: str, variable: str) -> dict[str, str]:
+    """``key=user`` pairs separated by commas or new lines (``variable`` is named in the
+    error)."""
+    keys: dict[str, str] = {}
+    for item in raw.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        key, sep, user = item.partition("=")
+        if not sep or not key.strip() or not user.strip():
+            raise SettingsError(f"{variable}: API key entry {item!r} is not key=user")
+        keys[key.strip()] = user.strip()
+    return keys
+
+
+def _parse_origins(raw: str) -> tuple[str, ...]:
+    """Comma-separated origins (``https://chat.example.com``), compared with a browser's
+    ``Origin`` header as it sends it: lower case, no path, no trailing slash."""
+    origins = []
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/").lower()
+        if not origin:
+            continue
+        if origin != "*" and "://" not in origin:
+            raise SettingsError(f"TETHER_WS_ALLOWED_ORIGINS entry {item.strip()!r} is not "
+                                "an origin such as https://chat.example.com")
+        origins.append(origin)
+    return tuple(origins)
+
+
+def _keys_from_env(raw: str) -> dict[str, str]:
+    return _parse_keys(raw, "TETHER_API_KEYS")
+
+
+def _from_text(kind: str, convert: Callable[[str], Any]) -> BeforeValidator:
+    """A value given as text (an environment variable) converted as ``convert`` does, with
+    the one-line error naming the variable; a value of any other type is left to pydantic."""
+    def validate(value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise SettingsError(f"{_variable(info.field_name)}={value!r} is not a valid "
+                                f"{kind}") from exc
+    return BeforeValidator(validate)
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _text_or(convert: Callable[[str], Any]) -> BeforeValidator:
+    return BeforeValidator(lambda value: convert(value) if isinstance(value, str) else value)
+
+
+# Text forms of the settings' types, exactly as the environment gives them: Python's own
+# int() and float(), and these words for a bool (pydantic's lax parsing would take more).
+Bool = Annotated[bool, _from_text("bool", _bool)]
+Int = Annotated[int, _from_text("int", int)]
+Float = Annotated[float, _from_text("float", float)]
+
+
+class Settings(BaseSettings):
+    """Every ``TETHER_<NAME>`` setting, typed and validated; immutable (``with_overrides``
+    makes a changed copy). ``Settings(...)`` reads no environment: ``from_env`` does."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=_PREFIX, case_sensitive=False, env_ignore_empty=True, frozen=True,
+        extra="forbid",
+        # Lists and the keys are comma-separated text (validators below), never JSON.
+        enable_decoding=False)
+
     host: str = "127.0.0.1"
-    port: int = 8080
-    insecure: bool = False
+    port: Int = 8080
+    insecure: Bool = False
     # Secrets are left out of the settings' repr (a log line or a traceback may show it).
-    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    api_keys: Annotated[Mapping[str, str], _text_or(_keys_from_env)] = Field(
+        default_factory=dict, repr=False)
     api_keys_file: str | None = None
     # One line per request: "-" or "stdout", "stderr", or a file path (unset: no access log).
     access_log: str | None = None
 
     llm_base_url: str | None = None
-    llm_api_key: str | None = field(default=None, repr=False)
-    llm_timeout_s: float = 300.0
+    llm_api_key: str | None = Field(default=None, repr=False)
+    llm_timeout_s: Float = 300.0
     default_model: str = "local"
     query_model: str | None = None
-    local_model_tokens_per_s: float = 40.0
+    local_model_tokens_per_s: Float = 40.0
 
     search_provider: str = "local"
     searxng_url: str | None = None
-    brave_api_key: str | None = field(default=None, repr=False)
+    brave_api_key: str | None = Field(default=None, repr=False)
     brave_base_url: str = "https://api.search.brave.com"
-    tavily_api_key: str | None = field(default=None, repr=False)
+    tavily_api_key: str | None = Field(default=None, repr=False)
     tavily_base_url: str = "https://api.tavily.com"
     search_local_dir: str = str(DEFAULT_SEARCH_DIR)
-    search_result_count: int = 3
-    search_fetch_pages: bool = True
-    search_query_generation: bool = True
-    search_timeout_s: float = 30.0
-    search_max_queries: int = 3
-    page_timeout_s: float = 10.0
-    page_max_bytes: int = 2_000_000
-    page_max_chars: int = 4000
+    search_result_count: Int = 3
+    search_fetch_pages: Bool = True
+    search_query_generation: Bool = True
+    search_timeout_s: Float = 30.0
+    search_max_queries: Int = 3
+    page_timeout_s: Float = 10.0
+    page_max_bytes: Int = 2_000_000
+    page_max_chars: Int = 4000
     # Page fetches (search results, fetch_url) refuse non-public addresses unless allowed.
-    fetch_allow_private: bool = False
+    fetch_allow_private: Bool = False
 
-    tool_timeout_s: float = 30.0
-    max_tool_rounds: int = 8
+    tool_timeout_s: Float = 30.0
+    max_tool_rounds: Int = 8
     # MCP servers whose tools are offered as mcp:<server>:<tool> (a JSON file in the common
     # mcpServers shape; read at start-up by read_mcp_config).
     mcp_config: str | None = None
     # Calls in flight at once on one MCP server; more wait their turn (inside the task).
-    mcp_max_concurrent_calls: int = 8
+    mcp_max_concurrent_calls: Int = 8
     # Start (or reach), initialize and list the tools of one MCP server.
-    mcp_connect_timeout_s: float = 10.0
+    mcp_connect_timeout_s: Float = 10.0
     # After a call was abandoned (stop, timeout), the server must answer a ping this fast,
     # or its session is restarted (a stdio server's process with it).
-    mcp_ping_timeout_s: float = 5.0
+    mcp_ping_timeout_s: Float = 5.0
     # Longest MCP tool result given to the model, in characters.
-    mcp_max_result_chars: int = 16_000
+    mcp_max_result_chars: Int = 16_000
 
-    max_active_tasks: int = field(default_factory=_default_max_tasks)
-    max_active_tasks_per_user: int = field(default_factory=_default_max_tasks)
-    task_retention_s: float = 600.0
+    max_active_tasks: Int = Field(default_factory=_default_max_tasks)
+    max_active_tasks_per_user: Int = Field(default_factory=_default_max_tasks)
+    task_retention_s: Float = 600.0
     # Bounds on one task, so that an upstream that streams without end cannot grow memory
     # for the whole task timeout: past one, the task ends failed (task_too_large), the
     # content so far kept.
-    max_task_events: int = 100_000
-    max_content_chars: int = 4_000_000
+    max_task_events: Int = 100_000
+    max_content_chars: Int = 4_000_000
     # Ended tasks kept for reading at most (the oldest unread ones go first past it).
-    max_retained_tasks: int = 20_000
-    task_timeout_s: float = 1800.0
-    max_body_bytes: int = 1_000_000
-    sse_keepalive_s: float = 15.0
-    http_max_connections: int = 1000
+    max_retained_tasks: Int = 20_000
+    task_timeout_s: Float = 1800.0
+    max_body_bytes: Int = 1_000_000
+    sse_keepalive_s: Float = 15.0
+    http_max_connections: Int = 1000
     # Where task state lives: "memory" (this process only) or "redis" (shared by every
     # process and replica that uses the same Redis and prefix).
     backend: str = "memory"
-    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    redis_url: str | None = Field(default=None, repr=False)  # may hold a password
     redis_prefix: str = "tether"
     # A replica that has not renewed its heartbeat for this long is taken for dead: its
     # running tasks end failed (replica_lost).
-    replica_ttl_s: float = 10.0
+    replica_ttl_s: Float = 10.0
     # Worker processes serving the one port (`tether serve --workers N`); needs Redis.
-    workers: int = 1
+    workers: Int = 1
     # The longest one step on shared task state may take (admission, the terminal event):
     # past it, admission answers 503 and a terminal write is given up and logged.
-    backend_timeout_s: float = 5.0
+    backend_timeout_s: Float = 5.0
 
-    ws_reconnect_grace_s: float = 10.0
-    ws_ping_interval_s: float = 20.0
-    ws_max_lag_events: int = 10_000
-    ws_send_timeout_s: float = 30.0
+    ws_reconnect_grace_s: Float = 10.0
+    ws_ping_interval_s: Float = 20.0
+    ws_max_lag_events: Int = 10_000
+    ws_send_timeout_s: Float = 30.0
     # Browser origins, besides the server's own, whose pages may open /ws (the Origin
     # header; "*" allows any). A WebSocket is not bound by the same-origin policy, so
     # without this check any site a user visits could drive their session.
-    ws_allowed_origins: tuple[str, ...] = ()
+    ws_allowed_origins: Annotated[tuple[str, ...], _text_or(_parse_origins)] = ()
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in ("memory", "redis"):
+            raise SettingsError(f"TETHER_BACKEND={value!r} is not memory or redis")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments only: the environment (and .env, which cli.py merges into it) is
+        # read by from_env alone, from the mapping it is given.
+        return (init_settings,)
 
     def with_overrides(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
+        """A copy with ``changes`` (validated as at start-up)."""
+        return _validated({**dict(self), **changes})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read every ``TETHER_<FIELD>`` variable; unknown fields keep their defaults."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get("TETHER_" + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(f.name, f.type, raw)
-        settings = cls(**values)
-        if settings.backend not in ("memory", "redis"):
-            raise SettingsError(f"TETHER_BACKEND={settings.backend!r} is not memory or redis")
+        """Read every ``TETHER_<FIELD>`` variable of ``environ`` (the process's environment
+        if None); unset or empty ones keep their defaults."""
+        values = _MappingSource(cls, os.environ if environ is None else environ)()
+        settings = _validated(values)
         if settings.backend == "redis" and not settings.redis_url:
             raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL "
                                 "(for example redis://127.0.0.1:6379/0)")
         if settings.api_keys_file:
             keys = dict(settings.api_keys)
-            keys.update(_parse_keys(Path(settings.api_keys_file).read_text()))
-            settings = replace(settings, api_keys=keys)
+            keys.update(_parse_keys(Path(settings.api_keys_file).read_text(),
+                                    "TETHER_API_KEYS_FILE"))
+            settings = settings.with_overrides(api_keys=keys)
         return settings
+
+
+class _MappingSource(EnvSettingsSource):
+    """pydantic-settings' environment source (the prefix, names in any case, an empty
+    value taken for unset) over a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()
+                if name.upper().startswith(_PREFIX) and value != ""}
+
+
+def _validated(values: Mapping[str, Any]) -> Settings:
+    """``Settings`` from ``values``, a validation error made one line naming the variable."""
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise _settings_error(exc) from None
+
+
+def _settings_error(exc: ValidationError) -> SettingsError:
+    error = exc.errors()[0]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, SettingsError):
+        return cause
+    name = str(error["loc"][0]) if error["loc"] else "?"
+    if error["type"] == "extra_forbidden":
+        return SettingsError(f"{_variable(name)} is not a setting")
+    return SettingsError(f"{_variable(name)}={error['input']!r}: {error['msg']}")
+
+
+def _variable(field_name: str | None) -> str:
+    return _PREFIX + (field_name or "").upper()
 
 
 # TETHER_* variables that are not settings of the server: the test suite's own.
@@ -153,10 +290,10 @@ _NOT_SETTINGS_PREFIX = "TETHER_TEST_"
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """A line for each ``TETHER_*`` variable that names no setting (a typo would otherwise
     be silently ignored), with the closest setting's name when one is close."""
-    known = {"TETHER_" + f.name.upper() for f in fields(Settings)}
+    known = {_variable(name) for name in Settings.model_fields}
     lines = []
     for name in sorted(environ):
-        if (name.startswith("TETHER_") and name not in known
+        if (name.startswith(_PREFIX) and name.upper() not in known
                 and not name.startswith(_NOT_SETTINGS_PREFIX)):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -264,55 +401,3 @@ def read_dotenv(path: Path) -> dict[str, str]:
         if name.strip().startswith("TETHER_"):
             values[name.strip()] = value
     return values
-
-
-def _parse_keys(raw: str) -> dict[str, str]:
-    """``key=user`` pairs separated by commas or new lines."""
-    keys: dict[str, str] = {}
-    for item in raw.replace("\n", ",").split(","):
-        item = item.strip()
-        if not item or item.startswith("#"):
-            continue
-        key, sep, user = item.partition("=")
-        if not sep or not key.strip() or not user.strip():
-            raise SettingsError(f"API key entry {item!r} is not key=user")
-        keys[key.strip()] = user.strip()
-    return keys
-
-
-def _parse_origins(raw: str) -> tuple[str, ...]:
-    """Comma-separated origins (``https://chat.example.com``), compared with a browser's
-    ``Origin`` header as it sends it: lower case, no path, no trailing slash."""
-    origins = []
-    for item in raw.split(","):
-        origin = item.strip().rstrip("/").lower()
-        if not origin:
-            continue
-        if origin != "*" and "://" not in origin:
-            raise SettingsError(f"TETHER_WS_ALLOWED_ORIGINS entry {item.strip()!r} is not "
-                                "an origin such as https://chat.example.com")
-        origins.append(origin)
-    return tuple(origins)
-
-
-def _parse(name: str, type_name: Any, raw: str) -> Any:
-    kind = str(type_name)
-    if name == "ws_allowed_origins":
-        return _parse_origins(raw)
-    try:
-        if name == "api_keys":
-            return _parse_keys(raw)
-        if kind == "bool":
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        return raw
-    except ValueError as exc:
-        raise SettingsError(f"TETHER_{name.upper()}={raw!r} is not a valid {kind}") from exc

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +34,15 @@ def settings_env(settings: Settings) -> dict[str, str]:
     defaults)."""
     default = Settings()
     env: dict[str, str] = {}
-    for f in fields(Settings):
-        value = getattr(settings, f.name)
-        if value == getattr(default, f.name) or value is None:
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value == getattr(default, name) or value is None:
             continue
         if isinstance(value, Mapping):
             value = ",".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, bool):
             value = "true" if value else "false"
-        env["TETHER_" + f.name.upper()] = str(value)
+        env["TETHER_" + name.upper()] = str(value)
     return env
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import fields
 from typing import Any
 
 import pytest
 import trio
 
-from server.config import Settings
+from server.config import Settings, SettingsError
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import DieMidwayReply, ErrorReply, HangReply
 from tests.helpers import assert_log_well_formed, chat_body
@@ -278,8 +277,8 @@ async def test_help_lists_every_setting_with_its_default_and_names_the_docs() ->
     result = await trio.run_process([sys.executable, "-m", "server", "--help"], cwd=ROOT,
                                     capture_stdout=True, env={"PATH": "/usr/bin:/bin"})
     out = result.stdout.decode()
-    for f in fields(Settings):
-        assert f"TETHER_{f.name.upper()} " in out, f.name
+    for name in Settings.model_fields:
+        assert f"TETHER_{name.upper()} " in out, name
     assert "TETHER_BACKEND" in out and "memory" in out
     assert "README.md" in out and "API.md" in out
 
@@ -313,3 +312,54 @@ def test_secrets_are_left_out_of_the_settings_repr() -> None:
                    "redis-password"):
         assert secret not in text
     assert "port=8080" in text  # the rest is still there
+
+
+def test_settings_read_the_given_mapping_in_their_text_forms(tmp_path: Any,
+                                                             monkeypatch: Any) -> None:
+    """Bools in their words, numbers as int() and float() read them, comma lists, key=user
+    pairs (and a file of them); an empty value is the default; the process's environment is
+    read only when no mapping is given, and never by ``Settings(...)``."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# team\nkey-of-bob=bob\n")
+    settings = Settings.from_env({
+        "TETHER_INSECURE": " Yes", "TETHER_SEARCH_FETCH_PAGES": "off", "TETHER_PORT": " 81 ",
+        "TETHER_LLM_TIMEOUT_S": "2.5", "TETHER_HOST": "", "TETHER_API_KEYS": "k1=alice, k2=carol",
+        "TETHER_API_KEYS_FILE": str(keys_file),
+        "TETHER_WS_ALLOWED_ORIGINS": "https://Chat.example.com/, http://127.0.0.1:3000"})
+    assert settings.insecure is True and settings.search_fetch_pages is False
+    assert settings.port == 81 and settings.llm_timeout_s == 2.5
+    assert settings.host == "127.0.0.1"
+    assert settings.api_keys == {"k1": "alice", "k2": "carol", "key-of-bob": "bob"}
+    assert settings.ws_allowed_origins == ("https://chat.example.com", "http://127.0.0.1:3000")
+    monkeypatch.setenv("TETHER_PORT", "9999")
+    assert Settings().port == 8080 and Settings.from_env({}).port == 8080
+    assert Settings.from_env().port == 9999
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"TETHER_PORT": "80x"}, "TETHER_PORT='80x' is not a valid int"),
+    ({"TETHER_PORT": "1.0"}, "TETHER_PORT='1.0' is not a valid int"),
+    ({"TETHER_TASK_TIMEOUT_S": "soon"}, "TETHER_TASK_TIMEOUT_S='soon' is not a valid float"),
+    ({"TETHER_INSECURE": "t"}, "TETHER_INSECURE='t' is not a valid bool"),
+    ({"TETHER_API_KEYS": "k1=alice,nouser"}, "TETHER_API_KEYS: API key entry 'nouser'"),
+    ({"TETHER_BACKEND": "disk"}, "TETHER_BACKEND='disk' is not memory or redis"),
+    ({"TETHER_BACKEND": "redis"}, "TETHER_BACKEND=redis needs TETHER_REDIS_URL"),
+])
+def test_an_unusable_setting_is_one_line_naming_its_variable(env: dict[str, str],
+                                                             message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_overrides_are_validated_and_make_a_new_settings() -> None:
+    settings = Settings()
+    changed = settings.with_overrides(port="9000", insecure=True)
+    assert (changed.port, changed.insecure) == (9000, True)
+    assert (settings.port, settings.insecure) == (8080, False)
+    with pytest.raises(SettingsError, match="TETHER_PORT='x' is not a valid int"):
+        settings.with_overrides(port="x")
+    with pytest.raises(SettingsError, match="TETHER_PORTT is not a setting"):
+        settings.with_overrides(portt=1)
+    with pytest.raises(ValueError):
+        settings.port = 1  # type: ignore[misc]
