@@ -293,8 +293,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     known = {_variable(name) for name in Settings.model_fields}
     lines = []
     for name in sorted(environ):
-        if (name.startswith(_PREFIX) and name.upper() not in known
-                and not name.startswith(_NOT_SETTINGS_PREFIX)):
+        if (name.upper().startswith(_PREFIX) and name.upper() not in known
+                and not name.upper().startswith(_NOT_SETTINGS_PREFIX)):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             lines.append(f"{name} is not a setting and is ignored{hint}")
@@ -398,6 +398,6 @@ def read_dotenv(path: Path) -> dict[str, str]:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        if name.strip().startswith("TETHER_"):
+        if name.strip().upper().startswith(_PREFIX):
             values[name.strip()] = value
     return values

@@ -317,17 +317,17 @@ def test_secrets_are_left_out_of_the_settings_repr() -> None:
 def test_settings_read_the_given_mapping_in_their_text_forms(tmp_path: Any,
                                                              monkeypatch: Any) -> None:
     """Bools in their words, numbers as int() and float() read them, comma lists, key=user
-    pairs (and a file of them); an empty value is the default; the process's environment is
-    read only when no mapping is given, and never by ``Settings(...)``."""
+    pairs (and a file of them); names in any case; an empty value is the default; the
+    process's environment is read only when no mapping is given, never by ``Settings()``."""
     keys_file = tmp_path / "keys"
     keys_file.write_text("# team\nkey-of-bob=bob\n")
     settings = Settings.from_env({
         "TETHER_INSECURE": " Yes", "TETHER_SEARCH_FETCH_PAGES": "off", "TETHER_PORT": " 81 ",
         "TETHER_LLM_TIMEOUT_S": "2.5", "TETHER_HOST": "", "TETHER_API_KEYS": "k1=alice, k2=carol",
-        "TETHER_API_KEYS_FILE": str(keys_file),
+        "TETHER_API_KEYS_FILE": str(keys_file), "tether_Workers": "3",
         "TETHER_WS_ALLOWED_ORIGINS": "https://Chat.example.com/, http://127.0.0.1:3000"})
     assert settings.insecure is True and settings.search_fetch_pages is False
-    assert settings.port == 81 and settings.llm_timeout_s == 2.5
+    assert settings.port == 81 and settings.llm_timeout_s == 2.5 and settings.workers == 3
     assert settings.host == "127.0.0.1"
     assert settings.api_keys == {"k1": "alice", "k2": "carol", "key-of-bob": "bob"}
     assert settings.ws_allowed_origins == ("https://chat.example.com", "http://127.0.0.1:3000")
