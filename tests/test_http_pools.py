@@ -1,6 +1,8 @@
 """The outgoing clients' pools (server/providers/net/client.py): a client with a large
-connection limit spreads its requests over several httpcore pools in turn; connections are
-still reused within each pool, and closing the client closes every one of them."""
+connection limit has several httpcore pools, filled in order. At low load every request
+goes to the first pool and reuses its connection; under load the others take the overflow;
+the limit holds in all; a pool left unused past the keep-alive expiry has its idle
+connections closed; closing the client closes every connection."""
 
 from __future__ import annotations
 
@@ -25,10 +27,22 @@ async def upstream(nursery: trio.Nursery) -> AsyncIterator[ScriptedServer]:
     assert not server.errors, "a script crashed:\n" + "\n".join(server.errors)
 
 
-def client(max_connections: int) -> httpx2.AsyncClient:
+def client(max_connections: int, keepalive_expiry: float = 5.0) -> httpx2.AsyncClient:
     return client_with_backend(TlsSafeBackend(), httpx2.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections),
-        httpx2.Timeout(WAIT))
+        max_connections=max_connections, max_keepalive_connections=max_connections,
+        keepalive_expiry=keepalive_expiry), httpx2.Timeout(WAIT))
+
+
+def held_route(upstream: ScriptedServer) -> trio.Event:
+    """``GET /held`` answers once the returned event is set."""
+    release = trio.Event()
+
+    async def held(ex: Exchange) -> None:
+        await release.wait()
+        await ex.respond_json({"ok": True})
+
+    upstream.route("GET", "/held", held)
+    return release
 
 
 async def test_a_small_client_reuses_one_connection(upstream: ScriptedServer) -> None:
@@ -38,32 +52,51 @@ async def test_a_small_client_reuses_one_connection(upstream: ScriptedServer) ->
     assert len(upstream.connections) == 1
 
 
-async def test_a_large_clients_pools_take_requests_in_turn_and_reuse_their_connections(
+async def test_a_large_client_reuses_one_connection_at_low_load(
     upstream: ScriptedServer,
 ) -> None:
-    """400 connections allowed: four pools. Eight requests one after another open one
-    connection per pool (four), each used twice; closing the client closes all four."""
+    """400 connections allowed (four pools): eight requests one after another all go to
+    the first pool and use one connection; closing the client closes it."""
     async with client(400) as http:
         for _ in range(8):
             assert (await http.get(upstream.base_url + "/x")).json() == {"ok": True}
         conns = upstream.connections
-        assert len(conns) == 4
-        assert [len(c.paths) for c in conns] == [2, 2, 2, 2]
+        assert len(conns) == 1
+        assert len(conns[0].paths) == 8
     with trio.fail_after(WAIT):
-        for conn in conns:
-            await upstream.wait_connection_closed(conn.id)
+        await upstream.wait_connection_closed(conns[0].id)
+
+
+async def test_the_overflow_goes_to_the_next_pools_and_their_idle_connections_expire(
+    upstream: ScriptedServer,
+) -> None:
+    """150 requests held at once open 150 connections, more than one pool has (100): the
+    first pool takes 25, the next ones the rest. Once they are answered, requests one after another go to the first
+    pool only; when the others have been unused past the keep-alive expiry, their idle
+    connections are closed at such a request, and the first pool's one stays."""
+    release = held_route(upstream)
+    async with client(400, keepalive_expiry=0.3) as http:
+        async with trio.open_nursery() as nursery:
+            for _ in range(150):
+                nursery.start_soon(http.get, upstream.base_url + "/held")
+            with trio.fail_after(WAIT):
+                await upstream.wait_for_request("/held", 150)
+            assert len(upstream.connections) == 150
+            release.set()
+        with trio.fail_after(WAIT):
+            # Requests one after another, until the overflow pools' connections are gone.
+            while len(upstream.open_connections()) > 1:
+                assert (await http.get(upstream.base_url + "/x")).json() == {"ok": True}
+                await trio.sleep(0.05)  # the pace of the requests, not a wait for a result
+        assert len(upstream.open_connections()) == 1
+    with trio.fail_after(WAIT):
+        await upstream.wait_all_closed()
 
 
 async def test_a_large_client_keeps_its_limit_shared_out(upstream: ScriptedServer) -> None:
     """The limit holds in all: requests beyond it wait for a connection. Here 200 allowed
     (two pools of 100) and 300 held open at once: 200 connections, the rest queued."""
-    release = trio.Event()
-
-    async def held(ex: Exchange) -> None:
-        await release.wait()
-        await ex.respond_json({"ok": True})
-
-    upstream.route("GET", "/held", held)
+    release = held_route(upstream)
     async with client(200) as http:
         async with trio.open_nursery() as nursery:
             for _ in range(300):

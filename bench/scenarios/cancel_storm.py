@@ -316,10 +316,10 @@ _FLUSH_PROBES = 40
 async def _leftover_connections(b: Bench) -> dict[str, dict[str, int]]:
     """Connections still open at the fakes: ``idle`` now (the server's pools keep idle
     keep-alive connections), and ``left`` once more tasks have made the pools close every
-    connection idle longer than its keep-alive expiry. httpcore closes expired connections
-    only when a request passes through their pool, and the server spreads requests over
-    several pools in turn (``server/providers/net/client.py``), so probe tasks run, one
-    after another, until none is left or ``_FLUSH_PROBES`` have run. A connection opened
+    connection idle longer than its keep-alive expiry (httpcore closes expired connections
+    when a request passes through their pool; the server's client closes those of its other
+    pools then, ``server/providers/net/client.py``). Probe tasks run, one after another,
+    until none is left or ``_FLUSH_PROBES`` have run (one has sufficed). A connection opened
     before the first probe and still open then is one the server never closed.
     Connections of the payload-first baseline's own pool (found by their client port)
     are not counted."""

@@ -9,37 +9,64 @@ was written against, 2.16.2). Everything above, HTTP/1.1 and TLS included, is ht
 Each request that starts or ends makes httpcore2's pool walk all its connections and queued
 requests once (``_assign_requests_to_connections``, probing the socket of each idle one).
 With hundreds of requests in flight that walk was an eighth of the server's CPU in the
-bench's cancel storm, so a client with a large connection limit spreads its requests, in
-turn, over several pools of at most ``_CONNECTIONS_PER_POOL`` connections each; each pool
-keeps its share of the idle connections.
+bench's cancel storm, so a client with a large connection limit has several pools of at
+most ``_CONNECTIONS_PER_POOL`` connections each, filled in order: a request goes to the
+first pool with fewer than ``_FILL`` requests in flight. At low load that is always the
+first one, so requests one after another reuse one connection (and its TLS session); under
+load the others take the overflow, each keeping its share of idle connections. httpcore
+closes an expired idle connection only when a request passes through its pool, so a pool
+that has had no request for longer than the keep-alive expiry has its idle connections
+closed here, at the next request to another pool.
 """
 
 from __future__ import annotations
 
 import math
 import ssl
+import time
 from types import TracebackType
 
 import httpcore2
 import httpx2
+import trio
 
 _CONNECTIONS_PER_POOL = 100
 _MAX_POOLS = 16
+# Requests in flight in a pool before the next pool takes the overflow.
+_FILL = 25
 
 
-class _PoolsInTurn(httpx2.AsyncBaseTransport):
-    """Requests handed to several transports in turn."""
+class _PoolsFilledInOrder(httpx2.AsyncBaseTransport):
+    """Requests go to the first transport with fewer than ``_FILL`` requests in flight
+    (all full: the one with the fewest). Idle connections of a transport unused for longer
+    than ``expiry`` are closed."""
 
-    def __init__(self, transports: list[httpx2.AsyncHTTPTransport]) -> None:
+    def __init__(self, transports: list[httpx2.AsyncHTTPTransport], expiry: float | None
+                 ) -> None:
         self._transports = transports
-        self._next = 0
+        self._expiry = expiry
+        self._last_used = [0.0] * len(transports)
+
+    @staticmethod
+    def _in_flight(transport: httpx2.AsyncHTTPTransport) -> int:
+        # Requests queued or on a connection until their response is closed (httpcore2's
+        # pool keeps them in ``_requests``; httpcore2 is pinned with httpx2).
+        return len(transport._pool._requests)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        transport = self._transports[self._next]
-        self._next = (self._next + 1) % len(self._transports)
-        return await transport.handle_async_request(request)
+        loads = [self._in_flight(t) for t in self._transports]
+        chosen = next((i for i, load in enumerate(loads) if load < _FILL), None)
+        if chosen is None:
+            chosen = loads.index(min(loads))
+        now = time.monotonic()
+        self._last_used[chosen] = now
+        if self._expiry is not None:
+            for i, transport in enumerate(self._transports):
+                if i != chosen and loads[i] == 0 and now - self._last_used[i] > self._expiry:
+                    await _close_idle(transport)
+        return await self._transports[chosen].handle_async_request(request)
 
-    async def __aenter__(self) -> _PoolsInTurn:
+    async def __aenter__(self) -> _PoolsFilledInOrder:
         for transport in self._transports:
             await transport.__aenter__()
         return self
@@ -52,6 +79,16 @@ class _PoolsInTurn(httpx2.AsyncBaseTransport):
     async def aclose(self) -> None:
         for transport in self._transports:
             await transport.aclose()
+
+
+async def _close_idle(transport: httpx2.AsyncHTTPTransport) -> None:
+    """Close the pool's idle connections (the pool drops closed ones at its next request).
+    Shielded: it only releases sockets, and a request cancelled meanwhile must not leave
+    one half closed."""
+    with trio.CancelScope(shield=True):
+        for connection in transport._pool.connections:
+            if connection.is_idle():
+                await connection.aclose()
 
 
 def _transport(backend: httpcore2.AsyncNetworkBackend, ssl_context: ssl.SSLContext,
@@ -84,6 +121,6 @@ def client_with_backend(backend: httpcore2.AsyncNetworkBackend, limits: httpx2.L
         for _ in range(pools)
     ]
     transport: httpx2.AsyncBaseTransport = (
-        transports[0] if pools == 1 else _PoolsInTurn(transports))
+        transports[0] if pools == 1 else _PoolsFilledInOrder(transports, limits.keepalive_expiry))
     return httpx2.AsyncClient(transport=transport, timeout=timeout, follow_redirects=True,
                               trust_env=False)
