@@ -71,9 +71,10 @@ async def test_the_overflow_goes_to_the_next_pools_and_their_idle_connections_ex
     upstream: ScriptedServer,
 ) -> None:
     """150 requests held at once open 150 connections, more than one pool has (100): the
-    first pool takes 25, the next ones the rest. Once they are answered, requests one after another go to the first
-    pool only; when the others have been unused past the keep-alive expiry, their idle
-    connections are closed at such a request, and the first pool's one stays."""
+    first pool takes 25, the next ones the rest. Once they are answered, requests one
+    after another go to the first pool only; when the others have been unused past the
+    keep-alive expiry, their idle connections are closed at such a request, and the first
+    pool's one stays."""
     release = held_route(upstream)
     async with client(400, keepalive_expiry=0.3) as http:
         async with trio.open_nursery() as nursery:
