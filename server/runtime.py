@@ -23,10 +23,10 @@ from server.providers.tools.mcp import McpServers
 from server.providers.tools.registry import ToolRegistry, build_tools
 from server.providers.web.fetch import HttpPageReader
 from server.sessions import SessionRegistry
-from server.tasks.backend import TaskBackend
+from server.tasks.backend import Backend
 from server.tasks.manager import TaskManager
 from server.tasks.memory import MemoryBackend
-from server.tasks.redis import RedisBackend
+from server.tasks.redis import redis_backend
 
 
 @dataclass
@@ -69,11 +69,11 @@ def build_http_client(settings: Settings, *, keepalive: int,
     return client_with_backend(TlsSafeBackend(), limits, timeout)
 
 
-def build_backend(settings: Settings) -> TaskBackend:
+def build_backend(settings: Settings) -> Backend:
     if settings.backend == "redis":
         if not settings.redis_url:
             raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL")
-        return RedisBackend(settings.redis_url, prefix=settings.redis_prefix,
+        return redis_backend(settings.redis_url, prefix=settings.redis_prefix,
                             retention_s=settings.task_retention_s,
                             replica_ttl_s=settings.replica_ttl_s,
                             timeout_s=settings.backend_timeout_s)

@@ -1,4 +1,4 @@
-"""Request, task and event models. Validation of incoming requests lives here.
+"""Request models and the API's errors. Validation of incoming requests lives here.
 
 The chat request is an OpenAI chat-completions body plus Tether's fields. Only the fields
 Tether acts on are checked; everything else passes through to the model untouched.
@@ -7,21 +7,12 @@ Tether acts on are checked; everything else passes through to the model untouche
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server import fastjson
-
-Mode = Literal["background", "stream", "sync"]
-Status = Literal["queued", "running", "completed", "cancelled", "failed"]
-Phase = Literal["queued", "web_search", "tools", "generating", "done"]
-CancelReason = Literal["stop", "disconnect", "shutdown", "timeout"]
-
-TERMINAL_EVENTS = frozenset({"task:completed", "task:cancelled", "task:failed"})
-ACTIVE_STATUSES = frozenset({"queued", "running"})
+from server.record import Mode
 
 
 class RequestError(Exception):
@@ -257,124 +248,3 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
         passthrough=passthrough,
         stream_options=parsed.stream_options,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    task_id: str
-    chat_id: str | None
-    message_id: str | None
-    seq: int
-    type: str
-    data: dict[str, Any]
-
-    @property
-    def terminal(self) -> bool:
-        return self.type in TERMINAL_EVENTS
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "chat_id": self.chat_id,
-            "message_id": self.message_id,
-            "seq": self.seq,
-            "type": self.type,
-            "data": self.data,
-        }
-
-    @property
-    def json(self) -> str:
-        """The event as JSON. Encoded per send rather than kept: a log holds every event
-        of a task for its whole retention, and the text would double what each costs;
-        orjson encodes one in about a microsecond."""
-        return fastjson.dumps(self.to_dict())
-
-
-@dataclass
-class TaskRecord:
-    """A task's state: what ``GET /api/tasks/{id}`` shows."""
-
-    id: str
-    user: str
-    model: str
-    mode: Mode
-    chat_id: str | None = None
-    message_id: str | None = None
-    session_id: str | None = None
-    status: Status = "queued"
-    phase: Phase = "queued"
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    ended_at: float | None = None
-    content: str = ""
-    reasoning: str = ""
-    sources: list[dict[str, Any]] = field(default_factory=list)
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    usage: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    cancel_reason: CancelReason | None = None
-    last_seq: int = 0
-    finish_reason: str | None = None
-    # Bound to its WebSocket session's lifetime (a session_id without background: true).
-    session_bound: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "user": self.user,
-            "chat_id": self.chat_id,
-            "message_id": self.message_id,
-            "session_id": self.session_id,
-            "model": self.model,
-            "mode": self.mode,
-            "status": self.status,
-            "phase": self.phase,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "content": self.content,
-            "reasoning": self.reasoning or None,
-            "sources": list(self.sources),
-            "tool_calls": list(self.tool_calls),
-            "usage": self.usage,
-            "error": self.error,
-            "cancel_reason": self.cancel_reason,
-            "finish_reason": self.finish_reason,
-            "last_seq": self.last_seq,
-        }
-
-    def copy(self) -> TaskRecord:
-        """A copy that shares nothing mutable with this record."""
-        return replace(self, sources=list(self.sources), tool_calls=list(self.tool_calls))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, session_bound: bool = False) -> TaskRecord:
-        """The record that ``to_dict`` gave (a terminal event's data, a stored copy)."""
-        return cls(
-            id=data["id"],
-            user=data["user"],
-            model=data["model"],
-            mode=data["mode"],
-            chat_id=data.get("chat_id"),
-            message_id=data.get("message_id"),
-            session_id=data.get("session_id"),
-            status=data.get("status", "queued"),
-            phase=data.get("phase", "queued"),
-            created_at=data["created_at"],
-            started_at=data.get("started_at"),
-            ended_at=data.get("ended_at"),
-            content=data.get("content") or "",
-            reasoning=data.get("reasoning") or "",
-            sources=list(data.get("sources") or ()),
-            tool_calls=list(data.get("tool_calls") or ()),
-            usage=data.get("usage"),
-            error=data.get("error"),
-            cancel_reason=data.get("cancel_reason"),
-            last_seq=data.get("last_seq", 0),
-            finish_reason=data.get("finish_reason"),
-            session_bound=session_bound,
-        )

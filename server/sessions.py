@@ -16,7 +16,7 @@ from typing import Protocol
 
 import trio
 
-from server.schemas import TaskRecord
+from server.record import TaskRecord
 from server.tasks.errors import TaskRefused, UnknownSession
 from server.tasks.manager import TaskManager
 
@@ -64,7 +64,7 @@ class SessionRegistry:
         session = self._sessions.get(session_id)
         if session is not None and session.user != user:
             raise UnknownSession(session_id)
-        if not await self._manager.claim_session(session_id, user):
+        if not await self._manager.cluster.claim_session(session_id, user):
             raise UnknownSession(session_id)
 
     def _local(self, user: str, session_id: str) -> Session:
@@ -81,7 +81,7 @@ class SessionRegistry:
         fails."""
         session_id = session_id or new_session_id()
         await self.check_owner(user, session_id)
-        await self._manager.session_presence(session_id, user, +1)
+        await self._manager.cluster.session_presence(session_id, user, +1)
         session = self._local(user, session_id)
         if session.grace is not None:
             session.grace.cancel()
@@ -98,7 +98,7 @@ class SessionRegistry:
 
     async def _left(self, session: Session) -> None:
         try:
-            await self._manager.session_presence(session.id, session.user, -1)
+            await self._manager.cluster.session_presence(session.id, session.user, -1)
         except TaskRefused as exc:
             log.warning("session %s: a closed connection was not counted: %s", session.id,
                         exc.message)
@@ -121,12 +121,12 @@ class SessionRegistry:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
             try:
-                if await self._manager.session_connected_elsewhere(session.id):
+                if await self._manager.cluster.session_connected_elsewhere(session.id):
                     return  # the client came back through another process
-                for record in await self._manager.list_tasks(session.user,
-                                                             session_id=session.id):
+                for record in await self._manager.store.list_tasks(
+                        session.user, session_id=session.id):
                     if record.session_bound:
-                        await self._manager.stop_anywhere(record.id, "disconnect")
+                        await self._manager.stop(record.id, "disconnect")
             except TaskRefused as exc:
                 log.warning("session %s: its tasks could not be stopped: %s", session.id,
                             exc.message)
@@ -150,7 +150,7 @@ class SessionRegistry:
 
     async def _announce(self, session_id: str, task_id: str) -> None:
         try:
-            await self._manager.announce_task(session_id, task_id)
+            await self._manager.cluster.announce_task(session_id, task_id)
         except TaskRefused as exc:
             log.warning("task %s not announced to its session elsewhere: %s", task_id,
                         exc.message)

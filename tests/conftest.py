@@ -18,6 +18,7 @@ from server.app import create_app
 from server.cli import serve_app
 from server.config import Settings
 from server.runtime import Runtime
+from server.tasks.backend import next_events
 from tests.fakes.model import FakeModel
 from tests.fakes.pages import FakePages
 from tests.fakes.search import FakeSearxng
@@ -119,12 +120,12 @@ class Tether:
         """Follow the task's events until it reports being in ``phase``."""
         manager = self.runtime.manager
         while True:
-            record = await manager.find(task_id)
+            record = await manager.store.get(task_id)
             assert record is not None
             if record.phase == phase:
                 return
             assert record.active, f"task ended in {record.phase} before reaching {phase}"
-            await manager.next_events(task_id, record.last_seq)
+            await next_events(manager.store, task_id, record.last_seq)
 
 
 def base_settings(fakes: Fakes, **overrides: Any) -> Settings:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-TERMINAL = {"task:completed", "task:cancelled", "task:failed"}
+import trio
+
+from server.events import TERMINAL_TYPES
+
+TERMINAL = TERMINAL_TYPES
 
 
 def assert_log_well_formed(events: list[dict[str, Any]], after: int = 0) -> dict[str, Any]:
@@ -22,3 +27,12 @@ def assert_log_well_formed(events: list[dict[str, Any]], after: int = 0) -> dict
 
 def chat_body(text: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "fake-model", "messages": [{"role": "user", "content": text}], **extra}
+
+
+async def until(condition: Callable[[], Awaitable[bool]], *, timeout: float = 10.0,
+                poll_s: float = 0.02) -> None:
+    """Wait for a condition that no event announces (retention's sweep, say): checked
+    every ``poll_s`` until it holds, failing the test after ``timeout``."""
+    with trio.fail_after(timeout):
+        while not await condition():  # noqa: ASYNC110 - no event announces it
+            await trio.sleep(poll_s)

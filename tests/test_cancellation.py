@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.lowlevel
 
+from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.base import FakeServer
 from tests.fakes.model import HangReply, TextReply, ToolCallReply
@@ -77,10 +78,10 @@ async def test_stop_during_generation_keeps_partial_content(
     fakes.model.push(TextReply([f"w{i} " for i in range(400)], interval=0.02))
     task_id = await tether.background(chat_body())
     # Wait until some deltas have been produced.
-    manager = tether.runtime.manager
+    store = tether.runtime.manager.store
     with trio.fail_after(WAIT):
-        while len([e for e in await manager.read(task_id, 0) if e.type == "delta"]) < 3:
-            await manager.next_events(task_id, (await manager.read(task_id, 0))[-1].seq)
+        while len([e for e in await store.read(task_id, 0) if e.type == "delta"]) < 3:
+            await next_events(store, task_id, (await store.read(task_id, 0))[-1].seq)
     terminal = await _stop_and_check(tether, task_id, fakes.model, "/v1/chat/completions",
                                      "generating")
     events = await tether.events(task_id)
@@ -241,7 +242,7 @@ async def test_shutdown_cancels_running_tasks_with_reason_shutdown(
     with trio.fail_after(WAIT):
         await manager.wait_ended(task_id)
         await fakes.search.wait_connection_closed(request.conn_id)
-    events = [e.to_dict() for e in await manager.read(task_id, 0)]
+    events = [e.to_dict() for e in await manager.store.read(task_id, 0)]
     terminal = assert_log_well_formed(events)
     assert terminal["type"] == "task:cancelled"
     assert terminal["data"]["cancel_reason"] == "shutdown"

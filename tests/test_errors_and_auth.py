@@ -12,7 +12,7 @@ import trio
 from server.config import Settings, SettingsError
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import DieMidwayReply, ErrorReply, HangReply
-from tests.helpers import assert_log_well_formed, chat_body
+from tests.helpers import assert_log_well_formed, chat_body, until
 from tests.replicas import ROOT
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
@@ -147,9 +147,11 @@ async def test_ended_task_stays_readable_for_retention_then_goes(
     assert events[-1]["type"] == "task:completed"
     listed = (await tether.client.get("/api/tasks?include_finished=true")).json()["tasks"]
     assert task_id in [t["id"] for t in listed]
-    with trio.fail_after(WAIT):
-        while (await tether.client.get(f"/api/tasks/{task_id}")).status_code == 200:
-            await tether.runtime.manager.wait_sweep()
+
+    async def forgotten() -> bool:
+        return (await tether.client.get(f"/api/tasks/{task_id}")).status_code == 404
+
+    await until(forgotten, timeout=WAIT)
     assert (await tether.client.get(f"/api/tasks/{task_id}")).status_code == 404
 
 

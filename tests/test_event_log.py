@@ -1,4 +1,4 @@
-"""The event log and the in-memory backend, without sockets."""
+"""The event log, the in-memory store and admission, without sockets."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import trio
 import trio.testing
 
-from server.schemas import TaskRecord
+from server.record import TaskRecord
 from server.tasks.log import EventLog, LogClosed
-from server.tasks.memory import MemoryBackend
+from server.tasks.memory import LocalAdmission, MemoryStore
 
 
 def test_log_numbers_events_from_one_and_refuses_appends_after_the_terminal() -> None:
@@ -42,9 +42,9 @@ async def test_wait_beyond_wakes_on_append_and_says_when_nothing_will_come() -> 
 
 
 async def test_retention_keeps_a_log_while_someone_reads_it() -> None:
-    backend = MemoryBackend()
+    backend = MemoryStore()
     record = TaskRecord(id="t", user="u", model="m", mode="background")
-    assert await backend.admit(record, max_total=10, max_per_user=10)
+    await backend.create(record)
     record.status, record.ended_at = "completed", 100.0
     await backend.finish(record)
     with backend.reading("t"):
@@ -56,26 +56,28 @@ async def test_retention_keeps_a_log_while_someone_reads_it() -> None:
 
 
 async def test_admission_counts_active_tasks_per_user_and_in_all() -> None:
-    backend = MemoryBackend()
+    admission = LocalAdmission()
     records = [TaskRecord(id=f"t{i}", user="a" if i < 2 else "b", model="m", mode="sync")
                for i in range(4)]
-    assert await backend.admit(records[0], max_total=3, max_per_user=2)
-    assert await backend.admit(records[1], max_total=3, max_per_user=2)
-    assert not await backend.admit(TaskRecord(id="x", user="a", model="m", mode="sync"),
-                                   max_total=3, max_per_user=2)
-    assert await backend.admit(records[2], max_total=3, max_per_user=2)
-    assert not await backend.admit(records[3], max_total=3, max_per_user=2)
-    records[0].status, records[0].ended_at = "cancelled", 1.0
-    await backend.finish(records[0])
-    assert await backend.counts() == (2, {"a": 1, "b": 1})
-    assert await backend.admit(records[3], max_total=3, max_per_user=2)
+    assert await admission.reserve(records[0], max_total=3, max_per_user=2)
+    assert await admission.reserve(records[1], max_total=3, max_per_user=2)
+    assert not await admission.reserve(TaskRecord(id="x", user="a", model="m", mode="sync"),
+                                       max_total=3, max_per_user=2)
+    assert await admission.reserve(records[2], max_total=3, max_per_user=2)
+    assert not await admission.reserve(records[3], max_total=3, max_per_user=2)
+    # A reservation is idempotent, and so is its release.
+    assert await admission.reserve(records[0], max_total=3, max_per_user=2)
+    await admission.release(records[0])
+    await admission.release(records[0])
+    assert await admission.counts() == (2, {"a": 1, "b": 1})
+    assert await admission.reserve(records[3], max_total=3, max_per_user=2)
 
 
 async def test_retention_keeps_at_most_so_many_ended_tasks_oldest_unread_first() -> None:
-    backend = MemoryBackend()
+    backend = MemoryStore()
     records = [TaskRecord(id=f"t{i}", user="u", model="m", mode="sync") for i in range(6)]
     for i, record in enumerate(records):
-        assert await backend.admit(record, max_total=10, max_per_user=10)
+        await backend.create(record)
         if i < 5:  # t5 stays running
             record.status, record.ended_at = "completed", 100.0 + i
             await backend.finish(record)

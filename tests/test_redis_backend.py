@@ -14,9 +14,9 @@ import coredis
 import pytest
 import trio
 
-from server.schemas import TaskRecord
+from server.record import TaskRecord
 from server.tasks.log import LogClosed
-from server.tasks.redis import RedisBackend
+from server.tasks.redis import RedisBackend, redis_backend
 from tests.conftest import WAIT
 from tests.redis_server import RedisServer
 
@@ -30,16 +30,35 @@ async def serving(*backends: RedisBackend) -> AsyncIterator[None]:
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         for backend in backends:
-            await nursery.start(backend.serve, lambda task_id, reason: None, done)
+            await nursery.start(backend.cluster.serve, _NoControl(), done)
         try:
             yield
         finally:
             done.set()
 
 
-def _backends(server: RedisServer, count: int, **options: Any) -> list[RedisBackend]:
-    prefix = "b" + secrets.token_hex(6)
-    return [RedisBackend(server.url, prefix=prefix, **options) for _ in range(count)]
+class _NoControl:
+    def cancel(self, task_id: str, reason: str) -> None:
+        return None
+
+    def follow(self, session_id: str, task_id: str) -> None:
+        return None
+
+
+def _backends(server: RedisServer, count: int, prefix: str | None = None, **options: Any
+              ) -> list[RedisBackend]:
+    prefix = prefix or "b" + secrets.token_hex(6)
+    return [redis_backend(server.url, prefix=prefix, **options) for _ in range(count)]
+
+
+async def _admit(backend: RedisBackend, record: TaskRecord, *, max_total: int = 10,
+                 max_per_user: int = 10) -> bool:
+    """Admission as the task manager does it: a place, then the record."""
+    if not await backend.admission.reserve(record, max_total=max_total,
+                                           max_per_user=max_per_user):
+        return False
+    await backend.store.create(record)
+    return True
 
 
 async def test_admission_is_global_and_atomic_under_concurrency(
@@ -49,52 +68,51 @@ async def test_admission_is_global_and_atomic_under_concurrency(
     admitted: list[bool] = []
 
     async def admit(backend: RedisBackend) -> None:
-        admitted.append(await backend.admit(_record(), max_total=5, max_per_user=100))
+        admitted.append(await _admit(backend, _record(), max_total=5, max_per_user=100))
 
     async with serving(a, b):
         async with trio.open_nursery() as nursery:
             for i in range(20):
                 nursery.start_soon(admit, (a, b)[i % 2])
         assert admitted.count(True) == 5
-        assert await a.counts() == (5, {"u": 5})
+        assert await a.admission.counts() == (5, {"u": 5})
 
 
 async def test_two_survivors_reaping_a_dead_replica_write_one_terminal_event(
     redis_server: RedisServer,
 ) -> None:
     # The dead one heartbeats too rarely to come back by itself once its key is gone.
-    dead, *_ = _backends(redis_server, 1, replica_ttl_s=1000)
-    prefix = dead._prefix
-    b = RedisBackend(redis_server.url, prefix=prefix)
-    c = RedisBackend(redis_server.url, prefix=prefix)
+    prefix = "b" + secrets.token_hex(6)
+    dead, *_ = _backends(redis_server, 1, prefix, replica_ttl_s=1000)
+    b, c = _backends(redis_server, 2, prefix)
     record = _record()
     async with serving(dead, b, c):
-        assert await dead.admit(record, max_total=10, max_per_user=10)
+        assert await _admit(dead, record)
         record.status = "running"
-        await dead.save(record)
-        await dead.append(record, "delta", {"content": "partial "})
-        await dead.append(record, "delta", {"content": "answer"})
+        await dead.store.save(record)
+        await dead.store.append(record, "delta", {"content": "partial "})
+        await dead.store.append(record, "delta", {"content": "answer"})
         raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
         async with raw:
             await raw.delete([f"{prefix}:replica:{dead.replica_id}"])
         reaped: list[list[str]] = []
 
         async def reap(backend: RedisBackend) -> None:
-            reaped.append(await backend.reap_dead_replicas())
+            reaped.append(await backend.cluster.reap_dead_replicas())
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reap, b)
             nursery.start_soon(reap, c)
         assert sorted(len(r) for r in reaped) == [0, 1]
-        events = await b.read(record.id, 0)
+        events = await b.store.read(record.id, 0)
         assert [e.type for e in events] == ["task:queued", "delta", "delta", "task:failed"]
         assert [e.seq for e in events] == [1, 2, 3, 4]
         terminal = events[-1].data
         assert terminal["error"]["type"] == "replica_lost"
         assert terminal["content"] == "partial answer" and terminal["last_seq"] == 4
-        ended = await c.get(record.id)
+        ended = await c.store.get(record.id)
         assert ended is not None and ended.status == "failed" and ended.content == "partial answer"
-        assert await b.counts() == (0, {})
+        assert await b.admission.counts() == (0, {})
 
 
 async def test_cancelled_blocking_reads_do_not_use_up_the_connection_pool(
@@ -105,20 +123,20 @@ async def test_cancelled_blocking_reads_do_not_use_up_the_connection_pool(
     owner, reader = _backends(redis_server, 2, max_connections=3)
     record = _record()
     async with serving(owner, reader):
-        assert await owner.admit(record, max_total=10, max_per_user=10)
+        assert await _admit(owner, record)
         for _ in range(10):
             with trio.move_on_after(0.05) as waited:
-                await reader.wait_beyond(record.id, 1)
+                await reader.store.wait_beyond(record.id, 1)
             assert waited.cancelled_caught
         woke: list[bool] = []
 
         async def wait() -> None:
-            woke.append(await reader.wait_beyond(record.id, 1))
+            woke.append(await reader.store.wait_beyond(record.id, 1))
 
         with trio.fail_after(WAIT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(wait)
-                await owner.append(record, "delta", {"content": "x"})
+                await owner.store.append(record, "delta", {"content": "x"})
         assert woke == [True]
 
 
@@ -128,24 +146,25 @@ async def test_an_owner_reaped_while_alive_ends_its_local_copy_as_redis_says(
     """A replica cut off from Redis longer than its TTL is taken for dead and its task
     reaped. What it appends after that, Redis refuses; its end changes nothing in Redis,
     and its own readers see the end Redis holds."""
-    owner, *_ = _backends(redis_server, 1, replica_ttl_s=1000)
-    reaper = RedisBackend(redis_server.url, prefix=owner._prefix)
+    prefix = "b" + secrets.token_hex(6)
+    owner, *_ = _backends(redis_server, 1, prefix, replica_ttl_s=1000)
+    reaper, *_ = _backends(redis_server, 1, prefix)
     record = _record()
     async with serving(owner, reaper):
-        assert await owner.admit(record, max_total=10, max_per_user=10)
-        await owner.append(record, "delta", {"content": "partial"})
+        assert await _admit(owner, record)
+        await owner.store.append(record, "delta", {"content": "partial"})
         raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
         async with raw:
-            await raw.delete([f"{owner._prefix}:replica:{owner.replica_id}"])
-        assert await reaper.reap_dead_replicas() == [record.id]
-        await owner.append(record, "delta", {"content": " more"})  # written behind
+            await raw.delete([f"{prefix}:replica:{owner.replica_id}"])
+        assert await reaper.cluster.reap_dead_replicas() == [record.id]
+        await owner.store.append(record, "delta", {"content": " more"})  # written behind
         record.status = "failed"
-        assert await owner.finish(record) is None
-        in_redis = await reaper.read(record.id, 0)
+        assert await owner.store.finish(record) is None
+        in_redis = await reaper.store.read(record.id, 0)
         assert [e.type for e in in_redis] == ["task:queued", "delta", "task:failed"]
-        seen_here = await owner.read(record.id, 0)
+        seen_here = await owner.store.read(record.id, 0)
         assert seen_here[-1].type == "task:failed"
         assert seen_here[-1].data["error"]["type"] == "replica_lost"
         assert seen_here[-1].data["content"] == in_redis[-1].data["content"] == "partial"
         with pytest.raises(LogClosed):
-            await owner.append(record, "delta", {"content": " after the end"})
+            await owner.store.append(record, "delta", {"content": " after the end"})

@@ -16,12 +16,14 @@ import trio
 import trio.testing
 
 from server.config import Settings
+from server.events import Event
 from server.metrics import Metrics
-from server.schemas import ChatRequest, Event, TaskFailure, TaskRecord, parse_chat_request
+from server.record import TaskRecord
+from server.schemas import ChatRequest, TaskFailure, parse_chat_request
 from server.tasks.errors import ShuttingDown, TooManyTasks
 from server.tasks.manager import TaskEmitter, TaskManager
-from server.tasks.memory import MemoryBackend
-from server.tasks.redis import RedisBackend
+from server.tasks.memory import MemoryBackend, MemoryStore
+from server.tasks.redis import redis_backend
 
 WAIT = 10
 
@@ -43,12 +45,12 @@ class Script:
 
     async def __call__(self, request: ChatRequest, emit: TaskEmitter) -> None:
         await emit.set_phase("generating")
-        await emit("delta", {"content": "part"})
+        await emit.delta({"content": "part"})
         self.running.set()
         await self.release.wait()
         if self.fail is not None:
             raise self.fail
-        await emit("delta", {"content": "ial"})
+        await emit.delta({"content": "ial"})
         await emit.set_result(usage={"total_tokens": 2}, finish_reason="stop")
 
 
@@ -61,8 +63,8 @@ def make_backend(backend_settings: dict[str, Any]) -> Callable[[], Any]:
     def make() -> Any:
         if not backend_settings:
             return MemoryBackend()
-        return RedisBackend(backend_settings["redis_url"],
-                            prefix=backend_settings["redis_prefix"])
+        return redis_backend(backend_settings["redis_url"],
+                             prefix=backend_settings["redis_prefix"])
     return make
 
 
@@ -78,7 +80,7 @@ async def running_manager(runner: Runner, backend: Any,
 
 
 async def _events(manager: TaskManager, task_id: str) -> list[Event]:
-    return await manager.read(task_id, 0)
+    return await manager.store.read(task_id, 0)
 
 
 def _terminals(events: list[Event]) -> list[Event]:
@@ -94,7 +96,7 @@ async def test_a_task_goes_queued_running_completed_with_one_terminal_event(
         assert record.status == "queued" and record.last_seq == 1
         with trio.fail_after(WAIT):
             await script.running.wait()
-        running = await manager.find(record.id)
+        running = await manager.store.get(record.id)
         assert running is not None
         assert (running.status, running.phase, running.content) == (
             "running", "generating", "part")
@@ -108,7 +110,7 @@ async def test_a_task_goes_queued_running_completed_with_one_terminal_event(
     terminal = events[-1].data
     assert terminal["content"] == "partial" and terminal["last_seq"] == 5
     assert terminal["usage"] == {"total_tokens": 2} and terminal["finish_reason"] == "stop"
-    stored = await manager.find(record.id)
+    stored = await manager.store.get(record.id)
     assert stored is not None and stored.to_dict() == terminal
 
 
@@ -120,11 +122,11 @@ async def test_the_first_stop_reason_wins_and_a_stop_after_the_end_changes_nothi
         record = await manager.spawn("u", _request())
         with trio.fail_after(WAIT):
             await script.running.wait()
-        assert manager.stop(record.id, "stop")
-        assert manager.stop(record.id, "disconnect")  # still running until it unwinds
+        assert manager.cancel(record.id, "stop")
+        assert manager.cancel(record.id, "disconnect")  # still running until it unwinds
         with trio.fail_after(WAIT):
             ended = await manager.wait_ended(record.id)
-        assert not manager.stop(record.id, "shutdown")
+        assert not manager.cancel(record.id, "shutdown")
     assert ended is not None
     assert (ended.status, ended.cancel_reason, ended.phase, ended.content) == (
         "cancelled", "stop", "generating", "part")
@@ -172,7 +174,7 @@ async def test_shutdown_ends_running_tasks_and_refuses_new_ones(
             await manager.shutdown()
         with pytest.raises(ShuttingDown):
             await manager.spawn("u", _request())
-    ended = await manager.find(record.id)
+    ended = await manager.store.get(record.id)
     assert ended is not None and (ended.status, ended.cancel_reason) == ("cancelled", "shutdown")
 
 
@@ -188,7 +190,7 @@ async def test_admission_refuses_past_the_limits_and_frees_a_place_when_a_task_e
         await manager.spawn("b", _request())
         with pytest.raises(TooManyTasks):
             await manager.spawn("c", _request())
-        manager.stop(first.id, "stop")
+        manager.cancel(first.id, "stop")
         with trio.fail_after(WAIT):
             await manager.wait_ended(first.id)
         await manager.spawn("c", _request())
@@ -205,14 +207,15 @@ async def test_a_caller_cancelled_during_spawn_still_gets_a_started_task(
             caller.cancel()
             record = await manager.spawn("u", _request())
         assert not caller.cancelled_caught  # spawn itself did not checkpoint unshielded
-        assert manager.is_running(record.id)
+        stored = await manager.store.get(record.id)
+        assert stored is not None and stored.active
         with trio.fail_after(WAIT):
             await script.running.wait()
-        manager.stop(record.id, "disconnect")
+        manager.cancel(record.id, "disconnect")
 
 
-class _SlowFinish(MemoryBackend):
-    """The memory backend, with its terminal write held until the test lets it through,
+class _SlowFinish(MemoryStore):
+    """The memory store, with its terminal write held until the test lets it through,
     as a remote store's round trip would hold it."""
 
     def __init__(self) -> None:
@@ -229,7 +232,7 @@ class _SlowFinish(MemoryBackend):
 async def test_the_terminal_write_survives_the_nursery_being_cancelled() -> None:
     backend = _SlowFinish()
     script = Script()
-    manager = TaskManager(Settings(), backend, script, Metrics())
+    manager = TaskManager(Settings(), MemoryBackend(store=backend), script, Metrics())
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         record = await manager.spawn("u", _request())
@@ -250,14 +253,15 @@ async def test_the_terminal_write_survives_the_nursery_being_cancelled() -> None
 async def test_a_terminal_write_that_never_returns_is_given_up_and_the_task_let_go() -> None:
     backend = _SlowFinish()
     script = Script()
-    async with running_manager(script, backend, backend_timeout_s=0.2) as manager:
+    async with running_manager(script, MemoryBackend(store=backend),
+                               backend_timeout_s=0.2) as manager:
         record = await manager.spawn("u", _request())
         with trio.fail_after(WAIT):
             await script.running.wait()
-        manager.stop(record.id, "stop")
+        manager.cancel(record.id, "stop")
         with trio.fail_after(WAIT):
             await manager.wait_ended(record.id)
-        assert not manager.is_running(record.id)
+        assert manager.running_count == 0
     assert _terminals(await _events(manager, record.id)) == []
 
 
@@ -270,8 +274,8 @@ async def test_reports_from_steps_running_side_by_side_all_reach_the_log_in_orde
     async def side_by_side(request: ChatRequest, emit: TaskEmitter) -> None:
         async with trio.open_nursery() as nursery:
             for i in range(20):
-                nursery.start_soon(emit, "status", {"description": f"step {i}"})
-                nursery.start_soon(emit, "delta", {"content": f"<{i}>"})
+                nursery.start_soon(emit.status, {"description": f"step {i}"})
+                nursery.start_soon(emit.delta, {"content": f"<{i}>"})
 
     async with running_manager(side_by_side, make_backend()) as manager:
         record = await manager.spawn("u", _request())
@@ -292,7 +296,7 @@ async def test_an_answer_past_its_bound_ends_the_task_failed_with_what_it_had(
 ) -> None:
     async def endless(request: ChatRequest, emit: TaskEmitter) -> None:
         while True:
-            await emit("delta", {"content": "0123456789"})
+            await emit.delta({"content": "0123456789"})
 
     async with running_manager(endless, make_backend(), max_content_chars=55) as manager:
         record = await manager.spawn("u", _request())
@@ -309,7 +313,7 @@ async def test_a_log_past_its_bound_ends_the_task_with_its_terminal_event_last(
 ) -> None:
     async def chatty(request: ChatRequest, emit: TaskEmitter) -> None:
         while True:
-            await emit("status", {"description": "still here"})
+            await emit.status({"description": "still here"})
 
     async with running_manager(chatty, make_backend(), max_task_events=10) as manager:
         record = await manager.spawn("u", _request())

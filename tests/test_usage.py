@@ -12,6 +12,7 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import DieMidwayReply, ErrorReply, TextReply, ToolCallReply
 from tests.helpers import assert_log_well_formed, chat_body
@@ -37,11 +38,11 @@ async def _wait_for_content(tether: Tether, task_id: str) -> None:
     manager = tether.runtime.manager
     with trio.fail_after(WAIT):
         while True:
-            record = await manager.find(task_id)
+            record = await manager.store.get(task_id)
             assert record is not None and record.active
             if record.content:
                 return
-            await manager.next_events(task_id, record.last_seq)
+            await next_events(manager.store, task_id, record.last_seq)
 
 
 async def test_stopped_stream_sends_the_counted_usage_in_its_usage_chunk(

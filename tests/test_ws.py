@@ -168,7 +168,8 @@ async def test_background_task_is_not_bound_to_the_session(
         with trio.fail_after(WAIT):
             await fakes.model.wait_for_request("/v1/chat/completions")
     # The session's last connection closed with grace 0, and the task runs on.
-    assert tether.runtime.manager.is_running(task_id)
+    running = await tether.runtime.manager.store.get(task_id)
+    assert running is not None and running.status == "running"
     stopped = (await tether.client.post(f"/api/tasks/{task_id}/stop")).json()
     assert stopped["cancel_reason"] == "stop"
 
@@ -201,7 +202,8 @@ async def test_reconnect_within_grace_keeps_task_and_resume_delivers_missed_even
             await manager.wait_ended(control_task)
         control_end = assert_log_well_formed(await tether.events(control_task))
         assert control_end["data"]["cancel_reason"] == "disconnect"
-        assert manager.is_running(hanging)
+        running = await manager.store.get(hanging)
+        assert running is not None and running.status == "running"
         # Resume the streaming task from the last event seen: exactly the missed ones.
         await back.send({"type": "subscribe", "task_id": streaming, "after": seen[-1]["seq"]})
         missed = await back.events_until_terminal(streaming)
@@ -253,7 +255,8 @@ async def test_another_user_cannot_attach_subscribe_or_stop(
                 error = await bob.recv()
                 assert error["type"] == "error" and error["ref"] == kind
                 assert error["error"]["code"] == "not_found"
-        assert tether.runtime.manager.is_running(task_id)
+        running = await tether.runtime.manager.store.get(task_id)
+        assert running is not None and running.status == "running"
         await alice.send({"type": "stop", "task_id": task_id})
         events = await alice.events_until_terminal(task_id)
         assert events[-1]["type"] == "task:cancelled"
@@ -318,7 +321,7 @@ async def test_slow_reader_does_not_delay_a_fast_one(start_tether: Any, fakes: F
         # Chunks that one read brought are one delta: count the text, not the events.
         streamed = "".join(e["data"]["content"] for e in events if e["type"] == "delta")
         assert streamed == terminal["data"]["content"] == big * 600
-        record = await tether.runtime.manager.find(task_id)
+        record = await tether.runtime.manager.store.get(task_id)
         assert record is not None and record.ended_at is not None
         # The task was not held back by the slow reader: it ended about when the fake
         # finished sending, and the fast reader had everything right after.
@@ -352,7 +355,7 @@ async def test_reattaching_lists_the_sessions_tasks_with_their_last_seq(
     async with connect(tether, session_id=session_id) as back:
         listed = {t["task_id"]: t for t in back.first_message["tasks"]}
         assert list(listed) == [finished, running]
-        records = {t: await tether.runtime.manager.find(t) for t in listed}
+        records = {t: await tether.runtime.manager.store.get(t) for t in listed}
         assert listed[finished]["status"] == "completed"
         assert listed[running]["status"] == "running"
         for task_id, entry in listed.items():

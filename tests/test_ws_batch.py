@@ -13,7 +13,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import TextReply
-from tests.helpers import TERMINAL, assert_log_well_formed, chat_body
+from tests.helpers import TERMINAL, assert_log_well_formed, chat_body, until
 
 pytestmark = pytest.mark.both_backends
 
@@ -86,7 +86,7 @@ async def _completed_tasks(tether: Tether, fakes: Fakes, count: int, chunks: int
 
 
 async def _log_size(tether: Tether, task_ids: list[str]) -> int:
-    records = [await tether.runtime.manager.find(t) for t in task_ids]
+    records = [await tether.runtime.manager.store.get(t) for t in task_ids]
     return sum(r.last_seq for r in records if r is not None)
 
 
@@ -114,7 +114,7 @@ async def test_batched_replay_sends_a_backlog_in_few_messages(
     tether: Tether, fakes: Fakes
 ) -> None:
     [task_id] = await _completed_tasks(tether, fakes, 1, chunks=600)
-    record = await tether.runtime.manager.find(task_id)
+    record = await tether.runtime.manager.store.get(task_id)
     assert record is not None and record.last_seq > 256
     async with connect(tether, batch=True) as client:
         await client.send({"type": "subscribe", "task_id": task_id, "after": 0})
@@ -196,10 +196,12 @@ async def test_pong_is_not_queued_behind_a_backlog(tether: Tether, fakes: Fakes)
 
 async def _until_expired(tether: Tether, task_id: str) -> None:
     """Wait for retention to drop the task: it cannot while a reader still follows it."""
-    manager = tether.runtime.manager
-    with trio.fail_after(WAIT):
-        while await manager.find(task_id) is not None:
-            await manager.wait_sweep()
+    store = tether.runtime.manager.store
+
+    async def expired() -> bool:
+        return await store.get(task_id) is None
+
+    await until(expired, timeout=WAIT)
 
 
 async def test_subscribing_at_the_end_of_an_ended_log_follows_nothing(

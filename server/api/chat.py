@@ -18,10 +18,19 @@ from quart import Blueprint, Response, request
 from server import fastjson
 from server.api import sse
 from server.api.admission import check_chat, failure_status
+from server.api.answers import (
+    AssistantMessage,
+    BackgroundAccepted,
+    ChatCompletion,
+    Choice,
+    TaskSummary,
+)
 from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
+from server.record import TaskRecord, Usage
 from server.runtime import Runtime
-from server.schemas import RequestError, TaskRecord
+from server.schemas import RequestError
+from server.tasks.backend import next_events
 
 blueprint = Blueprint("chat", __name__)
 
@@ -40,13 +49,13 @@ async def chat_completions() -> Response:
     record = await rt.manager.spawn(user, chat)
     if record.mode != "background":
         # Bound to this connection however it ends (see app.bind_to_connection).
-        on_connection_close(partial(rt.manager.stop, record.id, "disconnect"))
+        on_connection_close(partial(rt.manager.cancel, record.id, "disconnect"))
     rt.metrics.time_to_task_id.labels("http").observe(time.perf_counter() - arrived)
     headers = {"X-Task-Id": record.id}
     if record.mode == "background":
-        body = {"task_id": record.id, "chat_id": record.chat_id,
-                "message_id": record.message_id, "status": "queued"}
-        return json_response(body, 202, headers)
+        accepted = BackgroundAccepted(task_id=record.id, chat_id=record.chat_id,
+                                      message_id=record.message_id, status="queued")
+        return json_response(accepted.model_dump(), 202, headers)
     openai = request.path.startswith("/v1/")
     if record.mode == "stream":
         include_usage = bool((chat.stream_options or {}).get("include_usage"))
@@ -69,7 +78,7 @@ def _finish_reason(record: TaskRecord, openai: bool) -> str:
     return record.finish_reason or "stop"
 
 
-def _usage(record: TaskRecord) -> dict[str, Any]:
+def _usage(record: TaskRecord) -> Usage:
     """The task's usage (see ``pipeline.usage``), or zeros for an answer that never reached
     the model (stopped during its web search, say): OpenAI's clients expect an object."""
     if record.usage is not None:
@@ -77,8 +86,8 @@ def _usage(record: TaskRecord) -> dict[str, Any]:
     return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "estimated": True}
 
 
-def _task_summary(record: TaskRecord) -> dict[str, Any]:
-    return {"id": record.id, "status": record.status, "cancel_reason": record.cancel_reason}
+def _task_summary(record: TaskRecord) -> TaskSummary:
+    return TaskSummary(id=record.id, status=record.status, cancel_reason=record.cancel_reason)
 
 
 def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bool) -> Response:
@@ -86,27 +95,26 @@ def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bo
         code = record.error["type"]
         error = RequestError(failure_status(code), code, record.error["message"])
         return json_response(error.body(), error.status, headers)
-    message: dict[str, Any] = {"role": "assistant", "content": record.content, "refusal": None}
+    message = AssistantMessage(role="assistant", content=record.content, refusal=None)
     client_calls = [c for c in record.tool_calls if not c.get("server")]
     if client_calls:
-        message["tool_calls"] = client_calls
-        message["content"] = record.content or None  # as OpenAI: null beside tool calls
+        message.tool_calls = client_calls
+        message.content = record.content or None  # as OpenAI: null beside tool calls
     if record.reasoning:
-        message["reasoning_content"] = record.reasoning
-    finish = _finish_reason(record, openai)
-    body = {
-        "id": "chatcmpl-" + record.id,
-        "object": "chat.completion",
-        "created": int(record.created_at),
-        "model": record.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                     "logprobs": None}],
-        "usage": _usage(record),
-        "sources": record.sources,
-        "task_id": record.id,
-        "task": _task_summary(record),
-    }
-    return json_response(body, 200, headers)
+        message.reasoning_content = record.reasoning
+    completion = ChatCompletion(
+        id="chatcmpl-" + record.id,
+        object="chat.completion",
+        created=int(record.created_at),
+        model=record.model,
+        choices=[Choice(index=0, message=message, finish_reason=_finish_reason(record, openai),
+                        logprobs=None)],
+        usage=_usage(record),
+        sources=record.sources,
+        task_id=record.id,
+        task=_task_summary(record),
+    )
+    return json_response(completion.model_dump(exclude_unset=True), 200, headers)
 
 
 def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
@@ -131,14 +139,14 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
     If the client goes away, the task is stopped by the connection binding that the
     handler registered (``binding.bind_to_connection``), started or not.
     """
-    manager = rt.manager
+    store = rt.manager.store
     keepalive = rt.settings.sse_keepalive_s
     cursor = 0
     role_sent = False
-    with manager.reading(record.id):
+    with store.reading(record.id):
         yield sse.comment("task " + record.id)
-        while (events := await manager.next_events(record.id, cursor,
-                                                   wait_s=keepalive)) is not None:
+        while (events := await next_events(store, record.id, cursor,
+                                           wait_s=keepalive)) is not None:
             if not events:
                 yield sse.KEEPALIVE
                 continue
@@ -178,7 +186,7 @@ def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[s
         payload = {**error.body(), "task_id": record.id}
         return [sse.event(fastjson.dumps(payload)), sse.DONE]
     out = [_chunk(record, {}, _finish_reason(record, openai), sources=record.sources,
-                  task_id=record.id, task=_task_summary(record))]
+                  task_id=record.id, task=_task_summary(record).model_dump())]
     if include_usage:
         body = {"id": "chatcmpl-" + record.id, "object": "chat.completion.chunk",
                 "created": int(record.created_at), "model": record.model, "choices": [],

@@ -2,9 +2,10 @@
 
 The request body's schema is ``ChatRequestModel``'s own JSON schema, the model that
 validates every chat request, so the document cannot drift from what the server checks.
-The answers are described by the models below: they exist for this document (the handlers
-build their answers as plain dicts), and the contract run in CI (``make contract``:
-schemathesis against a running server) checks every answer it gets against them.
+The answers are described by the models of ``server.api.answers``, which the handlers build
+their answers from (the ``Task`` model is derived from the task record's one definition),
+and the contract run in CI (``make contract``: schemathesis against a running server) checks
+every answer it gets against them.
 
 Validation stays where it is (``schemas.parse_chat_request``): no library turns this
 document into checks of its own, so every refusal keeps the API's error shape.
@@ -17,161 +18,30 @@ from __future__ import annotations
 
 import importlib.metadata
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from quart import Blueprint, Response
 
+from server.api.answers import (
+    BackgroundAccepted,
+    ChatCompletion,
+    ErrorBody,
+    Health,
+    ModelList,
+    ModelObject,
+    Ready,
+    Task,
+    TaskList,
+    ToolList,
+)
 from server.api.common import json_response
-from server.schemas import CancelReason, ChatRequestModel, Mode, Phase, Status
+from server.schemas import ChatRequestModel
 
 blueprint = Blueprint("openapi", __name__)
 
 PATH = "/openapi.json"
-
-
-# Answers' models. Every one allows fields it does not name: API.md promises that new
-# fields may appear, and clients must ignore what they do not know.
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ErrorDetail(_Open):
-    message: str
-    type: str
-    param: str | None
-    code: str
-
-
-class ErrorBody(_Open):
-    """Every answer outside 2xx (OpenAI's error shape)."""
-
-    error: ErrorDetail
-
-
-class TaskError(_Open):
-    phase: str | None = None
-    type: str
-    message: str
-
-
-class Usage(_Open):
-    """Token usage: the model's report, or Tether's count where the model gave none."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    estimated: bool | None = None
-
-
-class Task(_Open):
-    """A task, as ``GET /api/tasks/{task_id}`` and the terminal events show it."""
-
-    id: str
-    user: str
-    chat_id: str | None
-    message_id: str | None
-    session_id: str | None
-    model: str
-    mode: Mode
-    status: Status
-    phase: Phase
-    created_at: float
-    started_at: float | None
-    ended_at: float | None
-    content: str
-    reasoning: str | None
-    sources: list[dict[str, Any]]
-    tool_calls: list[dict[str, Any]]
-    usage: Usage | None
-    error: TaskError | None
-    cancel_reason: CancelReason | None
-    finish_reason: str | None
-    last_seq: int
-
-
-class TaskList(_Open):
-    tasks: list[Task]
-
-
-class BackgroundAccepted(_Open):
-    """The 202 of a background request: the task was admitted and runs on its own."""
-
-    task_id: str
-    chat_id: str | None
-    message_id: str | None
-    status: Literal["queued"]
-
-
-class TaskSummary(_Open):
-    id: str
-    status: Status
-    cancel_reason: CancelReason | None
-
-
-class AssistantMessage(_Open):
-    role: Literal["assistant"]
-    content: str | None
-    refusal: None
-    tool_calls: list[dict[str, Any]] | None = None
-    reasoning_content: str | None = None
-
-
-class Choice(_Open):
-    index: int
-    message: AssistantMessage
-    finish_reason: str
-    logprobs: None
-
-
-class ChatCompletion(_Open):
-    """A sync answer: OpenAI's ``chat.completion``, plus the task and its web sources."""
-
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-    sources: list[dict[str, Any]]
-    task_id: str
-    task: TaskSummary
-
-
-class ModelObject(_Open):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(_Open):
-    object: Literal["list"]
-    data: list[ModelObject]
-
-
-class Tool(_Open):
-    id: str
-    name: str
-    description: str
-    parameters: dict[str, Any]
-    server: str | None = None
-
-
-class ToolList(_Open):
-    tools: list[Tool]
-
-
-class Health(_Open):
-    status: Literal["ok"]
-
-
-class Ready(_Open):
-    status: Literal["ready"]
-    active_tasks: int
-    replica: str
-    mcp: dict[str, dict[str, Any]] | None = None
 
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from quart import Blueprint, Response, request
 
 from server.api import sse
+from server.api.answers import TaskList
 from server.api.common import current_user, json_response, runtime, sse_headers
+from server.record import TaskRecord
 from server.runtime import Runtime
-from server.schemas import RequestError, TaskRecord
+from server.schemas import RequestError
+from server.tasks.backend import next_events
 
 blueprint = Blueprint("tasks", __name__)
 
@@ -30,10 +34,10 @@ async def _own_task(task_id: str) -> tuple[str, TaskRecord]:
 async def list_tasks() -> Response:
     user = current_user()
     include = request.args.get("include_finished", "false").lower() in ("1", "true", "yes")
-    records = await runtime().manager.list_tasks(
+    records = await runtime().manager.store.list_tasks(
         user, chat_id=request.args.get("chat_id"), include_finished=include
     )
-    return json_response({"tasks": [r.to_dict() for r in records]})
+    return json_response(_task_list(records))
 
 
 @blueprint.get("/api/tasks/<task_id>")
@@ -47,8 +51,10 @@ async def get_task(task_id: str) -> Response:
 async def stop_task(task_id: str) -> Response:
     """Stop the caller's task and answer it once ended. Cancelling the request
     only stops the wait: the stop has already been given."""
-    user, _ = await _own_task(task_id)
-    record = await runtime().manager.stop_and_wait(user, task_id, "stop")
+    await _own_task(task_id)
+    manager = runtime().manager
+    await manager.stop(task_id, "stop")
+    record = await manager.wait_ended(task_id)
     if record is None:
         raise _not_found(task_id)
     return json_response(record.to_dict(), headers={"X-Task-Id": record.id})
@@ -60,11 +66,15 @@ async def stop_chat(chat_id: str) -> Response:
     stops the wait."""
     user = current_user()
     manager = runtime().manager
-    records = await manager.list_tasks(user, chat_id=chat_id)
+    records = await manager.store.list_tasks(user, chat_id=chat_id)
     for record in records:
-        await manager.stop_anywhere(record.id, "stop")
+        await manager.stop(record.id, "stop")
     ended = [await manager.wait_ended(record.id) or record for record in records]
-    return json_response({"tasks": [r.to_dict() for r in ended]})
+    return json_response(_task_list(ended))
+
+
+def _task_list(records: list[TaskRecord]) -> dict[str, Any]:
+    return TaskList.model_validate({"tasks": [r.to_dict() for r in records]}).model_dump()
 
 
 @blueprint.get("/api/tasks/<task_id>/events")
@@ -94,11 +104,11 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
 
     Closing the connection ends only this reader; the task goes on.
     """
-    manager = rt.manager
+    store = rt.manager.store
     cursor = after
-    with manager.reading(task_id):
-        while (events := await manager.next_events(task_id, cursor, limit=500,
-                                                   wait_s=rt.settings.sse_keepalive_s)
+    with store.reading(task_id):
+        while (events := await next_events(store, task_id, cursor, limit=500,
+                                           wait_s=rt.settings.sse_keepalive_s)
                ) is not None:
             if not events:
                 yield sse.KEEPALIVE

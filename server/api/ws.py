@@ -34,8 +34,9 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from server.api.admission import check_chat, refusal
 from server.api.origin import check_origin
+from server.events import Event
 from server.runtime import Runtime
-from server.schemas import Event, RequestError
+from server.schemas import RequestError
 from server.sessions import Session
 from server.tasks.backend import LogWatch
 from server.tasks.errors import TaskRefused
@@ -174,7 +175,7 @@ class WsConnection:
         def on_append(event: Event) -> None:
             self._mark(task_id, event.terminal)
 
-        watch = self.rt.manager.watch(task_id, on_append, after)
+        watch = self.rt.manager.store.watch(task_id, on_append, after)
         if watch is None:
             return
         self._followers[task_id] = _Follower(after, watch)
@@ -256,19 +257,19 @@ class WsConnection:
         follower = self._followers.get(task_id)
         if follower is None:
             return
-        manager = self.rt.manager
-        events = await manager.read(task_id, follower.cursor, _READ_LIMIT)
+        store = self.rt.manager.store
+        events = await store.read(task_id, follower.cursor, _READ_LIMIT)
         if not self._serving(task_id, follower):
             return
         if not events:
             # Nothing past the cursor: if the log has ended there, nothing ever will be.
-            record = await manager.find(task_id)
+            record = await store.get(task_id)
             if record is None or (not record.active and record.last_seq <= follower.cursor):
                 if self._followers.get(task_id) is follower:
                     self.unfollow(task_id)
             return
         if len(events) == _READ_LIMIT:
-            record = await manager.find(task_id)
+            record = await store.get(task_id)
             if not self._serving(task_id, follower):
                 return
             if record is not None and record.active:
@@ -359,7 +360,7 @@ class WsConnection:
         logs are: a connection re-attaching with ``?session_id=`` resubscribes to each with
         the ``after`` it last saw (tasks already running are not followed on their own)."""
         assert self.session is not None
-        records = await self.rt.manager.list_tasks(
+        records = await self.rt.manager.store.list_tasks(
             self.user, session_id=self.session.id, include_finished=True)
         return [{"task_id": r.id, "chat_id": r.chat_id, "message_id": r.message_id,
                  "status": r.status, "phase": r.phase, "last_seq": r.last_seq}
@@ -397,11 +398,11 @@ class WsConnection:
                 self.unfollow(task_id)
             elif kind == "stop":
                 task_id = await self._own_task(message)
-                record = await self.rt.manager.find(task_id)
+                record = await self.rt.manager.store.get(task_id)
                 if task_id not in self._followers and record is not None and record.active:
                     # Follow from where the task is, so its terminal event reaches us.
                     self.follow(task_id, record.last_seq)
-                await self.rt.manager.stop_anywhere(task_id, "stop")
+                await self.rt.manager.stop(task_id, "stop")
             elif kind is None:
                 raise RequestError(400, "invalid_request", "Missing field 'type'.")
             else:

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from server.schemas import Phase
+from server.events import DeltaData, SourceData, StatusData
+from server.record import Phase
 
 
 class Emitter(Protocol):
-    async def __call__(self, type_: str, data: dict[str, Any]) -> None:
-        """Record an event on the task (``status``, ``source``, ``delta``)."""
+    """Each report is an event on the task, typed by what it reports. Cancelled while
+    waiting for an earlier report of the task to be written, a report writes nothing."""
+
+    async def delta(self, data: DeltaData) -> None:
+        """A piece of the answer."""
+        ...
+
+    async def status(self, data: StatusData) -> None:
+        """A step of the payload phase began, progressed or ended."""
+        ...
+
+    async def source(self, data: SourceData) -> None:
+        """A web source the answer may cite."""
         ...
 
     async def set_phase(self, phase: Phase) -> None:

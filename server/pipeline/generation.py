@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from server.events import DeltaData, StatusData
 from server.pipeline.emit import Emitter
 from server.pipeline.usage import UsageMeter
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
@@ -56,10 +57,10 @@ async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter
 
     async def on_delta(delta: ModelDelta) -> None:
         if delta.content or delta.reasoning:
-            data: dict[str, Any] = {"content": delta.content}
+            data: DeltaData = {"content": delta.content}
             if delta.reasoning:
                 data["reasoning"] = delta.reasoning
-            await emit("delta", data)
+            await emit.delta(data)
         # Counted once on the task (after the emit), so that a stopped answer's count
         # matches its content.
         if delta.content or delta.reasoning or delta.tool_calls:
@@ -159,7 +160,7 @@ async def _rounds(
         client_calls = [c for c in result.tool_calls if c.name not in tools]
         if client_calls:
             openai_calls = [c.openai() for c in client_calls]
-            await emit("delta", {"content": "", "tool_calls": openai_calls})
+            await emit.delta({"content": "", "tool_calls": openai_calls})
             await emit.set_result(usage=usage.so_far(), finish_reason="tool_calls",
                                   tool_calls=openai_calls)
             return
@@ -175,9 +176,21 @@ async def _rounds(
             messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
 
 
+def _tool_status(spec: ToolSpec, call: _PendingCall, description: str, *, done: bool
+                 ) -> StatusData:
+    """A tool call's status: the name the model called, the call's id, and for an MCP
+    tool its id, its server and its name there."""
+    status: StatusData = {"phase": "tools", "action": "tool_call", "description": description,
+                          "done": done, "tool": call.name, "tool_call_id": call.id}
+    if spec.server is not None:
+        status["tool_id"] = spec.tool_id
+        status["mcp_server"] = spec.server
+        status["mcp_tool"] = spec.remote_name or spec.name
+    return status
+
+
 def _tool_details(spec: ToolSpec) -> dict[str, Any]:
-    """What a status event says about the tool besides the name the model called: the
-    MCP server and the tool's own name there."""
+    """What the task's record keeps of a server tool call besides OpenAI's fields."""
     if spec.server is None:
         return {}
     return {"tool_id": spec.tool_id, "mcp_server": spec.server, "mcp_tool": spec.remote_name}
@@ -196,38 +209,32 @@ async def _run_tools(
 
     async def one(i: int, call: _PendingCall) -> None:
         tool = tools[call.name]
-        details = _tool_details(tool.spec)
         title = _tool_title(tool.spec)
-        await emit("status", {"phase": "tools", "action": "tool_call",
-                              "description": f"Calling {title}", "done": False,
-                              "tool": call.name, "tool_call_id": call.id,
-                              "arguments": call.arguments, **details})
+        start = _tool_status(tool.spec, call, f"Calling {title}", done=False)
+        start["arguments"] = call.arguments
+        await emit.status(start)
 
         async def report(progress: ToolProgress) -> None:
-            status: dict[str, Any] = {
-                "phase": "tools", "action": "tool_call",
-                "description": f"{title}: {progress.message or _fraction(progress)}",
-                "done": False, "tool": call.name, "tool_call_id": call.id, **details,
-                "progress": progress.progress,
-            }
+            status = _tool_status(tool.spec, call,
+                                  f"{title}: {progress.message or _fraction(progress)}",
+                                  done=False)
+            status["progress"] = progress.progress
             if progress.total is not None:
                 status["total"] = progress.total
-            await emit("status", status)
+            await emit.status(status)
 
         started = time.monotonic()
         output, failed = await run_tool_call(tool, call, timeout, report)
         outputs[i] = output
-        status: dict[str, Any] = {
-            "phase": "tools", "action": "tool_call",
-            "description": f"{title} {'failed' if failed else 'done'}", "done": True,
-            "tool": call.name, "tool_call_id": call.id, **details, "result": output[:2000],
-            "duration_s": round(time.monotonic() - started, 4),
-        }
+        end = _tool_status(tool.spec, call, f"{title} {'failed' if failed else 'done'}",
+                           done=True)
+        end["result"] = output[:2000]
+        end["duration_s"] = round(time.monotonic() - started, 4)
         if failed:
-            status["error"] = True
-        await emit.set_result(
-            tool_calls=[{**call.openai(), "result": output[:2000], "server": True, **details}])
-        await emit("status", status)
+            end["error"] = True
+        await emit.set_result(tool_calls=[{**call.openai(), "result": output[:2000],
+                                           "server": True, **_tool_details(tool.spec)}])
+        await emit.status(end)
 
     async with trio.open_nursery() as nursery:
         for i, call in enumerate(calls):

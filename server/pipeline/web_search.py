@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
 from server.config import Settings
+from server.events import SourceData, StatusData
 from server.pipeline.emit import Emitter
 from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
@@ -32,14 +33,30 @@ class Source:
     snippet: str
     text: str
 
-    def event_data(self) -> dict[str, Any]:
+    def event_data(self) -> SourceData:
         return {"index": self.index, "url": self.url, "title": self.title,
                 "snippet": self.snippet}
 
 
-def _status(action: str, description: str, *, done: bool, **extra: Any) -> dict[str, Any]:
-    return {"phase": "web_search", "action": action, "description": description,
-            "done": done, **extra}
+def _status(action: Literal["queries", "search", "fetch"], description: str, *, done: bool,
+            error: bool = False, queries: list[str] | None = None, query: str | None = None,
+            count: int | None = None, urls: list[str] | None = None, url: str | None = None
+            ) -> StatusData:
+    status: StatusData = {"phase": "web_search", "action": action,
+                          "description": description, "done": done}
+    if error:
+        status["error"] = True
+    if queries is not None:
+        status["queries"] = queries
+    if query is not None:
+        status["query"] = query
+    if count is not None:
+        status["count"] = count
+    if urls is not None:
+        status["urls"] = urls
+    if url is not None:
+        status["url"] = url
+    return status
 
 
 async def generate_queries(
@@ -69,7 +86,7 @@ async def generate_queries(
     try:
         await model.stream_chat(body, collect)
     except ModelError as exc:
-        await emit("status", _status("queries", f"Query generation failed: {exc.message}",
+        await emit.status(_status("queries", f"Query generation failed: {exc.message}",
                                      done=True, error=True))
         return [question]
     queries = parse_queries("".join(pieces))[:max_queries]
@@ -105,7 +122,7 @@ async def run_web_search(
 
     Cancelling it closes every search and page connection in flight.
     """
-    await emit("status", _status("queries", "Generating search queries", done=False))
+    await emit.status(_status("queries", "Generating search queries", done=False))
     queries = await generate_queries(
         request,
         query_model if settings.search_query_generation else None,
@@ -114,9 +131,9 @@ async def run_web_search(
         settings.search_max_queries,
     )
     if not queries:
-        await emit("status", _status("queries", "Nothing to search for", done=True))
+        await emit.status(_status("queries", "Nothing to search for", done=True))
         return []
-    await emit("status", _status("search", "Searching: " + "; ".join(queries),
+    await emit.status(_status("search", "Searching: " + "; ".join(queries),
                                  done=False, queries=queries))
 
     per_query: dict[int, list[SearchResult]] = {}
@@ -125,7 +142,7 @@ async def run_web_search(
         try:
             per_query[i] = await search.search(query, settings.search_result_count)
         except SearchError as exc:
-            await emit("status", _status("search", f"Search failed for {query!r}: {exc}",
+            await emit.status(_status("search", f"Search failed for {query!r}: {exc}",
                                          done=True, error=True, query=query))
 
     async with trio.open_nursery() as nursery:
@@ -133,7 +150,7 @@ async def run_web_search(
             nursery.start_soon(one_query, i, query)
 
     results = _merge(per_query, settings.search_result_count)
-    await emit("status", _status("search", f"Found {len(results)} results", done=True,
+    await emit.status(_status("search", f"Found {len(results)} results", done=True,
                                  count=len(results), urls=[r.url for r in results]))
     if not results:
         return []
@@ -143,24 +160,24 @@ async def run_web_search(
         (i, r) for i, r in enumerate(results) if r.content is None and settings.search_fetch_pages
     ]
     if to_fetch:
-        await emit("status", _status("fetch", f"Reading {len(to_fetch)} pages", done=False,
+        await emit.status(_status("fetch", f"Reading {len(to_fetch)} pages", done=False,
                                      urls=[r.url for _, r in to_fetch]))
 
         async def one_page(i: int, result: SearchResult) -> None:
             try:
                 page = await pages.read(result.url)
             except PageError as exc:
-                await emit("status", _status("fetch", f"Could not read {result.url}: {exc}",
+                await emit.status(_status("fetch", f"Could not read {result.url}: {exc}",
                                              done=True, error=True, url=result.url))
                 return
             texts[i] = page.text
-            await emit("status", _status("fetch", f"Read {result.url}", done=True,
+            await emit.status(_status("fetch", f"Read {result.url}", done=True,
                                          url=result.url))
 
         async with trio.open_nursery() as nursery:
             for i, result in to_fetch:
                 nursery.start_soon(one_page, i, result)
-        await emit("status", _status("fetch", f"Read {len(texts)} of {len(to_fetch)} pages",
+        await emit.status(_status("fetch", f"Read {len(texts)} of {len(to_fetch)} pages",
                                      done=True))
 
     sources: list[Source] = []
@@ -169,7 +186,7 @@ async def run_web_search(
         source = Source(len(sources) + 1, result.url, result.title, result.snippet,
                         (text or "")[: settings.page_max_chars])
         sources.append(source)
-        await emit("source", source.event_data())
+        await emit.source(source.event_data())
     return sources
 
 

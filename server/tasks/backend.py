@@ -1,9 +1,19 @@
-"""Where task state lives: the registry, the event logs and the retained results.
+"""Where task state lives, behind three small protocols.
 
-``TaskBackend`` is the seam for more than one process: the in-memory backend serves one
-process (the embedded default); a Redis backend implements the same coroutines with
-streams for the logs. Nothing outside ``server.tasks`` knows which backend is in use, and
-nothing outside the task manager calls one.
+- ``TaskStore``: the records and their event logs, and retention. Every process reads and
+  writes tasks through it.
+- ``Admission``: the places of active tasks, in all and per user: reserved before a task
+  exists, released once it has ended.
+- ``Cluster``: what one process asks of the others and answers for them: presence in
+  WebSocket sessions, stops for tasks run elsewhere, news of a session's new task, and the
+  process's own background work (a heartbeat, reaping dead replicas). One process alone
+  has no others: its cluster is a null object.
+
+The in-memory implementations (``server.tasks.memory``) serve one process, the embedded
+default; the Redis ones (``server.tasks.redis``) share one task space between processes
+and replicas. ``Backend`` holds one of each; nothing outside ``server.tasks`` knows which
+is in use. Every coroutine here is one short step on shared state unless it says it
+waits; cancelling a step before it returns leaves the state as it was or fully changed.
 """
 
 from __future__ import annotations
@@ -18,23 +28,15 @@ from typing import Any, Protocol
 
 import trio
 
-from server.schemas import CancelReason, Event, TaskRecord
-
-
-def apply_event(record: TaskRecord, type_: str, data: dict[str, Any]) -> None:
-    """What an event changes in its task's record: the fields the log carries."""
-    if type_ == "delta":
-        record.content += data.get("content", "")
-        record.reasoning += data.get("reasoning", "")
-    elif type_ == "source":
-        record.sources.append(data)
+from server.events import Event, EventType
+from server.record import CancelReason, TaskRecord
 
 
 class Control(Protocol):
-    """What other processes ask of this one, through the backend."""
+    """What other processes ask of this one, through the cluster."""
 
-    def stop(self, task_id: str, reason: CancelReason) -> object:
-        """Stop a task run here (as a local stop would)."""
+    def cancel(self, task_id: str, reason: CancelReason) -> object:
+        """Cancel a task run here (as a local stop would)."""
         ...
 
     def follow(self, session_id: str, task_id: str) -> None:
@@ -49,28 +51,19 @@ class LogWatch(Protocol):
         ...
 
 
-def new_replica_id() -> str:
-    """This process's name among the replicas of a task space: host, pid and a nonce."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+class TaskStore(Protocol):
+    """The records and their logs. The records it hands out are copies: a change reaches
+    the shared state only through ``save``, ``append`` or ``finish``, so that another
+    process sees it too."""
 
-
-class TaskBackend(Protocol):
-    """Every coroutine here is one short step on shared state; only ``wait_beyond`` waits.
-    Cancelling a step before it returns leaves the state as it was or fully changed.
-
-    The records a backend hands out are copies: a change reaches the shared state only
-    through ``save``, ``append`` or ``finish``, so that another process sees it too."""
-
-    replica_id: str
-
-    async def admit(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
-        """Register ``record`` and write its ``task:queued`` event (seq 1), if the limits
-        allow it: checked, reserved and written as one step."""
+    async def create(self, record: TaskRecord) -> None:
+        """Store a new record and write its ``task:queued`` event (seq 1), as one step;
+        ``record.last_seq`` is set to it."""
         ...
 
     async def save(self, record: TaskRecord) -> None:
-        """Persist the record's own fields: all but those its events carry (``content``,
-        ``reasoning``, ``sources``), which ``append`` keeps in step with the log."""
+        """Persist the record's own fields: all but those its events carry (``LOGGED``),
+        which ``append`` keeps in step with the log."""
         ...
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
@@ -82,24 +75,29 @@ class TaskBackend(Protocol):
         chat_id: str | None = None,
         session_id: str | None = None,
         include_finished: bool = False,
-    ) -> list[TaskRecord]: ...
+    ) -> list[TaskRecord]:
+        """The user's tasks (running ones only, unless ``include_finished``), oldest
+        first."""
+        ...
 
-    async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
+    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]
+                     ) -> Event:
         """Append a non-terminal event to the task's log, apply it to the stored record
-        (``apply_event``) and set ``record.last_seq``. Raises ``LogClosed`` once the log
-        has its terminal event. Appends of one task must not overlap (the task's emitter
-        orders them): the next seq follows ``record.last_seq``."""
+        (``events.record_changes``) and set ``record.last_seq``. Raises ``LogClosed`` once
+        the log has its terminal event. Appends of one task must not overlap (the task's
+        emitter orders them): the next seq follows ``record.last_seq``."""
         ...
 
     async def finish(self, record: TaskRecord) -> Event | None:
         """End the task as ``record`` says (its ``status`` is terminal): write the
-        ``task:<status>`` event carrying the record, whose ``last_seq`` is that event's
-        own seq, persist the whole record and release its admission, as one step. None,
-        with nothing written, if the log already has its terminal event: a task ends
-        once, whoever ends it."""
+        terminal event carrying the record, whose ``last_seq`` is that event's own seq,
+        and persist the whole record, as one step. None, with nothing written, if the log
+        already has its terminal event: a task ends once, whoever ends it."""
         ...
 
-    async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]: ...
+    async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
+        """The task's events past ``after`` (at most ``limit``), in order."""
+        ...
 
     async def wait_beyond(self, task_id: str, after: int) -> bool:
         """Wait for an event past ``after``: True once there is one, False if there never
@@ -125,9 +123,25 @@ class TaskBackend(Protocol):
         ended ones past ``max_retained``, that nobody is reading; return their ids."""
         ...
 
+
+class Admission(Protocol):
+    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int
+                      ) -> bool:
+        """Take a place for the task if the limits allow it (checked and taken as one
+        step); idempotent for one task."""
+        ...
+
+    async def release(self, record: TaskRecord) -> None:
+        """Give the task's place back; idempotent."""
+        ...
+
     async def counts(self) -> tuple[int, dict[str, int]]:
         """Active tasks in all and per user."""
         ...
+
+
+class Cluster(Protocol):
+    replica_id: str
 
     async def claim_session(self, session_id: str, user: str) -> bool:
         """Make an unknown session ``user``'s; False if it is another user's."""
@@ -141,7 +155,7 @@ class TaskBackend(Protocol):
         """Whether another live process holds a connection to the session."""
         ...
 
-    async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
+    async def send_stop(self, task_id: str, reason: CancelReason) -> bool:
         """Deliver a stop to the process that runs the task (not this one); False if no
         process runs it."""
         ...
@@ -158,8 +172,26 @@ class TaskBackend(Protocol):
         ...
 
 
+class Backend(Protocol):
+    """One task space: its store, its admission and the cluster of processes sharing it."""
+
+    @property
+    def store(self) -> TaskStore: ...
+
+    @property
+    def admission(self) -> Admission: ...
+
+    @property
+    def cluster(self) -> Cluster: ...
+
+
+def new_replica_id() -> str:
+    """This process's name among the replicas of a task space: host, pid and a nonce."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 async def next_events(
-    backend: TaskBackend, task_id: str, cursor: int, *, limit: int = 256,
+    store: TaskStore, task_id: str, cursor: int, *, limit: int = 256,
     wait_s: float = math.inf,
 ) -> list[Event] | None:
     """The events past ``cursor``, waiting up to ``wait_s`` for the first of them.
@@ -169,11 +201,11 @@ async def next_events(
     before them, or the task expired). Cancelling it only stops the wait.
     """
     while True:
-        events = await backend.read(task_id, cursor, limit)
+        events = await store.read(task_id, cursor, limit)
         if events:
             return events
         with trio.move_on_after(wait_s):
-            if not await backend.wait_beyond(task_id, cursor):
+            if not await store.wait_beyond(task_id, cursor):
                 return None
             continue
         return []

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from server.schemas import Event
+from server.events import Event, EventType
 
 
 class LogClosed(Exception):
@@ -48,7 +48,7 @@ class EventLog:
         last = self._events[-1] if self._events else None
         return isinstance(last, Event) and last.terminal
 
-    def append(self, type_: str, data: dict[str, Any]) -> Event:
+    def append(self, type_: EventType, data: dict[str, Any]) -> Event:
         if self.closed:
             raise LogClosed(f"task {self.task_id} already ended; {type_} not written")
         event = Event(

@@ -6,34 +6,30 @@ synchronously and records why, so a caller that is itself being cancelled (its c
 away) can stop its task from a ``finally`` without awaiting anything. The runner catches the
 outcome after the scope has exited and writes exactly one terminal event with whatever
 content was produced (a shielded step with a deadline), so a cancel never loses the partial
-answer. The manager is also the API layer's one way to the task state: records, logs and
-watches go through it, never to the backend directly.
+answer.
+
+The manager owns the tasks' lifecycle (admission, running, stopping, ending); readers of
+the state (records, logs, watches) use its ``store`` directly, and WebSocket sessions its
+``cluster``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import trio
 
 from server.config import Settings
+from server.events import DeltaData, EventType, SourceData, StatusData, record_changes
 from server.metrics import Metrics
-from server.schemas import (
-    CancelReason,
-    ChatRequest,
-    Event,
-    Phase,
-    TaskFailure,
-    TaskRecord,
-)
-from server.tasks.backend import LogWatch, TaskBackend, apply_event, next_events
+from server.record import CancelReason, Phase, TaskError, TaskRecord, Usage
+from server.schemas import ChatRequest, TaskFailure
+from server.tasks.backend import Backend, TaskStore, next_events
 from server.tasks.errors import BackendUnavailable, ShuttingDown, TooManyTasks
 from server.tasks.log import LogClosed
 
@@ -42,12 +38,12 @@ log = logging.getLogger("tether.tasks")
 
 class TaskEmitter:
     """The pipeline's ``emit``: turns reports into events and keeps the task's record
-    current, here and in the backend."""
+    current, here and in the store."""
 
-    def __init__(self, metrics: Metrics, backend: TaskBackend, record: TaskRecord, *,
+    def __init__(self, metrics: Metrics, store: TaskStore, record: TaskRecord, *,
                  max_events: int, max_content_chars: int) -> None:
         self._metrics = metrics
-        self._backend = backend
+        self._store = store
         self._record = record
         self._max_events = max_events
         self._max_content_chars = max_content_chars
@@ -56,21 +52,42 @@ class TaskEmitter:
         # away. One append at a time per task, in the order they came.
         self._appending = trio.StrictFIFOLock()
 
-    async def __call__(self, type_: str, data: dict[str, Any]) -> None:
+    async def delta(self, data: DeltaData) -> None:
+        """A piece of the answer (see ``_append`` for cancellation)."""
+        await self._append("delta", cast(dict[str, Any], data))
+
+    async def status(self, data: StatusData) -> None:
+        """A step began, progressed or ended (see ``_append`` for cancellation)."""
+        if data.get("error"):
+            # A step that failed while the task went on: count it by what failed.
+            self._metrics.upstream_errors.labels(_STEP_KINDS[data["action"]]).inc()
+        await self._append("status", cast(dict[str, Any], data))
+
+    async def source(self, data: SourceData) -> None:
+        """A cited source (see ``_append`` for cancellation)."""
+        await self._append("source", cast(dict[str, Any], data))
+
+    async def started(self) -> None:
+        await self._append("task:started", {})
+
+    async def _append(self, type_: EventType, data: dict[str, Any]) -> None:
         """Append an event to the task's log. Cancelled while waiting for an earlier
         append of the task, it writes nothing; once its own append has begun, that append
-        completes (the backend shields it)."""
-        if type_ == "status" and data.get("error"):
-            # A step that failed while the task went on: count it by what failed.
-            kind = _STEP_KINDS.get(str(data.get("action")), "other")
-            self._metrics.upstream_errors.labels(kind).inc()
+        completes (the store shields it)."""
         async with self._appending:
             self._check_bounds(type_, data)
-            # The backend applies the event to its copy of the record; this is ours.
-            await self._backend.append(self._record, type_, data)
-            apply_event(self._record, type_, data)
+            # The store applies the event to its copy of the record; this is ours.
+            await self._store.append(self._record, type_, data)
+            content, reasoning, source = record_changes(type_, data)
+            record = self._record
+            if content:
+                record.content += content
+            if reasoning:
+                record.reasoning += reasoning
+            if source is not None:
+                record.sources.append(source)
 
-    def _check_bounds(self, type_: str, data: dict[str, Any]) -> None:
+    def _check_bounds(self, type_: EventType, data: dict[str, Any]) -> None:
         """Raise ``TaskFailure`` (``task_too_large``) before an event that would take the
         task past its bounds; the task then ends failed with what it has so far, its
         terminal event the one place left in its log."""
@@ -88,7 +105,7 @@ class TaskEmitter:
     async def set_phase(self, phase: Phase) -> None:
         if self._record.phase != phase:
             enter_phase(self._metrics, self._record, phase)
-            await self._backend.save(self._record)
+            await self._store.save(self._record)
 
     async def set_result(
         self,
@@ -98,16 +115,16 @@ class TaskEmitter:
         tool_calls: list[dict[str, Any]] | None = None,
     ) -> None:
         if usage is not None:
-            self._record.usage = usage
+            self._record.usage = cast(Usage, usage)
         if finish_reason is not None:
             self._record.finish_reason = finish_reason
         if tool_calls is not None:
             self._record.tool_calls.extend(tool_calls)
-        await self._backend.save(self._record)
+        await self._store.save(self._record)
 
     def keep_usage(self, usage: dict[str, Any] | None) -> None:
         if usage is not None:
-            self._record.usage = usage
+            self._record.usage = cast(Usage, usage)
 
 
 Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
@@ -131,16 +148,18 @@ def new_task_id() -> str:
 
 class TaskManager:
     def __init__(
-        self, settings: Settings, backend: TaskBackend, runner: Runner, metrics: Metrics
+        self, settings: Settings, backend: Backend, runner: Runner, metrics: Metrics
     ) -> None:
         self.settings = settings
-        self._backend = backend
+        # Readers use the store directly; sessions use the cluster.
+        self.store = backend.store
+        self.cluster = backend.cluster
+        self._admission = backend.admission
         self.metrics = metrics
         self._runner = runner
         self._running: dict[str, RunningTask] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
-        self._swept = trio.Event()
         self._spawn_listeners: list[SpawnListener] = []
         self._follow_listeners: list[FollowListener] = []
         self.accepting = False
@@ -150,9 +169,9 @@ class TaskManager:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the task nursery until ``shutdown()``. Cancelling it cancels every task, and
         each still writes its terminal event (reason ``shutdown``)."""
-        backend_done = trio.Event()
+        cluster_done = trio.Event()
         async with trio.open_nursery() as outer:
-            await outer.start(self._serve_backend, backend_done)
+            await outer.start(self._serve_cluster, cluster_done)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -165,22 +184,22 @@ class TaskManager:
                 self._nursery = None
                 # Every task has written its terminal event (or given up): the backend
                 # may go.
-                backend_done.set()
+                cluster_done.set()
 
-    async def _serve_backend(self, done: trio.Event, *,
+    async def _serve_cluster(self, done: trio.Event, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
         # Shielded: even when the manager is cancelled from outside, the backend's
         # connections must outlive the tasks' terminal writes. It ends on ``done``.
         with trio.CancelScope(shield=True):
-            await self._backend.serve(self, done, task_status=task_status)
+            await self.cluster.serve(self, done, task_status=task_status)
 
     def begin_shutdown(self) -> None:
         """Refuse new tasks and stop the running ones with reason ``shutdown``, so that
         their streams end before the server closes its connections. Synchronous."""
         self.accepting = False
         for task_id in list(self._running):
-            self.stop(task_id, "shutdown")
+            self.cancel(task_id, "shutdown")
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         """``begin_shutdown``, wait for the terminal events (at most ``grace_s``), then
@@ -192,21 +211,15 @@ class TaskManager:
 
     async def wait_all_ended(self) -> None:
         """Wait until every task running now has written its terminal event."""
-        for rt in list(self._running.values()):
-            await rt.ended.wait()
+        for running in list(self._running.values()):
+            await running.ended.wait()
 
     async def _expire_loop(self) -> None:
         period = max(0.05, min(self.settings.task_retention_s / 4, 30.0))
         while True:
             await trio.sleep(period)
-            await self._backend.expire(time.time(), self.settings.task_retention_s,
-                                       self.settings.max_retained_tasks)
-            swept, self._swept = self._swept, trio.Event()
-            swept.set()
-
-    async def wait_sweep(self) -> None:
-        """Wait until the next retention sweep has run."""
-        await self._swept.wait()
+            await self.store.expire(time.time(), self.settings.task_retention_s,
+                                    self.settings.max_retained_tasks)
 
     # -- spawning -------------------------------------------------------------------------
 
@@ -220,26 +233,22 @@ class TaskManager:
         self._follow_listeners.append(listener)
 
     def follow(self, session_id: str, task_id: str) -> None:
-        """The backend's news of a task started elsewhere in a session."""
+        """The cluster's news of a task started elsewhere in a session."""
         for listener in self._follow_listeners:
             try:
                 listener(session_id, task_id)
             except Exception:
                 log.exception("follow listener failed for %s", task_id)
 
-    async def announce_task(self, session_id: str, task_id: str) -> None:
-        """Tell the other processes with connections to the session about its new task."""
-        await self._backend.announce_task(session_id, task_id)
-
     async def spawn(self, user: str, request: ChatRequest) -> TaskRecord:
         """Admit a task and start it; return a copy of its record. Awaits nothing but
         admission: ``TooManyTasks`` past the limits, ``ShuttingDown`` while shutting
         down, ``BackendUnavailable`` if the backend fails or does not answer in time.
 
-        Admission is one step on shared state, shielded: a caller cancelled meanwhile
-        gets its task started all the same (and its own clean-up stops it, as for any
-        task of a connection that went away), never a reservation without a task. From
-        there to the start there is no checkpoint.
+        Admission (a place, then the record and its first event) is shielded: a caller
+        cancelled meanwhile gets its task started all the same (and its own clean-up
+        stops it, as for any task of a connection that went away), never a place without
+        a task. From there to the start there is no checkpoint.
         """
         nursery = self._nursery
         if nursery is None or not self.accepting:
@@ -256,28 +265,19 @@ class TaskManager:
         )
         with trio.CancelScope(shield=True) as step:
             step.relative_deadline = self.settings.backend_timeout_s
-            try:
-                admitted = await self._backend.admit(
-                    record,
-                    max_total=self.settings.max_active_tasks,
-                    max_per_user=self.settings.max_active_tasks_per_user,
-                )
-            except BackendUnavailable:
-                raise
-            except Exception as exc:
-                log.error("admission of %s failed", record.id, exc_info=exc)
-                raise BackendUnavailable("The task store failed; retry.") from exc
+            admitted = await self._admit(record)
         if step.cancelled_caught:
+            await self._release_quietly(record)
             raise BackendUnavailable("The task store did not answer in time; retry.")
         if not admitted:
             self.metrics.rejected.labels("too_many_tasks").inc()
             raise TooManyTasks("Too many active tasks; retry after some have ended.")
-        rt = RunningTask(record=record, request=request)
+        running = RunningTask(record=record, request=request)
         if self.settings.task_timeout_s > 0:
-            rt.scope.relative_deadline = self.settings.task_timeout_s
-        self._running[record.id] = rt
+            running.scope.relative_deadline = self.settings.task_timeout_s
+        self._running[record.id] = running
         self.metrics.tasks_active.labels("queued").inc()
-        nursery.start_soon(self._run_task, rt, name=f"task {record.id}")
+        nursery.start_soon(self._run_task, running, name=f"task {record.id}")
         snapshot = record.copy()
         for listener in self._spawn_listeners:
             try:
@@ -286,22 +286,48 @@ class TaskManager:
                 log.exception("spawn listener failed for %s", record.id)
         return snapshot
 
-    async def _run_task(self, rt: RunningTask) -> None:
-        record = rt.record
-        emitter = TaskEmitter(self.metrics, self._backend, record,
+    async def _admit(self, record: TaskRecord) -> bool:
+        """Reserve a place, then create the record; a record that could not be created
+        gives its place back."""
+        try:
+            if not await self._admission.reserve(
+                    record, max_total=self.settings.max_active_tasks,
+                    max_per_user=self.settings.max_active_tasks_per_user):
+                return False
+            await self.store.create(record)
+        except BackendUnavailable:
+            await self._release_quietly(record)
+            raise
+        except Exception as exc:
+            log.error("admission of %s failed", record.id, exc_info=exc)
+            await self._release_quietly(record)
+            raise BackendUnavailable("The task store failed; retry.") from exc
+        return True
+
+    async def _release_quietly(self, record: TaskRecord) -> None:
+        with trio.CancelScope(shield=True) as step:
+            step.relative_deadline = self.settings.backend_timeout_s
+            try:
+                await self._admission.release(record)
+            except Exception as exc:  # noqa: BLE001 - logged; the place is the store's now
+                log.warning("task=%s: its place was not released: %s", record.id, exc)
+
+    async def _run_task(self, running: RunningTask) -> None:
+        record = running.record
+        emitter = TaskEmitter(self.metrics, self.store, record,
                               max_events=self.settings.max_task_events,
                               max_content_chars=self.settings.max_content_chars)
         completed = False
         failure: BaseException | None = None
         try:
-            with rt.scope:
+            with running.scope:
                 record.status = "running"
                 record.started_at = time.time()
                 log.info("task=%s started mode=%s model=%s user=%s", record.id, record.mode,
                          record.model, record.user)
-                await self._backend.save(record)
-                await emitter("task:started", {})
-                await self._runner(rt.request, emitter)
+                await self.store.save(record)
+                await emitter.started()
+                await self._runner(running.request, emitter)
                 completed = True
         except Exception as exc:  # caught here: escaping, it would close the task nursery
             failure = exc
@@ -309,10 +335,10 @@ class TaskManager:
             # The task's scope has exited; what is left is the terminal write. It is
             # shielded, so that a shutdown cancelling the nursery meanwhile cannot cut it,
             # and bounded, so that a backend that does not answer cannot hold it.
-            timed_out = rt.scope.cancelled_caught and rt.cancel_reason is None
+            timed_out = running.scope.cancelled_caught and running.cancel_reason is None
             with trio.CancelScope(shield=True) as step:
                 step.relative_deadline = self.settings.backend_timeout_s
-                await self._finish(rt, completed=completed, failure=failure,
+                await self._finish(running, completed=completed, failure=failure,
                                    timed_out=timed_out)
             if step.cancelled_caught:
                 log.error("task=%s: the terminal event was not written in %.1f s", record.id,
@@ -320,15 +346,16 @@ class TaskManager:
 
     async def _finish(
         self,
-        rt: RunningTask,
+        running: RunningTask,
         *,
         completed: bool,
         failure: BaseException | None,
         timed_out: bool,
     ) -> None:
-        """Decide how the task ended, once, and write it: the backend writes the terminal
-        event, with the record as it ends, in the same step as the record itself."""
-        record = rt.record
+        """Decide how the task ended, once, and write it: the store writes the terminal
+        event, with the record as it ends, in the same step as the record itself; then
+        the task's place is released."""
+        record = running.record
         record.ended_at = time.time()
         if failure is not None:
             record.status = "failed"
@@ -340,7 +367,8 @@ class TaskManager:
             enter_phase(self.metrics, record, "done")
         else:
             record.status = "cancelled"
-            record.cancel_reason = "timeout" if timed_out else (rt.cancel_reason or "shutdown")
+            record.cancel_reason = ("timeout" if timed_out
+                                    else (running.cancel_reason or "shutdown"))
             self.metrics.cancels.labels(record.cancel_reason, record.phase).inc()
         self.metrics.tasks_active.labels(record.phase).dec()
         self.metrics.tasks_total.labels(record.mode, record.status).inc()
@@ -350,135 +378,65 @@ class TaskManager:
                  record.cancel_reason, record.error["type"] if record.error else None,
                  started - record.created_at, record.ended_at - started, len(record.content))
         try:
-            if await self._backend.finish(record) is None:
+            if await self.store.finish(record) is None:
                 log.warning("task=%s had already been ended elsewhere", record.id)
         except Exception:
             log.exception("task=%s: the terminal event was not written", record.id)
         finally:
             self._running.pop(record.id, None)
-            rt.ended.set()
+            await self._release_quietly(record)
+            running.ended.set()
 
     # -- control --------------------------------------------------------------------------
 
-    def stop(self, task_id: str, reason: CancelReason) -> bool:
-        """Cancel a running task's scope and record why. Synchronous; returns whether the
-        task was still running. The first reason given wins."""
-        rt = self._running.get(task_id)
-        if rt is None:
+    def cancel(self, task_id: str, reason: CancelReason) -> bool:
+        """Cancel the scope of a task run by this process and record why. Synchronous;
+        returns whether the task was running here. The first reason given wins."""
+        running = self._running.get(task_id)
+        if running is None:
             return False
-        if rt.cancel_reason is None:
-            rt.cancel_reason = reason
-        rt.scope.cancel()
+        if running.cancel_reason is None:
+            running.cancel_reason = reason
+        running.scope.cancel()
         return True
 
-    async def stop_anywhere(self, task_id: str, reason: CancelReason) -> bool:
-        """``stop``, for a task run by this process or by another one (through the
-        backend); returns whether it was running."""
-        if self.stop(task_id, reason):
+    async def stop(self, task_id: str, reason: CancelReason) -> bool:
+        """Stop a task wherever it runs: ``cancel`` here, or a stop sent through the
+        cluster to the process that runs it; returns whether it was running. Shielded
+        like ``cancel`` is synchronous: a caller that goes away meanwhile (the client of
+        an HTTP stop) has still given the stop."""
+        if self.cancel(task_id, reason):
             return True
-        # Shielded like ``stop`` is synchronous: a caller that goes away meanwhile (the
-        # client of an HTTP stop) has still given the stop.
         with trio.CancelScope(shield=True) as step:
             step.relative_deadline = self.settings.backend_timeout_s
-            return await self._backend.request_stop(task_id, reason)
+            return await self.cluster.send_stop(task_id, reason)
         raise BackendUnavailable("The task store did not answer in time; retry.")
 
     async def wait_ended(self, task_id: str) -> TaskRecord | None:
         """Wait until the task has ended and return its record as it ended (None if it is
         unknown or expired). Cancelling it only stops the wait; the task goes on."""
-        rt = self._running.get(task_id)
-        if rt is not None:
-            await rt.ended.wait()
-            return rt.record.copy()  # the runner's own record is the one that ended
+        running = self._running.get(task_id)
+        if running is not None:
+            await running.ended.wait()
+            return running.record.copy()  # the runner's own record is the one that ended
         # Not run here: its terminal event, which carries the record, is the sign.
-        record = await self._backend.get(task_id)
+        record = await self.store.get(task_id)
         if record is None or not record.active:
             return record
         cursor = record.last_seq
-        while (events := await self.next_events(task_id, cursor)) is not None:
+        while (events := await next_events(self.store, task_id, cursor)) is not None:
             if events and events[-1].terminal:
                 return TaskRecord.from_dict(events[-1].data,
                                             session_bound=record.session_bound)
             cursor = events[-1].seq if events else cursor
-        return await self._backend.get(task_id)
-
-    def is_running(self, task_id: str) -> bool:
-        return task_id in self._running
+        return await self.store.get(task_id)
 
     async def get(self, user: str, task_id: str) -> TaskRecord | None:
         """The task if it exists and belongs to ``user``; another user's task is unknown."""
-        record = await self._backend.get(task_id)
+        record = await self.store.get(task_id)
         if record is None or record.user != user:
             return None
         return record
-
-    async def find(self, task_id: str) -> TaskRecord | None:
-        """The task whoever it belongs to, for a caller that has checked already."""
-        return await self._backend.get(task_id)
-
-    async def list_tasks(
-        self,
-        user: str,
-        *,
-        chat_id: str | None = None,
-        session_id: str | None = None,
-        include_finished: bool = False,
-    ) -> list[TaskRecord]:
-        """The user's tasks (running ones only, unless ``include_finished``), oldest first."""
-        records = await self._backend.list_tasks(user, chat_id=chat_id, session_id=session_id,
-                                                 include_finished=include_finished)
-        return sorted(records, key=lambda r: r.created_at)
-
-    async def stop_and_wait(
-        self, user: str, task_id: str, reason: CancelReason
-    ) -> TaskRecord | None:
-        """Stop the user's task and return it once it has ended (idempotent).
-
-        Cancelling it stops only the wait.
-        """
-        if await self.get(user, task_id) is None:
-            return None
-        await self.stop_anywhere(task_id, reason)
-        return await self.wait_ended(task_id)
-
-    # -- sessions (their registry is per process; what processes share is here) --------
-
-    async def claim_session(self, session_id: str, user: str) -> bool:
-        """Make an unknown session ``user``'s; False if it is another user's."""
-        return await self._backend.claim_session(session_id, user)
-
-    async def session_presence(self, session_id: str, user: str, delta: int) -> None:
-        """Count a connection of this process to the session joining (+1) or leaving."""
-        await self._backend.session_presence(session_id, user, delta)
-
-    async def session_connected_elsewhere(self, session_id: str) -> bool:
-        return await self._backend.session_connected_elsewhere(session_id)
-
-    # -- reading the logs -----------------------------------------------------------------
-
-    async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
-        """The task's events past ``after`` (at most ``limit``), in order."""
-        return await self._backend.read(task_id, after, limit)
-
-    async def next_events(self, task_id: str, cursor: int, *, limit: int = 256,
-                          wait_s: float = math.inf) -> list[Event] | None:
-        """See ``backend.next_events``: the events past ``cursor``, waiting for them."""
-        return await next_events(self._backend, task_id, cursor, limit=limit, wait_s=wait_s)
-
-    def reading(self, task_id: str) -> AbstractContextManager[None]:
-        """Hold the task's log against retention while following it."""
-        return self._backend.reading(task_id)
-
-    def watch(self, task_id: str, on_append: Callable[[Event], None],
-              after: int = 0) -> LogWatch | None:
-        """Call ``on_append`` with each event appended to the task's log past ``after``
-        (see ``TaskBackend.watch``); None if the task is unknown or expired."""
-        return self._backend.watch(task_id, on_append, after)
-
-    @property
-    def replica_id(self) -> str:
-        """This process's name in the task space (in ``/readyz``)."""
-        return self._backend.replica_id
 
     @property
     def running_count(self) -> int:
@@ -491,7 +449,7 @@ def enter_phase(metrics: Metrics, record: TaskRecord, phase: Phase) -> None:
     record.phase = phase
 
 
-def describe_failure(failure: BaseException, phase: str) -> dict[str, Any]:
+def describe_failure(failure: BaseException, phase: str) -> TaskError:
     """The task's ``error`` for an exception, without a traceback for the client."""
     leaf = _first_leaf(failure)
     if isinstance(leaf, TaskFailure):

@@ -1,7 +1,7 @@
 """The in-memory task backend: one process, no persistence.
 
-It keeps its own copy of each record and hands out copies, as a shared store would: the
-task manager's record and the stored one agree only through ``save``, ``append`` and
+The store keeps its own copy of each record and hands out copies, as a shared store would:
+the task manager's record and the stored one agree only through ``save``, ``append`` and
 ``finish``, so code that forgets to persist a change fails here too, not only on Redis.
 """
 
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
-from server.schemas import CancelReason, Event, TaskRecord
-from server.tasks.backend import Control, apply_event, new_replica_id
+from server.events import Event, EventType, record_changes, terminal_type
+from server.record import CancelReason, TaskRecord
+from server.tasks.backend import Control, new_replica_id
 from server.tasks.log import EventLog
 
 
@@ -23,26 +24,17 @@ class UnknownTask(KeyError):
     pass
 
 
-class MemoryBackend:
+class MemoryStore:
     def __init__(self) -> None:
-        self.replica_id = new_replica_id()
         self._records: dict[str, TaskRecord] = {}
         self._logs: dict[str, EventLog] = {}
-        self._active_ids: set[str] = set()
-        self._active_total = 0
-        self._active_by_user: dict[str, int] = {}
-        # The tasks of each session and chat, in admission order: a connection attaching
+        # The tasks of each session and chat, in creation order: a connection attaching
         # to its session lists that session's tasks, and with thousands of tasks here a
         # scan of them all per connection made a burst of connections quadratic.
         self._by_session: dict[str, dict[str, None]] = {}
         self._by_chat: dict[str, dict[str, None]] = {}
 
-    # Admission counts are kept incrementally so that admitting a task is O(1) even with
-    # thousands of tasks in the registry.
-    async def admit(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
-        user_count = self._active_by_user.get(record.user, 0)
-        if self._active_total >= max_total or user_count >= max_per_user:
-            return False
+    async def create(self, record: TaskRecord) -> None:
         log = EventLog(record.id, record.chat_id, record.message_id)
         record.last_seq = log.append("task:queued", {}).seq
         self._records[record.id] = record.copy()
@@ -50,10 +42,6 @@ class MemoryBackend:
         for index, key in ((self._by_session, record.session_id), (self._by_chat, record.chat_id)):
             if key is not None:
                 index.setdefault(key, {})[record.id] = None
-        self._active_ids.add(record.id)
-        self._active_total += 1
-        self._active_by_user[record.user] = user_count + 1
-        return True
 
     async def save(self, record: TaskRecord) -> None:
         stored = self._records.get(record.id)
@@ -63,17 +51,8 @@ class MemoryBackend:
             record.copy(), content=stored.content, reasoning=stored.reasoning,
             sources=stored.sources, last_seq=stored.last_seq)
 
-    def _release(self, record: TaskRecord) -> None:
-        self._active_ids.discard(record.id)
-        self._active_total -= 1
-        remaining = self._active_by_user.get(record.user, 1) - 1
-        if remaining <= 0:
-            self._active_by_user.pop(record.user, None)
-        else:
-            self._active_by_user[record.user] = remaining
-
     def has(self, task_id: str) -> bool:
-        """Whether the task's record and log are here (admitted and not yet expired)."""
+        """Whether the task's record and log are here (created and not yet expired)."""
         return task_id in self._logs
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -94,7 +73,7 @@ class MemoryBackend:
             ids = self._by_chat.get(chat_id, {})
         else:
             ids = self._records
-        return [
+        records = [
             r.copy()
             for r in map(self._records.__getitem__, ids)
             if r.user == user
@@ -102,6 +81,7 @@ class MemoryBackend:
             and (chat_id is None or r.chat_id == chat_id)
             and (session_id is None or r.session_id == session_id)
         ]
+        return sorted(records, key=lambda r: r.created_at)
 
     def _log(self, task_id: str) -> EventLog:
         log = self._logs.get(task_id)
@@ -109,10 +89,15 @@ class MemoryBackend:
             raise UnknownTask(task_id)
         return log
 
-    async def append(self, record: TaskRecord, type_: str, data: dict[str, Any]) -> Event:
+    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]
+                     ) -> Event:
         event = self._log(record.id).append(type_, data)
         stored = self._records[record.id]
-        apply_event(stored, type_, data)
+        content, reasoning, source = record_changes(type_, data)
+        stored.content += content
+        stored.reasoning += reasoning
+        if source is not None:
+            stored.sources.append(source)
         stored.last_seq = record.last_seq = event.seq
         return event
 
@@ -122,9 +107,7 @@ class MemoryBackend:
             return None
         record.last_seq = log.last_seq + 1
         self._records[record.id] = record.copy()
-        if record.id in self._active_ids:
-            self._release(record)
-        return log.append("task:" + record.status, record.to_dict())
+        return log.append(terminal_type(record.status), record.to_dict())
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
         log = self._logs.get(task_id)
@@ -161,7 +144,8 @@ class MemoryBackend:
         expired = [r.id for r in ended if now - (r.ended_at or now) >= retention_s]
         if max_retained is not None:
             kept = [r for r in ended if now - (r.ended_at or now) < retention_s]
-            excess = len(self._records) - len(self._active_ids) - len(expired) - max_retained
+            retained = sum(1 for r in self._records.values() if not r.active)
+            excess = retained - len(expired) - max_retained
             if excess > 0:
                 kept.sort(key=lambda r: r.ended_at or 0.0)
                 expired += [r.id for r in kept[:excess]]
@@ -177,10 +161,47 @@ class MemoryBackend:
                         del index[key]  # type: ignore[arg-type]
         return expired
 
-    async def counts(self) -> tuple[int, dict[str, int]]:
-        return self._active_total, dict(self._active_by_user)
 
-    # One process: its session registry knows every session and connection.
+class LocalAdmission:
+    """Admission counts of one process, kept incrementally so that admitting a task is
+    O(1) even with thousands of tasks in the registry."""
+
+    def __init__(self) -> None:
+        self._places: dict[str, str] = {}  # task -> user
+        self._by_user: dict[str, int] = {}
+
+    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int
+                      ) -> bool:
+        if record.id in self._places:
+            return True
+        user_count = self._by_user.get(record.user, 0)
+        if len(self._places) >= max_total or user_count >= max_per_user:
+            return False
+        self._places[record.id] = record.user
+        self._by_user[record.user] = user_count + 1
+        return True
+
+    async def release(self, record: TaskRecord) -> None:
+        user = self._places.pop(record.id, None)
+        if user is None:
+            return
+        remaining = self._by_user.get(user, 1) - 1
+        if remaining <= 0:
+            self._by_user.pop(user, None)
+        else:
+            self._by_user[user] = remaining
+
+    async def counts(self) -> tuple[int, dict[str, int]]:
+        return len(self._places), dict(self._by_user)
+
+
+class SingleProcess:
+    """The cluster of one process: its session registry knows every session and
+    connection, and a task not running here runs nowhere."""
+
+    def __init__(self) -> None:
+        self.replica_id = new_replica_id()
+
     async def claim_session(self, session_id: str, user: str) -> bool:
         return True
 
@@ -190,8 +211,8 @@ class MemoryBackend:
     async def session_connected_elsewhere(self, session_id: str) -> bool:
         return False
 
-    async def request_stop(self, task_id: str, reason: CancelReason) -> bool:
-        return False  # one process: a task not running here runs nowhere
+    async def send_stop(self, task_id: str, reason: CancelReason) -> bool:
+        return False
 
     async def announce_task(self, session_id: str, task_id: str) -> None:
         return None
@@ -199,6 +220,15 @@ class MemoryBackend:
     async def serve(self, control: Control, done: trio.Event, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()  # nothing to do in the background
+
+
+@dataclass(frozen=True)
+class MemoryBackend:
+    """The embedded default: one process's tasks, in its memory."""
+
+    store: MemoryStore = field(default_factory=MemoryStore)
+    admission: LocalAdmission = field(default_factory=LocalAdmission)
+    cluster: SingleProcess = field(default_factory=SingleProcess)
 
 
 class _MemoryWatch:

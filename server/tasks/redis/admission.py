@@ -1,0 +1,52 @@
+"""Global admission: the places of active tasks, counted in Redis for every replica.
+
+A reservation and its release are idempotent scripts on the ``{adm}`` keys; each replica's
+places are listed under it (``owned:<replica>``), so that a reaper can free a dead one's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from server.record import TaskRecord
+from server.tasks.redis.connection import RedisConnection
+from server.tasks.redis.errors import RedisError, redis_errors
+
+log = logging.getLogger("tether.redis")
+
+
+class RedisAdmission:
+    def __init__(self, conn: RedisConnection, replica_id: str) -> None:
+        self._conn = conn
+        self._replica_id = replica_id
+
+    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int
+                      ) -> bool:
+        keys = self._conn.keys
+        with redis_errors():
+            reserved: Any = await self._conn.reserve(
+                keys=[keys.adm("counts"), keys.adm(f"owned:{self._replica_id}"),
+                      keys.adm(f"user:{record.user}"), keys.adm("replicas")],
+                args=[record.id, record.user, str(max_total), str(max_per_user),
+                      self._replica_id])
+        return bool(reserved)
+
+    async def release(self, record: TaskRecord) -> None:
+        await self.release_place(record.id, self._replica_id)
+
+    async def release_place(self, task_id: str, replica: str) -> None:
+        """Free the place ``replica`` holds for the task (a dead replica's, when reaped).
+        A failure is logged: the place waits for the next release or reaping."""
+        keys = self._conn.keys
+        try:
+            await self._conn.release(keys=[keys.adm("counts"), keys.adm(f"owned:{replica}")],
+                                     args=[task_id])
+        except RedisError as exc:
+            log.warning("could not release the place of %s: %s", task_id, exc)
+
+    async def counts(self) -> tuple[int, dict[str, int]]:
+        with redis_errors():
+            raw = await self._conn.commands.hgetall(self._conn.keys.adm("counts"))
+        per_user = {k[2:]: int(v) for k, v in raw.items() if k.startswith("u:")}
+        return int(raw.get("*", 0)), per_user

@@ -1,0 +1,22 @@
+"""Redis failing, as the rest of the server sees it: ``BackendUnavailable`` (a 503 to an
+HTTP caller, a failed task to a running one), never a coredis exception."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import coredis.exceptions
+
+from server.tasks.errors import BackendUnavailable
+
+RedisError = coredis.exceptions.RedisError
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Map a Redis failure inside the block to ``BackendUnavailable``."""
+    try:
+        yield
+    except RedisError as exc:
+        raise BackendUnavailable(f"Redis failed: {exc}") from exc

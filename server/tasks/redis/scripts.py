@@ -1,0 +1,97 @@
+"""The Lua scripts: each is one step on keys of one hash slot (a task's ``{<id>}`` keys, or
+admission's ``{adm}``), so that it runs whole on a Redis Cluster too."""
+
+# KEYS: counts, owned (task -> user, of this replica), the user's index, replicas.
+# ARGV: task, user, max total, max per user, replica. Idempotent: 1 once reserved.
+RESERVE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 1 end
+local total = tonumber(redis.call('HGET', KEYS[1], '*') or '0')
+local mine = tonumber(redis.call('HGET', KEYS[1], 'u:' .. ARGV[2]) or '0')
+if total >= tonumber(ARGV[3]) or mine >= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], '*', 1)
+redis.call('HINCRBY', KEYS[1], 'u:' .. ARGV[2], 1)
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[5])
+return 1
+"""
+
+# KEYS: counts, owned. ARGV: task. Idempotent: 0 if the place was freed already.
+RELEASE = """
+local user = redis.call('HGET', KEYS[2], ARGV[1])
+if not user then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if redis.call('HINCRBY', KEYS[1], '*', -1) <= 0 then redis.call('HDEL', KEYS[1], '*') end
+local u = 'u:' .. user
+if redis.call('HINCRBY', KEYS[1], u, -1) <= 0 then redis.call('HDEL', KEYS[1], u) end
+return 1
+"""
+
+# KEYS: rec, log. ARGV: queued event data, then field/value pairs of the record.
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('XADD', KEYS[2], '0-1', 't', 'task:queued', 'd', ARGV[1])
+return 1
+"""
+
+# KEYS: rec, log, content, reasoning, sources. ARGV: seq, type, data, content, reasoning,
+# source. 1 written; 2 written before (a retried call); 0 the log is closed; -1 the task
+# is gone (expired, or Redis lost it); -2 a seq out of step.
+APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'closed') == 1 then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+local seq = tonumber(ARGV[1])
+if seq <= last then return 2 end
+if seq ~= last + 1 then return -2 end
+redis.call('XADD', KEYS[2], '0-' .. ARGV[1], 't', ARGV[2], 'd', ARGV[3])
+if ARGV[4] ~= '' then redis.call('APPEND', KEYS[3], ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('APPEND', KEYS[4], ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[5], ARGV[6]) end
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[1])
+return 1
+"""
+
+# KEYS: rec, log, content, reasoning, sources. ARGV: seq, type, data, retention ms,
+# content, reasoning, sources (a JSON list), then field/value pairs of the record.
+# 1 written; 0 the log was closed already (someone else ended the task); -2 a seq out of
+# step (the log moved on: read again). A task Redis lost is written anew, terminal only.
+FINISH = """
+if redis.call('HEXISTS', KEYS[1], 'closed') == 1 then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+if redis.call('EXISTS', KEYS[1]) == 1 and tonumber(ARGV[1]) ~= last + 1 then return -2 end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  if ARGV[5] ~= '' then redis.call('SET', KEYS[3], ARGV[5]) end
+  if ARGV[6] ~= '' then redis.call('SET', KEYS[4], ARGV[6]) end
+  local sources = cjson.decode(ARGV[7])
+  for i = 1, #sources do redis.call('RPUSH', KEYS[5], cjson.encode(sources[i])) end
+end
+redis.call('XADD', KEYS[2], '0-' .. ARGV[1], 't', ARGV[2], 'd', ARGV[3])
+redis.call('HSET', KEYS[1], 'closed', '1', unpack(ARGV, 8))
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+return 1
+"""
+
+
+# KEYS: the session. ARGV: user, replica, delta (0: claim only), idle lifetime ms.
+# -1 the session is another user's. A session with no connection left expires after the
+# lifetime; one with connections does not.
+SESSION = """
+local owner = redis.call('HGET', KEYS[1], 'user')
+if owner and owner ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'user', ARGV[1])
+local field = 'c:' .. ARGV[2]
+if tonumber(ARGV[3]) ~= 0 then
+  if redis.call('HINCRBY', KEYS[1], field, ARGV[3]) <= 0 then
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
+if redis.call('HLEN', KEYS[1]) <= 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return 1
+"""
