@@ -43,6 +43,8 @@ import coredis.exceptions
 import trio
 
 from server import fastjson
+from server.exception_groups import first_leaf
+from server.library_internals import SlotKeepingPool
 from server.schemas import TERMINAL_EVENTS, CancelReason, Event, TaskRecord
 from server.tasks.backend import Control, LogWatch, new_replica_id
 from server.tasks.errors import BackendUnavailable
@@ -169,17 +171,6 @@ def _store_errors() -> Iterator[None]:
         raise BackendUnavailable(f"Redis failed: {exc}") from exc
 
 
-class _SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
-    """coredis 6.9 loses a pool slot each time a leased connection dies (a blocking read
-    cancelled, a server restart): after ``max_connections`` of them every command waits
-    forever. A dead connection's slot is handed back here, to be reconnected on use."""
-
-    def release(self, connection: Any) -> None:
-        super().release(connection)
-        if not connection.usable:
-            self._available_connections.put_nowait(None)
-
-
 @dataclass(eq=False)
 class _Write:
     """One append waiting for the next pipeline."""
@@ -206,12 +197,12 @@ class RedisBackend:
         # own until it returns. Apart, a crowd of waiting readers can never leave the
         # appends and the heartbeat without a connection.
         self._client = coredis.Redis(
-            connection_pool=_SlotKeepingPool.from_url(url, decode_responses=True,
-                                                      max_connections=64),
+            connection_pool=SlotKeepingPool.from_url(url, decode_responses=True,
+                                                     max_connections=64),
             decode_responses=True)
         self._waiting = coredis.Redis(
-            connection_pool=_SlotKeepingPool.from_url(url, decode_responses=True,
-                                                      max_connections=max_connections),
+            connection_pool=SlotKeepingPool.from_url(url, decode_responses=True,
+                                                     max_connections=max_connections),
             decode_responses=True)
         self._reserve = self._client.register_script(_RESERVE)
         self._release = self._client.register_script(_RELEASE)
@@ -819,9 +810,7 @@ async def ping(url: str, timeout_s: float = 5.0) -> str | None:
     except trio.TooSlowError:
         return f"no answer in {timeout_s:.0f} s"
     except Exception as exc:  # noqa: BLE001 - coredis wraps what it raises in groups
-        leaf: BaseException = exc
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
+        leaf = first_leaf(exc)
         return str(leaf) or type(leaf).__name__
     return None
 

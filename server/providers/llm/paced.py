@@ -12,7 +12,8 @@ The pause is applied below httpcore, in the network backend of the model client'
 because only there is a socket read visible: one read of the body iterator yields one
 HTTP chunk, whether or not more are already buffered. httpcore2's pool takes a network
 backend (its public plug-in point); httpx2's transport does not pass one on, so the
-transport's pool is replaced by one built with it (``_pool``: httpx2 2.16.2, pinned).
+transport's pool is replaced by one built with it (``net.client``, through
+``library_internals.replace_pool``).
 
 Reads of a plain TCP connection also skip what httpcore2's trio stream wraps around each
 one: a cancel scope for the read timeout and a context manager that maps exceptions, a few
