@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import httpcore2
 import httpx2
 import trio
-from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream
+from httpcore2 import AsyncNetworkStream
 
 from server.providers.net.client import client_with_backend
 from server.providers.net.tls_safe import TlsSafeBackend
-from server.providers.net.wrapped import WrappedStream
+from server.providers.net.wrapped import WrappedStream, WrappingBackend
 
 Pause = Callable[[], float]
 
@@ -143,31 +143,19 @@ class PacedStream(WrappedStream):
         return PacedStream(tls, self._pause)
 
 
-class _PacedBackend(AsyncNetworkBackend):
+class _PacedBackend(WrappingBackend):
     def __init__(self, pause: Pause) -> None:
-        self._inner = TlsSafeBackend()
+        super().__init__(TlsSafeBackend())
         self._pause = pause
         self._watch = _IdleWatch()
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[SOCKET_OPTION] | None = None,
-                          ) -> AsyncNetworkStream:
-        stream = await self._inner.connect_tcp(host, port, timeout, local_address,
-                                               socket_options)
+    def wrap(self, stream: AsyncNetworkStream, *, tcp: bool) -> AsyncNetworkStream:
+        if not tcp:
+            return PacedStream(stream, self._pause)
         socket = stream.get_extra_info("socket")
         return PacedStream(stream, self._pause,
                            socket if isinstance(socket, trio.socket.SocketType) else None,
                            self._watch)
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[SOCKET_OPTION] | None = None,
-                                  ) -> AsyncNetworkStream:
-        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
-        return PacedStream(stream, self._pause)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 def paced_client(limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause
