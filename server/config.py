@@ -9,19 +9,27 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
 )
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from server.library_internals import MappingEnvSource
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The corpus of the built-in ``local`` search: the repository's docs/ in a checkout; an
@@ -234,7 +242,7 @@ class Settings(BaseSettings):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every ``TETHER_<FIELD>`` variable of ``environ`` (the process's environment
         if None); unset or empty ones keep their defaults."""
-        values = _MappingSource(cls, os.environ if environ is None else environ)()
+        values = MappingEnvSource(cls, os.environ if environ is None else environ)()
         settings = _validated(values)
         if settings.backend == "redis" and not settings.redis_url:
             raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL "
@@ -245,19 +253,6 @@ class Settings(BaseSettings):
                                     "TETHER_API_KEYS_FILE"))
             settings = settings.with_overrides(api_keys=keys)
         return settings
-
-
-class _MappingSource(EnvSettingsSource):
-    """pydantic-settings' environment source (the prefix, names in any case, an empty
-    value taken for unset) over a given mapping instead of ``os.environ``."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {name.lower(): value for name, value in self._environ.items()
-                if name.upper().startswith(_PREFIX) and value != ""}
 
 
 def _validated(values: Mapping[str, Any]) -> Settings:
@@ -323,9 +318,50 @@ class McpHttpServer:
 
 McpServerConfig = McpStdioServer | McpHttpServer
 
+# The mcpServers shape, as a model: a file that does not fit it is one line naming the server
+# and the field (see _mcp_config_error). Keys Tether does not use ("type": "stdio",
+# "disabled" and the like, which other clients write) are ignored; values are not coerced.
+
+
+class _McpStdioEntry(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    command: str = Field(min_length=1)
+    args: list[str] = Field(default_factory=list, description="a list of strings")
+    env: dict[str, str] = Field(default_factory=dict, description="an object of strings")
+    cwd: str | None = Field(default=None, description="a string")
+
+
+class _McpHttpEntry(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    url: str = Field(pattern=r"^https?://", description="an http(s) URL")
+    headers: dict[str, str] = Field(default_factory=dict, description="an object of strings")
+
+
+_MCP_ENTRIES: dict[str, type[BaseModel]] = {"stdio": _McpStdioEntry, "http": _McpHttpEntry}
+
+
+def _mcp_transport(entry: Any) -> str | None:
+    """Which shape an entry is: ``url`` without ``command`` is HTTP, anything else stdio;
+    "sse" (the old HTTP+SSE transport) is no shape Tether takes; None: not an object."""
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("type", entry.get("transport")) == "sse":
+        return "sse"
+    return "http" if "url" in entry and "command" not in entry else "stdio"
+
+
 # Server names become part of tool ids (mcp:<server>:<tool>) and of the function names the
 # model sees, so they are kept to what both can carry.
-_MCP_SERVER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_McpServerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_McpEntry = Annotated[
+    Annotated[_McpStdioEntry, Tag("stdio")] | Annotated[_McpHttpEntry, Tag("http")],
+    Discriminator(_mcp_transport)]
+
+
+class _McpConfigFile(BaseModel):
+    mcpServers: dict[_McpServerName, _McpEntry]  # noqa: N815 - the file's own key
 
 
 def read_mcp_config(path: str) -> tuple[McpServerConfig, ...]:
@@ -341,63 +377,43 @@ def read_mcp_config(path: str) -> tuple[McpServerConfig, ...]:
                             f"{exc.strerror or exc}") from exc
     except ValueError as exc:
         raise SettingsError(f"TETHER_MCP_CONFIG={path!r} is not valid JSON: {exc}") from exc
-    servers = raw.get("mcpServers") if isinstance(raw, dict) else None
-    if not isinstance(servers, dict):
-        raise SettingsError(f"TETHER_MCP_CONFIG={path!r} has no \"mcpServers\" object")
-    return tuple(_mcp_server(path, name, entry) for name, entry in servers.items())
+    try:
+        config = _McpConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        raise _mcp_config_error(path, exc) from None
+    return tuple(
+        McpHttpServer(name, entry.url, entry.headers) if isinstance(entry, _McpHttpEntry)
+        else McpStdioServer(name, entry.command, tuple(entry.args), entry.env, entry.cwd)
+        for name, entry in config.mcpServers.items())
 
 
-def _mcp_server(path: str, name: str, entry: Any) -> McpServerConfig:
-    where = f"TETHER_MCP_CONFIG={path!r}: server {name!r}"
-    if not _MCP_SERVER_NAME.fullmatch(name):
-        raise SettingsError(f"{where}: a name is 1 to 64 of A-Z a-z 0-9 _ -")
-    if not isinstance(entry, dict):
-        raise SettingsError(f"{where} is not an object")
-    kind = entry.get("type", entry.get("transport"))
-    if kind in ("sse",):
-        raise SettingsError(f"{where}: the old HTTP+SSE transport is not supported; "
-                            "use the server's streamable HTTP endpoint")
-    if "url" in entry and "command" not in entry:
-        url = entry["url"]
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise SettingsError(f"{where}: url must be an http(s) URL")
-        return McpHttpServer(name, url, _string_map(where, "headers", entry.get("headers")))
-    command = entry.get("command")
-    if not isinstance(command, str) or not command:
-        raise SettingsError(f"{where} needs a \"command\" (stdio) or a \"url\" (HTTP)")
-    args = entry.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise SettingsError(f"{where}: args must be a list of strings")
-    cwd = entry.get("cwd")
-    if cwd is not None and not isinstance(cwd, str):
-        raise SettingsError(f"{where}: cwd must be a string")
-    return McpStdioServer(name, command, tuple(args), _string_map(where, "env", entry.get("env")),
-                          cwd)
-
-
-def _string_map(where: str, key: str, value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise SettingsError(f"{where}: {key} must be an object of strings")
-    return dict(value)
+def _mcp_config_error(path: str, exc: ValidationError) -> SettingsError:
+    """The first problem of an mcpServers file, in one line naming the server and field."""
+    error = exc.errors()[0]
+    loc = error["loc"]
+    if len(loc) < 2:
+        return SettingsError(f"TETHER_MCP_CONFIG={path!r} has no \"mcpServers\" object")
+    where = f"TETHER_MCP_CONFIG={path!r}: server {loc[1]!r}"
+    if loc[2:] == ("[key]",):
+        return SettingsError(f"{where}: a name is 1 to 64 of A-Z a-z 0-9 _ -")
+    if error["type"] == "union_tag_not_found":
+        return SettingsError(f"{where} is not an object")
+    if error["type"] == "union_tag_invalid":
+        return SettingsError(f"{where}: the old HTTP+SSE transport is not supported; "
+                             "use the server's streamable HTTP endpoint")
+    field = str(loc[3])
+    if field == "command":
+        return SettingsError(f"{where} needs a \"command\" (stdio) or a \"url\" (HTTP)")
+    return SettingsError(f"{where}: {field} must be "
+                         f"{_MCP_ENTRIES[str(loc[2])].model_fields[field].description}")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """``TETHER_*`` assignments from a ``.env`` file (``NAME=value`` lines, ``#`` comments,
-    optional quotes). Variables already in the environment win over the file."""
-    values: dict[str, str] = {}
+    """``TETHER_*`` assignments (names in any case) from a ``.env`` file, as python-dotenv
+    reads one (``NAME=value`` lines, ``export``, quotes, ``#`` comments); ``${VAR}`` is
+    kept as written, not expanded. A name with no value is left out. Variables already in
+    the environment win over the file (the caller merges them)."""
     if not path.is_file():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        name, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        if name.strip().upper().startswith(_PREFIX):
-            values[name.strip()] = value
-    return values
+        return {}
+    return {name: value for name, value in dotenv_values(path, interpolate=False).items()
+            if value is not None and name.upper().startswith(_PREFIX)}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from server.config import Settings, SettingsError
+from server.config import Settings, SettingsError, read_dotenv, unknown_variables
 from tests.conftest import WAIT, Fakes, Tether
 from tests.fakes.model import DieMidwayReply, ErrorReply, HangReply
 from tests.helpers import assert_log_well_formed, chat_body, until
@@ -336,6 +336,27 @@ def test_settings_read_the_given_mapping_in_their_text_forms(tmp_path: Any,
     monkeypatch.setenv("TETHER_PORT", "9999")
     assert Settings().port == 8080 and Settings.from_env({}).port == 8080
     assert Settings.from_env().port == 9999
+
+
+def test_a_dotenv_file_gives_its_tether_lines_in_any_case(tmp_path: Any) -> None:
+    """``.env`` as python-dotenv reads it: comments, ``export``, quotes; only ``TETHER_*``
+    names (in any case), a ``${VAR}`` kept as written; a misspelt name is reported like
+    one in the environment."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("# settings\nexport TETHER_PORT=81\ntether_host = '0.0.0.0'\n"
+                      'TETHER_LLM_API_KEY="sk-${NOT_EXPANDED}"\nOTHER=1\nTETHER_SEARCH_PROVIDR=x\n'
+                      "TETHER_NO_VALUE\n")
+    values = read_dotenv(dotenv)
+    assert values == {"TETHER_PORT": "81", "tether_host": "0.0.0.0",
+                      "TETHER_LLM_API_KEY": "sk-${NOT_EXPANDED}", "TETHER_SEARCH_PROVIDR": "x"}
+    assert unknown_variables(values) == [
+        "TETHER_SEARCH_PROVIDR is not a setting and is ignored "
+        "(did you mean TETHER_SEARCH_PROVIDER?)"]
+    del values["TETHER_SEARCH_PROVIDR"]
+    settings = Settings.from_env(values)
+    assert (settings.port, settings.host) == (81, "0.0.0.0")
+    assert settings.llm_api_key == "sk-${NOT_EXPANDED}"
+    assert read_dotenv(tmp_path / "absent") == {}
 
 
 @pytest.mark.parametrize(("env", "message"), [

@@ -491,10 +491,19 @@ def test_mcp_config_reads_both_shapes_and_refuses_bad_ones(tmp_path: Path) -> No
         McpStdioServer("files", "npx", ("-y", "server"), {"KEY": "v"}),
         McpHttpServer("web", "https://mcp.example.com/mcp", {"Authorization": "Bearer t"}),
     )
-    for bad in ({"x y": {"command": "a"}}, {"a": {"args": []}}, {"a": {"url": "ftp://x"}},
-                {"a": {"command": "a", "args": "-v"}}, {"a": {"type": "sse", "url": "http://x"}}):
-        with pytest.raises(SettingsError):
+    for bad, message in (
+            ({"x y": {"command": "a"}}, "server 'x y': a name is 1 to 64 of"),
+            ({"a": {"args": []}}, "server 'a' needs a \"command\" (stdio) or a \"url\""),
+            ({"a": {"url": "ftp://x"}}, "server 'a': url must be an http(s) URL"),
+            ({"a": {"command": "a", "args": "-v"}}, "server 'a': args must be a list of strings"),
+            ({"a": {"command": "a", "args": ["-v", 1]}}, "args must be a list of strings"),
+            ({"a": {"command": "a", "env": {"K": 1}}}, "env must be an object of strings"),
+            ({"a": {"url": "http://x", "headers": []}}, "headers must be an object of strings"),
+            ({"a": "npx"}, "server 'a' is not an object"),
+            ({"a": {"type": "sse", "url": "http://x"}}, "HTTP+SSE transport is not supported")):
+        with pytest.raises(SettingsError) as caught:
             read_mcp_config(_write_config(tmp_path, bad))
+        assert message in str(caught.value) and "\n" not in str(caught.value)
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(SettingsError):
         read_mcp_config(str(tmp_path / "broken.json"))

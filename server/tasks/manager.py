@@ -26,6 +26,7 @@ import trio
 
 from server.config import Settings
 from server.events import DeltaData, EventType, SourceData, StatusData, record_changes
+from server.exception_groups import first_leaf
 from server.metrics import Metrics
 from server.record import CancelReason, Phase, TaskError, TaskRecord, Usage
 from server.schemas import ChatRequest, TaskFailure
@@ -451,7 +452,7 @@ def enter_phase(metrics: Metrics, record: TaskRecord, phase: Phase) -> None:
 
 def describe_failure(failure: BaseException, phase: str) -> TaskError:
     """The task's ``error`` for an exception, without a traceback for the client."""
-    leaf = _first_leaf(failure)
+    leaf = first_leaf(failure)
     if isinstance(leaf, TaskFailure):
         return {"phase": phase, "type": leaf.type, "message": leaf.message}
     if isinstance(leaf, LogClosed):
@@ -463,9 +464,3 @@ def describe_failure(failure: BaseException, phase: str) -> TaskError:
     log.error("task failed in phase %s", phase, exc_info=failure)
     return {"phase": phase, "type": "internal_error", "message": "Internal error in the task."}
 
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        real = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        exc = (real or list(exc.exceptions))[0]
-    return exc

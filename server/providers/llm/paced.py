@@ -12,7 +12,8 @@ The pause is applied below httpcore, in the network backend of the model client'
 because only there is a socket read visible: one read of the body iterator yields one
 HTTP chunk, whether or not more are already buffered. httpcore2's pool takes a network
 backend (its public plug-in point); httpx2's transport does not pass one on, so the
-transport's pool is replaced by one built with it (``_pool``: httpx2 2.16.2, pinned).
+transport's pool is replaced by one built with it (``net.client``, through
+``library_internals.replace_pool``).
 
 Reads of a plain TCP connection also skip what httpcore2's trio stream wraps around each
 one: a cancel scope for the read timeout and a context manager that maps exceptions, a few
@@ -27,16 +28,16 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import httpcore2
 import httpx2
 import trio
-from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream
+from httpcore2 import AsyncNetworkStream
 
 from server.providers.net.client import client_with_backend
 from server.providers.net.tls_safe import TlsSafeBackend
-from server.providers.net.wrapped import WrappedStream
+from server.providers.net.wrapped import WrappedStream, WrappingBackend
 
 Pause = Callable[[], float]
 
@@ -142,31 +143,19 @@ class PacedStream(WrappedStream):
         return PacedStream(tls, self._pause)
 
 
-class _PacedBackend(AsyncNetworkBackend):
+class _PacedBackend(WrappingBackend):
     def __init__(self, pause: Pause) -> None:
-        self._inner = TlsSafeBackend()
+        super().__init__(TlsSafeBackend())
         self._pause = pause
         self._watch = _IdleWatch()
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[SOCKET_OPTION] | None = None,
-                          ) -> AsyncNetworkStream:
-        stream = await self._inner.connect_tcp(host, port, timeout, local_address,
-                                               socket_options)
+    def wrap(self, stream: AsyncNetworkStream, *, tcp: bool) -> AsyncNetworkStream:
+        if not tcp:
+            return PacedStream(stream, self._pause)
         socket = stream.get_extra_info("socket")
         return PacedStream(stream, self._pause,
                            socket if isinstance(socket, trio.socket.SocketType) else None,
                            self._watch)
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[SOCKET_OPTION] | None = None,
-                                  ) -> AsyncNetworkStream:
-        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
-        return PacedStream(stream, self._pause)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 def paced_client(limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause

@@ -3,8 +3,8 @@ few connection pools.
 
 httpcore2's network backend is its one plug-in point below HTTP: it makes the connections.
 httpx2's transport does not take one, so the transport's pool is replaced by one built with
-the backend (through the transport's private ``_pool``: httpx2 is pinned at the version this
-was written against, 2.16.2). Everything above, HTTP/1.1 and TLS included, is httpx2's own.
+the backend (``library_internals.replace_pool``, which holds that private touch and its
+version check). Everything above, HTTP/1.1 and TLS included, is httpx2's own.
 
 Each request that starts or ends makes httpcore2's pool walk all its connections and queued
 requests once (``_assign_requests_to_connections``, probing the socket of each idle one).
@@ -30,6 +30,8 @@ import httpcore2
 import httpx2
 import trio
 
+from server.library_internals import pool_connections, pool_in_flight, replace_pool
+
 _CONNECTIONS_PER_POOL = 100
 _MAX_POOLS = 16
 # Requests in flight in a pool before the next pool takes the overflow.
@@ -47,14 +49,8 @@ class _PoolsFilledInOrder(httpx2.AsyncBaseTransport):
         self._expiry = expiry
         self._last_used = [0.0] * len(transports)
 
-    @staticmethod
-    def _in_flight(transport: httpx2.AsyncHTTPTransport) -> int:
-        # Requests queued or on a connection until their response is closed (httpcore2's
-        # pool keeps them in ``_requests``; httpcore2 is pinned with httpx2).
-        return len(transport._pool._requests)
-
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        loads = [self._in_flight(t) for t in self._transports]
+        loads = [pool_in_flight(t) for t in self._transports]
         chosen = next((i for i, load in enumerate(loads) if load < _FILL), None)
         if chosen is None:
             chosen = loads.index(min(loads))
@@ -86,7 +82,7 @@ async def _close_idle(transport: httpx2.AsyncHTTPTransport) -> None:
     Shielded: it only releases sockets, and a request cancelled meanwhile must not leave
     one half closed."""
     with trio.CancelScope(shield=True):
-        for connection in transport._pool.connections:
+        for connection in pool_connections(transport):
             if connection.is_idle():
                 await connection.aclose()
 
@@ -95,13 +91,13 @@ def _transport(backend: httpcore2.AsyncNetworkBackend, ssl_context: ssl.SSLConte
                max_connections: int | None, max_keepalive: int | None,
                keepalive_expiry: float | None) -> httpx2.AsyncHTTPTransport:
     transport = httpx2.AsyncHTTPTransport(verify=ssl_context, trust_env=False)
-    transport._pool = httpcore2.AsyncConnectionPool(
+    replace_pool(transport, httpcore2.AsyncConnectionPool(
         ssl_context=ssl_context,
         max_connections=max_connections,
         max_keepalive_connections=max_keepalive,
         keepalive_expiry=keepalive_expiry,
         network_backend=backend,
-    )
+    ))
     return transport
 
 

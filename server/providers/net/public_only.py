@@ -22,6 +22,7 @@ import trio
 from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream
 
 from server.providers.net.tls_safe import TlsSafeBackend
+from server.providers.net.wrapped import WrappingBackend
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str], Awaitable[list[IpAddress]]]
@@ -41,14 +42,14 @@ async def resolve_host(host: str) -> list[IpAddress]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-class PublicOnlyBackend(AsyncNetworkBackend):
-    """Makes TCP connections to public addresses only; refuses anything else with
-    ``httpcore2.ConnectError`` before a packet is sent."""
+class PublicOnlyBackend(WrappingBackend):
+    """Makes TCP connections to public addresses only, through ``inner``; refuses anything
+    else with ``httpcore2.ConnectError`` before a packet is sent."""
 
     def __init__(self, resolve: Resolve = resolve_host,
                  inner: AsyncNetworkBackend | None = None) -> None:
+        super().__init__(inner or TlsSafeBackend())
         self._resolve = resolve
-        self._inner = inner or TlsSafeBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
@@ -63,13 +64,10 @@ class PublicOnlyBackend(AsyncNetworkBackend):
             if not address.is_global:
                 raise httpcore2.ConnectError(
                     f"{host} is a non-public address ({address}); refused")
-        return await self._inner.connect_tcp(str(addresses[0]), port, timeout,
-                                             local_address, socket_options)
+        return await super().connect_tcp(str(addresses[0]), port, timeout, local_address,
+                                         socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[SOCKET_OPTION] | None = None,
                                   ) -> AsyncNetworkStream:
         raise httpcore2.ConnectError("page fetches do not use Unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)

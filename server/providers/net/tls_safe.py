@@ -13,12 +13,11 @@ connections come through ``TlsSafeBackend``, whose streams close themselves when
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable
 
 import trio
-from httpcore2 import SOCKET_OPTION, AsyncNetworkBackend, AsyncNetworkStream, TrioBackend
+from httpcore2 import AsyncNetworkStream, TrioBackend
 
-from server.providers.net.wrapped import WrappedStream
+from server.providers.net.wrapped import WrappedStream, WrappingBackend
 
 
 class TlsSafeStream(WrappedStream):
@@ -34,25 +33,11 @@ class TlsSafeStream(WrappedStream):
             raise
 
 
-class TlsSafeBackend(AsyncNetworkBackend):
+class TlsSafeBackend(WrappingBackend):
     """httpcore2's trio backend, its streams wrapped in ``TlsSafeStream``."""
 
     def __init__(self) -> None:
-        self._inner = TrioBackend()
+        super().__init__(TrioBackend())
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[SOCKET_OPTION] | None = None,
-                          ) -> AsyncNetworkStream:
-        stream = await self._inner.connect_tcp(host, port, timeout, local_address,
-                                               socket_options)
+    def wrap(self, stream: AsyncNetworkStream, *, tcp: bool) -> AsyncNetworkStream:
         return TlsSafeStream(stream)
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[SOCKET_OPTION] | None = None,
-                                  ) -> AsyncNetworkStream:
-        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
-        return TlsSafeStream(stream)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)

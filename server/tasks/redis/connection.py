@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import coredis
 
+from server.library_internals import SlotKeepingPool
 from server.tasks.redis import scripts
 from server.tasks.redis.keys import Keys
-
-
-class SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
-    """coredis 6.9 loses a pool slot each time a leased connection dies (a blocking read
-    cancelled, a server restart): after ``max_connections`` of them every command waits
-    forever. A dead connection's slot is handed back here, to be reconnected on use."""
-
-    def release(self, connection: Any) -> None:
-        super().release(connection)
-        if not connection.usable:
-            self._available_connections.put_nowait(None)
 
 
 class RedisConnection:

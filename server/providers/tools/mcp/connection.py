@@ -39,6 +39,7 @@ from mcp.shared.message import SessionMessage
 from mcp_types import CONNECTION_CLOSED
 
 from server.config import McpHttpServer, McpServerConfig, McpStdioServer, Settings
+from server.exception_groups import first_leaf
 from server.providers.tools.mcp._http import CancellingTransport
 
 __all__ = ["McpConnection", "McpUnavailable"]
@@ -326,7 +327,6 @@ async def _list_tools(session: ClientSession) -> list[mcp_types.Tool]:
 
 def describe_failure(exc: BaseException) -> str:
     """One line on why a session failed, from the first leaf of an exception group."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    text = str(exc).strip() or type(exc).__name__
+    leaf = first_leaf(exc)
+    text = str(leaf).strip() or type(leaf).__name__
     return text if len(text) <= 300 else text[:297] + "..."
