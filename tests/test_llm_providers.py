@@ -15,12 +15,10 @@ import trio
 from server.config import Settings
 from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
-from server.providers.llm.extractive import best_sentences, split_sentences, terms
-from server.providers.llm.local import (
-    LocalModel,
-    find_expression,
-    find_url,
-)
+from server.providers.llm.local import LocalModel
+from server.providers.llm.local.extractive import best_sentences, split_sentences, terms
+from server.providers.llm.local.model import find_expression
+from server.providers.llm.local.tool_arguments import find_url
 from server.providers.llm.openai_compat import OpenAICompatibleModel
 from server.providers.llm.paced import paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
