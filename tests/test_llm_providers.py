@@ -12,6 +12,8 @@ import httpx2
 import pytest
 import trio
 
+from fakes.base import ConnRecord, Exchange
+from fakes.scripted import ScriptedServer, send_sse, start_stream, until_client_leaves
 from server.config import Settings
 from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
@@ -22,8 +24,6 @@ from server.providers.llm.local.tool_arguments import find_url
 from server.providers.llm.openai_compat import OpenAICompatibleModel
 from server.providers.llm.paced import paced_client
 from server.providers.llm.router import ModelRouter, build_model_router
-from tests.fakes.base import ConnRecord, Exchange
-from tests.fakes.scripted import ScriptedServer, send_sse, start_stream, until_client_leaves
 
 WAIT = 10.0  # upper bound for anything a test waits on; tests never sleep a fixed time
 
@@ -408,7 +408,7 @@ def test_best_sentences_keep_only_those_near_the_best() -> None:
 
 
 # --- a loopback OpenAI-compatible upstream -------------------------------------------------
-# Each route is a script that writes the response by hand (tests/fakes/scripted.py), so a test
+# Each route is a script that writes the response by hand (fakes/scripted.py), so a test
 # can cut a stream or hold it open wherever it likes.
 
 

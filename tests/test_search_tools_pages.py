@@ -1,5 +1,5 @@
 """Search providers, server-side tools and the page reader, against scripted loopback
-servers (``tests/fakes/scripted.py``)."""
+servers (``fakes/scripted.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ import httpx2
 import pytest
 import trio
 
+from fakes.base import Exchange
+from fakes.scripted import (
+    Script,
+    ScriptedServer,
+    constant,
+    endless,
+    json_answer,
+    respond,
+    stall_after_headers,
+)
 from server.config import Settings, SettingsError
 from server.providers.search.base import SearchError
 from server.providers.search.brave import BraveSearch
@@ -29,19 +39,9 @@ from server.providers.tools.registry import build_tools
 from server.providers.web.base import PageError
 from server.providers.web.fetch import HttpPageReader, fetch_page
 from server.providers.web.text import extract_text
-from tests.fakes.base import Exchange
-from tests.fakes.scripted import (
-    Script,
-    ScriptedServer,
-    constant,
-    endless,
-    json_answer,
-    respond,
-    stall_after_headers,
-)
 
 # --------------------------------------------------------------------------- loopback servers
-# Each server answers with a script (tests/fakes/scripted.py) that writes the response by hand,
+# Each server answers with a script (fakes/scripted.py) that writes the response by hand,
 # which lets a test stall, trickle or flood a client.
 
 Serve = Callable[[Script], Awaitable[ScriptedServer]]

@@ -12,8 +12,8 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from fakes.model import DieMidwayReply, ErrorReply, TextReply, ToolCallReply
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import DieMidwayReply, ErrorReply, TextReply, ToolCallReply
 from tests.helpers import assert_log_well_formed, chat_body
 
 pytestmark = pytest.mark.both_backends
