@@ -28,7 +28,7 @@ test: uv
 
 lint: uv
 	$(SYNC) --group lint
-	$(RUN) ruff check server tests bench
+	$(RUN) ruff check server tests bench fakes
 	$(RUN) mypy --strict server
 
 bench-quick: uv

@@ -29,7 +29,7 @@ PROFILE_SHOW = r".*/(hypercorn|quart_trio|wsproto|h11|httpx2|httpcore2)/.*"
 DEFAULT_REPLY: dict[str, Any] = {"kind": "text", "chunks": ["Hello", " from", " the", " fake."]}
 # The MCP servers of the bench's own Tether server (``Bench.with_mcp``), by their names in
 # TETHER_MCP_CONFIG, which are also the labels of their records: the test fake
-# (tests/fakes/mcp_server.py) as a stdio server that Tether starts, and over streamable HTTP
+# (fakes/mcp_server.py) as a stdio server that Tether starts, and over streamable HTTP
 # in the ``mcp_http`` child (bench/mcp_fake.py).
 MCP_STDIO = "stdio"
 MCP_HTTP = "http"
@@ -71,9 +71,9 @@ class Bench:
             self.mcp = await start_mcp_fake(self.procs, "mcp_http", MCP_HTTP)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(start_fake, "search", "tests.fakes.search")
-            nursery.start_soon(start_fake, "pages", "tests.fakes.pages")
-            nursery.start_soon(start_fake, "model", "tests.fakes.model")
+            nursery.start_soon(start_fake, "search", "fakes.search")
+            nursery.start_soon(start_fake, "pages", "fakes.pages")
+            nursery.start_soon(start_fake, "model", "fakes.model")
             if self.with_mcp:
                 nursery.start_soon(start_mcp)
         self.search = FakeControl("search", fakes["search"].port)
@@ -129,7 +129,7 @@ class Bench:
         child) and the ``mcp_http`` child's streamable-HTTP endpoint."""
         self.mcp_config = {"mcpServers": {
             MCP_STDIO: {"command": sys.executable,
-                        "args": ["-m", "tests.fakes.mcp_server", "--label", MCP_STDIO,
+                        "args": ["-m", "fakes.mcp_server", "--label", MCP_STDIO,
                                  "--record", f"127.0.0.1:{mcp.record_port}"],
                         "cwd": str(REPO_ROOT)},
             MCP_HTTP: {"url": mcp.http_url},

@@ -1,4 +1,4 @@
-"""Clients for the control API (``/_fake/...``) of the loopback fakes in ``tests/fakes``."""
+"""Clients for the control API (``/_fake/...``) of the loopback fakes in ``fakes/``."""
 
 from __future__ import annotations
 

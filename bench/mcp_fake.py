@@ -1,11 +1,11 @@
-"""The bench's MCP fakes: ``tests/fakes/mcp_server.py`` over streamable HTTP in a child process,
+"""The bench's MCP fakes: ``fakes/mcp_server.py`` over streamable HTTP in a child process,
 and the recorder its stdio servers report to.
 
 ``python -m bench.mcp_fake --label http`` runs, in one process:
 
 - the test fake's server over streamable HTTP (``McpHttpFake``) on a loopback port;
 - a ``McpRecorder`` listening on another loopback port, where the stdio fakes that Tether
-  starts (``python -m tests.fakes.mcp_server --label NAME --record 127.0.0.1:PORT``) send
+  starts (``python -m fakes.mcp_server --label NAME --record 127.0.0.1:PORT``) send
   their records as JSON lines.
 
 Every record (of the HTTP server or of a stdio one) gets ``at``, ``time.monotonic()``
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="http", help="the HTTP server's record label")
     args = parser.parse_args(argv)
 
-    from tests.fakes.mcp_server import McpHttpFake, McpRecorder
+    from fakes.mcp_server import McpHttpFake, McpRecorder
 
     send, receive = trio.open_memory_channel[bytes](1 << 16)
 

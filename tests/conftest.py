@@ -14,15 +14,15 @@ import httpx2
 import pytest
 import trio
 
+from fakes.model import FakeModel
+from fakes.pages import FakePages
+from fakes.redis_server import RedisServer
+from fakes.search import FakeSearxng
 from server.app import create_app
 from server.cli import serve_app
 from server.config import Settings
 from server.runtime import Runtime
 from server.tasks.backend import next_events
-from tests.fakes.model import FakeModel
-from tests.fakes.pages import FakePages
-from tests.fakes.search import FakeSearxng
-from tests.redis_server import RedisServer
 
 WAIT = 10.0  # generous upper bound for anything a test waits on
 BACKENDS = ("memory", "redis")

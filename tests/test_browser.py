@@ -23,9 +23,9 @@ import pytest
 import trio
 from playwright.sync_api import BrowserContext, Page, expect
 
+from fakes.model import DieMidwayReply, HangReply, TextReply
 from tests.browser import CuttableProxy, PageErrors, in_browser, on_trio, require_chromium
 from tests.conftest import Fakes, Tether
-from tests.fakes.model import DieMidwayReply, HangReply, TextReply
 
 KEYS = {"key-alice": "alice"}
 # A WebSocket opened from the page, reporting how it went: open, closed (with its code)

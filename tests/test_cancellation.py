@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.lowlevel
 
+from fakes.base import FakeServer
+from fakes.model import HangReply, TextReply, ToolCallReply
 from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.base import FakeServer
-from tests.fakes.model import HangReply, TextReply, ToolCallReply
 from tests.helpers import assert_log_well_formed, chat_body
 
 pytestmark = pytest.mark.both_backends

@@ -8,8 +8,8 @@ import httpx2
 import pytest
 import trio
 
+from fakes.model import TextReply
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import TextReply
 from tests.helpers import assert_log_well_formed, chat_body
 
 pytestmark = pytest.mark.both_backends

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import trio
 
+from fakes.model import DieMidwayReply, ErrorReply, HangReply
 from server.config import Settings, SettingsError, read_dotenv, unknown_variables
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import DieMidwayReply, ErrorReply, HangReply
 from tests.helpers import assert_log_well_formed, chat_body, until
 from tests.replicas import ROOT
 

@@ -1,4 +1,4 @@
-"""Tests for the loopback fakes in tests/fakes (real sockets, httpx2 client)."""
+"""Tests for the loopback fakes in fakes/ (real sockets, httpx2 client)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import httpx2
 import pytest
 import trio
 
-from tests.fakes import (
+from fakes import (
     JUNK_MARKERS,
     DieMidwayReply,
     EchoReply,
@@ -668,7 +668,7 @@ async def test_page_slow_and_hang(pages: FakePages, client: httpx2.AsyncClient) 
 @pytest.mark.parametrize("module", ["model", "search", "pages"])
 async def test_module_main_prints_ready(module: str) -> None:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", f"tests.fakes.{module}", "--port", "0"],
+        [sys.executable, "-m", f"fakes.{module}", "--port", "0"],
         stdout=subprocess.PIPE,
         cwd=str(REPO),
     )

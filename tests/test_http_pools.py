@@ -12,9 +12,9 @@ import httpx2
 import pytest
 import trio
 
+from fakes.scripted import Exchange, ScriptedServer, json_answer
 from server.providers.net.client import client_with_backend
 from server.providers.net.tls_safe import TlsSafeBackend
-from tests.fakes.scripted import Exchange, ScriptedServer, json_answer
 
 WAIT = 10
 

@@ -1,4 +1,4 @@
-"""Tools of MCP servers: real servers built with the SDK (tests/fakes/mcp_server.py), over
+"""Tools of MCP servers: real servers built with the SDK (fakes/mcp_server.py), over
 stdio (a subprocess) and over streamable HTTP (on a loopback port), called by the model
 through Tether, and cancelled on the server when the task is stopped."""
 
@@ -17,11 +17,11 @@ import mcp_types
 import pytest
 import trio
 
+from fakes.mcp_server import McpHttpFake, McpRecorder, stdio_command
+from fakes.model import TextReply, ToolCallReply
 from server.config import McpHttpServer, McpStdioServer, SettingsError, read_mcp_config
 from server.providers.tools.mcp import function_name, result_text
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.mcp_server import McpHttpFake, McpRecorder, stdio_command
-from tests.fakes.model import TextReply, ToolCallReply
 from tests.helpers import assert_log_well_formed, chat_body
 
 # Starting a stdio server is starting a Python process that imports the SDK: about a second.

@@ -11,8 +11,8 @@ import trio
 from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from fakes.model import TextReply
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import TextReply
 from tests.helpers import chat_body
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import trio
 from openai import AsyncOpenAI
 
+from fakes.model import TextReply, ToolCallReply
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import TextReply, ToolCallReply
 from tests.helpers import assert_log_well_formed, chat_body
 
 

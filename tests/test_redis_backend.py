@@ -14,11 +14,11 @@ import coredis
 import pytest
 import trio
 
+from fakes.redis_server import RedisServer
 from server.record import TaskRecord
 from server.tasks.log import LogClosed
 from server.tasks.redis import RedisBackend, redis_backend
 from tests.conftest import WAIT
-from tests.redis_server import RedisServer
 
 
 def _record(user: str = "u") -> TaskRecord:

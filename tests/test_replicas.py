@@ -15,11 +15,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from fakes.model import HangReply, TextReply
+from fakes.redis_server import RedisServer
 from server.config import Settings
 from tests.conftest import WAIT, Fakes, base_settings
-from tests.fakes.model import HangReply, TextReply
 from tests.helpers import assert_log_well_formed, chat_body
-from tests.redis_server import RedisServer
 from tests.replicas import ROOT, Replica
 from tests.test_ws import connect
 

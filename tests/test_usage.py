@@ -12,9 +12,9 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from fakes.model import DieMidwayReply, ErrorReply, TextReply, ToolCallReply
 from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import DieMidwayReply, ErrorReply, TextReply, ToolCallReply
 from tests.helpers import assert_log_well_formed, chat_body
 
 pytestmark = pytest.mark.both_backends

@@ -11,8 +11,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from fakes.model import HangReply, TextReply
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import HangReply, TextReply
 from tests.helpers import TERMINAL, assert_log_well_formed, chat_body
 
 pytestmark = pytest.mark.both_backends

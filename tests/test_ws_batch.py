@@ -11,8 +11,8 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from fakes.model import TextReply
 from tests.conftest import WAIT, Fakes, Tether
-from tests.fakes.model import TextReply
 from tests.helpers import TERMINAL, assert_log_well_formed, chat_body, until
 
 pytestmark = pytest.mark.both_backends

@@ -22,12 +22,12 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fakes.model import FakeModel, TextReply
+from fakes.pages import FakePages
+from fakes.search import FakeSearxng
 from server.app import create_app
 from server.cli import serve_app
 from tests.conftest import WAIT, Fakes, Tether, base_settings
-from tests.fakes.model import FakeModel, TextReply
-from tests.fakes.pages import FakePages
-from tests.fakes.search import FakeSearxng
 from tests.helpers import assert_log_well_formed, chat_body
 from tests.test_ws import WsClient, connect
 

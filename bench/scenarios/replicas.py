@@ -1,7 +1,7 @@
 """Scenario 7: Tether replicas on one Redis, and ``tether serve --workers 2``.
 
 The scenario starts its own redis-server (the test dependencies' binary, see
-``tests/redis_server.py``) and its own Tether processes with ``TETHER_BACKEND=redis``,
+``fakes/redis_server.py``) and its own Tether processes with ``TETHER_BACKEND=redis``,
 through the bench's ``ProcessSet`` (ended by pid, a ``--workers`` supervisor's forked
 workers too); the bench's own memory-backend server is left alone. Three parts:
 
@@ -99,7 +99,7 @@ async def _redis_answers(port: int) -> bool:
 
 async def start_redis(b: Bench) -> Proc:
     """redis-server on a free loopback port, no persistence, its files in the log folder."""
-    from tests.redis_server import redis_binary
+    from fakes.redis_server import redis_binary
 
     directory = b.procs.log_dir / "redis"
     directory.mkdir(parents=True, exist_ok=True)

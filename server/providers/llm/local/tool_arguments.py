@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from server.providers.llm.extractive import STOP_WORDS, terms
+from server.providers.llm.local.extractive import STOP_WORDS, terms
 
 __all__ = ["FunctionSpec", "choose_function", "find_url"]
 

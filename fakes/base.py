@@ -698,7 +698,7 @@ def _jsonable(value: Any) -> Any:
 def run_main(
     factory: Callable[[], FakeServer], argv: list[str] | None = None, description: str = ""
 ) -> None:
-    """Entry point shared by ``python -m tests.fakes.<name> --port N``."""
+    """Entry point shared by ``python -m fakes.<name> --port N``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     parser.add_argument("--host", default="127.0.0.1")

@@ -53,8 +53,8 @@ import trio
 
 from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, OnDelta, ToolCallDelta
-from server.providers.llm.extractive import STOP_WORDS, best_sentences
-from server.providers.llm.tool_arguments import FunctionSpec, choose_function, find_url
+from server.providers.llm.local.extractive import STOP_WORDS, best_sentences
+from server.providers.llm.local.tool_arguments import FunctionSpec, choose_function, find_url
 
 MODEL_ID = "local"
 

@@ -3,7 +3,7 @@
 Unit tests of a single client (a search provider, the page reader, the
 OpenAI-compatible model client) want to shape one response by hand: stall after
 the headers, trickle or flood a body, cut a chunked stream midway. A *script* is
-an ``async`` function given the base :class:`~tests.fakes.base.Exchange`; it may
+an ``async`` function given the base :class:`~fakes.base.Exchange`; it may
 use ``start_response`` / ``send`` / ``finish`` / ``abort`` freely, and may block
 forever (:func:`until_client_leaves`): the base server's receive watcher cancels
 it and records the connection as closed by the client as soon as the client

@@ -1,6 +1,6 @@
 """Loopback HTTP/1.1 fakes (trio + h11) for Tether's tests and benchmarks.
 
-Names are imported lazily so that ``python -m tests.fakes.model`` does not load
+Names are imported lazily so that ``python -m fakes.model`` does not load
 the module twice (once as ``__main__``, once via this package).
 """
 
