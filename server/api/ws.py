@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, assert_never, cast
 from urllib.parse import parse_qsl
 
 import trio
@@ -35,6 +35,15 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from server.api.admission import check_chat, refusal
 from server.api.origin import check_origin
+from server.api.ws_commands import (
+    ChatCommand,
+    PingCommand,
+    StopCommand,
+    SubscribeCommand,
+    UnsubscribeCommand,
+    message_object,
+    parse_command,
+)
 from server.api.ws_delivery import (
     Delivery,
     Done,
@@ -337,42 +346,29 @@ class WsConnection:
         connection.cancel()  # the client has gone
 
     async def _handle(self, raw: str | bytes) -> None:
+        """Answer one message. Cancelling it (the client went) drops its answer; a stop
+        already asked for stands."""
         ref: str | None = None
         try:
-            try:
-                message = json.loads(raw)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise RequestError(400, "invalid_json", "The message is not valid JSON.") from None
-            if not isinstance(message, dict):
-                raise RequestError(400, "invalid_request", "A message must be a JSON object.")
+            message = message_object(raw)
             kind = message.get("type")
             ref = kind if isinstance(kind, str) else None
-            if kind == "ping":
-                await self.writer.reply({"type": "pong"})
-            elif kind == "chat":
-                await self._chat(message, len(raw))
-            elif kind == "subscribe":
-                task_id = await self._own_task(message)
-                after = message.get("after", 0)
-                if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-                    raise RequestError(400, "invalid_request",
-                                       "'after' must be a non-negative integer.")
-                self.follow(task_id, after)
-            elif kind == "unsubscribe":
-                task_id = await self._own_task(message)
-                self.writer.delivery.unfollow(task_id)
-            elif kind == "stop":
-                task_id = await self._own_task(message)
-                record = await self.rt.manager.find(task_id)
-                following = self.writer.delivery.is_following(task_id)
-                if not following and record is not None and record.active:
-                    # Follow from where the task is, so its terminal event reaches us.
-                    self.follow(task_id, record.last_seq)
-                await self.rt.manager.stop_anywhere(task_id, "stop")
-            elif kind is None:
-                raise RequestError(400, "invalid_request", "Missing field 'type'.")
-            else:
-                raise RequestError(400, "unknown_type", f"Unknown message type {kind!r}.")
+            if kind == "chat":
+                # The bound is on the message as it came, before any field is looked at.
+                self._check_size(len(raw))
+            match command := parse_command(message):
+                case PingCommand():
+                    await self.writer.reply({"type": "pong"})
+                case ChatCommand(request=request):
+                    await self._chat(request)
+                case SubscribeCommand(task_id=task_id, after=after):
+                    self.follow(await self._own_task(task_id), after)
+                case UnsubscribeCommand(task_id=task_id):
+                    self.writer.delivery.unfollow(await self._own_task(task_id))
+                case StopCommand(task_id=task_id):
+                    await self._stop(await self._own_task(task_id))
+                case _:  # a command added to the union without its case here
+                    assert_never(command)
         except (RequestError, TaskRefused) as failure:
             exc = refusal(failure) if isinstance(failure, TaskRefused) else failure
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
@@ -382,26 +378,37 @@ class WsConnection:
         except Exception:  # a bug must cost one message, not the connection
             log.exception("WebSocket message failed")
             await self.writer.reply({"type": "error", "error": {"code": "internal_error",
-                                                        "message": "Internal error."},
-                             "ref": ref})
+                                                                "message": "Internal error."},
+                                     "ref": ref})
 
-    async def _own_task(self, message: dict[str, Any]) -> str:
-        task_id = message.get("task_id")
-        if not isinstance(task_id, str) or not task_id:
-            raise RequestError(400, "invalid_request", "Missing field 'task_id'.")
+    async def _own_task(self, task_id: str) -> str:
+        """The task id, if it names a task of this connection's user; ``not_found`` (as
+        for an unknown id) otherwise."""
         if await self.rt.manager.get(self.user, task_id) is None:
-            raise RequestError(404, "not_found", f"No task {task_id!r}.")
+            raise RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
         return task_id
 
-    async def _chat(self, message: dict[str, Any], size: int) -> None:
-        arrived = time.perf_counter()
+    async def _stop(self, task_id: str) -> None:
+        """Stop a task anywhere; its terminal event reaches this connection. Cancelling it
+        may leave the stop unasked."""
+        record = await self.rt.manager.find(task_id)
+        following = self.writer.delivery.is_following(task_id)
+        if not following and record is not None and record.active:
+            # Follow from where the task is, so its terminal event reaches us.
+            self.follow(task_id, record.last_seq)
+        await self.rt.manager.stop_anywhere(task_id, "stop")
+
+    def _check_size(self, size: int) -> None:
         if size > self.rt.settings.max_body_bytes:
             raise RequestError(413, "payload_too_large",
                                f"The request is larger than {self.rt.settings.max_body_bytes} "
                                "bytes.")
-        body = message.get("request")
-        if not isinstance(body, dict):
-            raise RequestError(400, "invalid_request", "Missing field 'request' (an object).")
+
+    async def _chat(self, body: dict[str, Any]) -> None:
+        """Admit and spawn a chat task bound to the session, answer ``task``, then follow
+        it. Cancelling it before the spawn starts nothing; after, the task runs on in the
+        session."""
+        arrived = time.perf_counter()
         assert self.session is not None
         chat = await check_chat(self.rt, self.user,
                           {**body, "session_id": self.session.id, "background": False})
