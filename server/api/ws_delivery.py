@@ -28,8 +28,11 @@ Invariants it relies on (the caller keeps them):
   ``next_step()``.
 - The log's ``seq``s are consecutive and start at 1: a cursor is the last ``seq`` sent,
   and a read past it returns events in seq order.
-- The log state fed back is the task's (its owner's) own: a log that is not ``active``
-  gets no more events, so a cursor at its ``last_seq`` has nothing left to wait for.
+- A log whose state is not ``active`` gets no more events (the terminal event is its
+  last), so a cursor at its ``last_seq`` has nothing left to wait for.
+- The append callback of a closed watch is not called again. A follower is told apart by
+  its object, not its task id: a turn whose follower was replaced (resubscribe) or dropped
+  meanwhile stops at its next outcome, so the old cursor sends nothing more.
 """
 
 from __future__ import annotations
@@ -197,7 +200,8 @@ class Delivery:
         self._wake()
 
     def reply(self, text: str) -> None:
-        """Queue a reply: it goes out before any event not yet being sent."""
+        """Queue a reply: it goes out before the next turn of any follower, and before
+        the rest of an unbatched backlog being sent."""
         self._replies.append(text)
         self._wake()
 
