@@ -384,3 +384,19 @@ async def test_http_and_websocket_refuse_a_bad_chat_alike_naming_the_field(
             ws = (await client.recv_type("error"))["error"]
             assert (http["code"], http["param"]) == (code, param)
             assert (ws["code"], ws["param"]) == (code, param)
+
+
+async def test_a_bad_field_is_named_in_the_errors_param(tether: Tether) -> None:
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"type": "subscribe"}, "invalid_request", "task_id"),
+        ({"type": "subscribe", "task_id": "t", "after": -1}, "invalid_request", "after"),
+        ({"type": "chat"}, "invalid_request", "request"),
+        ({"no": "type"}, "invalid_request", "type"),
+        ({"type": "dance"}, "unknown_type", "type"),
+        ({"type": "stop", "task_id": "task_nope"}, "not_found", "task_id"),
+    ]
+    async with connect(tether) as client:
+        for message, code, param in cases:
+            await client.send(message)
+            error = await client.recv()
+            assert (error["error"]["code"], error["error"]["param"]) == (code, param), message

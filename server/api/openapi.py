@@ -37,6 +37,7 @@ from server.api.answers import (
     ToolList,
 )
 from server.api.common import json_response
+from server.api.ws_commands import ws_command_schema
 from server.schemas import ChatRequestModel
 
 blueprint = Blueprint("openapi", __name__)
@@ -240,6 +241,10 @@ def _paths() -> dict[str, Any]:
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once: it depends on no setting)."""
     _, top = models_json_schema(_MODELS, ref_template="#/components/schemas/{model}")
+    # The WebSocket's client messages, for clients to validate against (no path: /ws is
+    # not HTTP; API.md describes the protocol). Its commands join the other schemas.
+    ws_messages = ws_command_schema("#/components/schemas/{model}")
+    top.setdefault("$defs", {}).update(ws_messages.pop("$defs", {}), WsClientMessage=ws_messages)
     return {
         "openapi": "3.1.0",
         "info": {

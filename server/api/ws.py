@@ -1,5 +1,9 @@
 """WebSocket /ws: a session's live events, with resume, and chat/stop/ping commands.
 
+This module is the adapter: ASGI in and out (``AsgiWebSocket``), the commands
+(``WsConnection``), the one sending task (``WsWriter``) and the watchdog over sends
+(``WsHub``). What to send next is decided by ``ws_delivery.Delivery``, which does no I/O.
+
 Shape of one connection: a receive loop (commands) and one writer, the pump, which is the
 only task that sends. Each followed task is a cursor and a watch on its event log; an
 append marks the task ready and wakes the pump, which reads past the cursor and sends.
@@ -7,9 +11,7 @@ One writer per connection instead of one task per followed log means one wake-up
 however many tasks appended meanwhile, and it batches for free: when the pump comes back
 to a task it sends everything that piled up since, as one ``events`` message to a client
 that asked for batches (``?batch=1``) and as consecutive ``event`` messages otherwise.
-The pump's order is control before data: replies (``task``, ``pong``, errors) first, then
-tasks whose log just ended (a stop's ``task:cancelled`` does not wait behind other tasks'
-deltas), then the rest in the order they became ready. Order within a task is seq order.
+The pump's order is control before data (``ws_delivery`` says how).
 
 A client that reads slowly makes the pump wait on its sends: it costs no queue and no
 memory (cursors, not buffers), and never slows a task or another connection. A follower
@@ -24,9 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any, Protocol, assert_never, cast
 from urllib.parse import parse_qsl
 
 import trio
@@ -34,11 +35,29 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from server.api.admission import check_chat, refusal
 from server.api.origin import check_origin
+from server.api.ws_commands import (
+    ChatCommand,
+    PingCommand,
+    StopCommand,
+    SubscribeCommand,
+    UnsubscribeCommand,
+    message_object,
+    parse_command,
+)
+from server.api.ws_delivery import (
+    Delivery,
+    Done,
+    FindTask,
+    LogEvent,
+    LogState,
+    ReadLog,
+    Send,
+    Wait,
+)
 from server.events import Event
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.sessions import Session
-from server.tasks.backend import LogWatch
 from server.tasks.errors import TaskRefused
 
 log = logging.getLogger("tether.ws")
@@ -49,9 +68,6 @@ CLOSE_RESTART = 1012
 # RFC 6455's "try again later": the shared task store did not answer.
 CLOSE_TRY_LATER = 1013
 CLOSE_NOT_FOUND = 4404
-# Events the pump takes from one log at a time: bounds one batch message and lets other
-# tasks' events interleave when one task has a long backlog (a replay).
-_READ_LIMIT = 256
 # Replies waiting for the pump before the receive loop stops reading more commands.
 _MAX_PENDING_REPLIES = 64
 PATH = "/ws"
@@ -84,15 +100,124 @@ class AsgiWebSocket:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
-@dataclass(eq=False)
-class _Follower:
-    """One followed task: where its reader is, and the watch that marks it ready."""
+class TextSocket(Protocol):
+    async def send(self, text: str) -> None:
+        """Send one text message (a no-op once the client has gone)."""
+        ...
 
-    cursor: int
-    watch: LogWatch
-    # The log's length when this follower first found a full read waiting: lag is counted
-    # from there, so that replaying a long log is never mistaken for falling behind.
-    live_from: int | None = None
+
+class _LogPosition(Protocol):
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+
+class EventSource(Protocol):
+    """The task logs the writer reads (the task store)."""
+
+    async def read(self, task_id: str, after: int,
+                   limit: int | None = None) -> Sequence[LogEvent]: ...
+
+    async def get(self, task_id: str) -> _LogPosition | None: ...
+
+
+class WsWriter:
+    """A connection's only sending task (the pump), doing the I/O its ``Delivery`` asks
+    for: reads of the task logs, and sends, shielded and timed for the ``WsHub``."""
+
+    def __init__(self, ws: TextSocket, logs: EventSource, *, batch: bool,
+                 max_lag_events: int) -> None:
+        self._ws = ws
+        self._logs = logs
+        self._wake = trio.Event()
+        self._reply_room = trio.Event()
+        self.delivery = Delivery(batch=batch, max_lag_events=max_lag_events,
+                                 wake=self._set_wake)
+        self.sending_since: float | None = None
+
+    def _set_wake(self) -> None:
+        self._wake.set()  # the current event: ``run`` replaces it after each wait
+
+    @property
+    def too_slow(self) -> bool:
+        return self.delivery.too_slow
+
+    @property
+    def restarting(self) -> bool:
+        return self.delivery.restarting
+
+    def restart(self) -> None:
+        """Close with 1012 once nothing is ready to send."""
+        self.delivery.restart()
+
+    def give_up(self) -> None:
+        """The client fell too far behind: end the connection (4008) after the message
+        in flight."""
+        self.delivery.give_up()
+
+    async def reply(self, message: dict[str, Any]) -> None:
+        """Queue a reply for the pump; waits only while too many replies are pending (a
+        client that sends commands and does not read its answers). Cancelling it drops
+        the reply."""
+        while self.delivery.pending_replies >= _MAX_PENDING_REPLIES:
+            self._reply_room = trio.Event()
+            await self._reply_room.wait()
+        self.delivery.reply(json.dumps(message))
+
+    async def run(self) -> None:
+        """The connection's only writer: replies, then ended tasks, then the rest. Returns
+        when the client fell too far behind, or when the server restarts and nothing is
+        left to send; cancelled when the client goes (a message in flight is finished
+        first)."""
+        delivery = self.delivery
+        while True:
+            step = delivery.next_step()
+            match step:
+                case Done():
+                    return
+                case Wait():
+                    # No checkpoint between ``next_step`` finding nothing and this wait,
+                    # nor between the wait and the reset: a mark cannot fall in between.
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                case Send(texts=texts, replies=True):
+                    self._reply_room.set()
+                    await self._send(texts)
+                    delivery.sent()
+                case _:
+                    task_id = delivery.delivering
+                    try:
+                        await self._deliver(step)
+                    except Exception:  # a bug or a backend failure costs this follower, not all
+                        log.exception("delivering task %s failed", task_id)
+                        delivery.abandon()
+
+    async def _deliver(self, step: ReadLog | FindTask | Send) -> None:
+        """One step of a follower's turn; cancelling it cancels a read (a send is
+        shielded)."""
+        match step:
+            case ReadLog(task_id=task_id, after=after, limit=limit):
+                self.delivery.receive_events(await self._logs.read(task_id, after, limit))
+            case FindTask(task_id=task_id):
+                record = await self._logs.get(task_id)
+                self.delivery.receive_log_state(
+                    None if record is None else LogState(record.active, record.last_seq))
+            case Send(texts=texts):
+                await self._send(texts)
+                self.delivery.sent()
+
+    async def _send(self, texts: Sequence[str]) -> None:
+        """Send whole messages. Shielded: the pump is cancelled only when the connection
+        ends, and a frame cut half-way would corrupt the close frame that may follow. A
+        send to a client that is gone returns at once; one to a client that does not read
+        is noticed by the ``WsHub`` watchdog through ``sending_since``."""
+        with trio.CancelScope(shield=True):
+            for text in texts:
+                self.sending_since = trio.current_time()  # per message: "one send stuck"
+                await self._ws.send(text)
+        self.sending_since = None
 
 
 class WsHub:
@@ -104,7 +229,8 @@ class WsHub:
     """
 
     def __init__(self, send_timeout_s: float) -> None:
-        self.connections: set[WsConnection] = set()
+        # The writers of the live connections: what the watchdog watches.
+        self.writers: set[WsWriter] = set()
         self._send_timeout_s = send_timeout_s
 
     async def run(self) -> None:
@@ -116,37 +242,28 @@ class WsHub:
         while True:
             await trio.sleep(period)
             deadline = trio.current_time() - self._send_timeout_s
-            for conn in self.connections:
-                since = conn.sending_since
+            for writer in self.writers:
+                since = writer.sending_since
                 if since is not None and since < deadline:
-                    conn.give_up()
+                    writer.give_up()
 
     def close_all(self) -> None:
         """The server is shutting down: every connection sends what is ready for it (the
         terminal events of its tasks, stopped by now) and closes with 1012, which tells
         the client to reconnect, to another replica if there is one."""
-        for conn in self.connections:
-            conn.restart()
+        for writer in self.writers:
+            writer.restart()
+
 
 class WsConnection:
     def __init__(self, rt: Runtime, user: str, ws: AsgiWebSocket, *, batch: bool) -> None:
         self.rt = rt
         self.user = user
-        self.batch = batch
         self._ws = ws
+        self.writer = WsWriter(ws, rt.manager.store, batch=batch,
+                               max_lag_events=rt.settings.ws_max_lag_events)
         self.session: Session | None = None
         self._running = False
-        self._followers: dict[str, _Follower] = {}
-        # Followed tasks with events past their cursor, as ordered sets: ``_ended`` holds
-        # those whose log just ended, served first.
-        self._ready: dict[str, None] = {}
-        self._ended: dict[str, None] = {}
-        self._replies: deque[str] = deque()
-        self._wake = trio.Event()
-        self._reply_room = trio.Event()
-        self.too_slow = False
-        self.restarting = False
-        self.sending_since: float | None = None
         # While this connection's own chat is being admitted, tasks started in the session
         # wait here: its own must be answered (``task``) before its events, and another's
         # (spawned meanwhile elsewhere in the session) is followed right after.
@@ -170,158 +287,16 @@ class WsConnection:
         unknown or expired task is not followed (nothing would ever come)."""
         if not self._running:
             return
-        self.unfollow(task_id)
+        delivery = self.writer.delivery
+        delivery.unfollow(task_id)
 
         def on_append(event: Event) -> None:
-            self._mark(task_id, event.terminal)
+            delivery.mark(task_id, event.terminal)
 
         watch = self.rt.manager.store.watch(task_id, on_append, after)
         if watch is None:
             return
-        self._followers[task_id] = _Follower(after, watch)
-        self._mark(task_id, False)
-
-    def unfollow(self, task_id: str) -> bool:
-        follower = self._followers.pop(task_id, None)
-        if follower is not None:
-            follower.watch.close()
-        return follower is not None
-
-    def _unfollow_all(self) -> None:
-        for follower in self._followers.values():
-            follower.watch.close()
-        self._followers.clear()
-
-    def _mark(self, task_id: str, ended: bool) -> None:
-        if ended:
-            self._ended[task_id] = None
-        elif task_id not in self._ended:
-            self._ready[task_id] = None
-        self._wake.set()
-
-    def _next_ready(self) -> tuple[str, bool] | None:
-        """The next task to serve, and whether its log has just ended."""
-        for queue, ended in ((self._ended, True), (self._ready, False)):
-            if queue:
-                task_id = next(iter(queue))
-                del queue[task_id]
-                return task_id, ended
-        return None
-
-    # -- sending --------------------------------------------------------------------------
-
-    def restart(self) -> None:
-        """Close with 1012 once nothing is ready to send."""
-        self.restarting = True
-        self._wake.set()
-
-    def give_up(self) -> None:
-        """The client fell too far behind: end the connection (4008) after the message
-        in flight."""
-        self.too_slow = True
-        self._wake.set()
-
-    async def _pump(self) -> None:
-        """The connection's only writer: replies, then ended tasks, then the rest. Returns
-        when the client fell too far behind, or when the server restarts and nothing is
-        left to send; cancelled when the client goes (a message in flight is finished
-        first)."""
-        while not self.too_slow:
-            if self._replies:
-                texts = list(self._replies)
-                self._replies.clear()
-                self._reply_room.set()
-                await self._send(texts)
-                continue
-            ready = self._next_ready()
-            if ready is None:
-                if self.restarting:
-                    return
-                await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            try:
-                await self._deliver(*ready)
-            except Exception:  # a bug or a backend failure costs this follower, not all
-                log.exception("delivering task %s failed", ready[0])
-                self.unfollow(ready[0])
-
-    async def _deliver(self, task_id: str, ended: bool) -> None:
-        """Send what lies past one follower's cursor (at most ``_READ_LIMIT`` events).
-
-        One event per message costs a frame each, and a frame costs the scheduler turns of
-        hypercorn's send path; under load a backlog of frames takes a while. So unless
-        this task's log has ended, the backlog yields to a reply or an ended task that
-        came meanwhile, and its rest goes out after them. A follower that was replaced or
-        dropped meanwhile (resubscribe, unsubscribe, the client too slow) gets no more."""
-        follower = self._followers.get(task_id)
-        if follower is None:
-            return
-        store = self.rt.manager.store
-        events = await store.read(task_id, follower.cursor, _READ_LIMIT)
-        if not self._serving(task_id, follower):
-            return
-        if not events:
-            # Nothing past the cursor: if the log has ended there, nothing ever will be.
-            record = await store.get(task_id)
-            if record is None or (not record.active and record.last_seq <= follower.cursor):
-                if self._followers.get(task_id) is follower:
-                    self.unfollow(task_id)
-            return
-        if len(events) == _READ_LIMIT:
-            record = await store.get(task_id)
-            if not self._serving(task_id, follower):
-                return
-            if record is not None and record.active:
-                if follower.live_from is None:
-                    follower.live_from = record.last_seq
-                lag = record.last_seq - max(follower.cursor, follower.live_from)
-                if lag > self.rt.settings.ws_max_lag_events:
-                    self.give_up()
-                    return
-            # More to come, after other tasks have had a turn (an ended log stays ahead).
-            (self._ended if ended else self._ready)[task_id] = None
-        if self.batch:
-            await self._send(
-                ['{"type":"events","events":[' + ",".join(e.json for e in events) + "]}"])
-            follower.cursor = events[-1].seq
-        else:
-            for event in events:
-                await self._send(['{"type":"event","event":' + event.json + "}"])
-                follower.cursor = event.seq
-                if event.seq == events[-1].seq:
-                    break
-                if not self._serving(task_id, follower):
-                    return
-                if not ended and (self._replies or self._ended):
-                    self._ready[task_id] = None
-                    return
-        if events[-1].terminal and self._followers.get(task_id) is follower:
-            self.unfollow(task_id)
-
-    def _serving(self, task_id: str, follower: _Follower) -> bool:
-        return not self.too_slow and self._followers.get(task_id) is follower
-
-    async def _send(self, texts: list[str]) -> None:
-        """Send whole messages. Shielded: the pump is cancelled only when the connection
-        ends, and a frame cut half-way would corrupt the close frame that may follow. A
-        send to a client that is gone returns at once; one to a client that does not read
-        is noticed by the ``WsHub`` watchdog through ``sending_since``."""
-        with trio.CancelScope(shield=True):
-            for text in texts:
-                self.sending_since = trio.current_time()  # per message: "one send stuck"
-                await self._ws.send(text)
-        self.sending_since = None
-
-    async def send(self, message: dict[str, Any]) -> None:
-        """Queue a reply for the pump; waits only while too many replies are pending (a
-        client that sends commands and does not read its answers). Cancelling it drops
-        the reply."""
-        while len(self._replies) >= _MAX_PENDING_REPLIES:
-            self._reply_room = trio.Event()
-            await self._reply_room.wait()
-        self._replies.append(json.dumps(message))
-        self._wake.set()
+        delivery.follow(task_id, after, watch)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -329,25 +304,25 @@ class WsConnection:
         """Serve the connection until the client goes or falls too far behind (then close
         it with 4008). The pump runs in this task; the receive loop ends it all when the
         client goes."""
-        hub.connections.add(self)
+        hub.writers.add(self.writer)
         try:
             async with trio.open_nursery() as nursery:
                 self._running = True
                 assert self.session is not None
-                await self.send({"type": "session", "session_id": self.session.id,
-                                 "tasks": await self._session_tasks()})
+                await self.writer.reply({"type": "session", "session_id": self.session.id,
+                                         "tasks": await self._session_tasks()})
                 nursery.start_soon(self._receive_loop, nursery.cancel_scope)
-                await self._pump()
+                await self.writer.run()
                 nursery.cancel_scope.cancel()
         finally:
             self._running = False
-            hub.connections.discard(self)
-            self._unfollow_all()
+            hub.writers.discard(self.writer)
+            self.writer.delivery.unfollow_all()
             if self.session is not None:
                 self.rt.sessions.detach(self.session, self)
-        if self.restarting and not self.too_slow:
+        if self.writer.restarting and not self.writer.too_slow:
             await self._ws.close(CLOSE_RESTART, "server restarting: reconnect with session_id")
-        elif self.too_slow:
+        elif self.writer.too_slow:
             # The close frame queues behind what the kernel already holds for the client:
             # a slow reader gets it after those messages; a dead one is dropped by
             # TCP_USER_TIMEOUT (see cli.py). The session was detached above, so waiting
@@ -372,70 +347,69 @@ class WsConnection:
         connection.cancel()  # the client has gone
 
     async def _handle(self, raw: str | bytes) -> None:
+        """Answer one message. Cancelling it (the client went) drops its answer; a stop
+        already asked for stands."""
         ref: str | None = None
         try:
-            try:
-                message = json.loads(raw)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise RequestError(400, "invalid_json", "The message is not valid JSON.") from None
-            if not isinstance(message, dict):
-                raise RequestError(400, "invalid_request", "A message must be a JSON object.")
+            message = message_object(raw)
             kind = message.get("type")
             ref = kind if isinstance(kind, str) else None
-            if kind == "ping":
-                await self.send({"type": "pong"})
-            elif kind == "chat":
-                await self._chat(message, len(raw))
-            elif kind == "subscribe":
-                task_id = await self._own_task(message)
-                after = message.get("after", 0)
-                if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-                    raise RequestError(400, "invalid_request",
-                                       "'after' must be a non-negative integer.")
-                self.follow(task_id, after)
-            elif kind == "unsubscribe":
-                task_id = await self._own_task(message)
-                self.unfollow(task_id)
-            elif kind == "stop":
-                task_id = await self._own_task(message)
-                record = await self.rt.manager.store.get(task_id)
-                if task_id not in self._followers and record is not None and record.active:
-                    # Follow from where the task is, so its terminal event reaches us.
-                    self.follow(task_id, record.last_seq)
-                await self.rt.manager.stop(task_id, "stop")
-            elif kind is None:
-                raise RequestError(400, "invalid_request", "Missing field 'type'.")
-            else:
-                raise RequestError(400, "unknown_type", f"Unknown message type {kind!r}.")
+            if kind == "chat":
+                # The bound is on the message as it came, before any field is looked at.
+                self._check_size(len(raw))
+            match command := parse_command(message):
+                case PingCommand():
+                    await self.writer.reply({"type": "pong"})
+                case ChatCommand(request=request):
+                    await self._chat(request)
+                case SubscribeCommand(task_id=task_id, after=after):
+                    self.follow(await self._own_task(task_id), after)
+                case UnsubscribeCommand(task_id=task_id):
+                    self.writer.delivery.unfollow(await self._own_task(task_id))
+                case StopCommand(task_id=task_id):
+                    await self._stop(await self._own_task(task_id))
+                case _:  # a command added to the union without its case here
+                    assert_never(command)
         except (RequestError, TaskRefused) as failure:
             exc = refusal(failure) if isinstance(failure, TaskRefused) else failure
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
             if exc.param is not None:
                 error["param"] = exc.param
-            await self.send({"type": "error", "error": error, "ref": ref})
+            await self.writer.reply({"type": "error", "error": error, "ref": ref})
         except Exception:  # a bug must cost one message, not the connection
             log.exception("WebSocket message failed")
-            await self.send({"type": "error", "error": {"code": "internal_error",
-                                                        "message": "Internal error."},
-                             "ref": ref})
+            await self.writer.reply({"type": "error", "error": {"code": "internal_error",
+                                                                "message": "Internal error."},
+                                     "ref": ref})
 
-    async def _own_task(self, message: dict[str, Any]) -> str:
-        task_id = message.get("task_id")
-        if not isinstance(task_id, str) or not task_id:
-            raise RequestError(400, "invalid_request", "Missing field 'task_id'.")
+    async def _own_task(self, task_id: str) -> str:
+        """The task id, if it names a task of this connection's user; ``not_found`` (as
+        for an unknown id) otherwise."""
         if await self.rt.manager.get(self.user, task_id) is None:
-            raise RequestError(404, "not_found", f"No task {task_id!r}.")
+            raise RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
         return task_id
 
-    async def _chat(self, message: dict[str, Any], size: int) -> None:
-        arrived = time.perf_counter()
+    async def _stop(self, task_id: str) -> None:
+        """Stop a task anywhere; its terminal event reaches this connection. Cancelling it
+        may leave the stop unasked."""
+        record = await self.rt.manager.store.get(task_id)
+        following = self.writer.delivery.is_following(task_id)
+        if not following and record is not None and record.active:
+            # Follow from where the task is, so its terminal event reaches us.
+            self.follow(task_id, record.last_seq)
+        await self.rt.manager.stop(task_id, "stop")
+
+    def _check_size(self, size: int) -> None:
         if size > self.rt.settings.max_body_bytes:
             raise RequestError(413, "payload_too_large",
                                f"The request is larger than {self.rt.settings.max_body_bytes} "
                                "bytes.")
-        body = message.get("request")
-        if not isinstance(body, dict):
-            raise RequestError(400, "invalid_request", "Missing field 'request' (an object).")
+
+    async def _chat(self, body: dict[str, Any]) -> None:
+        """Admit and spawn a chat task bound to the session, answer ``task``, then follow
+        it. Cancelling it before the spawn starts nothing; after, the task runs on in the
+        session."""
+        arrived = time.perf_counter()
         assert self.session is not None
         chat = await check_chat(self.rt, self.user,
                           {**body, "session_id": self.session.id, "background": False})
@@ -451,8 +425,8 @@ class WsConnection:
                 self.follow(task_id, 0)
         self.rt.metrics.time_to_task_id.labels("ws").observe(time.perf_counter() - arrived)
         # The answer goes out first; the follower then replays the task's log from seq 1.
-        await self.send({"type": "task", "task_id": record.id, "chat_id": record.chat_id,
-                         "message_id": record.message_id})
+        await self.writer.reply({"type": "task", "task_id": record.id,
+                                 "chat_id": record.chat_id, "message_id": record.message_id})
         self.follow(record.id, 0)
 
 
