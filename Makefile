@@ -29,6 +29,7 @@ test: uv
 lint: uv
 	$(SYNC) --group lint
 	$(RUN) ruff check server tests bench fakes
+	$(RUN) ruff format --check server tests bench fakes
 	$(RUN) mypy --strict server
 
 bench-quick: uv

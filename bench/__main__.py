@@ -29,15 +29,24 @@ from bench.results import RESULTS_DIR, Results
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores "
-                      "(the default)")
+    mode.add_argument(
+        "--quick", action="store_true", help="under 3 minutes on 2 cores (the default)"
+    )
     mode.add_argument("--full", action="store_true", help="the full sample counts and levels")
-    parser.add_argument("--scenario", action="append", choices=SCENARIOS, metavar="NAME",
-                        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        metavar="NAME",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
     parser.add_argument("--name", help="results name (default: quick or full)")
-    parser.add_argument("--profile", action="store_true",
-                        help="run the server under pyinstrument; the text report goes to "
-                        "bench/results/<name>-profile.txt")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the server under pyinstrument; the text report goes to "
+        "bench/results/<name>-profile.txt",
+    )
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
@@ -73,8 +82,7 @@ async def run_all(b: Bench, scenarios: list[str]) -> None:
                 b.progress.warn(f"{name} crashed: {exc!r}")
                 traceback.print_exc()
             if not b.tether.alive():
-                b.results.errors.append(f"the server exited during {name}:\n"
-                                        f"{b.tether.log_tail()}")
+                b.results.errors.append(f"the server exited during {name}:\n{b.tether.log_tail()}")
                 break
             b.results.write_json()
         nursery.cancel_scope.cancel()
@@ -101,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = args.scenario or list(RUN_ORDER)
     progress = Progress(args.quiet)
     results = Results(name, cfg.mode)
-    results.settings.update({"config": cfg.to_json(), "scenarios": scenarios,
-                             "rlimit_nofile": list(nofile)})
+    results.settings.update(
+        {"config": cfg.to_json(), "scenarios": scenarios, "rlimit_nofile": list(nofile)}
+    )
     log_dir = Path(tempfile.mkdtemp(prefix=f"tether-bench-{name}-"))
     procs = ProcessSet(log_dir)
     b = Bench(cfg, progress, procs, results)
@@ -115,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(run_all, b, scenarios)
     except BaseException as exc:  # report whatever broke, then clean up below
         interrupted = isinstance(exc, KeyboardInterrupt) or (
-            isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None)
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
+        )
         if interrupted:
             results.errors.append("interrupted (SIGINT)")
             progress.warn("interrupted")

@@ -23,15 +23,26 @@ def _num(value: Any) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def _bars(ax: Axes, labels: list[str], series: dict[str, tuple[list[float], list[float]]],
-          ylabel: str, log: bool = False) -> None:
+def _bars(
+    ax: Axes,
+    labels: list[str],
+    series: dict[str, tuple[list[float], list[float]]],
+    ylabel: str,
+    log: bool = False,
+) -> None:
     """Grouped bars of p50 with a p99 marker above each bar."""
     width = 0.8 / max(1, len(series))
     for k, (name, (p50, p99)) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
         bars = ax.bar(xs, p50, width, label=f"{name} p50")
-        ax.scatter(xs, p99, marker="_", s=200, color=bars.patches[0].get_facecolor()
-                   if bars.patches else None, zorder=3)
+        ax.scatter(
+            xs,
+            p99,
+            marker="_",
+            s=200,
+            color=bars.patches[0].get_facecolor() if bars.patches else None,
+            zorder=3,
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     if log:
@@ -44,22 +55,41 @@ def _time_to_task_id(res: Results) -> Figure | None:
     rows = res.figures.get("time_to_task_id") or []
     if not rows:
         return None
-    labels = [f"{r['path']} {r['search_delay_s']:g}s\n{str(r['clients']).split(' ')[0]} cl."
-              for r in rows]
+    labels = [
+        f"{r['path']} {r['search_delay_s']:g}s\n{str(r['clients']).split(' ')[0]} cl." for r in rows
+    ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    _bars(left, labels, {
-        "floor": ([_num(r["floor_p50"]) for r in rows], [_num(r["floor_p99"]) for r in rows]),
-        "Tether": ([_num(r["tether_p50"]) for r in rows],
-                   [_num(r["tether_p99"]) for r in rows]),
-        "payload-first": ([_num(r["pf_p50"]) for r in rows], [_num(r["pf_p99"]) for r in rows]),
-    }, "ms (log)", log=True)
+    _bars(
+        left,
+        labels,
+        {
+            "floor": ([_num(r["floor_p50"]) for r in rows], [_num(r["floor_p99"]) for r in rows]),
+            "Tether": (
+                [_num(r["tether_p50"]) for r in rows],
+                [_num(r["tether_p99"]) for r in rows],
+            ),
+            "payload-first": ([_num(r["pf_p50"]) for r in rows], [_num(r["pf_p99"]) for r in rows]),
+        },
+        "ms (log)",
+        log=True,
+    )
     left.set_title("time to task id")
-    _bars(right, labels, {
-        "Tether / floor": ([_num(r["tether_ratio_p50"]) for r in rows],
-                           [_num(r["tether_ratio_p99"]) for r in rows]),
-        "payload-first / its floor": ([_num(r["pf_ratio_p50"]) for r in rows],
-                                      [_num(r["pf_ratio_p99"]) for r in rows]),
-    }, "ratio to the in-run floor (log)", log=True)
+    _bars(
+        right,
+        labels,
+        {
+            "Tether / floor": (
+                [_num(r["tether_ratio_p50"]) for r in rows],
+                [_num(r["tether_ratio_p99"]) for r in rows],
+            ),
+            "payload-first / its floor": (
+                [_num(r["pf_ratio_p50"]) for r in rows],
+                [_num(r["pf_ratio_p99"]) for r in rows],
+            ),
+        },
+        "ratio to the in-run floor (log)",
+        log=True,
+    )
     right.axhline(1.0, color="grey", lw=0.8)
     right.set_title("ratio to the floor (GET /healthz; WebSocket: ping)")
     fig.tight_layout()
@@ -72,16 +102,28 @@ def _stop_latency(res: Results) -> Figure | None:
         return None
     labels = [f"{r['phase']}\n{r['transport']}" for r in rows]
     fig, ax = plt.subplots(figsize=(12, 5))
-    _bars(ax, labels, {
-        metric: ([_num(r[f"{key}_p50"]) for r in rows], [_num(r[f"{key}_p99"]) for r in rows])
-        for metric, key in (("HTTP answer", "answer"), ("task:cancelled at client",
-                                                        "cancelled"),
-                            ("upstream closed", "upstream"))
-    }, "ms after the stop was sent")
+    _bars(
+        ax,
+        labels,
+        {
+            metric: ([_num(r[f"{key}_p50"]) for r in rows], [_num(r[f"{key}_p99"]) for r in rows])
+            for metric, key in (
+                ("HTTP answer", "answer"),
+                ("task:cancelled at client", "cancelled"),
+                ("upstream closed", "upstream"),
+            )
+        },
+        "ms after the stop was sent",
+    )
     ping = res.figures.get("stop_latency_ping")
     if ping:
-        ax.axhline(_num(ping["p50"]), color="grey", ls="--", lw=1,
-                   label=f"WebSocket ping p50 ({ping['p50']:.2f} ms)")
+        ax.axhline(
+            _num(ping["p50"]),
+            color="grey",
+            ls="--",
+            lw=1,
+            label=f"WebSocket ping p50 ({ping['p50']:.2f} ms)",
+        )
         ax.legend(fontsize=7)
     ax.set_title("stop latency per phase")
     fig.tight_layout()
@@ -94,9 +136,12 @@ def _disconnect(res: Results) -> Figure | None:
         return None
     labels = [f"{r['client']} mid-{r['phase']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    _bars(ax, labels, {"upstream closed": ([_num(r["p50"]) for r in rows],
-                                           [_num(r["p99"]) for r in rows])},
-          "ms after the client closed its socket")
+    _bars(
+        ax,
+        labels,
+        {"upstream closed": ([_num(r["p50"]) for r in rows], [_num(r["p99"]) for r in rows])},
+        "ms after the client closed its socket",
+    )
     ax.set_title("disconnect latency")
     fig.tight_layout()
     return fig
@@ -112,8 +157,7 @@ def _scale(res: Results) -> Figure | None:
     a, b, c, d = axes[0][0], axes[0][1], axes[1][0], axes[1][1]
     for key, label in (("ttid", "task id"), ("floor", "floor /healthz")):
         a.plot(xs, [_num(r[f"{key}_p50"]) for r in rows], marker="o", label=f"{label} p50")
-        a.plot(xs, [_num(r[f"{key}_p99"]) for r in rows], marker="x", ls="--",
-               label=f"{label} p99")
+        a.plot(xs, [_num(r[f"{key}_p99"]) for r in rows], marker="x", ls="--", label=f"{label} p99")
     a.axhline(fig_data.get("ttid_limit_ms", 50), color="red", lw=0.8, label="50 ms limit")
     a.set_title("time to task id under load")
     a.set_ylabel("ms (log)")
@@ -121,6 +165,7 @@ def _scale(res: Results) -> Figure | None:
     b.plot(xs, [_num(r["lag_p99"]) for r in rows], marker="x", ls="--", label="p99")
     b.set_title("event lag (client arrival - fake send schedule)")
     b.set_ylabel("ms (log)")
+
     def cpu(r: dict[str, Any], name: str) -> float:
         by = r.get("cpu_percent_window") or r.get("cpu_percent_by_process") or {}
         if name == "clients":
@@ -130,12 +175,16 @@ def _scale(res: Results) -> Figure | None:
     for name in ("tether", "model", "clients", "bench"):
         c.plot(xs, [cpu(r, name) for r in rows], marker="o", label=name)
     c.axhline(100, color="grey", lw=0.8)
-    c.set_title("CPU, % of one core (machine: "
-                f"{res.machine.get('cores')} cores)")
+    c.set_title(f"CPU, % of one core (machine: {res.machine.get('cores')} cores)")
     d.plot(xs, [_num(r["peak_rss_mb"]) for r in rows], marker="o", label="server peak RSS MB")
     d2 = d.twinx()
-    d2.plot(xs, [_num(r.get("kb_per_task")) for r in rows], marker="x", color="tab:orange",
-            label="KB per active task")
+    d2.plot(
+        xs,
+        [_num(r.get("kb_per_task")) for r in rows],
+        marker="x",
+        color="tab:orange",
+        label="KB per active task",
+    )
     d.set_title("server memory")
     d.legend(loc="upper left", fontsize=7)
     d2.legend(loc="lower right", fontsize=7)
@@ -161,11 +210,9 @@ def _cancel_storm(res: Results) -> Figure | None:
     left.set_title(f"phase at cancel ({data['tasks']} tasks; disconnects not read back)")
     left.set_ylabel("tasks")
     names = ["before warm-up", "start", "peak", "end"]
-    values = [data["rss_cold_mb"], data["rss_start_mb"], data["rss_peak_mb"],
-              data["rss_end_mb"]]
+    values = [data["rss_cold_mb"], data["rss_start_mb"], data["rss_peak_mb"], data["rss_end_mb"]]
     right.bar(names, values, color=["grey", "tab:blue", "tab:orange", "tab:green"])
-    right.axhline(data["rss_start_mb"] * 1.1, color="red", lw=0.8, ls="--",
-                  label="start + 10%")
+    right.axhline(data["rss_start_mb"] * 1.1, color="red", lw=0.8, ls="--", label="start + 10%")
     right.set_ylabel("server RSS MB")
     right.set_title("server memory around the storm")
     right.legend(fontsize=7)
@@ -183,8 +230,10 @@ def _replicas(res: Results) -> Figure | None:
     labels: list[str] = []
     same: tuple[list[float], list[float]] = ([], [])
     cross: tuple[list[float], list[float]] = ([], [])
-    for part, metrics in ((stop, (("answer", "stop answer"), ("upstream", "upstream closed"))),
-                          (resume, (("first_event", "resume: first event"),))):
+    for part, metrics in (
+        (stop, (("answer", "stop answer"), ("upstream", "upstream closed"))),
+        (resume, (("first_event", "resume: first event"),)),
+    ):
         if not part:
             continue
         for key, label in metrics:
@@ -199,12 +248,20 @@ def _replicas(res: Results) -> Figure | None:
         left.set_title("stop and resume: the task's replica and another")
     if levels:
         names = [f"{r['label']}\n{r['tasks']} tasks" for r in levels]
-        _bars(right, names, {"event lag": ([_num(r["lag_p50"]) for r in levels],
-                                           [_num(r["lag_p99"]) for r in levels])}, "ms")
+        _bars(
+            right,
+            names,
+            {
+                "event lag": (
+                    [_num(r["lag_p50"]) for r in levels],
+                    [_num(r["lag_p99"]) for r in levels],
+                )
+            },
+            "ms",
+        )
         twin = right.twinx()
         per_token = [_num(r["us_per_token"]) for r in levels]
-        twin.plot(range(len(levels)), per_token, "o", color="black",
-                  label="server µs per token")
+        twin.plot(range(len(levels)), per_token, "o", color="black", label="server µs per token")
         twin.set_ylabel("µs per delivered token")
         known = [v for v in per_token if not math.isnan(v)]
         if known:

@@ -5,13 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCENARIOS = ("time_to_task_id", "stop_latency", "disconnect", "scale", "waiting",
-             "cancel_storm", "replicas")
+SCENARIOS = (
+    "time_to_task_id",
+    "stop_latency",
+    "disconnect",
+    "scale",
+    "waiting",
+    "cancel_storm",
+    "replicas",
+)
 # Scale runs first so that its memory per task is measured from a server that has not yet
 # grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
 # Replicas runs last: it starts its own Redis and Tether processes and ends them after.
-RUN_ORDER = ("scale", "waiting", "time_to_task_id", "stop_latency", "disconnect",
-             "cancel_storm", "replicas")
+RUN_ORDER = (
+    "scale",
+    "waiting",
+    "time_to_task_id",
+    "stop_latency",
+    "disconnect",
+    "cancel_storm",
+    "replicas",
+)
 
 
 @dataclass(frozen=True)

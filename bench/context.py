@@ -80,14 +80,18 @@ class Bench:
         self.pages = FakeControl("pages", fakes["pages"].port)
         self.model = FakeControl("model", fakes["model"].port)
         await self.reset_fakes()
-        self.progress.step(f"fakes up: search :{self.search.port}, pages :{self.pages.port}, "
-                           f"model :{self.model.port}")
+        self.progress.step(
+            f"fakes up: search :{self.search.port}, pages :{self.pages.port}, "
+            f"model :{self.model.port}"
+        )
         if self.mcp is not None:
             self._write_mcp_config(self.mcp)
-            self.progress.step(f"MCP fakes: {MCP_HTTP} at {self.mcp.http_url} (pid "
-                               f"{self.mcp.proc.pid}), {MCP_STDIO} started by Tether, "
-                               f"recording to :{self.mcp.record_port}; config "
-                               f"{self.mcp_config_path}")
+            self.progress.step(
+                f"MCP fakes: {MCP_HTTP} at {self.mcp.http_url} (pid "
+                f"{self.mcp.proc.pid}), {MCP_STDIO} started by Tether, "
+                f"recording to :{self.mcp.record_port}; config "
+                f"{self.mcp_config_path}"
+            )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._start_server)
             nursery.start_soon(self._start_payload_first)
@@ -101,12 +105,16 @@ class Bench:
         self.results.settings["server_rlimit_nofile"] = list(nofile)
         need = 2 * (self.cfg.waiting_tasks + self.cfg.waiting_streams) + 1000
         if nofile[0] < need:
-            self.results.notes.append(f"the server's open-file limit {nofile[0]} is below the "
-                                      f"{need} the waiting scenario needs")
-        self.progress.step(f"tether :{self.tether.port} (pid {self.tether.pid}), payload-first "
-                           f":{self.pf.port}, relay floor :{self.floor.port}; "
-                           f"model {self.model_id!r}; "
-                           f"WebSocket {'yes' if self.ws_available else 'NOT available'}")
+            self.results.notes.append(
+                f"the server's open-file limit {nofile[0]} is below the "
+                f"{need} the waiting scenario needs"
+            )
+        self.progress.step(
+            f"tether :{self.tether.port} (pid {self.tether.pid}), payload-first "
+            f":{self.pf.port}, relay floor :{self.floor.port}; "
+            f"model {self.model_id!r}; "
+            f"WebSocket {'yes' if self.ws_available else 'NOT available'}"
+        )
 
     def server_env(self) -> dict[str, str]:
         """The settings of every Tether server of the run (the replicas scenario's too)."""
@@ -127,13 +135,23 @@ class Bench:
         """TETHER_MCP_CONFIG for the bench's server, in the log folder: the test fake over
         stdio (started by Tether, from the repository root, recording to the ``mcp_http``
         child) and the ``mcp_http`` child's streamable-HTTP endpoint."""
-        self.mcp_config = {"mcpServers": {
-            MCP_STDIO: {"command": sys.executable,
-                        "args": ["-m", "fakes.mcp_server", "--label", MCP_STDIO,
-                                 "--record", f"127.0.0.1:{mcp.record_port}"],
-                        "cwd": str(REPO_ROOT)},
-            MCP_HTTP: {"url": mcp.http_url},
-        }}
+        self.mcp_config = {
+            "mcpServers": {
+                MCP_STDIO: {
+                    "command": sys.executable,
+                    "args": [
+                        "-m",
+                        "fakes.mcp_server",
+                        "--label",
+                        MCP_STDIO,
+                        "--record",
+                        f"127.0.0.1:{mcp.record_port}",
+                    ],
+                    "cwd": str(REPO_ROOT),
+                },
+                MCP_HTTP: {"url": mcp.http_url},
+            }
+        }
         path = self.procs.log_dir / "mcp.json"
         path.write_text(json.dumps(self.mcp_config, indent=2))
         self.mcp_config_path = str(path)
@@ -142,24 +160,36 @@ class Bench:
         port = free_port()
         args = ["-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
         if self.profile_path:
-            args = ["-m", "pyinstrument", "-o", self.profile_path, "-r", "text",
-                    f"--show-regex={PROFILE_SHOW}", *args]
-        proc = self.procs.spawn("tether", args, self.main_server_env(),
-                                interrupt_first=bool(self.profile_path))
+            args = [
+                "-m",
+                "pyinstrument",
+                "-o",
+                self.profile_path,
+                "-r",
+                "text",
+                f"--show-regex={PROFILE_SHOW}",
+                *args,
+            ]
+        proc = self.procs.spawn(
+            "tether", args, self.main_server_env(), interrupt_first=bool(self.profile_path)
+        )
         proc.port = port
         self.server = proc
         await self._wait_healthz(proc)
 
-    async def start_tether(self, name: str, env: dict[str, str], args: list[str] | None = None,
-                           *, replicas: int = 1) -> Proc:
+    async def start_tether(
+        self, name: str, env: dict[str, str], args: list[str] | None = None, *, replicas: int = 1
+    ) -> Proc:
         """Start another Tether server than the bench's own (the replicas scenario's): the
         bench's settings plus ``env``, on a free port, with ``args`` after ``serve``; wait
         until ``/readyz`` has answered from ``replicas`` different replicas (the workers of
         ``--workers N`` share the port, and each new connection reaches one of them)."""
         port = free_port()
-        proc = self.procs.spawn(name, ["-m", "server", "serve", "--host", "127.0.0.1",
-                                       "--port", str(port), *(args or [])],
-                                {**self.server_env(), **env})
+        proc = self.procs.spawn(
+            name,
+            ["-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *(args or [])],
+            {**self.server_env(), **env},
+        )
         proc.port = port
         proc.forks = replicas > 1
         await self._wait_healthz(proc)
@@ -167,8 +197,10 @@ class Bench:
         deadline = time.monotonic() + 30
         while len(seen) < replicas:
             if time.monotonic() > deadline or not proc.alive():
-                raise ProcessError(f"{name}: /readyz answered from {len(seen)} of {replicas} "
-                                   f"replicas:\n{proc.log_tail()}")
+                raise ProcessError(
+                    f"{name}: /readyz answered from {len(seen)} of {replicas} "
+                    f"replicas:\n{proc.log_tail()}"
+                )
             with contextlib.suppress(OSError, HttpError, ValueError):
                 ready = await get_json("127.0.0.1", port, "/readyz")
                 seen.add(str(ready.get("replica")))
@@ -186,14 +218,27 @@ class Bench:
         self.progress.step(f"tether restarted: :{self.tether.port} (pid {self.tether.pid})")
 
     async def _start_payload_first(self) -> None:
-        args = ["-m", "bench.baselines.payload_first", "--port", "0",
-                "--searxng-url", self.fake("search").base_url,
-                "--llm-base-url", self.fake("model").base_url + "/v1"]
+        args = [
+            "-m",
+            "bench.baselines.payload_first",
+            "--port",
+            "0",
+            "--searxng-url",
+            self.fake("search").base_url,
+            "--llm-base-url",
+            self.fake("model").base_url + "/v1",
+        ]
         self.payload_first = await self._start_baseline("payload_first", args)
 
     async def _start_relay_floor(self) -> None:
-        args = ["-m", "bench.baselines.relay_floor", "--port", "0",
-                "--llm-base-url", self.fake("model").base_url + "/v1"]
+        args = [
+            "-m",
+            "bench.baselines.relay_floor",
+            "--port",
+            "0",
+            "--llm-base-url",
+            self.fake("model").base_url + "/v1",
+        ]
         self.relay_floor = await self._start_baseline("relay_floor", args)
 
     async def _start_baseline(self, name: str, args: list[str]) -> Proc:
@@ -221,8 +266,9 @@ class Bench:
                 return
             except (OSError, HttpError, ValueError):
                 await trio.sleep(0.05)
-        raise ProcessError(f"{proc.name} did not answer /healthz in {timeout} s:\n"
-                           f"{proc.log_tail()}")
+        raise ProcessError(
+            f"{proc.name} did not answer /healthz in {timeout} s:\n{proc.log_tail()}"
+        )
 
     async def _discover_model(self) -> None:
         """The id under which the server lists the fake model (its list is refreshed in the
@@ -295,10 +341,17 @@ class Bench:
         """A unique word for one sample: it becomes the search query and the page URLs."""
         return f"{prefix}{next(self._ids)}x{uuid.uuid4().hex[:6]}"
 
-    def chat_body(self, text: str, *, chat_id: str, web_search: bool = False,
-                  background: bool = False, stream: bool = False,
-                  session_id: str | None = None, tool_ids: list[str] | None = None
-                  ) -> dict[str, Any]:
+    def chat_body(
+        self,
+        text: str,
+        *,
+        chat_id: str,
+        web_search: bool = False,
+        background: bool = False,
+        stream: bool = False,
+        session_id: str | None = None,
+        tool_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model_id,
             "messages": [{"role": "user", "content": text}],
@@ -339,8 +392,7 @@ class Bench:
         tasks: list[dict[str, Any]] = answer.get("tasks", [])
         return tasks
 
-    async def wait_no_tasks(self, timeout: float = 30.0, port: int | None = None
-                            ) -> float | None:
+    async def wait_no_tasks(self, timeout: float = 30.0, port: int | None = None) -> float | None:
         """Wait until ``GET /api/tasks`` is empty; the time it took, or None."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
@@ -388,8 +440,10 @@ class Bench:
                 processes = proc.processes()
             except psutil.Error:
                 continue
-            named += [(proc.name if i == 0 else f"{proc.name}/{i}", process)
-                      for i, process in enumerate(processes)]
+            named += [
+                (proc.name if i == 0 else f"{proc.name}/{i}", process)
+                for i, process in enumerate(processes)
+            ]
         named.append(("bench", psutil.Process()))
         for name, process in named:
             try:

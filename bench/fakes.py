@@ -22,8 +22,9 @@ class FakeControl:
         self.base_url = f"http://127.0.0.1:{port}"
         self._idle: list[HttpConnection] = []
 
-    async def _call(self, method: str, path: str, body: Any = None,
-                    timeout_ok: bool = False) -> Any:
+    async def _call(
+        self, method: str, path: str, body: Any = None, timeout_ok: bool = False
+    ) -> Any:
         conn = self._idle.pop() if self._idle else HttpConnection("127.0.0.1", self.port)
         try:
             answer = await conn.request(method, path, body)
@@ -34,8 +35,9 @@ class FakeControl:
         if answer.status == 504 and timeout_ok:
             return None
         if answer.status >= 400:
-            raise HttpError(f"{self.name} {method} {path} -> {answer.status}: "
-                            f"{answer.body[:300]!r}")
+            raise HttpError(
+                f"{self.name} {method} {path} -> {answer.status}: {answer.body[:300]!r}"
+            )
         return answer.json()
 
     async def configure(self, **settings: Any) -> Any:
@@ -56,20 +58,22 @@ class FakeControl:
         result: list[dict[str, Any]] = await self._call("GET", f"/_fake/requests?{q}")
         return result
 
-    async def wait_request(self, path_prefix: str = "/", count: int = 1,
-                           timeout: float = 10.0) -> dict[str, Any] | None:
+    async def wait_request(
+        self, path_prefix: str = "/", count: int = 1, timeout: float = 10.0
+    ) -> dict[str, Any] | None:
         """The latest request under ``path_prefix`` once ``count`` have arrived, or None."""
-        q = urllib.parse.urlencode({"path_prefix": path_prefix, "count": count,
-                                    "timeout": timeout})
-        result: dict[str, Any] | None = await self._call("GET", f"/_fake/wait_request?{q}",
-                                                         timeout_ok=True)
+        q = urllib.parse.urlencode({"path_prefix": path_prefix, "count": count, "timeout": timeout})
+        result: dict[str, Any] | None = await self._call(
+            "GET", f"/_fake/wait_request?{q}", timeout_ok=True
+        )
         return result
 
     async def wait_closed(self, conn_id: int, timeout: float = 10.0) -> dict[str, Any] | None:
         """The connection record once closed, or None after ``timeout``."""
         q = urllib.parse.urlencode({"conn_id": conn_id, "timeout": timeout})
-        result: dict[str, Any] | None = await self._call("GET", f"/_fake/wait_closed?{q}",
-                                                         timeout_ok=True)
+        result: dict[str, Any] | None = await self._call(
+            "GET", f"/_fake/wait_closed?{q}", timeout_ok=True
+        )
         return result
 
     async def aclose(self) -> None:

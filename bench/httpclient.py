@@ -68,8 +68,9 @@ class HttpConnection:
             stream.socket.close()
         return closed_at
 
-    def _head(self, method: str, path: str, body: bytes | None,
-              headers: dict[str, str] | None) -> h11.Request:
+    def _head(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None
+    ) -> h11.Request:
         hdrs = [("host", f"{self.host}:{self.port}"), ("user-agent", "tether-bench")]
         if body is not None:
             hdrs += [("content-type", "application/json"), ("content-length", str(len(body)))]
@@ -77,8 +78,9 @@ class HttpConnection:
             hdrs.append((k, v))
         return h11.Request(method=method, target=path, headers=hdrs)
 
-    async def _send(self, method: str, path: str, body: bytes | None,
-                    headers: dict[str, str] | None) -> float:
+    async def _send(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None
+    ) -> float:
         if self._stream is not None and self._h11.our_state is not h11.IDLE:
             await self.aclose()
         await self.connect()
@@ -120,8 +122,9 @@ class HttpConnection:
         else:
             self.abort()
 
-    async def request(self, method: str, path: str, body: Any = None,
-                      headers: dict[str, str] | None = None) -> Response:
+    async def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Response:
         """Send one request and read the whole answer. ``body`` is JSON-encoded unless bytes."""
         raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         try:
@@ -136,16 +139,22 @@ class HttpConnection:
                     break
                 else:
                     raise HttpError(f"unexpected h11 event {event!r}")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
-                OSError, HttpError):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.ProtocolError,
+            OSError,
+            HttpError,
+        ):
             self.abort()
             raise
         done_at = time.monotonic()
         self._finish_cycle()
         return Response(status, hdrs, b"".join(chunks), sent_at, done_at)
 
-    async def open_stream(self, method: str, path: str, body: Any = None,
-                          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    async def open_stream(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str]]:
         """Send a request and read only the answer's head; then iterate ``body_chunks``."""
         raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         await self._send(method, path, raw, headers)

@@ -69,22 +69,25 @@ class McpFakeControl:
             while not self.record_port:
                 await self._read()
         if not self.record_port:
-            raise ProcessError(f"{self.proc.name} printed no READY line in {timeout} s:\n"
-                               f"{self.proc.log_tail()}")
+            raise ProcessError(
+                f"{self.proc.name} printed no READY line in {timeout} s:\n{self.proc.log_tail()}"
+            )
 
     def mark(self) -> int:
         """The index the next record will have (records after it are newer)."""
         return len(self.records)
 
-    async def wait_for(self, event: str, *, after: int = 0, timeout: float = 10.0,
-                       **match: Any) -> dict[str, Any] | None:
+    async def wait_for(
+        self, event: str, *, after: int = 0, timeout: float = 10.0, **match: Any
+    ) -> dict[str, Any] | None:
         """The first record of ``event`` with the given fields from index ``after`` on,
         once it is there; None after ``timeout``."""
         with trio.move_on_after(timeout):
             while True:
                 for record in self.records[after:]:
                     if record.get("event") == event and all(
-                            record.get(k) == v for k, v in match.items()):
+                        record.get(k) == v for k, v in match.items()
+                    ):
                         return record
                 await self._read()
         return None
@@ -93,8 +96,9 @@ class McpFakeControl:
         await self._out.aclose()
 
 
-async def start_mcp_fake(procs: ProcessSet, name: str = "mcp_http",
-                         label: str = "http") -> McpFakeControl:
+async def start_mcp_fake(
+    procs: ProcessSet, name: str = "mcp_http", label: str = "http"
+) -> McpFakeControl:
     proc = procs.spawn_piped(name, ["-m", "bench.mcp_fake", "--label", label])
     control = McpFakeControl(proc)
     await control.wait_ready()

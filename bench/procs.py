@@ -94,8 +94,15 @@ class ProcessSet:
     log_dir: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              *, interrupt_first: bool = False, program: str | None = None) -> Proc:
+    def spawn(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        interrupt_first: bool = False,
+        program: str | None = None,
+    ) -> Proc:
         """Start ``python <args>`` (or ``program <args>``), output to ``<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
@@ -104,9 +111,14 @@ class ProcessSet:
         child_env.update(env or {})
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
-                [program or sys.executable, *args], cwd=REPO_ROOT, env=child_env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                [program or sys.executable, *args],
+                cwd=REPO_ROOT,
+                env=child_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         proc = Proc(name, popen, log_path, interrupt_first=interrupt_first)
         self.procs.append(proc)
@@ -120,8 +132,13 @@ class ProcessSet:
         child_env["PYTHONUNBUFFERED"] = "1"
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
-                [sys.executable, *args], cwd=REPO_ROOT, env=child_env, stdout=subprocess.PIPE,
-                stderr=log, stdin=subprocess.PIPE, start_new_session=True,
+                [sys.executable, *args],
+                cwd=REPO_ROOT,
+                env=child_env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.PIPE,
+                start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         proc = Proc(name, popen, log_path)

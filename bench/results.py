@@ -15,8 +15,18 @@ from typing import Any
 from bench.stats import summarize
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_PACKAGES = ("trio", "hypercorn", "quart", "quart-trio", "httpx2", "h11", "trio-websocket",
-             "wsproto", "psutil", "matplotlib")
+_PACKAGES = (
+    "trio",
+    "hypercorn",
+    "quart",
+    "quart-trio",
+    "httpx2",
+    "h11",
+    "trio-websocket",
+    "wsproto",
+    "psutil",
+    "matplotlib",
+)
 
 
 def machine_info() -> dict[str, Any]:
@@ -53,8 +63,13 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "missing"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5, cwd=RESULTS_DIR.parent.parent)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=RESULTS_DIR.parent.parent,
+        )
         out["tether_commit"] = commit.stdout.strip() or "uncommitted"
     except (OSError, subprocess.SubprocessError):
         out["tether_commit"] = "unknown"
@@ -85,8 +100,9 @@ class Results:
     errors: list[str] = field(default_factory=list)
     charts: list[str] = field(default_factory=list)
 
-    def add_set(self, scenario: str, key: str, samples_s: list[float], **meta: Any
-                ) -> dict[str, Any]:
+    def add_set(
+        self, scenario: str, key: str, samples_s: list[float], **meta: Any
+    ) -> dict[str, Any]:
         summary = {**summarize(samples_s), **meta}
         self.sets.setdefault(scenario, {})[key] = summary
         return summary

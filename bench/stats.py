@@ -24,8 +24,15 @@ def summarize(values_s: Sequence[float], *, scale: float = 1000.0) -> dict[str, 
     """Summary of samples given in seconds, reported in ms (``scale`` = 1000)."""
     vals = sorted(v * scale for v in values_s)
     if not vals:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None, "min": None,
-                "mean": None}
+        return {
+            "n": 0,
+            "p50": None,
+            "p90": None,
+            "p99": None,
+            "max": None,
+            "min": None,
+            "mean": None,
+        }
     return {
         "n": len(vals),
         "p50": round(percentile(vals, 50), 3),

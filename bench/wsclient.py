@@ -98,15 +98,17 @@ class WsClient:
             raise TimeoutError(f"no WebSocket reply in {timeout} s (closed={self.closed})")
         return self.replies.pop(0)
 
-    async def request(self, message: dict[str, Any], timeout: float = 30.0
-                      ) -> tuple[float, dict[str, Any]]:
+    async def request(
+        self, message: dict[str, Any], timeout: float = 30.0
+    ) -> tuple[float, dict[str, Any]]:
         """Send a command and wait for its reply; returns (round trip s, reply)."""
         sent_at = await self.send(message)
         at, answer = await self.reply(timeout)
         return at - sent_at, answer
 
-    async def chat(self, request: dict[str, Any], timeout: float = 30.0
-                   ) -> tuple[float, dict[str, Any]]:
+    async def chat(
+        self, request: dict[str, Any], timeout: float = 30.0
+    ) -> tuple[float, dict[str, Any]]:
         """Send a ``chat`` and wait for its own ``task`` (or ``error``) reply, matched by
         ``message_id``, so several chats may be in flight on one connection."""
         message_id = request.get("message_id")
@@ -143,8 +145,7 @@ class WsClient:
         await self.wait_until(lambda: self.terminal(task_id) is not None, timeout)
         return self.terminal(task_id)
 
-    async def wait_event(self, task_id: str, type_: str, timeout: float = 30.0
-                         ) -> Arrival | None:
+    async def wait_event(self, task_id: str, type_: str, timeout: float = 30.0) -> Arrival | None:
         def find() -> Arrival | None:
             for arrival in self.events.get(task_id, ()):
                 if arrival.type == type_:
@@ -156,15 +157,19 @@ class WsClient:
 
 
 @asynccontextmanager
-async def ws_client(url: str, *, connect_timeout: float = 10.0, batch: bool = False
-                    ) -> AsyncIterator[WsClient]:
+async def ws_client(
+    url: str, *, connect_timeout: float = 10.0, batch: bool = False
+) -> AsyncIterator[WsClient]:
     """Connect, read the ``session`` message, and keep reading in the background.
     ``batch``: ask for batched events (``batch=1`` in the query)."""
     if batch:
         url += ("&" if "?" in url else "?") + "batch=1"
-    async with open_websocket_url(url, max_message_size=16 * 1024 * 1024,
-                                  connect_timeout=connect_timeout,
-                                  disconnect_timeout=2.0) as ws:
+    async with open_websocket_url(
+        url,
+        max_message_size=16 * 1024 * 1024,
+        connect_timeout=connect_timeout,
+        disconnect_timeout=2.0,
+    ) as ws:
         client = WsClient(ws)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._reader)

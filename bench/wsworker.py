@@ -110,7 +110,8 @@ class Ws:
         if not data:
             self.closed = True
             self.close_reason = self.close_reason or (
-                "EOF" if self.accepted else "closed during the handshake")
+                "EOF" if self.accepted else "closed during the handshake"
+            )
             raise WsClosed(self.close_reason)
         try:
             self.proto.receive_data(data)
@@ -137,8 +138,9 @@ class Ws:
                 if not self.closed:
                     self.closed = True
                     if self.proto.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-                        with contextlib.suppress(WsClosed, trio.BrokenResourceError,
-                                                 trio.ClosedResourceError, OSError):
+                        with contextlib.suppress(
+                            WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                        ):
                             await self.send(event.response())
                 raise WsClosed(self.close_reason)
             elif isinstance(event, AcceptConnection):
@@ -153,8 +155,9 @@ class Ws:
         if not self.closed:
             self.closed = True
             if self.proto.state is ConnectionState.OPEN:
-                with contextlib.suppress(WsClosed, trio.BrokenResourceError,
-                                         trio.ClosedResourceError, OSError):
+                with contextlib.suppress(
+                    WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
                     await self.send(CloseConnection(code=1000))
         await self.stream.aclose()
 
@@ -281,8 +284,13 @@ class Worker:
                             raise WsClosed(ws.close_reason)
                         slots[i] = conn
                         return
-                    except (OSError, WsClosed, trio.TooSlowError, trio.BrokenResourceError,
-                            trio.ClosedResourceError) as exc:
+                    except (
+                        OSError,
+                        WsClosed,
+                        trio.TooSlowError,
+                        trio.BrokenResourceError,
+                        trio.ClosedResourceError,
+                    ) as exc:
                         if ws is not None:
                             await _close_quietly(ws)  # and its reader ends
                         if attempt == 4:
@@ -293,8 +301,11 @@ class Worker:
             for i in range(n):
                 nursery.start_soon(one, i)
         self.conns += [c for c in slots if c is not None]
-        return {"sessions": [c.session_id for c in self.conns[start:]],
-                "failures": failures[:5], "failed": len(failures)}
+        return {
+            "sessions": [c.session_id for c in self.conns[start:]],
+            "failures": failures[:5],
+            "failed": len(failures),
+        }
 
     async def chat(self, cmd: dict[str, Any]) -> dict[str, Any]:
         bodies: list[dict[str, Any]] = cmd["bodies"]
@@ -307,8 +318,7 @@ class Worker:
             conn.chat_sent_at = time.monotonic()
             try:
                 await conn.ws.send_text(json.dumps({"type": "chat", "request": body}))
-            except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError,
-                    OSError) as exc:
+            except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 conn.errors.append(f"chat send: {exc}")
         return {"sent_at": sent_at, "sent": min(len(bodies), len(idle))}
 
@@ -318,8 +328,11 @@ class Worker:
     async def streaming(self, cmd: dict[str, Any]) -> dict[str, Any]:
         with trio.move_on_after(float(cmd["deadline_s"])):
             while True:
-                firsts = [min(c.tokens.values()) if c.tokens else None
-                          for c in self._chatting() if not c.terminal and not c.ws.closed]
+                firsts = [
+                    min(c.tokens.values()) if c.tokens else None
+                    for c in self._chatting()
+                    if not c.terminal and not c.ws.closed
+                ]
                 if None not in firsts:
                     return {"at": max(firsts, default=time.monotonic())}
                 self.changed = trio.Event()
@@ -345,8 +358,11 @@ class Worker:
             self.changed = trio.Event()
             with trio.move_on_after(0.25):
                 await self.changed.wait()
-        return {"complete": complete, "last_event_at": self.last_event_at,
-                "pending": [c.task_id for c in self._chatting() if not c.terminal and c.task_id]}
+        return {
+            "complete": complete,
+            "last_event_at": self.last_event_at,
+            "pending": [c.task_id for c in self._chatting() if not c.terminal and c.task_id],
+        }
 
     def analyze(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Per client: ``lost`` (seq gaps, and tokens missing from a completed stream, or
@@ -379,17 +395,20 @@ class Worker:
             if not floor and not c.terminal and c.task_id and not record and not c.ws.closed:
                 expired += 1
                 lost += 1
-            elif (record.get("status") or ("completed" if c.terminal == "task:completed"
-                                           else c.terminal or "")) != "completed":
+            elif (
+                record.get("status")
+                or ("completed" if c.terminal == "task:completed" else c.terminal or "")
+            ) != "completed":
                 not_completed += 1
                 if len(samples) < 5:
-                    samples.append(f"{c.task_id}: {record.get('status') or c.terminal}, "
-                                   f"client got {c.highest}, {c.errors[:1]}")
+                    samples.append(
+                        f"{c.task_id}: {record.get('status') or c.terminal}, "
+                        f"client got {c.highest}, {c.errors[:1]}"
+                    )
             if not c.terminal:
                 if c.ws.closed:
                     closed += 1
-                    close_reasons[c.ws.close_reason] = close_reasons.get(c.ws.close_reason,
-                                                                         0) + 1
+                    close_reasons[c.ws.close_reason] = close_reasons.get(c.ws.close_reason, 0) + 1
                 elif not floor:
                     undelivered += max(0, int(record.get("last_seq", c.highest)) - c.highest)
             if c.terminal == "task:completed":
@@ -401,12 +420,22 @@ class Worker:
                     in_window += 1
                 if start is not None:
                     lags.append(round((at - (start + index / rate)) * 1000, 3))
-        return {"lost": lost, "out_of_order": out_of_order, "undelivered": undelivered,
-                "closed": closed, "close_reasons": close_reasons,
-                "not_completed": not_completed, "not_completed_sample": samples,
-                "expired_before_delivery": expired, "lags": lags, "ttid": ttid,
-                "tokens_delivered": delivered, "tokens_in_window": in_window,
-                "messages": messages, "terminals": terminals}
+        return {
+            "lost": lost,
+            "out_of_order": out_of_order,
+            "undelivered": undelivered,
+            "closed": closed,
+            "close_reasons": close_reasons,
+            "not_completed": not_completed,
+            "not_completed_sample": samples,
+            "expired_before_delivery": expired,
+            "lags": lags,
+            "ttid": ttid,
+            "tokens_delivered": delivered,
+            "tokens_in_window": in_window,
+            "messages": messages,
+            "terminals": terminals,
+        }
 
     async def stop(self) -> dict[str, Any]:
         sent = 0

@@ -63,8 +63,11 @@ class McpRecorder:
         self._changed = trio.Event()
 
     def of(self, event: str, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event
-                and all(e.get(k) == v for k, v in match.items())]
+        return [
+            e
+            for e in self.events
+            if e["event"] == event and all(e.get(k) == v for k, v in match.items())
+        ]
 
     async def wait_for(self, event: str, count: int = 1, **match: Any) -> dict[str, Any]:
         """The ``count``-th record of ``event`` with the given fields, once it is there."""
@@ -74,8 +77,7 @@ class McpRecorder:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Listen on a loopback port for the records of stdio servers."""
-        listeners = await nursery.start(partial(trio.serve_tcp, self._reader, 0,
-                                                host="127.0.0.1"))
+        listeners = await nursery.start(partial(trio.serve_tcp, self._reader, 0, host="127.0.0.1"))
         self.port = listeners[0].socket.getsockname()[1]
 
     async def _reader(self, stream: trio.SocketStream) -> None:
@@ -97,8 +99,9 @@ def build_server(label: str, record: Record, stopping: trio.Event | None = None)
     async def observe(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         if ctx.method == "notifications/cancelled":
             request_id = (ctx.params or {}).get("requestId")
-            record({"event": "notification_cancelled", "server": label,
-                    "request_id": str(request_id)})
+            record(
+                {"event": "notification_cancelled", "server": label, "request_id": str(request_id)}
+            )
         return await call_next(ctx)
 
     mcp = MCPServer(f"fake-{label}", middleware=[observe], log_level="WARNING")
@@ -119,57 +122,71 @@ def build_server(label: str, record: Record, stopping: trio.Event | None = None)
     @mcp.tool()
     async def echo(text: str, ctx: Context) -> str:
         """Say the text back."""
+
         async def work() -> str:
             return f"echo: {text}"
+
         return str(await recorded(ctx, "echo", work))
 
     @mcp.tool()
     async def add(a: int, b: int, ctx: Context) -> dict[str, int]:
         """Add two whole numbers (structured result)."""
+
         async def work() -> dict[str, int]:
             return {"sum": a + b}
+
         result: dict[str, int] = await recorded(ctx, "add", work)
         return result
 
     @mcp.tool()
     async def slow(seconds: float, ctx: Context, steps: int = 2) -> str:
         """Take ``seconds``, reporting progress ``steps`` times on the way."""
+
         async def work() -> str:
             for step in range(steps):
                 await ctx.report_progress(step + 1, steps, f"step {step + 1} of {steps}")
                 await anyio.sleep(seconds / max(steps, 1))
             return f"slept {seconds:g} s"
+
         return str(await recorded(ctx, "slow", work))
 
     @mcp.tool()
     async def fail(message: str, ctx: Context) -> str:
         """Fail with the message (an isError result)."""
+
         async def work() -> str:
             raise ToolError(message)
+
         return str(await recorded(ctx, "fail", work))
 
     @mcp.tool()
     async def refuse(message: str, ctx: Context) -> str:
         """Answer with a JSON-RPC error (a protocol error, not a result)."""
+
         async def work() -> str:
             raise MCPError(code=-32000, message=message)
+
         return str(await recorded(ctx, "refuse", work))
 
     @mcp.tool()
     async def stubborn(seconds: float, ctx: Context) -> str:
         """Take ``seconds`` and ignore any cancel meanwhile."""
+
         async def work() -> str:
             with anyio.move_on_after(seconds, shield=True):
                 await released.wait()
             return "done anyway"
+
         return str(await recorded(ctx, "stubborn", work))
 
     @mcp.tool()
     async def block(seconds: float, ctx: Context) -> str:
         """Block the whole server for ``seconds`` (nothing else is answered meanwhile)."""
+
         async def work() -> str:
             time.sleep(seconds)  # noqa: ASYNC251 - blocking the server is the point
             return "unblocked"
+
         return str(await recorded(ctx, "block", work))
 
     return mcp
@@ -189,15 +206,22 @@ class McpHttpFake:
         # json_response: a call is answered with one JSON body once the tool is done (nothing
         # is sent before), instead of an SSE stream that starts at once.
         self._inner = build_server(label, recorder.record, self._stop).streamable_http_app(
-            json_response=json_response)
+            json_response=json_response
+        )
         self._json_response = json_response
 
     async def start(self, nursery: trio.Nursery) -> None:
         config = Config()
         config.bind = ["127.0.0.1:0"]
         config.graceful_timeout = 0.5
-        binds = await nursery.start(partial(serve, self._app, config,  # type: ignore[arg-type]
-                                            shutdown_trigger=self._stop.wait))
+        binds = await nursery.start(
+            partial(
+                serve,
+                self._app,
+                config,  # type: ignore[arg-type]
+                shutdown_trigger=self._stop.wait,
+            )
+        )
         self.url = binds[0] + "/mcp"
         self.recorder.record({"event": "started", "server": self.label, "pid": os.getpid()})
 
@@ -218,8 +242,14 @@ class McpHttpFake:
         def closed(by: str) -> None:
             nonlocal ended
             if not ended and call_id is not None:
-                self.recorder.record({"event": "stream_closed", "server": self.label,
-                                      "request_id": call_id, "by": by})
+                self.recorder.record(
+                    {
+                        "event": "stream_closed",
+                        "server": self.label,
+                        "request_id": call_id,
+                        "by": by,
+                    }
+                )
             ended = True
 
         async def watched_receive() -> dict[str, Any]:
@@ -261,8 +291,14 @@ class McpHttpFake:
 def stdio_command(label: str, recorder: McpRecorder) -> tuple[str, list[str]]:
     """The command and arguments that run the fake as a stdio server recording to
     ``recorder``."""
-    return sys.executable, ["-m", "fakes.mcp_server", "--label", label,
-                            "--record", f"127.0.0.1:{recorder.port}"]
+    return sys.executable, [
+        "-m",
+        "fakes.mcp_server",
+        "--label",
+        label,
+        "--record",
+        f"127.0.0.1:{recorder.port}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,8 +35,7 @@ from server.config import SettingsError
 STDOUT = ("-", "stdout")
 STDERR = ("stderr",)
 
-_SECRET_PARAM = re.compile(r"(^|&)(token|access_token|api_key|apikey|key)=[^&]*",
-                           re.IGNORECASE)
+_SECRET_PARAM = re.compile(r"(^|&)(token|access_token|api_key|apikey|key)=[^&]*", re.IGNORECASE)
 
 
 def redact_query(query: str) -> str:
@@ -59,8 +58,9 @@ def open_access_log(target: str | None) -> logging.Logger | None:
         try:
             handler = logging.FileHandler(target)
         except OSError as exc:
-            raise SettingsError(f"TETHER_ACCESS_LOG={target!r} cannot be opened: "
-                                f"{exc.strerror or exc}") from exc
+            raise SettingsError(
+                f"TETHER_ACCESS_LOG={target!r} cannot be opened: {exc.strerror or exc}"
+            ) from exc
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     # Not from logging.getLogger: each app has its own (tests run several in one process),
     # and nothing is passed on to the root logger's handlers.
@@ -104,8 +104,9 @@ def log_access(inner: ASGIApp, logger: logging.Logger) -> ASGIApp:
         try:
             await inner(scope, receive, noting_send)
         finally:
-            logger.info("%s", _line(cast(dict[str, Any], scope), answer,
-                                    trio.current_time() - started))
+            logger.info(
+                "%s", _line(cast(dict[str, Any], scope), answer, trio.current_time() - started)
+            )
 
     return asgi
 

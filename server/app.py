@@ -29,8 +29,13 @@ from server.tasks.errors import TaskRefused
 log = logging.getLogger("tether")
 
 _HTTP_CODES = {
-    400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-    413: "payload_too_large", 429: "too_many_tasks", 503: "shutting_down",
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    429: "too_many_tasks",
+    503: "shutting_down",
 }
 
 
@@ -47,14 +52,24 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.extensions["tether_ws"] = hub
 
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
-        bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub))
+        bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub)
+    )
     # TETHER_ACCESS_LOG: a file that cannot be opened stops the start (SettingsError).
     access_log = open_access_log(settings.access_log)
     if access_log is not None:
         app.asgi_app = log_access(  # type: ignore[method-assign,assignment]
-            app.asgi_app, access_log)
-    for blueprint in (chat.blueprint, tasks.blueprint, models.blueprint, health.blueprint,
-                      page.blueprint, tools.blueprint, local_docs.blueprint, openapi.blueprint):
+            app.asgi_app, access_log
+        )
+    for blueprint in (
+        chat.blueprint,
+        tasks.blueprint,
+        models.blueprint,
+        health.blueprint,
+        page.blueprint,
+        tools.blueprint,
+        local_docs.blueprint,
+        openapi.blueprint,
+    ):
         app.register_blueprint(blueprint)
 
     @app.before_serving

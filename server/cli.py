@@ -90,15 +90,22 @@ async def serve_app(
     try:
         sockets = config.create_sockets()
     except OSError as exc:
-        raise ListenError(f"cannot listen on {settings.host}:{settings.port}: "
-                          f"{exc.strerror or exc}") from exc
+        raise ListenError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from exc
     for sock in sockets.insecure_sockets:
         if hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                            dead_peer_timeout_ms(settings))
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, dead_peer_timeout_ms(settings)
+            )
         sock.listen(config.backlog)
-    await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets,
-                       shutdown_trigger=shutdown, task_status=task_status)
+    await worker_serve(
+        wrap_app(app, config.wsgi_max_body_size, None),
+        config,
+        sockets=sockets,
+        shutdown_trigger=shutdown,
+        task_status=task_status,
+    )
 
 
 async def _termination_signal() -> None:
@@ -116,8 +123,10 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback
-                       for info in socket.getaddrinfo(host, None))
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback
+                for info in socket.getaddrinfo(host, None)
+            )
         except OSError:
             return False
 
@@ -162,23 +171,36 @@ def settings_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="tether", description="Tether chat server. Settings are TETHER_* environment "
+        prog="tether",
+        description="Tether chat server. Settings are TETHER_* environment "
         "variables (or a .env file); README.md and API.md in the project document them.",
-        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version",
-                        version=f"tether {importlib.metadata.version('tether')}")
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"tether {importlib.metadata.version('tether')}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser("serve", help="run the server")
     serve_cmd.add_argument("--host", help="address to bind (default TETHER_HOST or 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port (default TETHER_PORT or 8080)")
-    serve_cmd.add_argument("--workers", type=int,
-                           help="worker processes on the one port (default TETHER_WORKERS or "
-                                "1; more than one needs TETHER_BACKEND=redis)")
-    serve_cmd.add_argument("--insecure", action="store_true",
-                           help="allow a non-loopback bind with no API keys configured")
-    serve_cmd.add_argument("--access-log", metavar="TARGET",
-                           help="log one line per request to - (stdout), stderr or a file "
-                                "(default TETHER_ACCESS_LOG, or no access log)")
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the one port (default TETHER_WORKERS or "
+        "1; more than one needs TETHER_BACKEND=redis)",
+    )
+    serve_cmd.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback bind with no API keys configured",
+    )
+    serve_cmd.add_argument(
+        "--access-log",
+        metavar="TARGET",
+        help="log one line per request to - (stdout), stderr or a file "
+        "(default TETHER_ACCESS_LOG, or no access log)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # httpx: one line per upstream request; coredis: one per retried command.
@@ -205,12 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides["access_log"] = args.access_log
     settings = settings.with_overrides(**overrides)
     if not settings.api_keys and not settings.insecure and not is_loopback(settings.host):
-        print("tether: refusing to bind to a non-loopback address with no API keys "
-              "(set TETHER_API_KEYS, or pass --insecure)", file=sys.stderr)
+        print(
+            "tether: refusing to bind to a non-loopback address with no API keys "
+            "(set TETHER_API_KEYS, or pass --insecure)",
+            file=sys.stderr,
+        )
         return 2
     if settings.workers > 1 and settings.backend != "redis":
-        print("tether: --workers needs TETHER_BACKEND=redis (workers share their tasks "
-              "through Redis; TETHER_REDIS_URL says where it is)", file=sys.stderr)
+        print(
+            "tether: --workers needs TETHER_BACKEND=redis (workers share their tasks "
+            "through Redis; TETHER_REDIS_URL says where it is)",
+            file=sys.stderr,
+        )
         return 2
     if settings.workers > 1:
         return run_workers(settings)
@@ -229,8 +257,7 @@ def serve_process(settings: Settings) -> int:
     if settings.backend == "redis" and settings.redis_url:
         problem = trio.run(check_redis, settings.redis_url)
         if problem is not None:
-            print(f"tether: cannot use Redis at {settings.redis_url}: {problem}",
-                  file=sys.stderr)
+            print(f"tether: cannot use Redis at {settings.redis_url}: {problem}", file=sys.stderr)
             return 2
     tune_garbage_collector()
     try:
@@ -297,6 +324,7 @@ async def check_redis(url: str) -> str | None:
     from server.tasks.redis import ping
 
     return await ping(url)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -75,8 +75,10 @@ def _parse_origins(raw: str) -> tuple[str, ...]:
         if not origin:
             continue
         if origin != "*" and "://" not in origin:
-            raise SettingsError(f"TETHER_WS_ALLOWED_ORIGINS entry {item.strip()!r} is not "
-                                "an origin such as https://chat.example.com")
+            raise SettingsError(
+                f"TETHER_WS_ALLOWED_ORIGINS entry {item.strip()!r} is not "
+                "an origin such as https://chat.example.com"
+            )
         origins.append(origin)
     return tuple(origins)
 
@@ -88,14 +90,17 @@ def _keys_from_env(raw: str) -> dict[str, str]:
 def _from_text(kind: str, convert: Callable[[str], Any]) -> BeforeValidator:
     """A value given as text (an environment variable) converted as ``convert`` does, with
     the one-line error naming the variable; a value of any other type is left to pydantic."""
+
     def validate(value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, str):
             return value
         try:
             return convert(value)
         except ValueError as exc:
-            raise SettingsError(f"{_variable(info.field_name)}={value!r} is not a valid "
-                                f"{kind}") from exc
+            raise SettingsError(
+                f"{_variable(info.field_name)}={value!r} is not a valid {kind}"
+            ) from exc
+
     return BeforeValidator(validate)
 
 
@@ -124,17 +129,22 @@ class Settings(BaseSettings):
     makes a changed copy). ``Settings(...)`` reads no environment: ``from_env`` does."""
 
     model_config = SettingsConfigDict(
-        env_prefix=_PREFIX, case_sensitive=False, env_ignore_empty=True, frozen=True,
+        env_prefix=_PREFIX,
+        case_sensitive=False,
+        env_ignore_empty=True,
+        frozen=True,
         extra="forbid",
         # Lists and the keys are comma-separated text (validators below), never JSON.
-        enable_decoding=False)
+        enable_decoding=False,
+    )
 
     host: str = "127.0.0.1"
     port: Int = 8080
     insecure: Bool = False
     # Secrets are left out of the settings' repr (a log line or a traceback may show it).
     api_keys: Annotated[Mapping[str, str], _text_or(_keys_from_env)] = Field(
-        default_factory=dict, repr=False)
+        default_factory=dict, repr=False
+    )
     api_keys_file: str | None = None
     # One line per request: "-" or "stdout", "stderr", or a file path (unset: no access log).
     access_log: str | None = None
@@ -225,10 +235,12 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(
-            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Keyword arguments only: the environment (and .env, which cli.py merges into it) is
         # read by from_env alone, from the mapping it is given.
@@ -245,12 +257,14 @@ class Settings(BaseSettings):
         values = MappingEnvSource(cls, os.environ if environ is None else environ)()
         settings = _validated(values)
         if settings.backend == "redis" and not settings.redis_url:
-            raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL "
-                                "(for example redis://127.0.0.1:6379/0)")
+            raise SettingsError(
+                "TETHER_BACKEND=redis needs TETHER_REDIS_URL (for example redis://127.0.0.1:6379/0)"
+            )
         if settings.api_keys_file:
             keys = dict(settings.api_keys)
-            keys.update(_parse_keys(Path(settings.api_keys_file).read_text(),
-                                    "TETHER_API_KEYS_FILE"))
+            keys.update(
+                _parse_keys(Path(settings.api_keys_file).read_text(), "TETHER_API_KEYS_FILE")
+            )
             settings = settings.with_overrides(api_keys=keys)
         return settings
 
@@ -288,8 +302,11 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     known = {_variable(name) for name in Settings.model_fields}
     lines = []
     for name in sorted(environ):
-        if (name.upper().startswith(_PREFIX) and name.upper() not in known
-                and not name.upper().startswith(_NOT_SETTINGS_PREFIX)):
+        if (
+            name.upper().startswith(_PREFIX)
+            and name.upper() not in known
+            and not name.upper().startswith(_NOT_SETTINGS_PREFIX)
+        ):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             lines.append(f"{name} is not a setting and is ignored{hint}")
@@ -357,7 +374,8 @@ def _mcp_transport(entry: Any) -> str | None:
 _McpServerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 _McpEntry = Annotated[
     Annotated[_McpStdioEntry, Tag("stdio")] | Annotated[_McpHttpEntry, Tag("http")],
-    Discriminator(_mcp_transport)]
+    Discriminator(_mcp_transport),
+]
 
 
 class _McpConfigFile(BaseModel):
@@ -373,8 +391,9 @@ def read_mcp_config(path: str) -> tuple[McpServerConfig, ...]:
     try:
         raw = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise SettingsError(f"TETHER_MCP_CONFIG={path!r} cannot be read: "
-                            f"{exc.strerror or exc}") from exc
+        raise SettingsError(
+            f"TETHER_MCP_CONFIG={path!r} cannot be read: {exc.strerror or exc}"
+        ) from exc
     except ValueError as exc:
         raise SettingsError(f"TETHER_MCP_CONFIG={path!r} is not valid JSON: {exc}") from exc
     try:
@@ -382,9 +401,11 @@ def read_mcp_config(path: str) -> tuple[McpServerConfig, ...]:
     except ValidationError as exc:
         raise _mcp_config_error(path, exc) from None
     return tuple(
-        McpHttpServer(name, entry.url, entry.headers) if isinstance(entry, _McpHttpEntry)
+        McpHttpServer(name, entry.url, entry.headers)
+        if isinstance(entry, _McpHttpEntry)
         else McpStdioServer(name, entry.command, tuple(entry.args), entry.env, entry.cwd)
-        for name, entry in config.mcpServers.items())
+        for name, entry in config.mcpServers.items()
+    )
 
 
 def _mcp_config_error(path: str, exc: ValidationError) -> SettingsError:
@@ -392,20 +413,23 @@ def _mcp_config_error(path: str, exc: ValidationError) -> SettingsError:
     error = exc.errors()[0]
     loc = error["loc"]
     if len(loc) < 2:
-        return SettingsError(f"TETHER_MCP_CONFIG={path!r} has no \"mcpServers\" object")
+        return SettingsError(f'TETHER_MCP_CONFIG={path!r} has no "mcpServers" object')
     where = f"TETHER_MCP_CONFIG={path!r}: server {loc[1]!r}"
     if loc[2:] == ("[key]",):
         return SettingsError(f"{where}: a name is 1 to 64 of A-Z a-z 0-9 _ -")
     if error["type"] == "union_tag_not_found":
         return SettingsError(f"{where} is not an object")
     if error["type"] == "union_tag_invalid":
-        return SettingsError(f"{where}: the old HTTP+SSE transport is not supported; "
-                             "use the server's streamable HTTP endpoint")
+        return SettingsError(
+            f"{where}: the old HTTP+SSE transport is not supported; "
+            "use the server's streamable HTTP endpoint"
+        )
     field = str(loc[3])
     if field == "command":
-        return SettingsError(f"{where} needs a \"command\" (stdio) or a \"url\" (HTTP)")
-    return SettingsError(f"{where}: {field} must be "
-                         f"{_MCP_ENTRIES[str(loc[2])].model_fields[field].description}")
+        return SettingsError(f'{where} needs a "command" (stdio) or a "url" (HTTP)')
+    return SettingsError(
+        f"{where}: {field} must be {_MCP_ENTRIES[str(loc[2])].model_fields[field].description}"
+    )
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -415,5 +439,8 @@ def read_dotenv(path: Path) -> dict[str, str]:
     the environment win over the file (the caller merges them)."""
     if not path.is_file():
         return {}
-    return {name: value for name, value in dotenv_values(path, interpolate=False).items()
-            if value is not None and name.upper().startswith(_PREFIX)}
+    return {
+        name: value
+        for name, value in dotenv_values(path, interpolate=False).items()
+        if value is not None and name.upper().startswith(_PREFIX)
+    }

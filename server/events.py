@@ -18,8 +18,16 @@ from typing_extensions import TypedDict
 from server import fastjson
 
 TerminalType = Literal["task:completed", "task:cancelled", "task:failed"]
-EventType = Literal["task:queued", "task:started", "status", "source", "delta",
-                    "task:completed", "task:cancelled", "task:failed"]
+EventType = Literal[
+    "task:queued",
+    "task:started",
+    "status",
+    "source",
+    "delta",
+    "task:completed",
+    "task:cancelled",
+    "task:failed",
+]
 
 EVENT_TYPES: Final[frozenset[EventType]] = frozenset(get_args(EventType))
 TERMINAL_TYPES: Final[frozenset[EventType]] = frozenset(get_args(TerminalType))
@@ -94,8 +102,9 @@ def terminal_type(status: str) -> TerminalType:
     raise ValueError(f"a task in status {status!r} has not ended")
 
 
-def record_changes(type_: EventType, data: dict[str, Any]
-                   ) -> tuple[str, str, dict[str, Any] | None]:
+def record_changes(
+    type_: EventType, data: dict[str, Any]
+) -> tuple[str, str, dict[str, Any] | None]:
     """What an event adds to its task's record: text to the answer, text to the
     reasoning, and a source. The one rule of which events change the record: the memory
     log, the record kept beside it and the Redis append script all follow it."""

@@ -33,17 +33,17 @@ WRITTEN_FOR: Mapping[str, str] = {
 # What to read again in each library before its version is moved.
 RECHECK: Mapping[str, str] = {
     "httpx2": "that AsyncHTTPTransport still keeps its httpcore2 pool in ``_pool`` "
-              "(httpx2/_transports/default.py), for replace_pool and the pool readers",
+    "(httpx2/_transports/default.py), for replace_pool and the pool readers",
     "httpcore2": "that AsyncConnectionPool still lists requests in flight in ``_requests`` "
-                 "and its connections in ``connections`` "
-                 "(httpcore2/_async/connection_pool.py), for pool_in_flight and "
-                 "pool_connections",
+    "and its connections in ``connections`` "
+    "(httpcore2/_async/connection_pool.py), for pool_in_flight and "
+    "pool_connections",
     "coredis": "that ConnectionPool.release still drops a dead connection without handing "
-               "its slot back to ``_available_connections`` (coredis/pool/_basic.py), for "
-               "SlotKeepingPool",
+    "its slot back to ``_available_connections`` (coredis/pool/_basic.py), for "
+    "SlotKeepingPool",
     "pydantic-settings": "that EnvSettingsSource.__init__ still reads the environment "
-                         "through ``_load_env_vars`` (pydantic_settings/sources/providers/"
-                         "env.py), for MappingEnvSource",
+    "through ``_load_env_vars`` (pydantic_settings/sources/providers/"
+    "env.py), for MappingEnvSource",
 }
 
 
@@ -60,14 +60,16 @@ def check_version(library: str, found: str) -> None:
         raise LibraryInternalsMoved(
             f"{library} {found} is installed, but server/library_internals.py was written "
             f"for {library} {expected}: re-check {RECHECK[library]}, then update "
-            "WRITTEN_FOR")
+            "WRITTEN_FOR"
+        )
 
 
 def _require(library: str, present: bool, what: str) -> None:
     if not present:
         raise LibraryInternalsMoved(
             f"{library} {importlib.metadata.version(library)} has no {what}: re-check "
-            f"{RECHECK[library]}")
+            f"{RECHECK[library]}"
+        )
 
 
 def check_libraries() -> None:
@@ -78,18 +80,32 @@ def check_libraries() -> None:
         check_version(library, importlib.metadata.version(library))
     transport = httpx2.AsyncHTTPTransport(verify=False, trust_env=False)
     pool = getattr(transport, "_pool", None)
-    _require("httpx2", isinstance(pool, httpcore2.AsyncConnectionPool),
-             "AsyncHTTPTransport._pool holding an AsyncConnectionPool")
-    _require("httpcore2", isinstance(getattr(pool, "_requests", None), list),
-             "AsyncConnectionPool._requests list")
-    _require("httpcore2", isinstance(getattr(pool, "connections", None), list),
-             "AsyncConnectionPool.connections list")
+    _require(
+        "httpx2",
+        isinstance(pool, httpcore2.AsyncConnectionPool),
+        "AsyncHTTPTransport._pool holding an AsyncConnectionPool",
+    )
+    _require(
+        "httpcore2",
+        isinstance(getattr(pool, "_requests", None), list),
+        "AsyncConnectionPool._requests list",
+    )
+    _require(
+        "httpcore2",
+        isinstance(getattr(pool, "connections", None), list),
+        "AsyncConnectionPool.connections list",
+    )
     redis_pool = coredis.ConnectionPool.from_url("redis://127.0.0.1", max_connections=1)
-    _require("coredis", callable(getattr(getattr(redis_pool, "_available_connections", None),
-                                         "put_nowait", None)),
-             "ConnectionPool._available_connections queue with put_nowait")
-    _require("pydantic-settings", _mapping_source_reads_its_mapping(),
-             "EnvSettingsSource._load_env_vars read by EnvSettingsSource.__init__")
+    _require(
+        "coredis",
+        callable(getattr(getattr(redis_pool, "_available_connections", None), "put_nowait", None)),
+        "ConnectionPool._available_connections queue with put_nowait",
+    )
+    _require(
+        "pydantic-settings",
+        _mapping_source_reads_its_mapping(),
+        "EnvSettingsSource._load_env_vars read by EnvSettingsSource.__init__",
+    )
 
 
 # httpx2 and httpcore2 -------------------------------------------------------------------
@@ -103,8 +119,7 @@ def check_libraries() -> None:
 # statistics and were closed without them), which the clients' pools filled in order need.
 
 
-def replace_pool(transport: httpx2.AsyncHTTPTransport,
-                 pool: httpcore2.AsyncConnectionPool) -> None:
+def replace_pool(transport: httpx2.AsyncHTTPTransport, pool: httpcore2.AsyncConnectionPool) -> None:
     """Make ``transport`` send its requests through ``pool`` (a pool built with our network
     backend). Call it before the transport's first request."""
     transport._pool = pool
@@ -122,8 +137,9 @@ def pool_in_flight(transport: httpx2.AsyncHTTPTransport) -> int:
     return len(_pool(transport)._requests)
 
 
-def pool_connections(transport: httpx2.AsyncHTTPTransport
-                     ) -> list[httpcore2.AsyncConnectionInterface]:
+def pool_connections(
+    transport: httpx2.AsyncHTTPTransport,
+) -> list[httpcore2.AsyncConnectionInterface]:
     """The connections of ``transport``'s pool, idle or not (a copy: closing one while
     walking it is safe)."""
     return list(_pool(transport).connections)
@@ -162,8 +178,11 @@ class MappingEnvSource(EnvSettingsSource):
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         prefix = str(self.settings_cls.model_config.get("env_prefix", "")).upper()
-        return {name.lower(): value for name, value in self._environ.items()
-                if name.upper().startswith(prefix) and value != ""}
+        return {
+            name.lower(): value
+            for name, value in self._environ.items()
+            if name.upper().startswith(prefix) and value != ""
+        }
 
 
 class _Probe(BaseSettings):

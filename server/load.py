@@ -21,8 +21,14 @@ import trio
 
 
 class LoadGauge:
-    def __init__(self, *, window_s: float = 0.2, low: float = 0.5, high: float = 0.9,
-                 max_pause_s: float = 0.04) -> None:
+    def __init__(
+        self,
+        *,
+        window_s: float = 0.2,
+        low: float = 0.5,
+        high: float = 0.9,
+        max_pause_s: float = 0.04,
+    ) -> None:
         self._window_s = window_s
         self._low = low
         self._high = high

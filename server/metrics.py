@@ -12,7 +12,9 @@ class Metrics:
             "tether_tasks_active", "Tasks running now, by phase", ["phase"], registry=self.registry
         )
         self.tasks_total = Counter(
-            "tether_tasks", "Tasks ended, by mode and final status", ["mode", "status"],
+            "tether_tasks",
+            "Tasks ended, by mode and final status",
+            ["mode", "status"],
             registry=self.registry,
         )
         self.time_to_task_id = Histogram(
@@ -23,23 +25,31 @@ class Metrics:
             registry=self.registry,
         )
         self.cancels = Counter(
-            "tether_task_cancels", "Tasks cancelled, by reason and phase", ["reason", "phase"],
+            "tether_task_cancels",
+            "Tasks cancelled, by reason and phase",
+            ["reason", "phase"],
             registry=self.registry,
         )
         self.upstream_errors = Counter(
-            "tether_upstream_errors", "Failures of the outside world, by kind", ["kind"],
+            "tether_upstream_errors",
+            "Failures of the outside world, by kind",
+            ["kind"],
             registry=self.registry,
         )
         self.loop_busy = Gauge(
-            "tether_loop_busy_ratio", "CPU time of the event loop's thread over wall time, "
-            "smoothed", registry=self.registry,
+            "tether_loop_busy_ratio",
+            "CPU time of the event loop's thread over wall time, smoothed",
+            registry=self.registry,
         )
         self.read_pause = Gauge(
-            "tether_model_read_pause_seconds", "Pause between two reads of a model stream "
-            "(0 unless the loop is busy)", registry=self.registry,
+            "tether_model_read_pause_seconds",
+            "Pause between two reads of a model stream (0 unless the loop is busy)",
+            registry=self.registry,
         )
         self.rejected = Counter(
-            "tether_tasks_rejected", "Requests refused by admission", ["reason"],
+            "tether_tasks_rejected",
+            "Requests refused by admission",
+            ["reason"],
             registry=self.registry,
         )
 

@@ -115,13 +115,17 @@ class TaskRecord:
 
 
 # Derived from the one definition above.
-_PUBLIC: Final = tuple((f.name, bool(f.metadata.get("null_if_empty")))
-                       for f in fields(TaskRecord) if not f.metadata.get("internal"))
+_PUBLIC: Final = tuple(
+    (f.name, bool(f.metadata.get("null_if_empty")))
+    for f in fields(TaskRecord)
+    if not f.metadata.get("internal")
+)
 PUBLIC_FIELDS: Final = tuple(name for name, _ in _PUBLIC)
 # The record's own fields, which a shared store keeps as values (the logged ones live
 # beside the log).
 STORED_FIELDS: Final = tuple(f.name for f in fields(TaskRecord) if not f.metadata.get("logged"))
 _NAMES: Final = tuple(f.name for f in fields(TaskRecord))
 # Fields that are never null: given as null or not at all, they keep their default.
-_NON_NULL: Final = frozenset(f.name for f in fields(TaskRecord)
-                             if f.default is not None or f.default_factory is not MISSING)
+_NON_NULL: Final = frozenset(
+    f.name for f in fields(TaskRecord) if f.default is not None or f.default_factory is not MISSING
+)

@@ -58,8 +58,9 @@ def _timeout(settings: Settings) -> httpx2.Timeout:
     return httpx2.Timeout(settings.llm_timeout_s, connect=10.0)
 
 
-def build_http_client(settings: Settings, *, keepalive: int,
-                      pause: Pause | None = None) -> httpx2.AsyncClient:
+def build_http_client(
+    settings: Settings, *, keepalive: int, pause: Pause | None = None
+) -> httpx2.AsyncClient:
     """A client for outgoing HTTP; with ``pause``, its reads are paced (see ``paced``).
     Timeouts here are outer bounds; each step also has its own deadline inside the task's
     cancel scope."""
@@ -73,10 +74,13 @@ def build_backend(settings: Settings) -> Backend:
     if settings.backend == "redis":
         if not settings.redis_url:
             raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL")
-        return redis_backend(settings.redis_url, prefix=settings.redis_prefix,
-                            retention_s=settings.task_retention_s,
-                            replica_ttl_s=settings.replica_ttl_s,
-                            timeout_s=settings.backend_timeout_s)
+        return redis_backend(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            retention_s=settings.task_retention_s,
+            replica_ttl_s=settings.replica_ttl_s,
+            timeout_s=settings.backend_timeout_s,
+        )
     return MemoryBackend()
 
 
@@ -90,10 +94,16 @@ def build_runtime(settings: Settings) -> Runtime:
     http = build_http_client(settings, keepalive=50)
     # Page fetches (search results, fetch_url) go where outside text points: unless
     # allowed, they reach public addresses only, checked where they connect.
-    pages_http = http if settings.fetch_allow_private else client_with_backend(
-        PublicOnlyBackend(), _limits(settings, keepalive=50), _timeout(settings))
-    model_http = build_http_client(settings, keepalive=settings.http_max_connections,
-                                   pause=lambda: load.read_pause_s)
+    pages_http = (
+        http
+        if settings.fetch_allow_private
+        else client_with_backend(
+            PublicOnlyBackend(), _limits(settings, keepalive=50), _timeout(settings)
+        )
+    )
+    model_http = build_http_client(
+        settings, keepalive=settings.http_max_connections, pause=lambda: load.read_pause_s
+    )
     metrics = Metrics()
     metrics.loop_busy.set_function(lambda: load.busy)
     metrics.read_pause.set_function(lambda: load.read_pause_s)
@@ -101,14 +111,27 @@ def build_runtime(settings: Settings) -> Runtime:
     search = build_search_provider(settings, http)
     # A configuration file that cannot be read stops the start (SettingsError); a server in
     # it that does not answer never does.
-    mcp = McpServers(read_mcp_config(settings.mcp_config), settings) if settings.mcp_config \
-        else None
+    mcp = (
+        McpServers(read_mcp_config(settings.mcp_config), settings) if settings.mcp_config else None
+    )
     pages = HttpPageReader(pages_http, settings)
     tools = ToolRegistry(build_tools(settings, pages), mcp, settings.mcp_max_result_chars)
     pipeline = ChatPipeline(settings, models, search, tools, pages)
     manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
-    return Runtime(settings=settings, auth=Authenticator(settings), metrics=metrics, http=http,
-                   pages_http=pages_http, model_http=model_http, load=load, models=models,
-                   search=search, tools=tools, mcp=mcp, pipeline=pipeline, manager=manager,
-                   sessions=sessions)
+    return Runtime(
+        settings=settings,
+        auth=Authenticator(settings),
+        metrics=metrics,
+        http=http,
+        pages_http=pages_http,
+        model_http=model_http,
+        load=load,
+        models=models,
+        search=search,
+        tools=tools,
+        mcp=mcp,
+        pipeline=pipeline,
+        manager=manager,
+        sessions=sessions,
+    )

@@ -154,8 +154,16 @@ class ChatRequestModel(BaseModel):
 
 # Tether's own fields: they never reach the model.
 TETHER_FIELDS = frozenset(
-    {"features", "tool_ids", "chat_id", "message_id", "session_id", "background", "stream",
-     "stream_options"}
+    {
+        "features",
+        "tool_ids",
+        "chat_id",
+        "message_id",
+        "session_id",
+        "background",
+        "stream",
+        "stream_options",
+    }
 )
 
 
@@ -214,9 +222,15 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
         first = exc.errors()[0]
         # A union's member shows in the location ("literal[...]", "NamedToolChoice"): the
         # field's path is the rest.
-        param = ".".join(str(part) for part in first["loc"]
-                         if isinstance(part, int) or (_FIELD_NAME.fullmatch(part)
-                                                      and part not in _TYPE_NAMES)) or None
+        param = (
+            ".".join(
+                str(part)
+                for part in first["loc"]
+                if isinstance(part, int)
+                or (_FIELD_NAME.fullmatch(part) and part not in _TYPE_NAMES)
+            )
+            or None
+        )
         if first["type"] == "missing":
             message = f"Missing required field '{param}'."
         else:
@@ -226,8 +240,7 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
     if parsed.n is not None and parsed.n != 1:
         raise RequestError(400, "invalid_request", "Only n=1 is supported.", param="n")
     if parsed.logprobs:
-        raise RequestError(400, "invalid_request", "logprobs are not supported.",
-                           param="logprobs")
+        raise RequestError(400, "invalid_request", "logprobs are not supported.", param="logprobs")
     if isinstance(parsed.stop, list) and len(parsed.stop) > 4:
         raise RequestError(400, "invalid_request", "At most 4 stop sequences.", param="stop")
     passthrough = {

@@ -74,8 +74,7 @@ class SessionRegistry:
             self._sessions[session_id] = session
         return session
 
-    async def attach(self, user: str, session_id: str | None,
-                     conn: SessionConnection) -> Session:
+    async def attach(self, user: str, session_id: str | None, conn: SessionConnection) -> Session:
         """Join a connection to its session (a new one without ``session_id``). Raises
         ``UnknownSession`` for another user's, ``BackendUnavailable`` if the shared store
         fails."""
@@ -100,8 +99,9 @@ class SessionRegistry:
         try:
             await self._manager.cluster.session_presence(session.id, session.user, -1)
         except TaskRefused as exc:
-            log.warning("session %s: a closed connection was not counted: %s", session.id,
-                        exc.message)
+            log.warning(
+                "session %s: a closed connection was not counted: %s", session.id, exc.message
+            )
         if not session.connections and session.grace is None:
             self._start_grace(session)
 
@@ -124,12 +124,14 @@ class SessionRegistry:
                 if await self._manager.cluster.session_connected_elsewhere(session.id):
                     return  # the client came back through another process
                 for record in await self._manager.store.list_tasks(
-                        session.user, session_id=session.id):
+                    session.user, session_id=session.id
+                ):
                     if record.session_bound:
                         await self._manager.stop(record.id, "disconnect")
             except TaskRefused as exc:
-                log.warning("session %s: its tasks could not be stopped: %s", session.id,
-                            exc.message)
+                log.warning(
+                    "session %s: its tasks could not be stopped: %s", session.id, exc.message
+                )
 
     def _on_spawn(self, record: TaskRecord) -> None:
         if record.session_id is None:
@@ -152,8 +154,7 @@ class SessionRegistry:
         try:
             await self._manager.cluster.announce_task(session_id, task_id)
         except TaskRefused as exc:
-            log.warning("task %s not announced to its session elsewhere: %s", task_id,
-                        exc.message)
+            log.warning("task %s not announced to its session elsewhere: %s", task_id, exc.message)
 
     def _on_remote_spawn(self, session_id: str, task_id: str) -> None:
         session = self._sessions.get(session_id)

@@ -74,8 +74,9 @@ async def search_problem(http: httpx2.AsyncClient, url: str, timeout_s: float) -
     return None
 
 
-async def check_dependencies(settings: Settings, models: ModelRouter,
-                             http: httpx2.AsyncClient) -> None:
+async def check_dependencies(
+    settings: Settings, models: ModelRouter, http: httpx2.AsyncClient
+) -> None:
     """Check the upstream (its first model-list fetch, which fills ``models``' cache) and
     the search provider side by side, and log what was found. Never raises; cancelling it
     abandons the checks and logs nothing more."""
@@ -88,8 +89,11 @@ async def check_dependencies(settings: Settings, models: ModelRouter,
         setting = f"TETHER_LLM_BASE_URL={shown_url(settings.llm_base_url or '')}"
         if models.last_error is not None:
             failed = True
-            log.warning("start-up check: the upstream model endpoint (%s) failed GET /models: "
-                        "%s", setting, models.last_error)
+            log.warning(
+                "start-up check: the upstream model endpoint (%s) failed GET /models: %s",
+                setting,
+                models.last_error,
+            )
         else:
             answered.append(f"the upstream model endpoint ({setting})")
 
@@ -116,5 +120,6 @@ async def check_dependencies(settings: Settings, models: ModelRouter,
         if target is not None:
             nursery.start_soon(search, *target)
     if answered and not failed:
-        log.info("start-up check: %s answer%s", " and ".join(answered),
-                 "" if len(answered) > 1 else "s")
+        log.info(
+            "start-up check: %s answer%s", " and ".join(answered), "" if len(answered) > 1 else "s"
+        )

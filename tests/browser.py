@@ -33,8 +33,14 @@ CHROMIUM = os.environ.get("TETHER_TEST_CHROMIUM", "/usr/bin/chromium")
 # --no-sandbox: Chromium refuses to run as root with its sandbox, and containers often lack
 # the user namespaces it needs otherwise; these tests load only pages of their own servers
 # on loopback. The rest keep the browser from calling Google's services.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TIMEOUT_MS = 15_000  # generous upper bound for anything a scenario waits on in the page
 TRIO_WAIT_S = 15.0
 
@@ -46,8 +52,10 @@ def require_chromium() -> str:
     ``TETHER_TEST_REQUIRE_BROWSER=1``)."""
     if Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK):
         return CHROMIUM
-    reason = (f"no Chromium at {CHROMIUM}: the browser tests need Debian's chromium "
-              "(apt-get install chromium) or TETHER_TEST_CHROMIUM")
+    reason = (
+        f"no Chromium at {CHROMIUM}: the browser tests need Debian's chromium "
+        "(apt-get install chromium) or TETHER_TEST_CHROMIUM"
+    )
     if os.environ.get("TETHER_TEST_REQUIRE_BROWSER") == "1":
         pytest.fail(reason + " (TETHER_TEST_REQUIRE_BROWSER=1)", pytrace=False)
     pytest.skip(reason)
@@ -61,8 +69,7 @@ async def in_browser(scenario: Callable[[BrowserContext], T], **context_options:
 
 def _run(scenario: Callable[[BrowserContext], T], context_options: dict[str, Any]) -> T:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=require_chromium(),
-                                             args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=require_chromium(), args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(**context_options)
             context.set_default_timeout(TIMEOUT_MS)
@@ -122,8 +129,10 @@ class CuttableProxy:
         with trio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
-                async with client, await trio.open_tcp_stream("127.0.0.1",
-                                                              self.target_port) as server:
+                async with (
+                    client,
+                    await trio.open_tcp_stream("127.0.0.1", self.target_port) as server,
+                ):
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._pipe, client, server, nursery.cancel_scope)
                         nursery.start_soon(self._pipe, server, client, nursery.cancel_scope)
@@ -132,8 +141,9 @@ class CuttableProxy:
             finally:
                 self._scopes.discard(scope)
 
-    async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream,
-                    both: trio.CancelScope) -> None:
+    async def _pipe(
+        self, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope
+    ) -> None:
         first = True
         try:
             async for data in source:

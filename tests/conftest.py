@@ -30,13 +30,15 @@ BACKENDS = ("memory", "redis")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "both_backends: run the module's servers on the memory and on the Redis "
-                   "task backend")
+        "markers",
+        "both_backends: run the module's servers on the memory and on the Redis task backend",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if ("backend_kind" in metafunc.fixturenames
-            and metafunc.definition.get_closest_marker("both_backends")):
+    if "backend_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_backends"
+    ):
         metafunc.parametrize("backend_kind", BACKENDS, indirect=True)
 
 
@@ -63,8 +65,7 @@ def backend_settings(request: pytest.FixtureRequest, backend_kind: str) -> dict[
     if backend_kind != "redis":
         return {}
     server: RedisServer = request.getfixturevalue("redis_server")
-    return {"backend": "redis", "redis_url": server.url,
-            "redis_prefix": "t" + secrets.token_hex(6)}
+    return {"backend": "redis", "redis_url": server.url, "redis_prefix": "t" + secrets.token_hex(6)}
 
 
 @dataclass
@@ -103,13 +104,15 @@ class Tether:
         assert response.status_code == 202, response.text
         return str(response.json()["task_id"])
 
-    async def events(self, task_id: str, after: int = 0,
-                     key: str | None = None) -> list[dict[str, Any]]:
+    async def events(
+        self, task_id: str, after: int = 0, key: str | None = None
+    ) -> list[dict[str, Any]]:
         """All events of a task through the SSE route, up to the terminal one."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         out: list[dict[str, Any]] = []
-        async with self.client.stream("GET", f"/api/tasks/{task_id}/events?after={after}",
-                                      headers=headers) as response:
+        async with self.client.stream(
+            "GET", f"/api/tasks/{task_id}/events?after={after}", headers=headers
+        ) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
@@ -161,9 +164,7 @@ async def start_tether(
         settings = base_settings(fakes, **{**backend_settings, **overrides})
         app = create_app(settings)
         stop = trio.Event()
-        binds = await nursery.start(
-            partial(serve_app, app, settings, shutdown_trigger=stop.wait)
-        )
+        binds = await nursery.start(partial(serve_app, app, settings, shutdown_trigger=stop.wait))
         base_url = binds[0]
         client = httpx2.AsyncClient(base_url=base_url, timeout=WAIT, trust_env=False)
         tether = Tether(base_url, app.extensions["tether"], client, stop)

@@ -29,8 +29,9 @@ def chat_body(text: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "fake-model", "messages": [{"role": "user", "content": text}], **extra}
 
 
-async def until(condition: Callable[[], Awaitable[bool]], *, timeout: float = 10.0,
-                poll_s: float = 0.02) -> None:
+async def until(
+    condition: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, poll_s: float = 0.02
+) -> None:
     """Wait for a condition that no event announces (retention's sweep, say): checked
     every ``poll_s`` until it holds, failing the test after ``timeout``."""
     with trio.fail_after(timeout):

@@ -69,18 +69,25 @@ def _as_answer(answer: Answer | httpx2.Response) -> Answer:
 
 def json_response(value: Any, status: int = 200) -> httpx2.Response:
     """``value`` as an ``application/json`` body."""
-    return httpx2.Response(status, content=json.dumps(value).encode(),
-                           headers={"content-type": "application/json"})
+    return httpx2.Response(
+        status, content=json.dumps(value).encode(), headers={"content-type": "application/json"}
+    )
 
 
-def streamed(*writes: str | bytes | dict[str, Any], content_type: str = "text/event-stream",
-             status: int = 200) -> httpx2.Response:
+def streamed(
+    *writes: str | bytes | dict[str, Any],
+    content_type: str = "text/event-stream",
+    status: int = 200,
+) -> httpx2.Response:
     """A body that reaches the client in pieces, one per write, as separate writes of a
     server would: a string or bytes as they are, anything else as one server-sent event
     carrying it as JSON (``data: ...`` and a blank line)."""
-    pieces = [w if isinstance(w, bytes) else
-              (w if isinstance(w, str) else f"data: {json.dumps(w)}\n\n").encode()
-              for w in writes]
+    pieces = [
+        w
+        if isinstance(w, bytes)
+        else (w if isinstance(w, str) else f"data: {json.dumps(w)}\n\n").encode()
+        for w in writes
+    ]
 
     async def body() -> AsyncIterator[bytes]:
         for piece in pieces:

@@ -62,8 +62,13 @@ def user(text: str) -> dict[str, Any]:
 def chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> dict[str, Any]:
     if content is not None:
         delta["content"] = content
-    return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
 
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
@@ -71,8 +76,9 @@ USAGE_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": [], "us
 BODY = {"model": "m", "messages": [user("hi")], "stream": False}
 
 
-async def cancel_after_first_delta(upstream: ScriptedServer, model: ModelProvider,
-                                   collected: Collected) -> ConnRecord:
+async def cancel_after_first_delta(
+    upstream: ScriptedServer, model: ModelProvider, collected: Collected
+) -> ConnRecord:
     """Stream from ``model`` (a client of ``upstream``), cancel once the first delta is in,
     and return the upstream's record of the connection once it saw it closed."""
     with trio.fail_after(WAIT):

@@ -49,8 +49,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class Replica:
     """One Tether server process."""
 
-    def __init__(self, settings: Settings, *, args: tuple[str, ...] = (),
-                 name: str = "replica", output: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        args: tuple[str, ...] = (),
+        name: str = "replica",
+        output: Path | None = None,
+    ) -> None:
         """``output``: a file that gets the process's stdout and stderr (else they are
         dropped)."""
         self.port = free_port()
@@ -60,21 +66,28 @@ class Replica:
         self._args = args
         self.process: trio.Process | None = None
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx2.AsyncClient(base_url=self.base_url, timeout=10.0,
-                                         trust_env=False)
+        self.client = httpx2.AsyncClient(base_url=self.base_url, timeout=10.0, trust_env=False)
 
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     async def start(self, timeout: float = 20.0) -> None:
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-               "PYTHONPATH": str(ROOT), **settings_env(self.settings)}
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PYTHONPATH": str(ROOT),
+            **settings_env(self.settings),
+        }
         # The child keeps its own copy of the file.
         async with await trio.Path(self.output or os.devnull).open("ab") as out:
             self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "server", "serve", *self._args], cwd=ROOT, env=env,
-                stdout=out.fileno(), stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "server", "serve", *self._args],
+                cwd=ROOT,
+                env=env,
+                stdout=out.fileno(),
+                stderr=subprocess.STDOUT,
+            )
         with trio.fail_after(timeout):
             while True:
                 if self.process.poll() is not None:

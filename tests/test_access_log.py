@@ -16,8 +16,10 @@ from tests.conftest import WAIT, Fakes, Tether, base_settings
 from tests.replicas import ROOT, Replica, free_port
 
 KEY = "sk-access-log-secret"
-LINE = re.compile(r"^\S+ \S+ (?P<client>127\.0\.0\.1:\d+) (?P<method>[A-Z]+) (?P<target>\S+) "
-                  r"(?P<status>\d{3}) (?P<ms>\d+\.\d)ms(?: task=(?P<task>\S+))?$")
+LINE = re.compile(
+    r"^\S+ \S+ (?P<client>127\.0\.0\.1:\d+) (?P<method>[A-Z]+) (?P<target>\S+) "
+    r"(?P<status>\d{3}) (?P<ms>\d+\.\d)ms(?: task=(?P<task>\S+))?$"
+)
 
 
 async def _wait_for_line(path: Path, needle: str) -> re.Match[str]:
@@ -36,13 +38,17 @@ async def test_access_log_file_has_a_line_per_request_with_its_fields(
     start_tether: Any, tmp_path: Path
 ) -> None:
     log = tmp_path / "access.log"
-    tether: Tether = await start_tether(access_log=str(log), api_keys={KEY: "alice"},
-                                        default_model="local")
+    tether: Tether = await start_tether(
+        access_log=str(log), api_keys={KEY: "alice"}, default_model="local"
+    )
     auth = {"Authorization": f"Bearer {KEY}"}
     listed = await tether.client.get("/api/tasks?include_finished=true", headers=auth)
     assert listed.status_code == 200
-    answer = await tether.client.post("/api/chat/completions", headers=auth,
-                                      json={"messages": [{"role": "user", "content": "hi"}]})
+    answer = await tether.client.post(
+        "/api/chat/completions",
+        headers=auth,
+        json={"messages": [{"role": "user", "content": "hi"}]},
+    )
     assert answer.status_code == 200
     refused = await tether.client.get("/api/tasks/task_nope", headers=auth)
     assert refused.status_code == 404
@@ -51,15 +57,21 @@ async def test_access_log_file_has_a_line_per_request_with_its_fields(
 
     line = await _wait_for_line(log, " /api/tasks?")
     assert (line["method"], line["target"], line["status"]) == (
-        "GET", "/api/tasks?include_finished=true", "200")
+        "GET",
+        "/api/tasks?include_finished=true",
+        "200",
+    )
     assert float(line["ms"]) >= 0 and line["task"] is None
     line = await _wait_for_line(log, "/api/chat/completions")
     assert (line["method"], line["status"]) == ("POST", "200")
     assert line["task"] == answer.headers["X-Task-Id"]
     assert (await _wait_for_line(log, "task_nope"))["status"] == "404"
     line = await _wait_for_line(log, " /ws?")
-    assert (line["method"], line["target"], line["status"]) == ("GET", "/ws?token=***&batch=1",
-                                                                "101")
+    assert (line["method"], line["target"], line["status"]) == (
+        "GET",
+        "/ws?token=***&batch=1",
+        "101",
+    )
     assert KEY not in await trio.Path(log).read_text()
 
 
@@ -89,11 +101,23 @@ async def test_no_access_log_by_default(fakes: Fakes, tmp_path: Path) -> None:
 
 
 async def test_an_access_log_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "server", "serve", "--port", str(free_port()),
-               "--access-log", str(tmp_path / "missing" / "access.log")]
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--port",
+        str(free_port()),
+        "--access-log",
+        str(tmp_path / "missing" / "access.log"),
+    ]
     with trio.fail_after(WAIT):
-        result = await trio.run_process(command, cwd=ROOT, capture_stderr=True, check=False,
-                                        env={"PATH": os.environ.get("PATH", ""),
-                                             "PYTHONPATH": str(ROOT)})
+        result = await trio.run_process(
+            command,
+            cwd=ROOT,
+            capture_stderr=True,
+            check=False,
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)},
+        )
     assert result.returncode == 2
     assert b"TETHER_ACCESS_LOG=" in result.stderr and b"cannot be opened" in result.stderr

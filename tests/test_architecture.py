@@ -80,29 +80,53 @@ def test_imports_point_down_the_layers_only() -> None:
 def _type_check(snippet: str, tmp_path: Path) -> str:
     path = tmp_path / "snippet.py"
     path.write_text(snippet)
-    out, err, _ = mypy.api.run(["--strict", "--no-incremental", "--follow-imports=silent",
-                                "--cache-dir", str(tmp_path / "cache"), str(path)])
+    out, err, _ = mypy.api.run(
+        [
+            "--strict",
+            "--no-incremental",
+            "--follow-imports=silent",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(path),
+        ]
+    )
     return out + err
 
 
-@pytest.mark.parametrize("snippet, error", [
-    ("from server.events import Event\n\n\ndef f(e: Event) -> bool:\n"
-     "    return e.type == 'dleta'\n", "comparison-overlap"),
-    ("from server.pipeline.emit import Emitter\n\n\nasync def f(emit: Emitter) -> None:\n"
-     "    await emit.status({'phase': 'web_search', 'action': 'serach',\n"
-     "                       'description': 'x', 'done': True})\n", "typeddict-item"),
-    ("from server.pipeline.emit import Emitter\n\n\nasync def f(emit: Emitter) -> None:\n"
-     "    await emit.delta({'contnet': 'x'})\n", "typeddict"),
-])
+@pytest.mark.parametrize(
+    "snippet, error",
+    [
+        (
+            "from server.events import Event\n\n\ndef f(e: Event) -> bool:\n"
+            "    return e.type == 'dleta'\n",
+            "comparison-overlap",
+        ),
+        (
+            "from server.pipeline.emit import Emitter\n\n\nasync def f(emit: Emitter) -> None:\n"
+            "    await emit.status({'phase': 'web_search', 'action': 'serach',\n"
+            "                       'description': 'x', 'done': True})\n",
+            "typeddict-item",
+        ),
+        (
+            "from server.pipeline.emit import Emitter\n\n\nasync def f(emit: Emitter) -> None:\n"
+            "    await emit.delta({'contnet': 'x'})\n",
+            "typeddict",
+        ),
+    ],
+)
 def test_a_misspelt_event_type_or_field_fails_to_type_check(
-    snippet: str, error: str, tmp_path: Path,
+    snippet: str,
+    error: str,
+    tmp_path: Path,
 ) -> None:
     assert error in _type_check(snippet, tmp_path)
 
 
 def test_a_well_spelt_event_type_checks(tmp_path: Path) -> None:
-    snippet = ("from server.events import Event\n\n\ndef f(e: Event) -> bool:\n"
-               "    return e.type == 'delta'\n")
+    snippet = (
+        "from server.events import Event\n\n\ndef f(e: Event) -> bool:\n"
+        "    return e.type == 'delta'\n"
+    )
     assert "Success" in _type_check(snippet, tmp_path)
 
 

@@ -106,7 +106,8 @@ async def test_stop_during_a_30_s_search_ends_it_cancelled_in_web_search(
         expect(page.get_by_test_id("stop")).to_be_enabled(timeout=1000)
         on_trio(fakes.search.wait_for_request, "/search")
         expect(page.get_by_test_id("status")).to_have_text(
-            "Searching: What is structured concurrency?")
+            "Searching: What is structured concurrency?"
+        )
         expect(page.get_by_test_id("task-state")).to_have_text("running")
         screenshot(page, "page-searching.png", tmp_path)
         page.get_by_test_id("stop").click()
@@ -125,7 +126,10 @@ async def test_stop_during_a_30_s_search_ends_it_cancelled_in_web_search(
     assert connection.closed_by == "client"
     task = (await tether.client.get(f"/api/tasks/{task_id}")).json()
     assert (task["status"], task["phase"], task["cancel_reason"]) == (
-        "cancelled", "web_search", "stop")
+        "cancelled",
+        "web_search",
+        "stop",
+    )
 
 
 async def test_stop_right_after_send_stops_the_task_before_its_id_is_shown(
@@ -166,8 +170,7 @@ async def test_stop_during_generation_keeps_the_partial_text(
         expect(page.get_by_test_id("answer")).to_contain_text("tok5")
         page.get_by_test_id("stop").click()
         expect(page.get_by_test_id("task-state")).to_have_text("cancelled")
-        expect(page.get_by_test_id("status")).to_have_text(
-            "Stopped while writing the answer.")
+        expect(page.get_by_test_id("status")).to_have_text("Stopped while writing the answer.")
         errors.assert_none()
         return task_id_of(page), page.get_by_test_id("answer").inner_text()
 
@@ -190,7 +193,8 @@ async def test_a_failed_answer_keeps_its_partial_text_and_says_why(
         expect(page.get_by_test_id("task-state")).to_have_text("failed")
         expect(page.get_by_test_id("answer")).to_have_text("partial answer")
         expect(page.get_by_test_id("status")).to_contain_text(
-            "Failed while writing the answer (upstream error)")
+            "Failed while writing the answer (upstream error)"
+        )
         errors.assert_none()
 
     await in_browser(scenario)
@@ -277,8 +281,7 @@ async def test_a_dropped_connection_reconnects_and_the_answer_goes_on_without_lo
 async def test_two_tabs_of_one_session_show_the_same_task_live(
     start_tether: Callable[..., Any], fakes: Fakes
 ) -> None:
-    fakes.model.push(TextReply(tokens=60, rate=20),
-                     TextReply(["second ", "answer"], interval=0.05))
+    fakes.model.push(TextReply(tokens=60, rate=20), TextReply(["second ", "answer"], interval=0.05))
     tether: Tether = await start_tether(ws_reconnect_grace_s=10)
 
     def scenario(context: BrowserContext) -> None:
@@ -335,9 +338,11 @@ async def test_with_keys_a_wrong_key_shows_a_clear_error(
         errors.assert_none()
 
     await in_browser(scenario)
-    [task] = (await tether.client.get("/api/tasks?include_finished=true",
-                                      headers={"Authorization": "Bearer key-alice"})).json()[
-        "tasks"]
+    [task] = (
+        await tether.client.get(
+            "/api/tasks?include_finished=true", headers={"Authorization": "Bearer key-alice"}
+        )
+    ).json()["tasks"]
     assert task["user"] == "alice"
 
 
@@ -345,15 +350,25 @@ async def test_markup_in_model_output_and_page_titles_is_never_executed(
     start_tether: Callable[..., Any], fakes: Fakes
 ) -> None:
     # Search titles are HTML fragments: the entities reach the page as the characters < >.
-    fakes.search.configure(results=[{
-        "url": fakes.pages.base_url + "/page/1",
-        "title": '&lt;img src=y onerror="window.pwned=4"&gt;A title',
-        "content": "A snippet."}])
-    fakes.model.push(TextReply([
-        '<img src=x onerror="window.pwned=1">',
-        " <script>window.pwned=2</script>",
-        " **bold** and [a link](javascript:window.pwned=3) [1]",
-        ' <a href="#" onclick="window.pwned=5">click</a>']))
+    fakes.search.configure(
+        results=[
+            {
+                "url": fakes.pages.base_url + "/page/1",
+                "title": '&lt;img src=y onerror="window.pwned=4"&gt;A title',
+                "content": "A snippet.",
+            }
+        ]
+    )
+    fakes.model.push(
+        TextReply(
+            [
+                '<img src=x onerror="window.pwned=1">',
+                " <script>window.pwned=2</script>",
+                " **bold** and [a link](javascript:window.pwned=3) [1]",
+                ' <a href="#" onclick="window.pwned=5">click</a>',
+            ]
+        )
+    )
     tether: Tether = await start_tether()
 
     def scenario(context: BrowserContext) -> None:
@@ -379,15 +394,18 @@ async def test_markup_in_model_output_and_page_titles_is_never_executed(
 async def test_a_local_source_link_opens_its_document_in_a_new_tab(
     start_tether: Callable[..., Any],
 ) -> None:
-    tether: Tether = await start_tether(llm_base_url=None, default_model="local",
-                                        search_provider="local", search_query_generation=True)
+    tether: Tether = await start_tether(
+        llm_base_url=None,
+        default_model="local",
+        search_provider="local",
+        search_query_generation=True,
+    )
 
     def scenario(context: BrowserContext) -> None:
         page, errors = open_page(context, tether.base_url)
         ask(page, "How does Tether cancel a web search?", web_search=True)
         expect(page.get_by_test_id("task-state")).to_have_text("completed")
-        link = page.get_by_test_id("sources").get_by_role("link",
-                                                          name="The web search pipeline")
+        link = page.get_by_test_id("sources").get_by_role("link", name="The web search pipeline")
         # The source's URL is relative to the server: the link resolves it against the page.
         document_url = tether.base_url + "/api/local-docs/web-search.md"
         expect(link).to_have_attribute("href", document_url)
@@ -430,8 +448,11 @@ async def test_the_page_fits_a_phone(
 
     def scenario(context: BrowserContext) -> None:
         page, errors = open_page(context, tether.base_url)
-        ask(page, "A question from a phone, long enough to wrap over several lines of text",
-            web_search=True)
+        ask(
+            page,
+            "A question from a phone, long enough to wrap over several lines of text",
+            web_search=True,
+        )
         expect(page.get_by_test_id("task-state")).to_have_text("completed")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         for hook in ("prompt", "send", "stop", "web-search", "model"):

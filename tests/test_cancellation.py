@@ -54,27 +54,24 @@ async def test_stop_during_web_search_closes_search_connection(
     assert not fakes.model.chat_requests
 
 
-async def test_stop_during_page_fetch_closes_page_connection(
-    tether: Tether, fakes: Fakes
-) -> None:
-    fakes.search.configure(results=[{"url": fakes.pages.base_url + "/slow/30",
-                                     "title": "Slow", "content": "a slow page"}])
+async def test_stop_during_page_fetch_closes_page_connection(tether: Tether, fakes: Fakes) -> None:
+    fakes.search.configure(
+        results=[
+            {"url": fakes.pages.base_url + "/slow/30", "title": "Slow", "content": "a slow page"}
+        ]
+    )
     task_id = await tether.background(chat_body(features={"web_search": True}))
     await _stop_and_check(tether, task_id, fakes.pages, "/slow", "web_search")
 
 
-async def test_stop_during_tool_call_closes_tool_connection(
-    tether: Tether, fakes: Fakes
-) -> None:
+async def test_stop_during_tool_call_closes_tool_connection(tether: Tether, fakes: Fakes) -> None:
     fakes.model.push(ToolCallReply([("fetch_url", {"url": fakes.pages.base_url + "/hang"})]))
     task_id = await tether.background(chat_body("read it", tool_ids=["fetch_url"]))
     terminal = await _stop_and_check(tether, task_id, fakes.pages, "/hang", "tools")
     assert terminal["data"]["content"] == ""
 
 
-async def test_stop_during_generation_keeps_partial_content(
-    tether: Tether, fakes: Fakes
-) -> None:
+async def test_stop_during_generation_keeps_partial_content(tether: Tether, fakes: Fakes) -> None:
     fakes.model.push(TextReply([f"w{i} " for i in range(400)], interval=0.02))
     task_id = await tether.background(chat_body())
     # Wait until some deltas have been produced.
@@ -82,8 +79,9 @@ async def test_stop_during_generation_keeps_partial_content(
     with trio.fail_after(WAIT):
         while len([e for e in await store.read(task_id, 0) if e.type == "delta"]) < 3:
             await next_events(store, task_id, (await store.read(task_id, 0))[-1].seq)
-    terminal = await _stop_and_check(tether, task_id, fakes.model, "/v1/chat/completions",
-                                     "generating")
+    terminal = await _stop_and_check(
+        tether, task_id, fakes.model, "/v1/chat/completions", "generating"
+    )
     events = await tether.events(task_id)
     streamed = "".join(e["data"]["content"] for e in events if e["type"] == "delta")
     content = terminal["data"]["content"]
@@ -120,8 +118,9 @@ async def test_closing_sse_client_cancels_task_and_closes_model_connection(
     tether: Tether, fakes: Fakes
 ) -> None:
     fakes.model.push(TextReply([f"t{i} " for i in range(1000)], interval=0.02))
-    async with tether.client.stream("POST", "/api/chat/completions",
-                                    json=chat_body(stream=True)) as response:
+    async with tether.client.stream(
+        "POST", "/api/chat/completions", json=chat_body(stream=True)
+    ) as response:
         task_id = response.headers["X-Task-Id"]
         async for line in response.aiter_lines():
             if '"content":"t1 "' in line:
@@ -144,8 +143,11 @@ async def test_closing_sync_client_cancels_task_and_closes_search_connection(
     fakes.search.configure(delay=30)
     client = httpx2.AsyncClient(base_url=tether.base_url, timeout=WAIT, trust_env=False)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(client.post, "/api/chat/completions",
-                                   json=chat_body(features={"web_search": True})))
+        nursery.start_soon(
+            partial(
+                client.post, "/api/chat/completions", json=chat_body(features={"web_search": True})
+            )
+        )
         with trio.fail_after(WAIT):
             request = await fakes.search.wait_for_request("/search")
         tasks = (await tether.client.get("/api/tasks")).json()["tasks"]

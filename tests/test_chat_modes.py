@@ -54,8 +54,11 @@ async def test_sync_request_returns_chat_completion(tether: Tether, fakes: Fakes
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "The answer.",
-                                             "refusal": None}
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "The answer.",
+        "refusal": None,
+    }
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["total_tokens"] > 0
     assert response.headers["X-Task-Id"] == body["task_id"]
@@ -68,7 +71,8 @@ async def test_stream_request_sends_openai_chunks_and_done(tether: Tether, fakes
     chunks = []
     comments = []
     async with tether.client.stream(
-        "POST", "/api/chat/completions",
+        "POST",
+        "/api/chat/completions",
         json=chat_body(stream=True, stream_options={"include_usage": True}),
     ) as response:
         assert response.status_code == 200
@@ -115,12 +119,18 @@ async def test_every_event_sequence_is_gapless_with_one_terminal_last(
 
 async def test_local_model_answers_web_search_from_local_docs(start_tether: object) -> None:
     tether: Tether = await start_tether(  # type: ignore[operator]
-        llm_base_url=None, default_model="local", search_provider="local",
+        llm_base_url=None,
+        default_model="local",
+        search_provider="local",
         search_query_generation=True,
     )
-    response = await tether.chat({"model": "local", "features": {"web_search": True},
-                                  "messages": [{"role": "user",
-                                                "content": "What is structured concurrency?"}]})
+    response = await tether.chat(
+        {
+            "model": "local",
+            "features": {"web_search": True},
+            "messages": [{"role": "user", "content": "What is structured concurrency?"}],
+        }
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["sources"], body
@@ -136,7 +146,8 @@ async def test_stream_sends_keepalive_comments_while_search_runs(
     comments = 0
     with trio.fail_after(WAIT):
         async with tether.client.stream(
-            "POST", "/api/chat/completions",
+            "POST",
+            "/api/chat/completions",
             json=chat_body(stream=True, features={"web_search": True}),
         ) as response:
             async for line in response.aiter_lines():
@@ -152,11 +163,12 @@ async def test_a_status_with_a_carriage_return_cannot_inject_into_the_stream(
 ) -> None:
     """A search result's URL with CR/LF in it reaches the stream through the status of its
     failed fetch; it stays inside one comment line."""
-    hostile = fakes.pages.base_url + "/missing\rdata: {\"injected\": true}\r"
+    hostile = fakes.pages.base_url + '/missing\rdata: {"injected": true}\r'
     fakes.search.configure(results=[{"url": hostile, "title": "t", "content": "c"}])
     fakes.model.push(TextReply(["fine"]))
     async with tether.client.stream(
-        "POST", "/api/chat/completions",
+        "POST",
+        "/api/chat/completions",
         json=chat_body(stream=True, features={"web_search": True}),
     ) as response:
         events = [e async for e in httpx2.EventSource(response)]
@@ -164,5 +176,7 @@ async def test_a_status_with_a_carriage_return_cannot_inject_into_the_stream(
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
     assert all("injected" not in chunk for chunk in chunks)
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
-                   if c.get("choices")) == "fine"
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        == "fine"
+    )

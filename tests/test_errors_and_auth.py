@@ -29,8 +29,9 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 
 async def test_malformed_json_is_invalid_request(tether: Tether) -> None:
-    response = await tether.client.post("/api/chat/completions", content=b"{not json",
-                                        headers={"Content-Type": "application/json"})
+    response = await tether.client.post(
+        "/api/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert_error(response, 400, "invalid_request")
 
 
@@ -42,8 +43,9 @@ async def test_missing_messages_is_invalid_request(tether: Tether) -> None:
 async def test_wrong_type_is_invalid_request(tether: Tether) -> None:
     error = assert_error(await tether.chat(chat_body(stream="yes")), 400, "invalid_request")
     assert error["param"] == "stream"
-    error = assert_error(await tether.chat({"model": "fake-model", "messages": "hi"}), 400,
-                         "invalid_request")
+    error = assert_error(
+        await tether.chat({"model": "fake-model", "messages": "hi"}), 400, "invalid_request"
+    )
     assert error["param"] == "messages"
     assert_error(await tether.chat([1, 2]), 400, "invalid_request")  # type: ignore[arg-type]
 
@@ -55,8 +57,7 @@ async def test_unknown_model_is_model_not_found(tether: Tether) -> None:
 
 
 async def test_unknown_tool_id_is_invalid_request(tether: Tether) -> None:
-    error = assert_error(await tether.chat(chat_body(tool_ids=["rm_rf"])), 400,
-                         "invalid_request")
+    error = assert_error(await tether.chat(chat_body(tool_ids=["rm_rf"])), 400, "invalid_request")
     assert error["param"] == "tool_ids"
 
 
@@ -124,10 +125,12 @@ async def test_another_users_task_is_not_found(start_tether: Any, fakes: Fakes) 
         await fakes.model.wait_for_request("/v1/chat/completions")
     bob = {"Authorization": "Bearer key-bob"}
     assert_error(await tether.client.get(f"/api/tasks/{task_id}", headers=bob), 404, "not_found")
-    assert_error(await tether.client.post(f"/api/tasks/{task_id}/stop", headers=bob), 404,
-                 "not_found")
-    assert_error(await tether.client.get(f"/api/tasks/{task_id}/events", headers=bob), 404,
-                 "not_found")
+    assert_error(
+        await tether.client.post(f"/api/tasks/{task_id}/stop", headers=bob), 404, "not_found"
+    )
+    assert_error(
+        await tether.client.get(f"/api/tasks/{task_id}/events", headers=bob), 404, "not_found"
+    )
     assert (await tether.client.get("/api/tasks", headers=bob)).json()["tasks"] == []
     bob_stop = await tether.client.post("/api/chats/shared/stop", headers=bob)
     assert bob_stop.json()["tasks"] == []
@@ -167,8 +170,12 @@ async def test_models_health_ready_and_metrics(tether: Tether) -> None:
     assert (await tether.client.get("/readyz")).status_code == 200
     await tether.chat(chat_body())
     metrics = (await tether.client.get("/metrics")).text
-    for name in ("tether_tasks_active", "tether_time_to_task_id_seconds",
-                 "tether_task_cancels", "tether_upstream_errors"):
+    for name in (
+        "tether_tasks_active",
+        "tether_time_to_task_id_seconds",
+        "tether_task_cancels",
+        "tether_upstream_errors",
+    ):
         assert name in metrics
 
 
@@ -179,8 +186,9 @@ async def test_events_after_the_terminal_seq_end_at_once(tether: Tether) -> None
     with trio.fail_after(WAIT):
         assert await tether.events(task_id, after=last) == []
         assert await tether.events(task_id, after=last + 100) == []
-        async with tether.client.stream("GET", f"/api/tasks/{task_id}/events",
-                                        headers={"Last-Event-ID": str(last - 1)}) as response:
+        async with tether.client.stream(
+            "GET", f"/api/tasks/{task_id}/events", headers={"Last-Event-ID": str(last - 1)}
+        ) as response:
             body = (await response.aread()).decode()
     assert f"id: {last}\n" in body and body.count("data: ") == 1
     assert (await tether.client.get("/healthz")).status_code == 200
@@ -188,16 +196,18 @@ async def test_events_after_the_terminal_seq_end_at_once(tether: Tether) -> None
 
 async def test_bad_stream_options_is_invalid_request_and_spawns_nothing(tether: Tether) -> None:
     for value in ("x", [1], True):
-        error = assert_error(await tether.chat(chat_body(stream=True, stream_options=value)),
-                             400, "invalid_request")
+        error = assert_error(
+            await tether.chat(chat_body(stream=True, stream_options=value)), 400, "invalid_request"
+        )
         assert error["param"] == "stream_options"
     listed = (await tether.client.get("/api/tasks?include_finished=true")).json()["tasks"]
     assert listed == []
 
 
 async def test_deeply_nested_json_is_invalid_request(tether: Tether) -> None:
-    response = await tether.client.post("/api/chat/completions", content=b"[" * 50_000,
-                                        headers={"Content-Type": "application/json"})
+    response = await tether.client.post(
+        "/api/chat/completions", content=b"[" * 50_000, headers={"Content-Type": "application/json"}
+    )
     assert_error(response, 400, "invalid_request")
 
 
@@ -231,10 +241,13 @@ async def _answer_before_the_body(tether: Tether, head: bytes) -> tuple[bytes, b
     return answer, rest
 
 
-async def _assert_closed_before_the_body(tether: Tether, length: int, status: bytes,
-                                         code: bytes) -> None:
-    head = (b"POST /api/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n")
+async def _assert_closed_before_the_body(
+    tether: Tether, length: int, status: bytes, code: bytes
+) -> None:
+    head = (
+        b"POST /api/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n"
+    )
     answer, body = await _answer_before_the_body(tether, head)
     assert answer.startswith(b"HTTP/1.1 " + status)
     assert b"connection: close" in answer.lower()
@@ -276,8 +289,12 @@ async def test_each_task_logs_one_line_when_it_starts_and_one_when_it_ends(
 
 
 async def test_help_lists_every_setting_with_its_default_and_names_the_docs() -> None:
-    result = await trio.run_process([sys.executable, "-m", "server", "--help"], cwd=ROOT,
-                                    capture_stdout=True, env={"PATH": "/usr/bin:/bin"})
+    result = await trio.run_process(
+        [sys.executable, "-m", "server", "--help"],
+        cwd=ROOT,
+        capture_stdout=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     out = result.stdout.decode()
     for name in Settings.model_fields:
         assert f"TETHER_{name.upper()} " in out, name
@@ -293,41 +310,68 @@ async def test_a_busy_port_and_an_unknown_setting_are_each_one_clear_line() -> N
         taken.listen()
         port = taken.getsockname()[1]
         result = await trio.run_process(
-            [sys.executable, "-m", "server", "serve", "--port", str(port)], cwd=ROOT,
-            capture_stdout=True, capture_stderr=True, check=False,
-            env={"PATH": "/usr/bin:/bin", "TETHER_SEARCH_PROVIDR": "searxng",
-                 "TETHER_TEST_ANYTHING": "1"})
+            [sys.executable, "-m", "server", "serve", "--port", str(port)],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "TETHER_SEARCH_PROVIDR": "searxng",
+                "TETHER_TEST_ANYTHING": "1",
+            },
+        )
     err = result.stderr.decode()
     assert result.returncode == 2
-    assert ("TETHER_SEARCH_PROVIDR is not a setting and is ignored "
-            "(did you mean TETHER_SEARCH_PROVIDER?)") in err
+    assert (
+        "TETHER_SEARCH_PROVIDR is not a setting and is ignored "
+        "(did you mean TETHER_SEARCH_PROVIDER?)"
+    ) in err
     assert "TETHER_TEST_ANYTHING" not in err  # the test suite's own variables
     assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
 def test_secrets_are_left_out_of_the_settings_repr() -> None:
-    settings = Settings(llm_api_key="sk-upstream-secret", api_keys={"key-of-alice": "alice"},
-                        brave_api_key="brave-secret", tavily_api_key="tavily-secret",
-                        redis_url="redis://:redis-password@127.0.0.1:6379/0")
+    settings = Settings(
+        llm_api_key="sk-upstream-secret",
+        api_keys={"key-of-alice": "alice"},
+        brave_api_key="brave-secret",
+        tavily_api_key="tavily-secret",
+        redis_url="redis://:redis-password@127.0.0.1:6379/0",
+    )
     text = repr(settings)
-    for secret in ("sk-upstream-secret", "key-of-alice", "brave-secret", "tavily-secret",
-                   "redis-password"):
+    for secret in (
+        "sk-upstream-secret",
+        "key-of-alice",
+        "brave-secret",
+        "tavily-secret",
+        "redis-password",
+    ):
         assert secret not in text
     assert "port=8080" in text  # the rest is still there
 
 
-def test_settings_read_the_given_mapping_in_their_text_forms(tmp_path: Any,
-                                                             monkeypatch: Any) -> None:
+def test_settings_read_the_given_mapping_in_their_text_forms(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
     """Bools in their words, numbers as int() and float() read them, comma lists, key=user
     pairs (and a file of them); names in any case; an empty value is the default; the
     process's environment is read only when no mapping is given, never by ``Settings()``."""
     keys_file = tmp_path / "keys"
     keys_file.write_text("# team\nkey-of-bob=bob\n")
-    settings = Settings.from_env({
-        "TETHER_INSECURE": " Yes", "TETHER_SEARCH_FETCH_PAGES": "off", "TETHER_PORT": " 81 ",
-        "TETHER_LLM_TIMEOUT_S": "2.5", "TETHER_HOST": "", "TETHER_API_KEYS": "k1=alice, k2=carol",
-        "TETHER_API_KEYS_FILE": str(keys_file), "tether_Workers": "3",
-        "TETHER_WS_ALLOWED_ORIGINS": "https://Chat.example.com/, http://127.0.0.1:3000"})
+    settings = Settings.from_env(
+        {
+            "TETHER_INSECURE": " Yes",
+            "TETHER_SEARCH_FETCH_PAGES": "off",
+            "TETHER_PORT": " 81 ",
+            "TETHER_LLM_TIMEOUT_S": "2.5",
+            "TETHER_HOST": "",
+            "TETHER_API_KEYS": "k1=alice, k2=carol",
+            "TETHER_API_KEYS_FILE": str(keys_file),
+            "tether_Workers": "3",
+            "TETHER_WS_ALLOWED_ORIGINS": "https://Chat.example.com/, http://127.0.0.1:3000",
+        }
+    )
     assert settings.insecure is True and settings.search_fetch_pages is False
     assert settings.port == 81 and settings.llm_timeout_s == 2.5 and settings.workers == 3
     assert settings.host == "127.0.0.1"
@@ -343,15 +387,22 @@ def test_a_dotenv_file_gives_its_tether_lines_in_any_case(tmp_path: Any) -> None
     names (in any case), a ``${VAR}`` kept as written; a misspelt name is reported like
     one in the environment."""
     dotenv = tmp_path / ".env"
-    dotenv.write_text("# settings\nexport TETHER_PORT=81\ntether_host = '0.0.0.0'\n"
-                      'TETHER_LLM_API_KEY="sk-${NOT_EXPANDED}"\nOTHER=1\nTETHER_SEARCH_PROVIDR=x\n'
-                      "TETHER_NO_VALUE\n")
+    dotenv.write_text(
+        "# settings\nexport TETHER_PORT=81\ntether_host = '0.0.0.0'\n"
+        'TETHER_LLM_API_KEY="sk-${NOT_EXPANDED}"\nOTHER=1\nTETHER_SEARCH_PROVIDR=x\n'
+        "TETHER_NO_VALUE\n"
+    )
     values = read_dotenv(dotenv)
-    assert values == {"TETHER_PORT": "81", "tether_host": "0.0.0.0",
-                      "TETHER_LLM_API_KEY": "sk-${NOT_EXPANDED}", "TETHER_SEARCH_PROVIDR": "x"}
+    assert values == {
+        "TETHER_PORT": "81",
+        "tether_host": "0.0.0.0",
+        "TETHER_LLM_API_KEY": "sk-${NOT_EXPANDED}",
+        "TETHER_SEARCH_PROVIDR": "x",
+    }
     assert unknown_variables(values) == [
         "TETHER_SEARCH_PROVIDR is not a setting and is ignored "
-        "(did you mean TETHER_SEARCH_PROVIDER?)"]
+        "(did you mean TETHER_SEARCH_PROVIDER?)"
+    ]
     del values["TETHER_SEARCH_PROVIDR"]
     settings = Settings.from_env(values)
     assert (settings.port, settings.host) == (81, "0.0.0.0")
@@ -359,17 +410,21 @@ def test_a_dotenv_file_gives_its_tether_lines_in_any_case(tmp_path: Any) -> None
     assert read_dotenv(tmp_path / "absent") == {}
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"TETHER_PORT": "80x"}, "TETHER_PORT='80x' is not a valid int"),
-    ({"TETHER_PORT": "1.0"}, "TETHER_PORT='1.0' is not a valid int"),
-    ({"TETHER_TASK_TIMEOUT_S": "soon"}, "TETHER_TASK_TIMEOUT_S='soon' is not a valid float"),
-    ({"TETHER_INSECURE": "t"}, "TETHER_INSECURE='t' is not a valid bool"),
-    ({"TETHER_API_KEYS": "k1=alice,nouser"}, "TETHER_API_KEYS: API key entry 'nouser'"),
-    ({"TETHER_BACKEND": "disk"}, "TETHER_BACKEND='disk' is not memory or redis"),
-    ({"TETHER_BACKEND": "redis"}, "TETHER_BACKEND=redis needs TETHER_REDIS_URL"),
-])
-def test_an_unusable_setting_is_one_line_naming_its_variable(env: dict[str, str],
-                                                             message: str) -> None:
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TETHER_PORT": "80x"}, "TETHER_PORT='80x' is not a valid int"),
+        ({"TETHER_PORT": "1.0"}, "TETHER_PORT='1.0' is not a valid int"),
+        ({"TETHER_TASK_TIMEOUT_S": "soon"}, "TETHER_TASK_TIMEOUT_S='soon' is not a valid float"),
+        ({"TETHER_INSECURE": "t"}, "TETHER_INSECURE='t' is not a valid bool"),
+        ({"TETHER_API_KEYS": "k1=alice,nouser"}, "TETHER_API_KEYS: API key entry 'nouser'"),
+        ({"TETHER_BACKEND": "disk"}, "TETHER_BACKEND='disk' is not memory or redis"),
+        ({"TETHER_BACKEND": "redis"}, "TETHER_BACKEND=redis needs TETHER_REDIS_URL"),
+    ],
+)
+def test_an_unusable_setting_is_one_line_naming_its_variable(
+    env: dict[str, str], message: str
+) -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env(env)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)

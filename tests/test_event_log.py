@@ -57,12 +57,14 @@ async def test_retention_keeps_a_log_while_someone_reads_it() -> None:
 
 async def test_admission_counts_active_tasks_per_user_and_in_all() -> None:
     admission = LocalAdmission()
-    records = [TaskRecord(id=f"t{i}", user="a" if i < 2 else "b", model="m", mode="sync")
-               for i in range(4)]
+    records = [
+        TaskRecord(id=f"t{i}", user="a" if i < 2 else "b", model="m", mode="sync") for i in range(4)
+    ]
     assert await admission.reserve(records[0], max_total=3, max_per_user=2)
     assert await admission.reserve(records[1], max_total=3, max_per_user=2)
-    assert not await admission.reserve(TaskRecord(id="x", user="a", model="m", mode="sync"),
-                                       max_total=3, max_per_user=2)
+    assert not await admission.reserve(
+        TaskRecord(id="x", user="a", model="m", mode="sync"), max_total=3, max_per_user=2
+    )
     assert await admission.reserve(records[2], max_total=3, max_per_user=2)
     assert not await admission.reserve(records[3], max_total=3, max_per_user=2)
     # A reservation is idempotent, and so is its release.
@@ -86,4 +88,10 @@ async def test_retention_keeps_at_most_so_many_ended_tasks_oldest_unread_first()
     # Two ended tasks stay: t0, which is being read, and t4, the newest.
     assert sorted(expired) == ["t1", "t2", "t3"]
     assert [await backend.get(f"t{i}") is not None for i in range(6)] == [
-        True, False, False, False, True, True]
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]

@@ -28,9 +28,15 @@ async def upstream(nursery: trio.Nursery) -> AsyncIterator[ScriptedServer]:
 
 
 def client(max_connections: int, keepalive_expiry: float = 5.0) -> httpx2.AsyncClient:
-    return client_with_backend(TlsSafeBackend(), httpx2.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections,
-        keepalive_expiry=keepalive_expiry), httpx2.Timeout(WAIT))
+    return client_with_backend(
+        TlsSafeBackend(),
+        httpx2.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+        ),
+        httpx2.Timeout(WAIT),
+    )
 
 
 def held_route(upstream: ScriptedServer) -> trio.Event:

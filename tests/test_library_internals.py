@@ -24,14 +24,18 @@ def test_the_installed_versions_and_their_private_attributes_pass_the_check() ->
     check_libraries()
 
 
-@pytest.mark.parametrize(("library", "recheck"), [
-    ("httpx2", "_pool"),
-    ("httpcore2", "_requests"),
-    ("coredis", "SlotKeepingPool"),
-    ("pydantic-settings", "MappingEnvSource"),
-])
+@pytest.mark.parametrize(
+    ("library", "recheck"),
+    [
+        ("httpx2", "_pool"),
+        ("httpcore2", "_requests"),
+        ("coredis", "SlotKeepingPool"),
+        ("pydantic-settings", "MappingEnvSource"),
+    ],
+)
 def test_another_version_of_a_library_is_refused_naming_it_and_what_to_recheck(
-        library: str, recheck: str) -> None:
+    library: str, recheck: str
+) -> None:
     with pytest.raises(LibraryInternalsMoved) as caught:
         check_version(library, "99.0.0")
     message = str(caught.value)

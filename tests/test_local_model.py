@@ -23,25 +23,39 @@ WEATHER_PARAMETERS = {
     },
     "required": ["location"],
 }
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a given location",
-    "parameters": WEATHER_PARAMETERS}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a given location",
+        "parameters": WEATHER_PARAMETERS,
+    },
+}
 
 
 async def embedded_defaults(start_tether: StartTether, **overrides: Any) -> Tether:
     """A server as ``make run`` starts it: the local model, the local search over the
     default folder, query generation on (unpaced, so that tests do not wait on tokens)."""
     settings: dict[str, Any] = {
-        "llm_base_url": None, "default_model": "local", "search_provider": "local",
-        "search_local_dir": str(DEFAULT_SEARCH_DIR), "search_query_generation": True,
-        "local_model_tokens_per_s": 0}
+        "llm_base_url": None,
+        "default_model": "local",
+        "search_provider": "local",
+        "search_local_dir": str(DEFAULT_SEARCH_DIR),
+        "search_query_generation": True,
+        "local_model_tokens_per_s": 0,
+    }
     tether: Tether = await start_tether(**{**settings, **overrides})
     return tether
 
 
 async def ask_with_web_search(tether: Tether, question: str) -> dict[str, Any]:
-    response = await tether.chat({"model": "local", "features": {"web_search": True},
-                                  "messages": [{"role": "user", "content": question}]})
+    response = await tether.chat(
+        {
+            "model": "local",
+            "features": {"web_search": True},
+            "messages": [{"role": "user", "content": question}],
+        }
+    )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -88,8 +102,10 @@ async def test_cancel_question_is_answered_with_the_web_search_pages_cancel_sent
     answer = body["choices"][0]["message"]["content"]
     n = source_number(body, "web-search.md")
     assert f"All of this runs inside the task's cancel scope. [{n}]" in answer
-    assert ("a stop closes every open connection to the search engine and to the web "
-            f"servers at once. [{n}]") in answer
+    assert (
+        "a stop closes every open connection to the search engine and to the web "
+        f"servers at once. [{n}]"
+    ) in answer
     # Every quoted sentence is that page's: the other sources are not cited as filler.
     assert set(re.findall(r"\[(\d+)\]", answer)) == {str(n)}
     assert len(body["sources"]) > 1
@@ -100,15 +116,18 @@ async def test_a_question_no_source_answers_says_so(start_tether: StartTether) -
     body = await ask_with_web_search(tether, "who are you?")
     assert body["sources"]
     assert body["choices"][0]["message"]["content"] == (
-        "I found nothing in the sources that answers this.")
+        "I found nothing in the sources that answers this."
+    )
 
 
 async def test_a_question_ending_in_a_question_mark_is_not_given_a_full_stop(
     start_tether: StartTether,
 ) -> None:
     tether = await embedded_defaults(start_tether)
-    response = await tether.client.post("/v1/chat/completions", json={
-        "model": "local", "messages": [{"role": "user", "content": "who are you?"}]})
+    response = await tether.client.post(
+        "/v1/chat/completions",
+        json={"model": "local", "messages": [{"role": "user", "content": "who are you?"}]},
+    )
     answer = response.json()["choices"][0]["message"]["content"]
     assert answer.startswith("You asked: who are you? I am Tether's built-in local model;")
     assert "?." not in answer
@@ -159,13 +178,24 @@ async def test_paths_outside_the_index_are_404_in_the_error_shape(
     (tmp_path / "outside.md").write_text("# Outside\n\nSecret.")
     tether = await embedded_defaults(start_tether, search_local_dir=str(corpus))
     assert (await tether.client.get("/api/local-docs/doc.md")).status_code == 200
-    for path in ("missing.md", ".hidden.md", "image.png", "%2E%2E/outside.md",
-                 "..%2Foutside.md", "%2Fetc%2Fpasswd", "doc.md%00", "DOC.MD"):
+    for path in (
+        "missing.md",
+        ".hidden.md",
+        "image.png",
+        "%2E%2E/outside.md",
+        "..%2Foutside.md",
+        "%2Fetc%2Fpasswd",
+        "doc.md%00",
+        "DOC.MD",
+    ):
         response = await tether.client.get("/api/local-docs/" + path)
         assert response.status_code == 404, path
         assert_not_found(response.json())
-    for target in (b"/api/local-docs/../outside.md", b"/api/local-docs/./../outside.md",
-                   b"/api/local-docs//etc/passwd"):
+    for target in (
+        b"/api/local-docs/../outside.md",
+        b"/api/local-docs/./../outside.md",
+        b"/api/local-docs//etc/passwd",
+    ):
         status, answer = await raw_get(tether, target)
         assert status == 404, target
         assert_not_found(answer)
@@ -187,8 +217,9 @@ async def test_documents_need_the_key_when_keys_are_configured(
     refused = await tether.client.get("/api/local-docs/web-search.md")
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "unauthorized"
-    served = await tether.client.get("/api/local-docs/web-search.md",
-                                     headers={"Authorization": "Bearer key-alice"})
+    served = await tether.client.get(
+        "/api/local-docs/web-search.md", headers={"Authorization": "Bearer key-alice"}
+    )
     assert served.status_code == 200
 
 
@@ -196,9 +227,12 @@ async def test_documents_need_the_key_when_keys_are_configured(
 
 
 def weather_request(**extra: Any) -> dict[str, Any]:
-    return {"model": "local", "tools": [WEATHER_TOOL],
-            "messages": [{"role": "user", "content": "What's the weather like in Paris today?"}],
-            **extra}
+    return {
+        "model": "local",
+        "tools": [WEATHER_TOOL],
+        "messages": [{"role": "user", "content": "What's the weather like in Paris today?"}],
+        **extra,
+    }
 
 
 async def test_the_weather_example_gets_a_tool_call_that_meets_the_schema(
@@ -221,8 +255,9 @@ async def test_the_weather_example_streams_its_tool_call(start_tether: StartTeth
     calls: dict[int, dict[str, str]] = {}
     finish: list[str] = []
     with trio.fail_after(WAIT):
-        async with tether.client.stream("POST", "/v1/chat/completions",
-                                        json=weather_request(stream=True)) as response:
+        async with tether.client.stream(
+            "POST", "/v1/chat/completions", json=weather_request(stream=True)
+        ) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":

@@ -28,9 +28,16 @@ echo "Not a sentence."
 <div>
 Last words."""
     assert [s.text for s in split_sentences(text)] == [
-        "First sentence, e.g. with an abbreviation.", "Pi is 3.14 here!", "Is it wrapped?",
-        "Yes (it is.)", "Next one.", "A list item.", "A numbered item that wraps.",
-        "A quote.", "Last words."]
+        "First sentence, e.g. with an abbreviation.",
+        "Pi is 3.14 here!",
+        "Is it wrapped?",
+        "Yes (it is.)",
+        "Next one.",
+        "A list item.",
+        "A numbered item that wraps.",
+        "A quote.",
+        "Last words.",
+    ]
 
 
 def test_split_sentences_cuts_a_very_long_sentence() -> None:
@@ -45,12 +52,19 @@ def test_terms_match_the_forms_of_a_word() -> None:
 
 
 def test_best_sentences_keep_only_those_near_the_best() -> None:
-    sources = [(1, "Penguins swim fast in cold water.\n\nThe zoo opens at nine every day."
-                   "\n\nA shop near the gate sells hats, maps, mugs, toy penguins and many "
-                   "other souvenirs."),
-               (2, "Penguins and swimming go together.")]
+    sources = [
+        (
+            1,
+            "Penguins swim fast in cold water.\n\nThe zoo opens at nine every day."
+            "\n\nA shop near the gate sells hats, maps, mugs, toy penguins and many "
+            "other souvenirs.",
+        ),
+        (2, "Penguins and swimming go together."),
+    ]
     # The shop's sentence names penguins, but scores under half the best: not quoted.
     quoted = best_sentences("Can penguins swim?", sources, count=5)
     assert [(q.source, q.text) for q in quoted] == [
-        (1, "Penguins swim fast in cold water."), (2, "Penguins and swimming go together.")]
+        (1, "Penguins swim fast in cold water."),
+        (2, "Penguins and swimming go together."),
+    ]
     assert best_sentences("who are you?", sources) == []

@@ -39,11 +39,20 @@ async def test_local_search_finds_documents_by_word(corpus: Path) -> None:
     assert result.content == "# Cancel scopes\n\nCancelling a scope stops its tasks."
 
 
+async def test_a_document_marked_not_searched_is_left_out(corpus: Path) -> None:
+    _write(corpus, "dev/notes.md", "<!-- not searched -->\n# Cancel internals\n\ncancel cancel")
+    search = LocalSearch(corpus)
+    assert [r.url for r in await search.search("cancel", 5)] == ["/api/local-docs/guide/cancel.md"]
+    assert await search.document("dev/notes.md") is None
+
+
 async def test_local_search_stems_and_ranks(corpus: Path) -> None:
     results = await LocalSearch(corpus).search("nurseries tasks", 5)
     assert results[0].url == "/api/local-docs/nurseries.md"
-    assert {r.url for r in results} == {"/api/local-docs/nurseries.md",
-                                        "/api/local-docs/guide/cancel.md"}
+    assert {r.url for r in results} == {
+        "/api/local-docs/nurseries.md",
+        "/api/local-docs/guide/cancel.md",
+    }
 
 
 async def test_local_search_titles_and_file_types(corpus: Path) -> None:
@@ -61,9 +70,18 @@ async def test_local_search_reads_back_indexed_documents_only(corpus: Path) -> N
     index = LocalSearch(corpus, max_content_chars=10)
     # The whole text, whatever the cap on a result's content.
     assert await index.document("guide/cancel.md") == (
-        "# Cancel scopes\n\nCancelling a scope stops its tasks.")
-    for path in ("../outside.md", "guide/../nurseries.md", "/nurseries.md", ".hidden/secret.md",
-                 "image.png", "missing.md", "guide", ""):
+        "# Cancel scopes\n\nCancelling a scope stops its tasks."
+    )
+    for path in (
+        "../outside.md",
+        "guide/../nurseries.md",
+        "/nurseries.md",
+        ".hidden/secret.md",
+        "image.png",
+        "missing.md",
+        "guide",
+        "",
+    ):
         assert await index.document(path) is None, path
 
 

@@ -56,17 +56,20 @@ def _write_config(tmp_path: Path, servers: dict[str, Any]) -> str:
     return str(path)
 
 
-async def _start(start_tether: Any, tmp_path: Path, servers: dict[str, Any],
-                 **overrides: Any) -> Tether:
+async def _start(
+    start_tether: Any, tmp_path: Path, servers: dict[str, Any], **overrides: Any
+) -> Tether:
     with trio.fail_after(MCP_WAIT):
-        tether: Tether = await start_tether(mcp_config=_write_config(tmp_path, servers),
-                                            **overrides)
+        tether: Tether = await start_tether(
+            mcp_config=_write_config(tmp_path, servers), **overrides
+        )
     return tether
 
 
 @pytest.fixture
-def servers(request: pytest.FixtureRequest, recorder: McpRecorder,
-            http_mcp: McpHttpFake) -> dict[str, Any]:
+def servers(
+    request: pytest.FixtureRequest, recorder: McpRecorder, http_mcp: McpHttpFake
+) -> dict[str, Any]:
     """One server named "files" on the transport the test is parametrized with."""
     if getattr(request, "param", "stdio") == "http":
         return {"files": {"url": http_mcp.url}}
@@ -90,8 +93,10 @@ async def test_mcp_tool_result_reaches_the_model_and_the_answer(
     start_tether: Any, tmp_path: Path, fakes: Fakes, servers: dict[str, Any]
 ) -> None:
     tether = await _start(start_tether, tmp_path, servers)
-    fakes.model.push(ToolCallReply([("mcp__files__echo", {"text": "hello"})]),
-                     TextReply(["The tool said ", "echo: hello."]))
+    fakes.model.push(
+        ToolCallReply([("mcp__files__echo", {"text": "hello"})]),
+        TextReply(["The tool said ", "echo: hello."]),
+    )
     task_id = await tether.background(chat_body("echo it", tool_ids=["mcp:files:echo"]))
     events = await tether.events(task_id)
     terminal = assert_log_well_formed(events)
@@ -114,18 +119,22 @@ async def test_structured_content_and_progress_reach_the_task(
     start_tether: Any, tmp_path: Path, fakes: Fakes, http_mcp: McpHttpFake
 ) -> None:
     tether = await _start(start_tether, tmp_path, {"web": {"url": http_mcp.url}})
-    fakes.model.push(ToolCallReply([("mcp__web__add", {"a": 2, "b": 40}),
-                                    ("mcp__web__slow", {"seconds": 0.02, "steps": 2})]),
-                     TextReply(["ok"]))
-    task_id = await tether.background(
-        chat_body("add", tool_ids=["mcp:web:add", "mcp:web:slow"]))
+    fakes.model.push(
+        ToolCallReply(
+            [
+                ("mcp__web__add", {"a": 2, "b": 40}),
+                ("mcp__web__slow", {"seconds": 0.02, "steps": 2}),
+            ]
+        ),
+        TextReply(["ok"]),
+    )
+    task_id = await tether.background(chat_body("add", tool_ids=["mcp:web:add", "mcp:web:slow"]))
     events = await tether.events(task_id)
     assert assert_log_well_formed(events)["type"] == "task:completed"
     added, slept = (m["content"] for m in _tool_messages(fakes))
     assert json.loads(added) == {"sum": 42}
     assert slept == "slept 0.02 s"
-    progress = [e["data"] for e in events
-                if e["type"] == "status" and "progress" in e["data"]]
+    progress = [e["data"] for e in events if e["type"] == "status" and "progress" in e["data"]]
     assert [(p["progress"], p["total"]) for p in progress] == [(1, 2), (2, 2)]
     assert progress[0]["description"] == "slow on MCP server web: step 1 of 2"
     assert all(p["mcp_server"] == "web" and p["done"] is False for p in progress)
@@ -136,30 +145,40 @@ async def test_mcp_tool_errors_give_the_model_error_results(
     start_tether: Any, tmp_path: Path, fakes: Fakes, servers: dict[str, Any]
 ) -> None:
     tether = await _start(start_tether, tmp_path, servers)
-    fakes.model.push(ToolCallReply([("mcp__files__fail", {"message": "disk on fire"}),
-                                    ("mcp__files__refuse", {"message": "quota exceeded"})]),
-                     TextReply(["sorry"]))
+    fakes.model.push(
+        ToolCallReply(
+            [
+                ("mcp__files__fail", {"message": "disk on fire"}),
+                ("mcp__files__refuse", {"message": "quota exceeded"}),
+            ]
+        ),
+        TextReply(["sorry"]),
+    )
     task_id = await tether.background(
-        chat_body("go", tool_ids=["mcp:files:fail", "mcp:files:refuse"]))
+        chat_body("go", tool_ids=["mcp:files:fail", "mcp:files:refuse"])
+    )
     events = await tether.events(task_id)
     assert assert_log_well_formed(events)["type"] == "task:completed"
     failed, refused = (m["content"] for m in _tool_messages(fakes))
     assert failed == "Error: Error executing tool fail: disk on fire"
-    assert refused == ("Error: MCP server files answered refuse with an error: "
-                       "quota exceeded")
+    assert refused == ("Error: MCP server files answered refuse with an error: quota exceeded")
     ends = [e["data"] for e in events if e["type"] == "status" and e["data"]["done"]]
     assert sorted(end["description"] for end in ends) == [
-        "fail on MCP server files failed", "refuse on MCP server files failed"]
+        "fail on MCP server files failed",
+        "refuse on MCP server files failed",
+    ]
     assert all(end["error"] is True for end in ends)
 
 
 async def test_api_tools_lists_the_builtins_and_every_mcp_tool(
     start_tether: Any, tmp_path: Path, recorder: McpRecorder, http_mcp: McpHttpFake
 ) -> None:
-    tether = await _start(start_tether, tmp_path,
-                          {"files": _stdio_entry("files-stdio", recorder),
-                           "web": {"url": http_mcp.url}},
-                          api_keys={"sk-a": "alice"})
+    tether = await _start(
+        start_tether,
+        tmp_path,
+        {"files": _stdio_entry("files-stdio", recorder), "web": {"url": http_mcp.url}},
+        api_keys={"sk-a": "alice"},
+    )
     assert (await tether.client.get("/api/tools")).status_code == 401
     response = await tether.client.get("/api/tools", headers={"Authorization": "Bearer sk-a"})
     assert response.status_code == 200
@@ -185,12 +204,16 @@ async def test_a_server_down_at_start_up_is_reported_and_the_rest_works(
     with socket.socket() as probe:  # a loopback port that nothing listens on
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
-    tether = await _start(start_tether, tmp_path, {
-        "files": _stdio_entry("files-stdio", recorder),
-        "gone": {"url": f"http://127.0.0.1:{dead_port}/mcp"},
-        "crashy": {"command": sys.executable, "args": ["-c", "raise SystemExit(3)"]},
-        "missing": {"command": str(tmp_path / "no-such-server")},
-    })
+    tether = await _start(
+        start_tether,
+        tmp_path,
+        {
+            "files": _stdio_entry("files-stdio", recorder),
+            "gone": {"url": f"http://127.0.0.1:{dead_port}/mcp"},
+            "crashy": {"command": sys.executable, "args": ["-c", "raise SystemExit(3)"]},
+            "missing": {"command": str(tmp_path / "no-such-server")},
+        },
+    )
     ready = await tether.client.get("/readyz")
     assert ready.status_code == 200
     mcp = ready.json()["mcp"]
@@ -200,8 +223,9 @@ async def test_a_server_down_at_start_up_is_reported_and_the_rest_works(
     assert "No such file" in mcp["missing"]["error"]
     refused = await tether.chat(chat_body(tool_ids=["mcp:gone:echo"]))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_ids"
-    fakes.model.push(ToolCallReply([("mcp__files__echo", {"text": "still here"})]),
-                     TextReply(["fine"]))
+    fakes.model.push(
+        ToolCallReply([("mcp__files__echo", {"text": "still here"})]), TextReply(["fine"])
+    )
     answer = await tether.chat(chat_body("go", tool_ids=["mcp:files:echo"]))
     assert answer.status_code == 200
     assert [m["content"] for m in _tool_messages(fakes)] == ["echo: still here"]
@@ -210,27 +234,33 @@ async def test_a_server_down_at_start_up_is_reported_and_the_rest_works(
 # ----------------------------------------------------------------------------- cancellation
 
 
-async def _start_slow_call(tether: Tether, fakes: Fakes, recorder: McpRecorder, label: str,
-                           tool: str = "slow", **extra: Any) -> tuple[str, dict[str, Any]]:
+async def _start_slow_call(
+    tether: Tether,
+    fakes: Fakes,
+    recorder: McpRecorder,
+    label: str,
+    tool: str = "slow",
+    **extra: Any,
+) -> tuple[str, dict[str, Any]]:
     """Start a background task whose model calls ``tool`` for 30 s on "files"; returns the
     task id and the server's record of the call once it runs."""
     fakes.model.push(ToolCallReply([(f"mcp__files__{tool}", {"seconds": 30})]))
-    task_id = await tether.background(chat_body("wait", tool_ids=[f"mcp:files:{tool}"],
-                                                **extra))
+    task_id = await tether.background(chat_body("wait", tool_ids=[f"mcp:files:{tool}"], **extra))
     with trio.fail_after(MCP_WAIT):
         call = await recorder.wait_for("call", server=label, tool=tool)
     return task_id, call
 
 
-async def _assert_cancelled_on_server(recorder: McpRecorder, label: str,
-                                      call: dict[str, Any]) -> None:
+async def _assert_cancelled_on_server(
+    recorder: McpRecorder, label: str, call: dict[str, Any]
+) -> None:
     with trio.fail_after(WAIT):
-        await recorder.wait_for("notification_cancelled", server=label,
-                                request_id=call["request_id"])
+        await recorder.wait_for(
+            "notification_cancelled", server=label, request_id=call["request_id"]
+        )
         await recorder.wait_for("cancelled", server=label, request_id=call["request_id"])
         if label == "web":
-            await recorder.wait_for("stream_closed", server=label,
-                                    request_id=call["request_id"])
+            await recorder.wait_for("stream_closed", server=label, request_id=call["request_id"])
     assert not recorder.of("finished", server=label, request_id=call["request_id"])
 
 
@@ -244,8 +274,7 @@ async def _assert_next_call_works(tether: Tether, fakes: Fakes, text: str = "aga
 
 @pytest.mark.parametrize("servers", TRANSPORTS, indirect=True)
 async def test_stop_during_mcp_call_cancels_it_on_the_server(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    servers: dict[str, Any]
+    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder, servers: dict[str, Any]
 ) -> None:
     tether = await _start(start_tether, tmp_path, servers)
     label = _label(servers)
@@ -253,8 +282,7 @@ async def test_stop_during_mcp_call_cancels_it_on_the_server(
     response = await tether.client.post(f"/api/tasks/{task_id}/stop")
     assert response.status_code == 200
     task = response.json()
-    assert (task["status"], task["cancel_reason"], task["phase"]) == ("cancelled", "stop",
-                                                                      "tools")
+    assert (task["status"], task["cancel_reason"], task["phase"]) == ("cancelled", "stop", "tools")
     await _assert_cancelled_on_server(recorder, label, call)
     terminal = assert_log_well_formed(await tether.events(task_id))
     assert terminal["type"] == "task:cancelled" and terminal["data"]["phase"] == "tools"
@@ -266,14 +294,16 @@ async def test_stop_during_mcp_call_cancels_it_on_the_server(
 
 @pytest.mark.parametrize("servers", TRANSPORTS, indirect=True)
 async def test_client_disconnect_during_mcp_call_cancels_it_on_the_server(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    servers: dict[str, Any]
+    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder, servers: dict[str, Any]
 ) -> None:
     tether = await _start(start_tether, tmp_path, servers)
     label = _label(servers)
     fakes.model.push(ToolCallReply([("mcp__files__slow", {"seconds": 30})]))
-    async with tether.client.stream("POST", "/api/chat/completions", json=chat_body(
-            "wait", stream=True, tool_ids=["mcp:files:slow"])) as response:
+    async with tether.client.stream(
+        "POST",
+        "/api/chat/completions",
+        json=chat_body("wait", stream=True, tool_ids=["mcp:files:slow"]),
+    ) as response:
         task_id = response.headers["X-Task-Id"]
         with trio.fail_after(MCP_WAIT):
             call = await recorder.wait_for("call", server=label, tool="slow")
@@ -281,14 +311,12 @@ async def test_client_disconnect_during_mcp_call_cancels_it_on_the_server(
     await _assert_cancelled_on_server(recorder, label, call)
     terminal = assert_log_well_formed(await tether.events(task_id))
     assert terminal["type"] == "task:cancelled"
-    assert (terminal["data"]["cancel_reason"], terminal["data"]["phase"]) == ("disconnect",
-                                                                              "tools")
+    assert (terminal["data"]["cancel_reason"], terminal["data"]["phase"]) == ("disconnect", "tools")
 
 
 @pytest.mark.parametrize("servers", TRANSPORTS, indirect=True)
 async def test_task_timeout_during_mcp_call_cancels_it_on_the_server(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    servers: dict[str, Any]
+    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder, servers: dict[str, Any]
 ) -> None:
     tether = await _start(start_tether, tmp_path, servers, task_timeout_s=3)
     label = _label(servers)
@@ -296,16 +324,15 @@ async def test_task_timeout_during_mcp_call_cancels_it_on_the_server(
     await _assert_cancelled_on_server(recorder, label, call)
     terminal = assert_log_well_formed(await tether.events(task_id))
     assert terminal["type"] == "task:cancelled"
-    assert (terminal["data"]["cancel_reason"], terminal["data"]["phase"]) == ("timeout",
-                                                                              "tools")
+    assert (terminal["data"]["cancel_reason"], terminal["data"]["phase"]) == ("timeout", "tools")
 
 
 async def test_tool_timeout_cancels_the_call_and_the_model_gets_an_error(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    http_mcp: McpHttpFake
+    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder, http_mcp: McpHttpFake
 ) -> None:
-    tether = await _start(start_tether, tmp_path, {"files": {"url": http_mcp.url}},
-                          tool_timeout_s=0.5)
+    tether = await _start(
+        start_tether, tmp_path, {"files": {"url": http_mcp.url}}, tool_timeout_s=0.5
+    )
     fakes.model.push(ToolCallReply([("mcp__files__slow", {"seconds": 30})]), TextReply(["ok"]))
     task_id = await tether.background(chat_body("wait", tool_ids=["mcp:files:slow"]))
     terminal = assert_log_well_formed(await tether.events(task_id))
@@ -317,19 +344,24 @@ async def test_tool_timeout_cancels_the_call_and_the_model_gets_an_error(
 
 
 async def test_one_stop_cancels_two_mcp_calls_of_one_round(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    http_mcp: McpHttpFake
+    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder, http_mcp: McpHttpFake
 ) -> None:
-    tether = await _start(start_tether, tmp_path,
-                          {"files": _stdio_entry("files-stdio", recorder),
-                           "web": {"url": http_mcp.url}})
-    fakes.model.push(ToolCallReply([("mcp__files__slow", {"seconds": 30}),
-                                    ("mcp__web__slow", {"seconds": 30})]))
+    tether = await _start(
+        start_tether,
+        tmp_path,
+        {"files": _stdio_entry("files-stdio", recorder), "web": {"url": http_mcp.url}},
+    )
+    fakes.model.push(
+        ToolCallReply([("mcp__files__slow", {"seconds": 30}), ("mcp__web__slow", {"seconds": 30})])
+    )
     task_id = await tether.background(
-        chat_body("wait", tool_ids=["mcp:files:slow", "mcp:web:slow"]))
+        chat_body("wait", tool_ids=["mcp:files:slow", "mcp:web:slow"])
+    )
     with trio.fail_after(MCP_WAIT):
-        calls = [await recorder.wait_for("call", server=label, tool="slow")
-                 for label in ("files-stdio", "web")]
+        calls = [
+            await recorder.wait_for("call", server=label, tool="slow")
+            for label in ("files-stdio", "web")
+        ]
     task = (await tether.client.post(f"/api/tasks/{task_id}/stop")).json()
     assert (task["status"], task["phase"]) == ("cancelled", "tools")
     for label, call in zip(("files-stdio", "web"), calls, strict=True):
@@ -339,11 +371,11 @@ async def test_one_stop_cancels_two_mcp_calls_of_one_round(
 async def test_stdio_server_killed_mid_call_gives_an_error_and_the_next_call_works(
     start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder
 ) -> None:
-    tether = await _start(start_tether, tmp_path, {"files": _stdio_entry("files-stdio",
-                                                                          recorder)})
+    tether = await _start(start_tether, tmp_path, {"files": _stdio_entry("files-stdio", recorder)})
     pid = recorder.of("started", server="files-stdio")[0]["pid"]
-    fakes.model.push(ToolCallReply([("mcp__files__slow", {"seconds": 30})]),
-                     TextReply(["it broke"]))
+    fakes.model.push(
+        ToolCallReply([("mcp__files__slow", {"seconds": 30})]), TextReply(["it broke"])
+    )
     task_id = await tether.background(chat_body("wait", tool_ids=["mcp:files:slow"]))
     with trio.fail_after(MCP_WAIT):
         await recorder.wait_for("call", server="files-stdio", tool="slow")
@@ -360,9 +392,12 @@ async def test_stdio_server_killed_mid_call_gives_an_error_and_the_next_call_wor
 async def test_wedged_stdio_server_is_restarted_after_a_stop(
     start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder
 ) -> None:
-    tether = await _start(start_tether, tmp_path,
-                          {"files": _stdio_entry("files-stdio", recorder)},
-                          mcp_ping_timeout_s=0.5)
+    tether = await _start(
+        start_tether,
+        tmp_path,
+        {"files": _stdio_entry("files-stdio", recorder)},
+        mcp_ping_timeout_s=0.5,
+    )
     pid = recorder.of("started", server="files-stdio")[0]["pid"]
     task_id, _ = await _start_slow_call(tether, fakes, recorder, "files-stdio", tool="block")
     task = (await tether.client.post(f"/api/tasks/{task_id}/stop")).json()
@@ -376,8 +411,12 @@ async def test_wedged_stdio_server_is_restarted_after_a_stop(
 
 @pytest.mark.parametrize("json_response", [False, True], ids=["sse", "json"])
 async def test_http_tool_that_ignores_the_cancel_has_its_stream_closed_by_tether(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    nursery: trio.Nursery, json_response: bool
+    start_tether: Any,
+    tmp_path: Path,
+    fakes: Fakes,
+    recorder: McpRecorder,
+    nursery: trio.Nursery,
+    json_response: bool,
 ) -> None:
     # Over SSE the answer's stream is open when the stop comes; in JSON mode nothing of the
     # answer has come yet. Either way Tether closes the POST itself.
@@ -388,10 +427,12 @@ async def test_http_tool_that_ignores_the_cancel_has_its_stream_closed_by_tether
     task = (await tether.client.post(f"/api/tasks/{task_id}/stop")).json()
     assert (task["status"], task["phase"]) == ("cancelled", "tools")
     with trio.fail_after(WAIT):
-        await recorder.wait_for("notification_cancelled", server="web",
-                                request_id=call["request_id"])
-        closed = await recorder.wait_for("stream_closed", server="web",
-                                         request_id=call["request_id"])
+        await recorder.wait_for(
+            "notification_cancelled", server="web", request_id=call["request_id"]
+        )
+        closed = await recorder.wait_for(
+            "stream_closed", server="web", request_id=call["request_id"]
+        )
     assert closed["by"] == "client"
     assert not recorder.of("finished", server="web", request_id=call["request_id"])
     await _assert_next_call_works(tether, fakes)
@@ -399,30 +440,33 @@ async def test_http_tool_that_ignores_the_cancel_has_its_stream_closed_by_tether
 
 
 async def test_calls_beyond_the_per_server_limit_wait_their_turn(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    http_mcp: McpHttpFake
+    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder, http_mcp: McpHttpFake
 ) -> None:
-    tether = await _start(start_tether, tmp_path, {"files": {"url": http_mcp.url}},
-                          mcp_max_concurrent_calls=1)
-    fakes.model.push(ToolCallReply([("mcp__files__slow", {"seconds": 0.3, "steps": 1}),
-                                    ("mcp__files__echo", {"text": "second"})]),
-                     TextReply(["ok"]))
-    response = await tether.chat(chat_body("go", tool_ids=["mcp:files:slow",
-                                                           "mcp:files:echo"]))
+    tether = await _start(
+        start_tether, tmp_path, {"files": {"url": http_mcp.url}}, mcp_max_concurrent_calls=1
+    )
+    fakes.model.push(
+        ToolCallReply(
+            [
+                ("mcp__files__slow", {"seconds": 0.3, "steps": 1}),
+                ("mcp__files__echo", {"text": "second"}),
+            ]
+        ),
+        TextReply(["ok"]),
+    )
+    response = await tether.chat(chat_body("go", tool_ids=["mcp:files:slow", "mcp:files:echo"]))
     assert response.status_code == 200
-    order = [(e["event"], e["tool"]) for e in recorder.events
-             if e["event"] in ("call", "finished")]
-    assert order in ([("call", "slow"), ("finished", "slow"), ("call", "echo"),
-                      ("finished", "echo")],
-                     [("call", "echo"), ("finished", "echo"), ("call", "slow"),
-                      ("finished", "slow")])
+    order = [(e["event"], e["tool"]) for e in recorder.events if e["event"] in ("call", "finished")]
+    assert order in (
+        [("call", "slow"), ("finished", "slow"), ("call", "echo"), ("finished", "echo")],
+        [("call", "echo"), ("finished", "echo"), ("call", "slow"), ("finished", "slow")],
+    )
 
 
 async def test_shutdown_ends_the_stdio_server_process(
     start_tether: Any, tmp_path: Path, recorder: McpRecorder
 ) -> None:
-    tether = await _start(start_tether, tmp_path, {"files": _stdio_entry("files-stdio",
-                                                                          recorder)})
+    tether = await _start(start_tether, tmp_path, {"files": _stdio_entry("files-stdio", recorder)})
     pid = recorder.of("started", server="files-stdio")[0]["pid"]
     assert _alive(pid)
     tether.stop_serving.set()
@@ -466,41 +510,46 @@ def test_function_names_are_valid_unique_and_stable() -> None:
 
 
 def test_results_map_text_structure_and_media_and_are_capped() -> None:
-    text = mcp_types.CallToolResult(content=[mcp_types.TextContent(text="one"),
-                                             mcp_types.TextContent(text="two")],
-                                    structured_content={"n": 2})
+    text = mcp_types.CallToolResult(
+        content=[mcp_types.TextContent(text="one"), mcp_types.TextContent(text="two")],
+        structured_content={"n": 2},
+    )
     assert result_text(text, 100) == ("one\n\ntwo", False)
     structured = mcp_types.CallToolResult(content=[], structured_content={"n": 2})
     assert result_text(structured, 100) == ('{"n": 2}', False)
-    image = mcp_types.CallToolResult(content=[mcp_types.ImageContent(data="AAAA",
-                                                                     mime_type="image/png")])
+    image = mcp_types.CallToolResult(
+        content=[mcp_types.ImageContent(data="AAAA", mime_type="image/png")]
+    )
     assert result_text(image, 100) == ("[image (image/png), not shown]", False)
-    failed = mcp_types.CallToolResult(content=[mcp_types.TextContent(text="no")],
-                                      is_error=True)
+    failed = mcp_types.CallToolResult(content=[mcp_types.TextContent(text="no")], is_error=True)
     assert result_text(failed, 100) == ("no", True)
     long = mcp_types.CallToolResult(content=[mcp_types.TextContent(text="x" * 50)])
     assert result_text(long, 10) == ("x" * 10 + "\n\n[cut short]", False)
 
 
 def test_mcp_config_reads_both_shapes_and_refuses_bad_ones(tmp_path: Path) -> None:
-    path = _write_config(tmp_path, {
-        "files": {"command": "npx", "args": ["-y", "server"], "env": {"KEY": "v"}},
-        "web": {"url": "https://mcp.example.com/mcp", "headers": {"Authorization": "Bearer t"}},
-    })
+    path = _write_config(
+        tmp_path,
+        {
+            "files": {"command": "npx", "args": ["-y", "server"], "env": {"KEY": "v"}},
+            "web": {"url": "https://mcp.example.com/mcp", "headers": {"Authorization": "Bearer t"}},
+        },
+    )
     assert read_mcp_config(path) == (
         McpStdioServer("files", "npx", ("-y", "server"), {"KEY": "v"}),
         McpHttpServer("web", "https://mcp.example.com/mcp", {"Authorization": "Bearer t"}),
     )
     for bad, message in (
-            ({"x y": {"command": "a"}}, "server 'x y': a name is 1 to 64 of"),
-            ({"a": {"args": []}}, "server 'a' needs a \"command\" (stdio) or a \"url\""),
-            ({"a": {"url": "ftp://x"}}, "server 'a': url must be an http(s) URL"),
-            ({"a": {"command": "a", "args": "-v"}}, "server 'a': args must be a list of strings"),
-            ({"a": {"command": "a", "args": ["-v", 1]}}, "args must be a list of strings"),
-            ({"a": {"command": "a", "env": {"K": 1}}}, "env must be an object of strings"),
-            ({"a": {"url": "http://x", "headers": []}}, "headers must be an object of strings"),
-            ({"a": "npx"}, "server 'a' is not an object"),
-            ({"a": {"type": "sse", "url": "http://x"}}, "HTTP+SSE transport is not supported")):
+        ({"x y": {"command": "a"}}, "server 'x y': a name is 1 to 64 of"),
+        ({"a": {"args": []}}, 'server \'a\' needs a "command" (stdio) or a "url"'),
+        ({"a": {"url": "ftp://x"}}, "server 'a': url must be an http(s) URL"),
+        ({"a": {"command": "a", "args": "-v"}}, "server 'a': args must be a list of strings"),
+        ({"a": {"command": "a", "args": ["-v", 1]}}, "args must be a list of strings"),
+        ({"a": {"command": "a", "env": {"K": 1}}}, "env must be an object of strings"),
+        ({"a": {"url": "http://x", "headers": []}}, "headers must be an object of strings"),
+        ({"a": "npx"}, "server 'a' is not an object"),
+        ({"a": {"type": "sse", "url": "http://x"}}, "HTTP+SSE transport is not supported"),
+    ):
         with pytest.raises(SettingsError) as caught:
             read_mcp_config(_write_config(tmp_path, bad))
         assert message in str(caught.value) and "\n" not in str(caught.value)
@@ -512,18 +561,17 @@ def test_mcp_config_reads_both_shapes_and_refuses_bad_ones(tmp_path: Path) -> No
 
 
 async def test_an_unreadable_mcp_config_stops_the_start(tmp_path: Path) -> None:
-    env = {**os.environ, "TETHER_MCP_CONFIG": str(tmp_path / "absent.json"),
-           "TETHER_PORT": "0"}
+    env = {**os.environ, "TETHER_MCP_CONFIG": str(tmp_path / "absent.json"), "TETHER_PORT": "0"}
     with trio.fail_after(MCP_WAIT):
-        result = await trio.run_process([sys.executable, "-m", "server", "serve"], env=env,
-                                        capture_stderr=True, check=False)
+        result = await trio.run_process(
+            [sys.executable, "-m", "server", "serve"], env=env, capture_stderr=True, check=False
+        )
     assert result.returncode == 2
     assert b"TETHER_MCP_CONFIG" in result.stderr
 
 
 async def test_a_lost_http_server_gives_error_results_and_shows_down(
-    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder,
-    nursery: trio.Nursery
+    start_tether: Any, tmp_path: Path, fakes: Fakes, recorder: McpRecorder, nursery: trio.Nursery
 ) -> None:
     first = McpHttpFake("web", recorder)
     await first.start(nursery)

@@ -43,7 +43,8 @@ async def test_router_without_upstream_serves_only_local() -> None:
     assert isinstance(router.resolve("local"), LocalModel)
     assert router.resolve("gpt-x") is None
     assert router.list_models() == [
-        {"id": "local", "object": "model", "created": 0, "owned_by": "tether"}]
+        {"id": "local", "object": "model", "created": 0, "owned_by": "tether"}
+    ]
 
 
 async def test_router_lets_the_upstream_decide_until_its_list_is_known() -> None:
@@ -56,7 +57,9 @@ async def test_router_lets_the_upstream_decide_until_its_list_is_known() -> None
     assert router.resolve("anything") is None
     assert isinstance(router.resolve("local"), LocalModel)
     assert [(m["id"], m["owned_by"]) for m in router.list_models()] == [
-        ("local", "tether"), ("gpt-x", "upstream")]
+        ("local", "tether"),
+        ("gpt-x", "upstream"),
+    ]
 
 
 async def test_router_refresh_failure_keeps_the_old_list_and_remembers_the_error() -> None:
@@ -83,7 +86,8 @@ async def test_build_model_router_uses_the_settings() -> None:
     async with upstream.client() as http:
         assert build_model_router(Settings(), http).upstream is None
         router = build_model_router(
-            Settings(llm_base_url=upstream.base_url + "/v1", llm_api_key="k"), http)
+            Settings(llm_base_url=upstream.base_url + "/v1", llm_api_key="k"), http
+        )
         await router.refresh()
     assert [m["id"] for m in router.list_models()] == ["local", "remote"]
     assert isinstance(router.resolve("remote"), OpenAICompatibleModel)

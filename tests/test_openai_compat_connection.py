@@ -33,8 +33,9 @@ async def http() -> AsyncIterator[httpx2.AsyncClient]:
         yield client
 
 
-def model_for(upstream: ScriptedServer, http: httpx2.AsyncClient, *,
-              timeout: float = WAIT) -> OpenAICompatibleModel:
+def model_for(
+    upstream: ScriptedServer, http: httpx2.AsyncClient, *, timeout: float = WAIT
+) -> OpenAICompatibleModel:
     return OpenAICompatibleModel(http, upstream.base_url + "/v1", "sk-test", timeout)
 
 

@@ -33,8 +33,9 @@ async def http(upstream: MockUpstream) -> AsyncIterator[httpx2.AsyncClient]:
         yield client
 
 
-def model_for(upstream: MockUpstream, http: httpx2.AsyncClient, *,
-              api_key: str | None = "sk-test") -> OpenAICompatibleModel:
+def model_for(
+    upstream: MockUpstream, http: httpx2.AsyncClient, *, api_key: str | None = "sk-test"
+) -> OpenAICompatibleModel:
     return OpenAICompatibleModel(http, upstream.base_url + "/v1", api_key, WAIT)
 
 
@@ -42,17 +43,21 @@ async def test_upstream_stream_delivers_content_finish_and_usage(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
     lo, bang = json.dumps(chunk("lo")), json.dumps(chunk("!"))
-    upstream.route("POST", COMPLETIONS, streamed(
-        ": keep-alive comment\n\nevent: message\nid: 1\n",
-        chunk("", role="assistant"),
-        chunk("Hel"),
-        # Two lines in one write and one line over two writes: framing is not chunking.
-        f"data: {lo}\n\ndata: {bang[:9]}",
-        f"{bang[9:]}\r\n\r\n",
-        chunk(finish="stop"),
-        USAGE_CHUNK,
-        "data: [DONE]\n\n",
-    ))
+    upstream.route(
+        "POST",
+        COMPLETIONS,
+        streamed(
+            ": keep-alive comment\n\nevent: message\nid: 1\n",
+            chunk("", role="assistant"),
+            chunk("Hel"),
+            # Two lines in one write and one line over two writes: framing is not chunking.
+            f"data: {lo}\n\ndata: {bang[:9]}",
+            f"{bang[9:]}\r\n\r\n",
+            chunk(finish="stop"),
+            USAGE_CHUNK,
+            "data: [DONE]\n\n",
+        ),
+    )
     collected = Collected()
     await model_for(upstream, http).stream_chat(BODY, collected)
     assert collected.content == "Hello!"
@@ -75,16 +80,20 @@ async def test_upstream_sse_framing_follows_the_spec_at_the_edges(
     multi = json.dumps(chunk("multi ")).replace(', "model"', ',\ndata: "model"')
     assert "\ndata: " in multi
     split = json.dumps(chunk("split"))
-    upstream.route("POST", COMPLETIONS, streamed(
-        ": a comment\r\rretry: 3000\r\r",
-        f"data: {multi}\n\n",
-        f"event: message\rid: 7\rdata: {json.dumps(chunk('cr '))}\r\r",
-        f"data:{json.dumps(chunk('nospace '))}\r\n\r\n",
-        f"data: {split[:20]}",
-        f"{split[20:]}\n",
-        f": not the end yet\n\ndata: {json.dumps(chunk(finish='stop'))}\n\n",
-        "data: [DONE]\n\n",
-    ))
+    upstream.route(
+        "POST",
+        COMPLETIONS,
+        streamed(
+            ": a comment\r\rretry: 3000\r\r",
+            f"data: {multi}\n\n",
+            f"event: message\rid: 7\rdata: {json.dumps(chunk('cr '))}\r\r",
+            f"data:{json.dumps(chunk('nospace '))}\r\n\r\n",
+            f"data: {split[:20]}",
+            f"{split[20:]}\n",
+            f": not the end yet\n\ndata: {json.dumps(chunk(finish='stop'))}\n\n",
+            "data: [DONE]\n\n",
+        ),
+    )
     collected = Collected()
     await model_for(upstream, http).stream_chat(BODY, collected)
     assert collected.content == "multi cr nospace split"
@@ -105,8 +114,9 @@ async def test_upstream_event_past_the_size_bound_fails_the_stream(
 async def test_upstream_bad_chunk_fails_after_the_good_ones_of_its_read(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    upstream.route("POST", COMPLETIONS, streamed(
-        f"data: {json.dumps(chunk('kept'))}\n\ndata: {{not json\n\n"))
+    upstream.route(
+        "POST", COMPLETIONS, streamed(f"data: {json.dumps(chunk('kept'))}\n\ndata: {{not json\n\n")
+    )
     collected = Collected()
     with pytest.raises(ModelError, match="invalid JSON"):
         await model_for(upstream, http).stream_chat(BODY, collected)
@@ -124,9 +134,16 @@ async def test_upstream_stream_sends_no_authorization_without_a_key(
 async def test_upstream_stream_reads_both_reasoning_fields(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    upstream.route("POST", COMPLETIONS, streamed(
-        chunk(reasoning_content="think "), chunk(reasoning="more"),
-        chunk("answer", finish="stop"), "data: [DONE]\n\n"))
+    upstream.route(
+        "POST",
+        COMPLETIONS,
+        streamed(
+            chunk(reasoning_content="think "),
+            chunk(reasoning="more"),
+            chunk("answer", finish="stop"),
+            "data: [DONE]\n\n",
+        ),
+    )
     collected = Collected()
     await model_for(upstream, http).stream_chat(BODY, collected)
     assert (collected.reasoning, collected.content) == ("think more", "answer")
@@ -135,22 +152,27 @@ async def test_upstream_stream_reads_both_reasoning_fields(
 async def test_upstream_tool_call_deltas_assemble_by_index(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    def call(index: int, arguments: str, call_id: str | None = None,
-             name: str | None = None) -> dict[str, Any]:
+    def call(
+        index: int, arguments: str, call_id: str | None = None, name: str | None = None
+    ) -> dict[str, Any]:
         piece: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
         if call_id:
             piece.update(id=call_id, type="function")
             piece["function"]["name"] = name
         return piece
 
-    upstream.route("POST", COMPLETIONS, streamed(
-        chunk(tool_calls=[call(0, "", "call_a", "calculator")]),
-        chunk(tool_calls=[call(0, '{"expression": ')]),
-        chunk(tool_calls=[call(1, '{"url": "http://x"}', "call_b", "fetch_url")]),
-        chunk(tool_calls=[call(0, '"2+2"}')]),
-        chunk(finish="tool_calls"),
-        "data: [DONE]\n\n",
-    ))
+    upstream.route(
+        "POST",
+        COMPLETIONS,
+        streamed(
+            chunk(tool_calls=[call(0, "", "call_a", "calculator")]),
+            chunk(tool_calls=[call(0, '{"expression": ')]),
+            chunk(tool_calls=[call(1, '{"url": "http://x"}', "call_b", "fetch_url")]),
+            chunk(tool_calls=[call(0, '"2+2"}')]),
+            chunk(finish="tool_calls"),
+            "data: [DONE]\n\n",
+        ),
+    )
     collected = Collected()
     await model_for(upstream, http).stream_chat(BODY, collected)
     assert collected.tool_calls() == [
@@ -163,8 +185,14 @@ async def test_upstream_tool_call_deltas_assemble_by_index(
 async def test_upstream_500_with_openai_error_body_raises_model_error_with_its_message(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    error = {"error": {"message": "The server had an error", "type": "server_error",
-                       "param": None, "code": None}}
+    error = {
+        "error": {
+            "message": "The server had an error",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
     upstream.route("POST", COMPLETIONS, json_response(error, status=500))
     with pytest.raises(ModelError) as caught:
         await model_for(upstream, http).stream_chat(BODY, Collected())
@@ -175,9 +203,15 @@ async def test_upstream_500_with_openai_error_body_raises_model_error_with_its_m
 async def test_upstream_error_page_without_json_keeps_the_status(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    upstream.route("POST", COMPLETIONS, httpx2.Response(
-        502, content=b"<html><body>Bad gateway</body></html>",
-        headers={"content-type": "text/html"}))
+    upstream.route(
+        "POST",
+        COMPLETIONS,
+        httpx2.Response(
+            502,
+            content=b"<html><body>Bad gateway</body></html>",
+            headers={"content-type": "text/html"},
+        ),
+    )
     with pytest.raises(ModelError) as caught:
         await model_for(upstream, http).stream_chat(BODY, Collected())
     assert caught.value.status == 502
@@ -212,8 +246,9 @@ async def test_upstream_invalid_json_chunk_raises_model_error(
 async def test_upstream_error_chunk_mid_stream_raises_model_error(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    upstream.route("POST", COMPLETIONS, streamed(
-        chunk("so far"), {"error": {"message": "model overloaded"}}))
+    upstream.route(
+        "POST", COMPLETIONS, streamed(chunk("so far"), {"error": {"message": "model overloaded"}})
+    )
     with pytest.raises(ModelError, match="model overloaded"):
         await model_for(upstream, http).stream_chat(BODY, Collected())
 
@@ -221,9 +256,18 @@ async def test_upstream_error_chunk_mid_stream_raises_model_error(
 async def test_upstream_ignoring_stream_true_still_gives_deltas(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    completion = {"id": "c1", "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "all at once"},
-         "finish_reason": "stop"}], "usage": USAGE}
+    completion = {
+        "id": "c1",
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "all at once"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": USAGE,
+    }
     upstream.route("POST", COMPLETIONS, json_response(completion))
     collected = Collected()
     await model_for(upstream, http).stream_chat(BODY, collected)
@@ -232,8 +276,10 @@ async def test_upstream_ignoring_stream_true_still_gives_deltas(
 
 
 async def test_upstream_list_models(upstream: MockUpstream, http: httpx2.AsyncClient) -> None:
-    listing = {"object": "list", "data": [{"id": "gpt-x", "object": "model"},
-                                          {"id": "llama", "object": "model"}]}
+    listing = {
+        "object": "list",
+        "data": [{"id": "gpt-x", "object": "model"}, {"id": "llama", "object": "model"}],
+    }
     upstream.route("GET", "/v1/models", json_response(listing))
     assert await model_for(upstream, http).list_models() == ["gpt-x", "llama"]
     assert upstream.requests[0].headers["authorization"] == "Bearer sk-test"

@@ -16,9 +16,7 @@ from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import chat_body
 
 
-async def test_v1_sync_answer_is_an_openai_chat_completion(
-    tether: Tether, fakes: Fakes
-) -> None:
+async def test_v1_sync_answer_is_an_openai_chat_completion(tether: Tether, fakes: Fakes) -> None:
     fakes.model.push(TextReply(["The ", "answer."]))
     response = await tether.client.post("/v1/chat/completions", json=chat_body())
     body = response.json()
@@ -35,7 +33,8 @@ async def test_v1_stream_chunks_are_openai_chat_completion_chunks(
     fakes.model.push(TextReply(["One ", "two."]))
     chunks: list[dict[str, Any]] = []
     async with tether.client.stream(
-        "POST", "/v1/chat/completions",
+        "POST",
+        "/v1/chat/completions",
         json=chat_body(stream=True, stream_options={"include_usage": True}),
     ) as response:
         async for line in response.aiter_lines():
@@ -43,8 +42,10 @@ async def test_v1_stream_chunks_are_openai_chat_completion_chunks(
                 chunks.append(json.loads(line[6:]))
     for chunk in chunks:
         ChatCompletionChunk.model_validate(chunk)
-    assert "".join(c["choices"][0]["delta"].get("content") or ""
-                   for c in chunks if c["choices"]) == "One two."
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        == "One two."
+    )
 
 
 async def _stop_while_streaming(tether: Tether, fakes: Fakes, path: str) -> dict[str, Any]:
@@ -77,8 +78,9 @@ async def test_stopped_answer_on_v1_ends_with_stop_and_tells_it_was_stopped(
     body = await _stop_while_streaming(tether, fakes, "/v1/chat/completions")
     completion = ChatCompletion.model_validate(body)  # "cancelled" would be rejected here
     assert completion.choices[0].finish_reason == "stop"
-    assert completion.choices[0].message.content and \
-        completion.choices[0].message.content.startswith("w0 ")
+    assert completion.choices[0].message.content and completion.choices[
+        0
+    ].message.content.startswith("w0 ")
     assert body["task"]["status"] == "cancelled" and body["task"]["cancel_reason"] == "stop"
 
 
@@ -116,19 +118,22 @@ async def test_v1_model_by_id_is_an_openai_model_and_unknown_is_404(tether: Teth
     assert missing.json()["error"]["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"temperature": "hot"}, "temperature"),
-    ({"temperature": 5}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"n": 2}, "n"),  # served with one choice only: refused, not dropped
-    ({"logprobs": True}, "logprobs"),  # not served: refused, not dropped
-    ({"max_completion_tokens": "x"}, "max_completion_tokens"),
-    ({"tool_choice": "sometimes"}, "tool_choice"),
-    ({"tools": [{"type": "function"}]}, "tools.0.function"),
-    ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-])
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 2}, "n"),  # served with one choice only: refused, not dropped
+        ({"logprobs": True}, "logprobs"),  # not served: refused, not dropped
+        ({"max_completion_tokens": "x"}, "max_completion_tokens"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
 async def test_v1_refuses_what_openai_refuses_naming_the_field(
     tether: Tether, extra: dict[str, Any], param: str
 ) -> None:
@@ -142,8 +147,15 @@ async def test_valid_openai_fields_and_unknown_extras_reach_the_model(
     tether: Tether, fakes: Fakes
 ) -> None:
     fakes.model.push(TextReply(["ok"]))
-    body = chat_body(temperature=1, top_p=0.5, n=1, seed=7, stop=["\n\n"],
-                     response_format={"type": "json_object"}, vendor_knob={"x": 1})
+    body = chat_body(
+        temperature=1,
+        top_p=0.5,
+        n=1,
+        seed=7,
+        stop=["\n\n"],
+        response_format={"type": "json_object"},
+        vendor_knob={"x": 1},
+    )
     response = await tether.client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200
     sent = fakes.model.requests_for("/v1/chat/completions")[-1].json_body

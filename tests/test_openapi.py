@@ -88,7 +88,10 @@ def test_the_chat_body_schema_is_the_validating_model() -> None:
     schema = doc["components"]["schemas"]["ChatRequestModel"]
     assert schema["required"] == ["messages"]
     assert schema["properties"]["temperature"]["anyOf"][0] == {
-        "type": "number", "minimum": 0, "maximum": 2}
+        "type": "number",
+        "minimum": 0,
+        "maximum": 2,
+    }
     streamed = doc["paths"]["/api/tasks/{task_id}/events"]["get"]["responses"]["200"]
     assert list(streamed["content"]) == ["text/event-stream"]
 
@@ -126,8 +129,10 @@ async def test_real_answers_meet_their_documented_schemas(tether: Tether) -> Non
     _check((await client.get("/api/tools")).json(), "ToolList")
     _check((await client.get("/healthz")).json(), "Health")
     _check((await client.get("/readyz")).json(), "Ready")
-    for bad in (client.get("/api/tasks/task_nope"),
-                client.post("/api/chat/completions", json={"messages": []})):
+    for bad in (
+        client.get("/api/tasks/task_nope"),
+        client.post("/api/chat/completions", json={"messages": []}),
+    ):
         response = await bad
         assert response.status_code in (400, 404)
         _check(response.json(), "ErrorBody")

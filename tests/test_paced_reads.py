@@ -29,8 +29,9 @@ async def upstream(nursery: trio.Nursery) -> AsyncIterator[ScriptedServer]:
     assert not server.errors, "a script crashed:\n" + "\n".join(server.errors)
 
 
-def model_for(upstream: ScriptedServer, http: httpx2.AsyncClient, *,
-              timeout: float = WAIT) -> OpenAICompatibleModel:
+def model_for(
+    upstream: ScriptedServer, http: httpx2.AsyncClient, *, timeout: float = WAIT
+) -> OpenAICompatibleModel:
     return OpenAICompatibleModel(http, upstream.base_url + "/v1", "sk-test", timeout)
 
 
@@ -48,9 +49,13 @@ async def test_upstream_chunks_read_together_are_one_delta(upstream: ScriptedSer
         await send_sse(ex, chunk("one "))
         await collected.first.wait()
         tool = {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}
-        burst = [chunk("two "), chunk("three", reasoning_content="hm"),
-                 chunk(tool_calls=[tool]), chunk(finish="stop"),
-                 {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}]
+        burst = [
+            chunk("two "),
+            chunk("three", reasoning_content="hm"),
+            chunk(tool_calls=[tool]),
+            chunk(finish="stop"),
+            {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": USAGE},
+        ]
         await ex.send("".join(f"data: {json.dumps(c)}\n\n" for c in burst) + "data: [DONE]\n\n")
         await ex.finish()
 
@@ -111,6 +116,7 @@ async def test_a_paced_stream_silent_past_its_read_timeout_fails_and_is_closed(
     """A plain connection's reads wait on the socket itself; the read timeout is kept by
     the client's watchdog, which closes the connection: the model call fails as timed
     out, and the upstream sees the connection closed."""
+
     async def handler(ex: Exchange) -> None:
         await start_stream(ex)
         await send_sse(ex, chunk("first "))
@@ -131,6 +137,7 @@ async def test_a_paced_streams_read_timeout_bounds_each_read_not_the_stream(
 ) -> None:
     """Chunks that come within the timeout of each other keep the stream going however
     long it lasts in all (here twice the timeout)."""
+
     async def handler(ex: Exchange) -> None:
         await start_stream(ex)
         for i in range(8):
@@ -145,6 +152,5 @@ async def test_a_paced_streams_read_timeout_bounds_each_read_not_the_stream(
     async with paced(lambda: 0.0) as http:
         with trio.fail_after(WAIT):
             await model_for(upstream, http, timeout=0.4).stream_chat(BODY, collected)
-    assert "".join(d.content or "" for d in collected.deltas) == "".join(
-        f"t{i} " for i in range(8))
+    assert "".join(d.content or "" for d in collected.deltas) == "".join(f"t{i} " for i in range(8))
     assert collected.finish_reason == "stop"

@@ -14,8 +14,17 @@ from typing import Any
 from server.api.page import STATIC_DIR
 from tests.conftest import Tether
 
-HOOKS = ("prompt", "send", "stop", "web-search", "model", "status", "answer", "sources",
-         "task-state")
+HOOKS = (
+    "prompt",
+    "send",
+    "stop",
+    "web-search",
+    "model",
+    "status",
+    "answer",
+    "sources",
+    "task-state",
+)
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -23,15 +32,18 @@ async def test_the_page_is_html_with_a_strict_content_security_policy(tether: Te
     response = await tether.client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
-    policy = dict(part.strip().split(" ", 1)
-                  for part in response.headers["content-security-policy"].split(";"))
+    policy = dict(
+        part.strip().split(" ", 1)
+        for part in response.headers["content-security-policy"].split(";")
+    )
     assert policy["default-src"] == "'none'"
     assert policy["script-src"] == "'self'" and policy["connect-src"] == "'self'"
     assert policy["img-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
     assert "unsafe" not in response.headers["content-security-policy"]
     html = response.text
     assert re.findall(r"<script\b[^>]*>", html) == [
-        '<script type="module" src="/static/app.js">']  # no inline script
+        '<script type="module" src="/static/app.js">'
+    ]  # no inline script
     assert not re.search(r"\son[a-z]+=", html)  # no inline event handlers either
 
 
@@ -52,8 +64,9 @@ async def test_static_files_have_a_javascript_type_and_are_revalidated(tether: T
     assert response.headers["x-content-type-options"] == "nosniff"
     assert "expires" not in response.headers
     assert response.content == (STATIC_DIR / "tether.js").read_bytes()
-    again = await tether.client.get("/static/tether.js",
-                                    headers={"If-None-Match": response.headers["etag"]})
+    again = await tether.client.get(
+        "/static/tether.js", headers={"If-None-Match": response.headers["etag"]}
+    )
     assert again.status_code == 304
 
 
@@ -66,8 +79,13 @@ async def test_vendored_files_are_cached_for_good(tether: Tether) -> None:
 
 
 async def test_nothing_outside_the_static_folder_is_served(tether: Tether) -> None:
-    for path in ("/static/%2e%2e/config.py", "/static/..%2fapp.py", "/static/nothing.js",
-                 "/static/vendor/marked-18.2.1/LICENSE", "/static/vendor"):
+    for path in (
+        "/static/%2e%2e/config.py",
+        "/static/..%2fapp.py",
+        "/static/nothing.js",
+        "/static/vendor/marked-18.2.1/LICENSE",
+        "/static/vendor",
+    ):
         response = await tether.client.get(path)
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == "not_found"

@@ -85,8 +85,9 @@ async def test_fetch_page_extracts_big_documents(
     paragraphs = "".join(f"<p>Paragraph number {i}.</p>" for i in range(10_000))
     html = f"<html><head><title>Big</title></head><body>{paragraphs}</body></html>".encode()
     upstream.answer_everything(page(200, html, "text/html"))
-    read = await fetch_page(pages, upstream.base_url, timeout=10, max_bytes=2_000_000,
-                            max_chars=100)
+    read = await fetch_page(
+        pages, upstream.base_url, timeout=10, max_bytes=2_000_000, max_chars=100
+    )
     assert read.title == "Big"
     assert read.text.startswith("Paragraph number 0.\n\nParagraph number 1.")
     assert len(read.text) <= 100
@@ -98,12 +99,14 @@ async def test_fetch_page_keeps_plain_text_and_markdown(
 ) -> None:
     upstream.route("GET", "/text", page(200, b"  plain <b>words</b>\n", "text/plain"))
     upstream.route("GET", "/md", page(200, b"# Notes\n\nSome *text*.", "text/markdown"))
-    read = await fetch_page(pages, upstream.base_url + "/text", timeout=5, max_bytes=1000,
-                            max_chars=1000)
+    read = await fetch_page(
+        pages, upstream.base_url + "/text", timeout=5, max_bytes=1000, max_chars=1000
+    )
     assert (read.title, read.text) == ("", "plain <b>words</b>")
 
-    read = await fetch_page(pages, upstream.base_url + "/md", timeout=5, max_bytes=1000,
-                            max_chars=1000)
+    read = await fetch_page(
+        pages, upstream.base_url + "/md", timeout=5, max_bytes=1000, max_chars=1000
+    )
     assert (read.title, read.text) == ("Notes", "# Notes\n\nSome *text*.")
 
 
@@ -178,8 +181,7 @@ async def test_fetch_page_size_cap_truncates_and_closes_the_connection(
     serve: Serve, http: httpx2.AsyncClient
 ) -> None:
     server = await serve(endless(b"all work and no play " * 1000))
-    read = await fetch_page(http, server.base_url, timeout=5, max_bytes=50_000,
-                            max_chars=1_000_000)
+    read = await fetch_page(http, server.base_url, timeout=5, max_bytes=50_000, max_chars=1_000_000)
     assert read.truncated
     assert read.text.startswith("all work and no play")
     assert len(read.text) <= 50_000

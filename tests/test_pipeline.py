@@ -52,15 +52,16 @@ async def test_failed_search_goes_on_to_generation_with_error_status(
 
 
 async def test_failing_page_is_skipped_with_error_status(tether: Tether, fakes: Fakes) -> None:
-    fakes.search.configure(results=[
-        {"url": fakes.pages.base_url + "/binary", "title": "Bin", "content": "binary"},
-        {"url": fakes.pages.base_url + "/page/good", "title": "Good", "content": "good"},
-    ])
+    fakes.search.configure(
+        results=[
+            {"url": fakes.pages.base_url + "/binary", "title": "Bin", "content": "binary"},
+            {"url": fakes.pages.base_url + "/page/good", "title": "Good", "content": "good"},
+        ]
+    )
     task_id = await tether.background(chat_body(features={"web_search": True}))
     events = await tether.events(task_id)
     assert assert_log_well_formed(events)["type"] == "task:completed"
-    page_errors = [e["data"] for e in events
-                   if e["type"] == "status" and e["data"].get("error")]
+    page_errors = [e["data"] for e in events if e["type"] == "status" and e["data"].get("error")]
     assert [p["url"] for p in page_errors] == [fakes.pages.base_url + "/binary"]
 
 
@@ -71,8 +72,9 @@ async def test_server_tools_run_and_results_go_back_to_the_model(
         ToolCallReply([("calculator", {"expression": "6*7"}), ("current_time", {})]),
         TextReply(["It is ", "42."]),
     )
-    response = await tether.chat(chat_body("six times seven?",
-                                           tool_ids=["calculator", "current_time"]))
+    response = await tether.chat(
+        chat_body("six times seven?", tool_ids=["calculator", "current_time"])
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["choices"][0]["message"]["content"] == "It is 42."
@@ -86,22 +88,21 @@ async def test_server_tools_run_and_results_go_back_to_the_model(
     assert {c["tool"] for c in calls} == {"calculator", "current_time"}
 
 
-async def test_tool_error_goes_back_to_the_model_not_a_crash(
-    tether: Tether, fakes: Fakes
-) -> None:
-    fakes.model.push(ToolCallReply([("calculator", {"expression": "__import__('os')"})]),
-                     TextReply(["Sorry."]))
+async def test_tool_error_goes_back_to_the_model_not_a_crash(tether: Tether, fakes: Fakes) -> None:
+    fakes.model.push(
+        ToolCallReply([("calculator", {"expression": "__import__('os')"})]), TextReply(["Sorry."])
+    )
     body = (await tether.chat(chat_body("eval", tool_ids=["calculator"]))).json()
     assert body["choices"][0]["message"]["content"] == "Sorry."
-    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"]
-                    if m["role"] == "tool"][0]
+    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"] if m["role"] == "tool"][0]
     assert tool_message["content"].startswith("Error")
 
 
 async def test_tool_rounds_are_capped(start_tether: Any, fakes: Fakes) -> None:
     tether: Tether = await start_tether(max_tool_rounds=2)
-    fakes.model.configure(default_reply={"kind": "tool_calls",
-                                         "calls": [["calculator", "{\"expression\": \"1+1\"}"]]})
+    fakes.model.configure(
+        default_reply={"kind": "tool_calls", "calls": [["calculator", '{"expression": "1+1"}']]}
+    )
     response = await tether.chat(chat_body(tool_ids=["calculator"]))
     assert response.status_code == 200
     requests = fakes.model.chat_requests
@@ -109,11 +110,14 @@ async def test_tool_rounds_are_capped(start_tether: Any, fakes: Fakes) -> None:
     assert requests[-1]["tool_choice"] == "none"
 
 
-async def test_client_side_tool_calls_come_back_to_the_client(
-    tether: Tether, fakes: Fakes
-) -> None:
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}
+async def test_client_side_tool_calls_come_back_to_the_client(tether: Tether, fakes: Fakes) -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
     fakes.model.push(ToolCallReply([("get_weather", {"city": "Paris"})]))
     body = (await tether.chat(chat_body("weather?", tools=[weather]))).json()
     choice = body["choices"][0]
@@ -130,15 +134,18 @@ async def test_openai_sdk_gets_parsed_answers_from_local_model(start_tether: Any
     try:
         with trio.fail_after(WAIT):
             completion = await client.chat.completions.create(
-                model="local", messages=[{"role": "user", "content": "Say hi"}])
+                model="local", messages=[{"role": "user", "content": "Say hi"}]
+            )
         text = completion.choices[0].message.content
         assert text and "You asked: Say hi" in text
         assert completion.usage is not None and completion.usage.total_tokens > 0
         with trio.fail_after(WAIT):
             stream = await client.chat.completions.create(
-                model="local", messages=[{"role": "user", "content": "Say hi"}], stream=True)
-            pieces = [chunk.choices[0].delta.content or "" async for chunk in stream
-                      if chunk.choices]
+                model="local", messages=[{"role": "user", "content": "Say hi"}], stream=True
+            )
+            pieces = [
+                chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices
+            ]
         assert "".join(pieces) == text
     finally:
         await client.close()
@@ -146,8 +153,13 @@ async def test_openai_sdk_gets_parsed_answers_from_local_model(start_tether: Any
 
 async def test_local_model_calls_the_calculator(start_tether: Any) -> None:
     tether: Tether = await start_tether(llm_base_url=None, default_model="local")
-    response = await tether.chat({"model": "local", "tool_ids": ["calculator"],
-                                  "messages": [{"role": "user", "content": "What is 12 * 11?"}]})
+    response = await tether.chat(
+        {
+            "model": "local",
+            "tool_ids": ["calculator"],
+            "messages": [{"role": "user", "content": "What is 12 * 11?"}],
+        }
+    )
     body = response.json()
     assert "132" in body["choices"][0]["message"]["content"]
 
@@ -156,11 +168,11 @@ async def test_private_addresses_are_refused_unless_allowed(
     start_tether: Any, fakes: Fakes
 ) -> None:
     tether: Tether = await start_tether(fetch_allow_private=False)
-    fakes.model.push(ToolCallReply([("fetch_url", {"url": fakes.pages.base_url + "/page/x"})]),
-                     TextReply(["ok"]))
+    fakes.model.push(
+        ToolCallReply([("fetch_url", {"url": fakes.pages.base_url + "/page/x"})]), TextReply(["ok"])
+    )
     await tether.chat(chat_body("read", tool_ids=["fetch_url"]))
-    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"]
-                    if m["role"] == "tool"][0]
+    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"] if m["role"] == "tool"][0]
     assert "non-public address" in tool_message["content"]
     assert not fakes.pages.connections  # refused before connecting, not after
 
@@ -168,8 +180,8 @@ async def test_private_addresses_are_refused_unless_allowed(
 async def test_redirects_are_followed_for_pages(tether: Tether, fakes: Fakes) -> None:
     fakes.model.push(
         ToolCallReply([("fetch_url", {"url": fakes.pages.base_url + "/redirect/moved"})]),
-        TextReply(["ok"]))
+        TextReply(["ok"]),
+    )
     await tether.chat(chat_body("read", tool_ids=["fetch_url"]))
-    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"]
-                    if m["role"] == "tool"][0]
+    tool_message = [m for m in fakes.model.chat_requests[-1]["messages"] if m["role"] == "tool"][0]
     assert "moved" in tool_message["content"]

@@ -28,12 +28,20 @@ def test_readme_example_is_examples_ws_chat() -> None:
 
 
 async def test_ws_example_chats_with_web_search_and_stops(start_tether: Any) -> None:
-    tether: Tether = await start_tether(llm_base_url=None, default_model="local",
-                                        search_provider="local", local_model_tokens_per_s=200)
+    tether: Tether = await start_tether(
+        llm_base_url=None,
+        default_model="local",
+        search_provider="local",
+        local_model_tokens_per_s=200,
+    )
     env = {**os.environ, "TETHER_WS_URL": tether.ws_url}
     with trio.fail_after(30):
-        result = await trio.run_process([sys.executable, str(EXAMPLE), "What is a cancel scope?"],
-                                        env=env, capture_stdout=True, capture_stderr=True)
+        result = await trio.run_process(
+            [sys.executable, str(EXAMPLE), "What is a cancel scope?"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
     output = result.stdout.decode()
     assert "status: Searching" in output
     assert "source [1]" in output

@@ -45,17 +45,18 @@ class _NoControl:
         return None
 
 
-def _backends(server: RedisServer, count: int, prefix: str | None = None, **options: Any
-              ) -> list[RedisBackend]:
+def _backends(
+    server: RedisServer, count: int, prefix: str | None = None, **options: Any
+) -> list[RedisBackend]:
     prefix = prefix or "b" + secrets.token_hex(6)
     return [redis_backend(server.url, prefix=prefix, **options) for _ in range(count)]
 
 
-async def _admit(backend: RedisBackend, record: TaskRecord, *, max_total: int = 10,
-                 max_per_user: int = 10) -> bool:
+async def _admit(
+    backend: RedisBackend, record: TaskRecord, *, max_total: int = 10, max_per_user: int = 10
+) -> bool:
     """Admission as the task manager does it: a place, then the record."""
-    if not await backend.admission.reserve(record, max_total=max_total,
-                                           max_per_user=max_per_user):
+    if not await backend.admission.reserve(record, max_total=max_total, max_per_user=max_per_user):
         return False
     await backend.store.create(record)
     return True

@@ -27,9 +27,14 @@ TTL = 2.0  # the replicas' heartbeat TTL here: failover within it
 
 
 def replica_settings(fakes: Fakes, redis_url: str, **overrides: Any) -> Settings:
-    return base_settings(fakes, backend="redis", redis_url=redis_url,
-                         redis_prefix="r" + secrets.token_hex(6), replica_ttl_s=TTL,
-                         **overrides)
+    return base_settings(
+        fakes,
+        backend="redis",
+        redis_url=redis_url,
+        redis_prefix="r" + secrets.token_hex(6),
+        replica_ttl_s=TTL,
+        **overrides,
+    )
 
 
 @pytest.fixture
@@ -48,8 +53,9 @@ async def pair(fakes: Fakes, redis_server: RedisServer) -> AsyncIterator[tuple[R
 
 async def _events(replica: Replica, task_id: str, after: int = 0) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    async with replica.client.stream("GET", f"/api/tasks/{task_id}/events?after={after}"
-                                     ) as response:
+    async with replica.client.stream(
+        "GET", f"/api/tasks/{task_id}/events?after={after}"
+    ) as response:
         assert response.status_code == 200
         async for line in response.aiter_lines():
             if line.startswith("data: "):
@@ -81,7 +87,10 @@ async def test_a_stop_via_b_stops_a_search_running_on_a(
     assert response.status_code == 200
     task = response.json()
     assert (task["status"], task["cancel_reason"], task["phase"]) == (
-        "cancelled", "stop", "web_search")
+        "cancelled",
+        "stop",
+        "web_search",
+    )
     with trio.fail_after(WAIT):
         closed = await fakes.search.wait_connection_closed(request.conn_id)
     assert closed.closed_at is not None
@@ -119,7 +128,8 @@ async def test_a_websocket_on_b_follows_and_stops_a_task_of_a_session_on_a(
             assert listed[task_id]["status"] == "running"
             await on_b.send({"type": "subscribe", "task_id": task_id, "after": 1})
             seen = await on_b.events_until_terminal(
-                task_id, stop_when=lambda e: e["type"] == "delta")
+                task_id, stop_when=lambda e: e["type"] == "delta"
+            )
             assert seen[0]["seq"] == 2
             with trio.fail_after(WAIT):
                 model_request = await fakes.model.wait_for_request("/v1/chat/completions")
@@ -186,9 +196,7 @@ async def test_the_admission_limit_holds_across_both_replicas(
         await b.close()
 
 
-async def test_a_redis_restart_fails_running_tasks_and_the_replica_goes_on(
-    fakes: Fakes
-) -> None:
+async def test_a_redis_restart_fails_running_tasks_and_the_replica_goes_on(fakes: Fakes) -> None:
     """Redis keeps no data here: a restart loses the running tasks' logs. Each running
     task ends ``failed`` with ``backend_unavailable`` and its partial content, written
     anew; the replica serves new tasks as soon as Redis is back."""
@@ -228,7 +236,9 @@ async def test_a_replica_shutting_down_ends_its_tasks_and_closes_websockets_with
         assert await a.terminate() == 0
         events = await on_a.events_until_terminal(task_id)
         assert (events[-1]["type"], events[-1]["data"]["cancel_reason"]) == (
-            "task:cancelled", "shutdown")
+            "task:cancelled",
+            "shutdown",
+        )
         with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
             await on_a.ws.get_message()
         assert closed.value.reason is not None and closed.value.reason.code == 1012
@@ -240,16 +250,16 @@ async def test_a_replica_shutting_down_ends_its_tasks_and_closes_websockets_with
 async def test_two_workers_share_one_port_and_one_task_space(
     fakes: Fakes, redis_server: RedisServer
 ) -> None:
-    server = Replica(replica_settings(fakes, redis_server.url), args=("--workers", "2"),
-                     name="workers")
+    server = Replica(
+        replica_settings(fakes, redis_server.url), args=("--workers", "2"), name="workers"
+    )
     try:
         await server.start()
         # New connections are spread over the workers by the kernel.
         seen: set[str] = set()
         with trio.fail_after(WAIT):
             while len(seen) < 2:
-                async with httpx2.AsyncClient(base_url=server.base_url,
-                                              trust_env=False) as fresh:
+                async with httpx2.AsyncClient(base_url=server.base_url, trust_env=False) as fresh:
                     seen.add((await fresh.get("/readyz")).json()["replica"])
         fakes.search.configure(delay=30)
         task_id = await server.background(chat_body(features={"web_search": True}))
@@ -269,7 +279,11 @@ async def test_two_workers_share_one_port_and_one_task_space(
 async def test_workers_without_redis_is_refused_with_a_clear_error() -> None:
     process = await trio.run_process(
         [sys.executable, "-m", "server", "serve", "--workers", "2", "--port", "0"],
-        capture_stderr=True, check=False, env={"PATH": "/usr/bin:/bin"}, cwd=ROOT)
+        capture_stderr=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+    )
     assert process.returncode == 2
     assert b"--workers needs TETHER_BACKEND=redis" in process.stderr
 
@@ -291,21 +305,24 @@ async def test_the_reconnect_grace_holds_across_replicas(
         async with connect(cast(Any, a)) as on_a:
             task_id = await on_a.chat(chat_body())
             seen = await on_a.events_until_terminal(
-                task_id, stop_when=lambda e: e["type"] == "delta")
+                task_id, stop_when=lambda e: e["type"] == "delta"
+            )
         left_a = time.monotonic()
         async with connect(cast(Any, b), session_id=on_a.session_id) as on_b:
-            await on_b.send({"type": "subscribe", "task_id": task_id,
-                             "after": seen[-1]["seq"]})
+            await on_b.send({"type": "subscribe", "task_id": task_id, "after": seen[-1]["seq"]})
             # Deltas still flowing well after A's grace period has run out.
             late = await on_b.events_until_terminal(
-                task_id, stop_when=lambda e: time.monotonic() > left_a + 2 * grace)
+                task_id, stop_when=lambda e: time.monotonic() > left_a + 2 * grace
+            )
             assert late[-1]["type"] == "delta", late[-1]
         with trio.fail_after(WAIT):
             model_request = await fakes.model.wait_for_request("/v1/chat/completions")
             events = await _events(a, task_id, after=late[-1]["seq"])
         terminal = events[-1]
         assert (terminal["type"], terminal["data"]["cancel_reason"]) == (
-            "task:cancelled", "disconnect")
+            "task:cancelled",
+            "disconnect",
+        )
         with trio.fail_after(WAIT):
             await fakes.model.wait_connection_closed(model_request.conn_id)
     finally:

@@ -153,8 +153,9 @@ async def test_tavily_posts_the_query_with_a_bearer_key(
 async def test_search_bad_json_is_a_search_error(
     upstream: MockUpstream, engine: httpx2.AsyncClient, index: int
 ) -> None:
-    upstream.answer_everything(httpx2.Response(
-        200, content=b"{not json", headers={"content-type": "application/json"}))
+    upstream.answer_everything(
+        httpx2.Response(200, content=b"{not json", headers={"content-type": "application/json"})
+    )
     provider = _providers(engine, upstream.base_url)[index]
     with pytest.raises(SearchError, match="not valid JSON"):
         await provider.search("q", 3)

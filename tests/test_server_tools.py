@@ -35,6 +35,7 @@ async def http(upstream: MockUpstream) -> AsyncIterator[httpx2.AsyncClient]:
 
 # --------------------------------------------------------------------------- calculator
 
+
 @pytest.mark.parametrize(
     ("expression", "expected"),
     [
@@ -155,8 +156,11 @@ async def test_fetch_url_tool_returns_title_and_text(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
     page = b"<html><head><title>Cats</title></head><body><p>Cats purr.</p></body></html>"
-    upstream.route("GET", "/cats", httpx2.Response(
-        200, content=page, headers={"content-type": "text/html; charset=utf-8"}))
+    upstream.route(
+        "GET",
+        "/cats",
+        httpx2.Response(200, content=page, headers={"content-type": "text/html; charset=utf-8"}),
+    )
     tool = FetchUrlTool(HttpPageReader(http, Settings()))
     assert await tool.run({"url": upstream.base_url + "/cats"}) == "Title: Cats\n\nCats purr."
 
@@ -164,8 +168,11 @@ async def test_fetch_url_tool_returns_title_and_text(
 async def test_fetch_url_tool_turns_page_errors_into_tool_errors(
     upstream: MockUpstream, http: httpx2.AsyncClient
 ) -> None:
-    upstream.route("GET", "/missing", httpx2.Response(
-        404, content=b"nope", headers={"content-type": "text/plain"}))
+    upstream.route(
+        "GET",
+        "/missing",
+        httpx2.Response(404, content=b"nope", headers={"content-type": "text/plain"}),
+    )
     tool = FetchUrlTool(HttpPageReader(http, Settings()))
     with pytest.raises(ToolError, match="404"):
         await tool.run({"url": upstream.base_url + "/missing"})

@@ -21,8 +21,12 @@ HOSTILE = [
 
 
 def _parse(text: str) -> list[httpx2.ServerSentEvent]:
-    response = httpx2.Response(200, headers={"content-type": "text/event-stream"},
-                               content=text.encode(), request=httpx2.Request("GET", "http://x"))
+    response = httpx2.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=text.encode(),
+        request=httpx2.Request("GET", "http://x"),
+    )
     return list(httpx2.EventSource(response))
 
 

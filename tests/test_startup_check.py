@@ -16,8 +16,9 @@ from tests.replicas import free_port
 LOGGER = "tether.startup"
 
 
-async def _startup_lines(caplog: pytest.LogCaptureFixture, levelno: int,
-                         needle: str) -> list[logging.LogRecord]:
+async def _startup_lines(
+    caplog: pytest.LogCaptureFixture, levelno: int, needle: str
+) -> list[logging.LogRecord]:
     """Wait until the check has logged a line at ``levelno`` holding ``needle``; return
     every line it has logged."""
     with trio.fail_after(WAIT):
@@ -46,7 +47,8 @@ async def test_an_upstream_that_refuses_connections_is_a_warning_and_the_server_
     assert not any(r.levelno == logging.INFO for r in lines)
     assert (await tether.client.get("/healthz")).json() == {"status": "ok"}
     answer = await tether.client.post(
-        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
     assert answer.status_code == 200
 
 
@@ -99,11 +101,13 @@ async def test_the_check_does_not_hold_up_the_first_answer(
     silent.listen(8)
     port = silent.getsockname()[1]
     try:
-        tether: Tether = await start_tether(llm_base_url=f"http://127.0.0.1:{port}/v1",
-                                            default_model="local")
+        tether: Tether = await start_tether(
+            llm_base_url=f"http://127.0.0.1:{port}/v1", default_model="local"
+        )
         assert (await tether.client.get("/healthz")).status_code == 200
         answer = await tether.client.post(
-            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+        )
         assert answer.status_code == 200
         assert not [r for r in caplog.records if r.name == LOGGER]
     finally:

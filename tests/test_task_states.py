@@ -31,8 +31,9 @@ Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
 
 
 def _request() -> ChatRequest:
-    return parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
-                               "background": True}, default_model="m")
+    return parse_chat_request(
+        {"messages": [{"role": "user", "content": "hi"}], "background": True}, default_model="m"
+    )
 
 
 class Script:
@@ -60,17 +61,19 @@ pytestmark = pytest.mark.both_backends
 @pytest.fixture
 def make_backend(backend_settings: dict[str, Any]) -> Callable[[], Any]:
     """The backend of the module's run (memory or Redis), fresh for each manager."""
+
     def make() -> Any:
         if not backend_settings:
             return MemoryBackend()
-        return redis_backend(backend_settings["redis_url"],
-                             prefix=backend_settings["redis_prefix"])
+        return redis_backend(backend_settings["redis_url"], prefix=backend_settings["redis_prefix"])
+
     return make
 
 
 @asynccontextmanager
-async def running_manager(runner: Runner, backend: Any,
-                          **overrides: Any) -> AsyncIterator[TaskManager]:
+async def running_manager(
+    runner: Runner, backend: Any, **overrides: Any
+) -> AsyncIterator[TaskManager]:
     settings = Settings().with_overrides(**overrides)
     manager = TaskManager(settings, backend, runner, Metrics())
     async with trio.open_nursery() as nursery:
@@ -98,14 +101,18 @@ async def test_a_task_goes_queued_running_completed_with_one_terminal_event(
             await script.running.wait()
         running = await manager.store.get(record.id)
         assert running is not None
-        assert (running.status, running.phase, running.content) == (
-            "running", "generating", "part")
+        assert (running.status, running.phase, running.content) == ("running", "generating", "part")
         script.release.set()
         ended = await manager.wait_ended(record.id)
     assert ended is not None and ended.status == "completed" and ended.phase == "done"
     events = await _events(manager, record.id)
-    assert [e.type for e in events] == ["task:queued", "task:started", "delta", "delta",
-                                        "task:completed"]
+    assert [e.type for e in events] == [
+        "task:queued",
+        "task:started",
+        "delta",
+        "delta",
+        "task:completed",
+    ]
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
     terminal = events[-1].data
     assert terminal["content"] == "partial" and terminal["last_seq"] == 5
@@ -129,7 +136,11 @@ async def test_the_first_stop_reason_wins_and_a_stop_after_the_end_changes_nothi
         assert not manager.cancel(record.id, "shutdown")
     assert ended is not None
     assert (ended.status, ended.cancel_reason, ended.phase, ended.content) == (
-        "cancelled", "stop", "generating", "part")
+        "cancelled",
+        "stop",
+        "generating",
+        "part",
+    )
     events = await _events(manager, record.id)
     assert [e.type for e in _terminals(events)] == ["task:cancelled"]
     assert events[-1].data["cancel_reason"] == "stop"
@@ -145,8 +156,11 @@ async def test_a_failure_ends_the_task_failed_in_its_phase(
         with trio.fail_after(WAIT):
             ended = await manager.wait_ended(record.id)
     assert ended is not None and ended.status == "failed"
-    assert ended.error == {"phase": "generating", "type": "upstream_error",
-                           "message": "model said no"}
+    assert ended.error == {
+        "phase": "generating",
+        "type": "upstream_error",
+        "message": "model said no",
+    }
     assert ended.content == "part"
     assert len(_terminals(await _events(manager, record.id))) == 1
 
@@ -182,8 +196,9 @@ async def test_admission_refuses_past_the_limits_and_frees_a_place_when_a_task_e
     make_backend: Callable[[], Any],
 ) -> None:
     script = Script()
-    async with running_manager(script, make_backend(), max_active_tasks=2,
-                               max_active_tasks_per_user=1) as manager:
+    async with running_manager(
+        script, make_backend(), max_active_tasks=2, max_active_tasks_per_user=1
+    ) as manager:
         first = await manager.spawn("a", _request())
         with pytest.raises(TooManyTasks):
             await manager.spawn("a", _request())
@@ -253,8 +268,9 @@ async def test_the_terminal_write_survives_the_nursery_being_cancelled() -> None
 async def test_a_terminal_write_that_never_returns_is_given_up_and_the_task_let_go() -> None:
     backend = _SlowFinish()
     script = Script()
-    async with running_manager(script, MemoryBackend(store=backend),
-                               backend_timeout_s=0.2) as manager:
+    async with running_manager(
+        script, MemoryBackend(store=backend), backend_timeout_s=0.2
+    ) as manager:
         record = await manager.spawn("u", _request())
         with trio.fail_after(WAIT):
             await script.running.wait()
@@ -288,7 +304,8 @@ async def test_reports_from_steps_running_side_by_side_all_reach_the_log_in_orde
     assert sorted(steps) == sorted(f"step {i}" for i in range(20))
     parts = "".join(e.data["content"] for e in events if e.type == "delta")
     assert parts == ended.content and sorted(parts.split("<")[1:]) == sorted(
-        f"{i}>" for i in range(20))
+        f"{i}>" for i in range(20)
+    )
 
 
 async def test_an_answer_past_its_bound_ends_the_task_failed_with_what_it_had(

@@ -32,10 +32,10 @@ async def test_a_connection_stopped_during_its_tls_handshake_is_closed(
         closed.set()
 
     listeners: Any = await nursery.start(
-        partial(trio.serve_tcp, silent_tls_server, 0, host="127.0.0.1"))
+        partial(trio.serve_tcp, silent_tls_server, 0, host="127.0.0.1")
+    )
     port = listeners[0].socket.getsockname()[1]
-    client = build_http_client(Settings(), keepalive=10,
-                               pause=(lambda: 0.0) if paced else None)
+    client = build_http_client(Settings(), keepalive=10, pause=(lambda: 0.0) if paced else None)
     # Collected garbage would close a leaked socket too and hide the leak.
     gc.disable()
     try:

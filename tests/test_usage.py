@@ -51,7 +51,8 @@ async def test_stopped_stream_sends_the_counted_usage_in_its_usage_chunk(
     fakes.model.push(TextReply(WORDS, interval=0.02))
     chunks: list[dict[str, Any]] = []
     async with tether.client.stream(
-        "POST", "/v1/chat/completions",
+        "POST",
+        "/v1/chat/completions",
         json=chat_body(stream=True, stream_options={"include_usage": True}),
     ) as response:
         task_id = response.headers["X-Task-Id"]
@@ -61,8 +62,11 @@ async def test_stopped_stream_sends_the_counted_usage_in_its_usage_chunk(
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunks.append(json.loads(line[6:]))
-                if not stopped and chunks[-1]["choices"] and \
-                        chunks[-1]["choices"][0]["delta"].get("content"):
+                if (
+                    not stopped
+                    and chunks[-1]["choices"]
+                    and chunks[-1]["choices"][0]["delta"].get("content")
+                ):
                     stopped = True
                     await tether.client.post(f"/api/tasks/{task_id}/stop")
     request = fakes.model.requests_for("/v1/chat/completions")[-1]
@@ -70,13 +74,16 @@ async def test_stopped_stream_sends_the_counted_usage_in_its_usage_chunk(
         await fakes.model.wait_connection_closed(request.conn_id)
     for chunk in chunks:
         ChatCompletionChunk.model_validate(chunk)
-    content = "".join(c["choices"][0]["delta"].get("content") or ""
-                      for c in chunks if c["choices"])
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert chunks[-2]["task"]["status"] == "cancelled"
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == []
-    assert usage == {"prompt_tokens": 2, "completion_tokens": len(content.split()),
-                     "total_tokens": 2 + len(content.split()), "estimated": True}
+    assert usage == {
+        "prompt_tokens": 2,
+        "completion_tokens": len(content.split()),
+        "total_tokens": 2 + len(content.split()),
+        "estimated": True,
+    }
     assert 0 < len(content.split()) < len(WORDS)
 
 
@@ -88,8 +95,7 @@ async def test_failed_answer_keeps_the_usage_of_what_the_model_sent(
     terminal = assert_log_well_formed(await tether.events(task_id))
     assert terminal["type"] == "task:failed"
     assert terminal["data"]["content"] == "one two three "
-    expected = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
-                "estimated": True}
+    expected = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "estimated": True}
     assert terminal["data"]["usage"] == expected
     task = (await tether.client.get(f"/api/tasks/{task_id}")).json()
     assert task["usage"] == expected
@@ -108,8 +114,9 @@ async def test_a_model_that_refused_the_request_counts_no_usage(
 async def test_usage_of_a_tool_round_and_a_stopped_round_adds_up(
     tether: Tether, fakes: Fakes
 ) -> None:
-    fakes.model.push(ToolCallReply([("calculator", {"expression": "2 + 2"})]),
-                     TextReply(WORDS, interval=0.02))
+    fakes.model.push(
+        ToolCallReply([("calculator", {"expression": "2 + 2"})]), TextReply(WORDS, interval=0.02)
+    )
     task_id = await tether.background(chat_body("add", tool_ids=["calculator"]))
     with trio.fail_after(WAIT):
         await fakes.model.wait_for_request("/v1/chat/completions", count=2)
@@ -128,8 +135,9 @@ async def test_usage_of_a_tool_round_and_a_stopped_round_adds_up(
     assert stopped["usage"] == {
         "prompt_tokens": reported_prompt + counted_prompt,
         "completion_tokens": reported_completion + counted_completion,
-        "total_tokens": (reported_prompt + counted_prompt
-                         + reported_completion + counted_completion),
+        "total_tokens": (
+            reported_prompt + counted_prompt + reported_completion + counted_completion
+        ),
         "estimated": True,
     }
     assert first.json_body["stream_options"] == {"include_usage": True}
@@ -150,7 +158,8 @@ async def test_answer_stopped_before_the_model_was_called_has_zero_usage(
 
     async def ask() -> None:
         response = await tether.client.post(
-            "/v1/chat/completions", json=chat_body(features={"web_search": True}))
+            "/v1/chat/completions", json=chat_body(features={"web_search": True})
+        )
         answer.update(response.json())
 
     async with trio.open_nursery() as nursery:

@@ -58,9 +58,13 @@ class WsClient:
 
 
 @asynccontextmanager
-async def connect(tether: Tether, key: str | None = None, session_id: str | None = None,
-                  via_query: bool = False, max_message_size: int = 2**26,
-                  ) -> AsyncIterator[WsClient]:
+async def connect(
+    tether: Tether,
+    key: str | None = None,
+    session_id: str | None = None,
+    via_query: bool = False,
+    max_message_size: int = 2**26,
+) -> AsyncIterator[WsClient]:
     url = tether.ws_url
     params = []
     if session_id:
@@ -70,8 +74,9 @@ async def connect(tether: Tether, key: str | None = None, session_id: str | None
     if params:
         url += "?" + "&".join(params)
     headers = [("Authorization", f"Bearer {key}")] if key and not via_query else []
-    async with open_websocket_url(url, extra_headers=headers,
-                                  max_message_size=max_message_size) as ws:
+    async with open_websocket_url(
+        url, extra_headers=headers, max_message_size=max_message_size
+    ) as ws:
         client = WsClient(ws)
         first = await client.recv()
         client.first_message = first
@@ -94,8 +99,12 @@ async def test_chat_with_slow_search_answers_task_id_within_a_second(
 ) -> None:
     fakes.search.configure(delay=30)
     async with connect(tether) as client:
-        await client.send({"type": "chat", "request": chat_body(
-            features={"web_search": True}, chat_id="c", message_id="m")})
+        await client.send(
+            {
+                "type": "chat",
+                "request": chat_body(features={"web_search": True}, chat_id="c", message_id="m"),
+            }
+        )
         with trio.fail_after(1):
             answer = await client.recv()
         assert answer["type"] == "task"
@@ -158,9 +167,7 @@ async def test_closing_only_connection_with_zero_grace_cancels_session_tasks(
         assert terminal["data"]["cancel_reason"] == "disconnect"
 
 
-async def test_background_task_is_not_bound_to_the_session(
-    tether: Tether, fakes: Fakes
-) -> None:
+async def test_background_task_is_not_bound_to_the_session(tether: Tether, fakes: Fakes) -> None:
     fakes.model.push(HangReply())
     async with connect(tether) as client:
         response = await tether.chat(chat_body(session_id=client.session_id, background=True))
@@ -185,7 +192,8 @@ async def test_reconnect_within_grace_keeps_task_and_resume_delivers_missed_even
         session_id = first.session_id
         streaming = await first.chat(chat_body("streaming"))
         seen = await first.events_until_terminal(
-            streaming, stop_when=lambda e: e["type"] == "delta")
+            streaming, stop_when=lambda e: e["type"] == "delta"
+        )
         hanging = await first.chat(chat_body("hanging"))
         with trio.fail_after(WAIT):
             await fakes.model.wait_for_request("/v1/chat/completions", count=2)
@@ -207,7 +215,7 @@ async def test_reconnect_within_grace_keeps_task_and_resume_delivers_missed_even
         # Resume the streaming task from the last event seen: exactly the missed ones.
         await back.send({"type": "subscribe", "task_id": streaming, "after": seen[-1]["seq"]})
         missed = await back.events_until_terminal(streaming)
-        assert missed == (await tether.events(streaming))[seen[-1]["seq"]:]
+        assert missed == (await tether.events(streaming))[seen[-1]["seq"] :]
         assert missed[-1]["type"] == "task:completed"
         await back.send({"type": "stop", "task_id": hanging})
         stopped = await back.events_until_terminal(hanging)
@@ -309,8 +317,9 @@ async def test_slow_reader_does_not_delay_a_fast_one(start_tether: Any, fakes: F
     # 20 MB in all: more than the kernel buffers between the server and a client that
     # does not read can hold, so the slow connection's writer blocks (and more than a
     # task's default bound on its answer, raised here).
-    tether: Tether = await start_tether(ws_send_timeout_s=1, ws_reconnect_grace_s=30,
-                                        max_content_chars=30_000_000)
+    tether: Tether = await start_tether(
+        ws_send_timeout_s=1, ws_reconnect_grace_s=30, max_content_chars=30_000_000
+    )
     big = "z" * 32768
     fakes.model.push(TextReply([big] * 600, interval=0.002))
     async with connect(tether) as fast, connect(tether, session_id=fast.session_id) as slow:
@@ -362,8 +371,9 @@ async def test_reattaching_lists_the_sessions_tasks_with_their_last_seq(
             record = records[task_id]
             assert record is not None and entry["last_seq"] == record.last_seq
         # Resubscribing from the listed seq misses nothing and repeats nothing.
-        await back.send({"type": "subscribe", "task_id": running,
-                         "after": listed[running]["last_seq"]})
+        await back.send(
+            {"type": "subscribe", "task_id": running, "after": listed[running]["last_seq"]}
+        )
         await back.send({"type": "stop", "task_id": running})
         events = await back.events_until_terminal(running)
         assert_log_well_formed(events, after=listed[running]["last_seq"])

@@ -110,9 +110,7 @@ async def test_batched_client_gets_events_messages_gapless_in_order_terminal_las
     assert terminal["data"]["content"] == "".join(f"t{i} " for i in range(40))
 
 
-async def test_batched_replay_sends_a_backlog_in_few_messages(
-    tether: Tether, fakes: Fakes
-) -> None:
+async def test_batched_replay_sends_a_backlog_in_few_messages(tether: Tether, fakes: Fakes) -> None:
     [task_id] = await _completed_tasks(tether, fakes, 1, chunks=600)
     record = await tether.runtime.manager.store.get(task_id)
     assert record is not None and record.last_seq > 256
@@ -138,9 +136,7 @@ async def test_batched_resume_with_after_delivers_exactly_the_rest(
     assert_log_well_formed(events, after=after)
 
 
-async def test_unbatched_client_keeps_one_event_per_message(
-    tether: Tether, fakes: Fakes
-) -> None:
+async def test_unbatched_client_keeps_one_event_per_message(tether: Tether, fakes: Fakes) -> None:
     [task_id] = await _completed_tasks(tether, fakes, 1, chunks=30)
     async with connect(tether, batch=False) as client:
         await client.send({"type": "subscribe", "task_id": task_id, "after": 0})

@@ -63,7 +63,7 @@ class Log:
             self.active = False
 
     def read(self, after: int, limit: int | None) -> list[Ev]:
-        return self.events[after:None if limit is None else after + limit]
+        return self.events[after : None if limit is None else after + limit]
 
     def state(self) -> LogState:
         return LogState(self.active, len(self.events))
@@ -83,13 +83,19 @@ def make_log(task_id: str, count: int, *, end: bool = False) -> Log:
     return log
 
 
-def delivery(*, batch: bool = False, max_lag: int = 10_000, read_limit: int = 256,
-             wake: Callable[[], None] = lambda: None) -> Delivery:
+def delivery(
+    *,
+    batch: bool = False,
+    max_lag: int = 10_000,
+    read_limit: int = 256,
+    wake: Callable[[], None] = lambda: None,
+) -> Delivery:
     return Delivery(batch=batch, max_lag_events=max_lag, wake=wake, read_limit=read_limit)
 
 
-def drive(scheduler: Delivery, logs: dict[str, Log],
-          during_send: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+def drive(
+    scheduler: Delivery, logs: dict[str, Log], during_send: Callable[[int], None] | None = None
+) -> list[dict[str, Any]]:
     """Do the steps the scheduler asks for until it waits or is done; the messages sent,
     decoded. ``during_send(n)`` runs while the n-th message (from 0) is in flight."""
     sent: list[dict[str, Any]] = []
@@ -226,8 +232,10 @@ def test_batched_connection_sends_one_events_message_per_read() -> None:
     assert step == ReadLog("a", 0, 256)
     scheduler.receive_events(log.read(0, 256))
     step = scheduler.next_step()
-    assert step == Send(('{"type":"events","events":[' + log.events[0].json + ","
-                         + log.events[1].json + "]}",), replies=False)
+    assert step == Send(
+        ('{"type":"events","events":[' + log.events[0].json + "," + log.events[1].json + "]}",),
+        replies=False,
+    )
     scheduler.sent()
     assert scheduler.cursor("a") == 2
     assert scheduler.next_step() == Wait()
@@ -338,8 +346,7 @@ def test_unfollowed_task_gets_nothing_more() -> None:
     scheduler.follow("a", 0, Watch())
     scheduler.follow("b", 0, Watch())
     assert scheduler.unfollow("a")
-    assert events_of(drive(scheduler, {"a": make_log("a", 3), "b": make_log("b", 1)})) == [
-        ("b", 1)]
+    assert events_of(drive(scheduler, {"a": make_log("a", 3), "b": make_log("b", 1)})) == [("b", 1)]
 
 
 def test_a_failed_step_costs_its_follower_and_not_the_others() -> None:
@@ -535,8 +542,9 @@ async def test_restarting_writer_finishes_its_backlog_and_returns(
     autojump_clock: MockClock,
 ) -> None:
     socket = SlowSocket(send_s=1, expect=3)
-    writer = WsWriter(socket, MemoryLogs(make_log("a", 2, end=True)), batch=False,
-                      max_lag_events=100)
+    writer = WsWriter(
+        socket, MemoryLogs(make_log("a", 2, end=True)), batch=False, max_lag_events=100
+    )
     hub = WsHub(send_timeout_s=5)
     hub.writers.add(writer)
     writer.delivery.follow("a", 0, Watch())

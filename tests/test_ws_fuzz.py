@@ -45,52 +45,96 @@ class Msg:
 
 
 _TEXT = st.text(max_size=40)
-_ODD_AFTERS = st.one_of(st.integers(max_value=-1), st.floats(allow_nan=True),
-                        st.text(max_size=5), st.booleans(), st.none(), st.lists(st.integers()))
+_ODD_AFTERS = st.one_of(
+    st.integers(max_value=-1),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers()),
+)
 
 
 @st.composite
 def messages(draw: st.DrawFn) -> Msg:
     conn = draw(st.integers(0, 1))
-    kind = draw(st.sampled_from(["chat", "bad_chat", "subscribe", "subscribe_odd",
-                                 "unsubscribe", "stop", "unknown_task", "ping", "garbage",
-                                 "not_object", "binary", "unknown_type", "no_type"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "chat",
+                "bad_chat",
+                "subscribe",
+                "subscribe_odd",
+                "unsubscribe",
+                "stop",
+                "unknown_task",
+                "ping",
+                "garbage",
+                "not_object",
+                "binary",
+                "unknown_type",
+                "no_type",
+            ]
+        )
+    )
     if kind == "chat":
         text = draw(_TEXT) or "hi"
-        return Msg(conn, json.dumps({"type": "chat", "request": chat_body(text)}), False, kind,
-                   starts_task=True)
+        return Msg(
+            conn,
+            json.dumps({"type": "chat", "request": chat_body(text)}),
+            False,
+            kind,
+            starts_task=True,
+        )
     if kind == "bad_chat":
-        request = draw(st.sampled_from([None, [], {"messages": []}, {"messages": "x"},
-                                        {"messages": [{"role": "user", "content": "x"}],
-                                         "tool_ids": ["nope"]}]))
+        request = draw(
+            st.sampled_from(
+                [
+                    None,
+                    [],
+                    {"messages": []},
+                    {"messages": "x"},
+                    {"messages": [{"role": "user", "content": "x"}], "tool_ids": ["nope"]},
+                ]
+            )
+        )
         return Msg(conn, json.dumps({"type": "chat", "request": request}), True, kind)
     if kind in ("subscribe", "unsubscribe", "stop"):
         ref = draw(st.integers(0, 5))
         after = draw(st.integers(0, 50))
-        body: dict[str, Any] = {"type": kind, "after": after} if kind == "subscribe" else {
-            "type": kind}
+        body: dict[str, Any] = (
+            {"type": kind, "after": after} if kind == "subscribe" else {"type": kind}
+        )
         return Msg(conn, json.dumps(body), False, kind, task_ref=ref)
     if kind == "subscribe_odd":
-        return Msg(conn, json.dumps({"type": "subscribe", "after": draw(_ODD_AFTERS)}), True,
-                   kind, task_ref=draw(st.integers(0, 5)))
+        return Msg(
+            conn,
+            json.dumps({"type": "subscribe", "after": draw(_ODD_AFTERS)}),
+            True,
+            kind,
+            task_ref=draw(st.integers(0, 5)),
+        )
     if kind == "unknown_task":
         verb = draw(st.sampled_from(["subscribe", "unsubscribe", "stop"]))
-        task_id = draw(st.one_of(st.just("task_" + "0" * 24), _TEXT, st.integers(),
-                                 st.none()))
+        task_id = draw(st.one_of(st.just("task_" + "0" * 24), _TEXT, st.integers(), st.none()))
         return Msg(conn, json.dumps({"type": verb, "task_id": task_id}), True, kind)
     if kind == "ping":
         return Msg(conn, json.dumps({"type": "ping"}), False, kind)
     if kind == "garbage":
         return Msg(conn, draw(_TEXT.filter(lambda t: not _is_json(t))), True, kind)
     if kind == "not_object":
-        value = draw(st.one_of(st.integers(), st.lists(st.integers(), max_size=3),
-                               st.text(max_size=5), st.none()))
+        value = draw(
+            st.one_of(
+                st.integers(), st.lists(st.integers(), max_size=3), st.text(max_size=5), st.none()
+            )
+        )
         return Msg(conn, json.dumps(value), True, kind)
     if kind == "binary":
         return Msg(conn, draw(st.binary(max_size=40)), True, kind)
     if kind == "unknown_type":
-        name = draw(_TEXT.filter(lambda t: t not in ("chat", "subscribe", "unsubscribe",
-                                                     "stop", "ping")))
+        name = draw(
+            _TEXT.filter(lambda t: t not in ("chat", "subscribe", "unsubscribe", "stop", "ping"))
+        )
         return Msg(conn, json.dumps({"type": name}), True, kind)
     return Msg(conn, json.dumps({"task_id": "x"}), True, kind)  # no_type
 
@@ -142,10 +186,8 @@ async def serving() -> AsyncIterator[tuple[Tether, Fakes]]:
         settings_ = base_settings(fakes)
         app = create_app(settings_)
         stop = trio.Event()
-        binds = await nursery.start(partial(serve_app, app, settings_,
-                                            shutdown_trigger=stop.wait))
-        async with httpx2.AsyncClient(base_url=binds[0], timeout=WAIT,
-                                      trust_env=False) as client:
+        binds = await nursery.start(partial(serve_app, app, settings_, shutdown_trigger=stop.wait))
+        async with httpx2.AsyncClient(base_url=binds[0], timeout=WAIT, trust_env=False) as client:
             yield Tether(binds[0], app.extensions["tether"], client, stop), fakes
         stop.set()
         nursery.cancel_scope.cancel()
@@ -170,8 +212,7 @@ async def _send_and_check(tether: Tether, fakes: Fakes, sequence: list[Msg]) -> 
     errors = [0, 0]
     pongs = [0, 0]
     with trio.fail_after(4 * WAIT):
-        async with connect(tether) as first, connect(tether,
-                                                     session_id=first.session_id) as second:
+        async with connect(tether) as first, connect(tether, session_id=first.session_id) as second:
             replies = (Replies(first), Replies(second))
             for msg in sequence:
                 payload, bad = msg.payload, msg.bad
@@ -197,8 +238,12 @@ async def _send_and_check(tether: Tether, fakes: Fakes, sequence: list[Msg]) -> 
                 for reply in got:
                     assert {"code", "message"} <= set(reply["error"]), reply
                     assert reply["error"]["code"] in (
-                        "invalid_json", "invalid_request", "unknown_type", "not_found",
-                        "model_not_found"), reply
+                        "invalid_json",
+                        "invalid_request",
+                        "unknown_type",
+                        "not_found",
+                        "model_not_found",
+                    ), reply
     for task_id in started:
         with trio.fail_after(WAIT):
             events = await tether.events(task_id)

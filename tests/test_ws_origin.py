@@ -76,20 +76,23 @@ async def test_a_star_allows_every_origin(start_tether: Any) -> None:
     assert (await first_message(tether, [("Origin", FOREIGN)]))["type"] == "session"
 
 
-@pytest.mark.parametrize(("origin", "host", "allowed"), [
-    ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
-    ("http://127.0.0.1:8080", "127.0.0.1:8081", False),
-    ("http://localhost:8080", "127.0.0.1:8080", False),  # another name is another origin
-    ("HTTP://Example.COM", "example.com", True),
-    ("https://example.com", "example.com", True),  # behind a TLS proxy: Host has no port
-    ("https://example.com", "example.com:443", True),
-    ("https://example.com", "example.com:8443", False),
-    ("http://[::1]:8080", "[::1]:8080", True),
-    ("https://example.com.evil.example", "example.com", False),
-    ("null", "example.com", False),  # a sandboxed frame or a file:// page
-    ("http://example.com:notaport", "example.com", False),
-    ("http://example.com", None, False),
-])
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed"),
+    [
+        ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+        ("http://127.0.0.1:8080", "127.0.0.1:8081", False),
+        ("http://localhost:8080", "127.0.0.1:8080", False),  # another name is another origin
+        ("HTTP://Example.COM", "example.com", True),
+        ("https://example.com", "example.com", True),  # behind a TLS proxy: Host has no port
+        ("https://example.com", "example.com:443", True),
+        ("https://example.com", "example.com:8443", False),
+        ("http://[::1]:8080", "[::1]:8080", True),
+        ("https://example.com.evil.example", "example.com", False),
+        ("null", "example.com", False),  # a sandboxed frame or a file:// page
+        ("http://example.com:notaport", "example.com", False),
+        ("http://example.com", None, False),
+    ],
+)
 def test_same_origin_means_the_host_and_port_the_request_went_to(
     origin: str, host: str | None, allowed: bool
 ) -> None:
@@ -103,8 +106,9 @@ def test_same_origin_means_the_host_and_port_the_request_went_to(
 
 
 def test_the_allow_list_is_read_from_the_environment() -> None:
-    settings = Settings.from_env({
-        "TETHER_WS_ALLOWED_ORIGINS": " https://Chat.Example.com/ , http://127.0.0.1:5173,"})
+    settings = Settings.from_env(
+        {"TETHER_WS_ALLOWED_ORIGINS": " https://Chat.Example.com/ , http://127.0.0.1:5173,"}
+    )
     assert settings.ws_allowed_origins == ("https://chat.example.com", "http://127.0.0.1:5173")
     assert Settings.from_env({}).ws_allowed_origins == ()
     with pytest.raises(SettingsError, match="TETHER_WS_ALLOWED_ORIGINS"):

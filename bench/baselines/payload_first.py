@@ -47,13 +47,15 @@ class PayloadFirst:
         self.args = args
         self.http = httpx2.AsyncClient(
             limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
-            timeout=httpx2.Timeout(300.0, connect=10.0), trust_env=False,
+            timeout=httpx2.Timeout(300.0, connect=10.0),
+            trust_env=False,
         )
 
     async def web_search(self, query: str) -> list[dict[str, Any]]:
         """The search request, then every result page, side by side."""
-        answer = await self.http.get(f"{self.args.searxng_url.rstrip('/')}/search",
-                                     params={"q": query, "format": "json"})
+        answer = await self.http.get(
+            f"{self.args.searxng_url.rstrip('/')}/search", params={"q": query, "format": "json"}
+        )
         answer.raise_for_status()
         results = list(answer.json().get("results") or [])[: self.args.result_count]
         pages: dict[int, str] = {}
@@ -75,14 +77,19 @@ class PayloadFirst:
         """The response phase, in the background after the answer (output discarded)."""
         messages = list(body.get("messages") or [])
         if sources:
-            context = "\n\n".join(f"[{i + 1}] {s.get('title', '')}\n{s['text']}"
-                                  for i, s in enumerate(sources))
+            context = "\n\n".join(
+                f"[{i + 1}] {s.get('title', '')}\n{s['text']}" for i, s in enumerate(sources)
+            )
             messages.insert(max(0, len(messages) - 1), {"role": "system", "content": context})
-        payload = {"model": body.get("model") or self.args.model, "messages": messages,
-                   "stream": True}
+        payload = {
+            "model": body.get("model") or self.args.model,
+            "messages": messages,
+            "stream": True,
+        }
         try:
-            async with self.http.stream("POST", f"{self.args.llm_base_url.rstrip('/')}"
-                                        "/chat/completions", json=payload) as answer:
+            async with self.http.stream(
+                "POST", f"{self.args.llm_base_url.rstrip('/')}/chat/completions", json=payload
+            ) as answer:
                 async for _ in answer.aiter_bytes():
                     pass
         except httpx2.HTTPError:
@@ -101,8 +108,17 @@ def create_app(args: argparse.Namespace) -> QuartTrio:
     async def chat() -> Response:
         body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return _json({"error": {"message": "invalid body", "type": "invalid_request",
-                                    "param": None, "code": "invalid_request"}}, 400)
+            return _json(
+                {
+                    "error": {
+                        "message": "invalid body",
+                        "type": "invalid_request",
+                        "param": None,
+                        "code": "invalid_request",
+                    }
+                },
+                400,
+            )
         sources: list[dict[str, Any]] = []
         if (body.get("features") or {}).get("web_search"):
             try:
@@ -111,8 +127,15 @@ def create_app(args: argparse.Namespace) -> QuartTrio:
                 sources = []
         task_id = "task_" + secrets.token_hex(12)
         app.nursery.start_soon(state.generate, body, sources)
-        return _json({"task_id": task_id, "chat_id": body.get("chat_id"),
-                      "message_id": body.get("message_id"), "status": "queued"}, 202)
+        return _json(
+            {
+                "task_id": task_id,
+                "chat_id": body.get("chat_id"),
+                "message_id": body.get("message_id"),
+                "status": "queued",
+            },
+            202,
+        )
 
     @app.after_serving
     async def close() -> None:

@@ -64,7 +64,9 @@ class RelayFloor:
             if message["type"] == "lifespan.startup":
                 self.http = httpx2.AsyncClient(
                     limits=httpx2.Limits(max_connections=5000, max_keepalive_connections=5000),
-                    timeout=httpx2.Timeout(300.0, connect=10.0), trust_env=False)
+                    timeout=httpx2.Timeout(300.0, connect=10.0),
+                    trust_env=False,
+                )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.http is not None:
@@ -77,9 +79,16 @@ class RelayFloor:
             pass
         found = scope["path"] == "/healthz"
         body = HEALTHZ if found else b'{"error": "not found"}'
-        await send({"type": "http.response.start", "status": 200 if found else 404,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200 if found else 404,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _websocket(self, receive: Receive, send: Send) -> None:
@@ -96,8 +105,11 @@ class RelayFloor:
                     command = json.loads(message.get("text") or message.get("bytes") or "")
                 except ValueError:
                     continue
-                if isinstance(command, dict) and command.get("type") == "chat" \
-                        and isinstance(command.get("request"), dict):
+                if (
+                    isinstance(command, dict)
+                    and command.get("type") == "chat"
+                    and isinstance(command.get("request"), dict)
+                ):
                     nursery.start_soon(self._relay, command["request"], send)
             nursery.cancel_scope.cancel()
 

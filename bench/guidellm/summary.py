@@ -38,8 +38,9 @@ def load_name(benchmark: dict[str, Any]) -> str:
 
 def _three(metric: dict[str, Any]) -> str:
     done = metric["successful"]
-    return (f"{done['mean']:.1f} / {done['percentiles']['p50']:.1f} / "
-            f"{done['percentiles']['p99']:.1f}")
+    return (
+        f"{done['mean']:.1f} / {done['percentiles']['p50']:.1f} / {done['percentiles']['p99']:.1f}"
+    )
 
 
 def row(benchmark: dict[str, Any]) -> str:
@@ -67,8 +68,11 @@ def problems(benchmark: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="summary.py", description=__doc__.split("\n\n")[1])
     parser.add_argument("report", type=Path, help="guidellm's JSON output")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 unless every benchmark completed requests, none errored")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless every benchmark completed requests, none errored",
+    )
     args = parser.parse_args(argv)
     benchmarks = json.loads(args.report.read_text())["benchmarks"]
     print(HEADER)

@@ -29,8 +29,12 @@ from bench.stats import ratio
 from bench.wsclient import WsClient, ws_client
 
 SCENARIO = "cancel_storm"
-KINDS = (("http_stop", 0.55), ("ws_stop", 0.20), ("sse_disconnect", 0.15),
-         ("sync_disconnect", 0.10))
+KINDS = (
+    ("http_stop", 0.55),
+    ("ws_stop", 0.20),
+    ("sse_disconnect", 0.15),
+    ("sync_disconnect", 0.10),
+)
 FEATURES = (("web_search", 0.70), ("tool", 0.15), ("plain", 0.15))
 # 30 s of tokens: far longer than any cancel delay (the fake builds its token list up front,
 # so a huge count would slow the fake itself down).
@@ -82,15 +86,19 @@ def _jobs(b: Bench, count: int, seed: int) -> list[Job]:
 
 def _body(b: Bench, job: Job, chat_id: str) -> dict[str, Any]:
     text = ("stormtool " if job.feature == "tool" else "storm ") + b.marker("s")
-    return b.chat_body(text, chat_id=chat_id, web_search=job.feature == "web_search",
-                       tool_ids=["fetch_url"] if job.feature == "tool" else None,
-                       stream=job.kind == "sse_disconnect")
+    return b.chat_body(
+        text,
+        chat_id=chat_id,
+        web_search=job.feature == "web_search",
+        tool_ids=["fetch_url"] if job.feature == "tool" else None,
+        stream=job.kind == "sse_disconnect",
+    )
 
 
-async def _http_stop(b: Bench, job: Job, conn: HttpConnection, chat_id: str, t: Tally
-                     ) -> None:
-    answer = await conn.request("POST", "/api/chat/completions",
-                                {**_body(b, job, chat_id), "background": True})
+async def _http_stop(b: Bench, job: Job, conn: HttpConnection, chat_id: str, t: Tally) -> None:
+    answer = await conn.request(
+        "POST", "/api/chat/completions", {**_body(b, job, chat_id), "background": True}
+    )
     if answer.status != 202:
         t.errors.append(f"spawn {answer.status}")
         return
@@ -117,9 +125,14 @@ async def _ws_stop(b: Bench, job: Job, ws: WsClient, chat_id: str, t: Tally) -> 
     sent_at = await ws.send({"type": "stop", "task_id": task_id})
     terminal = await ws.wait_terminal(task_id, timeout=WS_TERMINAL_WAIT_S)
     if terminal is None:
-        t.errors.append("ws: no terminal event after the stop" + (
-            f" (the server closed the connection: {ws.close_reason})" if ws.closed
-            else f" in {WS_TERMINAL_WAIT_S:g} s, connection open"))
+        t.errors.append(
+            "ws: no terminal event after the stop"
+            + (
+                f" (the server closed the connection: {ws.close_reason})"
+                if ws.closed
+                else f" in {WS_TERMINAL_WAIT_S:g} s, connection open"
+            )
+        )
         return
     t.ws_cancelled_times.append(terminal.at - sent_at)
     t.outcomes[f"{terminal.type.removeprefix('task:')}/{terminal.data.get('cancel_reason')}"] += 1
@@ -174,8 +187,9 @@ async def _storm(b: Bench, jobs: list[Job], chat_id: str, t: Tally) -> None:
                     conn.abort()
                 done += 1
                 if done % max(1, len(jobs) // 5) == 0:
-                    b.progress.step(f"  {done}/{len(jobs)} tasks cancelled "
-                                    f"({time.monotonic() - started:.0f} s)")
+                    b.progress.step(
+                        f"  {done}/{len(jobs)} tasks cancelled ({time.monotonic() - started:.0f} s)"
+                    )
         finally:
             await conn.aclose()
 
@@ -226,9 +240,11 @@ async def run(b: Bench) -> None:
     hang = b.fake("pages").base_url + "/hang"
     await b.fake("model").configure(
         default_reply=FOREVER,
-        rules=[["stormtool", {"kind": "tool_calls",
-                              "calls": [["fetch_url", f'{{"url": "{hang}"}}']]}],
-               ["probe", {"kind": "text", "chunks": ["ok"]}]])
+        rules=[
+            ["stormtool", {"kind": "tool_calls", "calls": [["fetch_url", f'{{"url": "{hang}"}}']]}],
+            ["probe", {"kind": "text", "chunks": ["ok"]}],
+        ],
+    )
     chat_id = "bench-storm-" + b.marker("c")
     retention = float(b.cfg.server_env.get("TETHER_TASK_RETENTION_S", "5"))
     settle_s = max(retention, KEEPALIVE_EXPIRY_S) + 3
@@ -246,8 +262,9 @@ async def run(b: Bench) -> None:
     t = Tally(peak_rss_mb=rss_start)
     cpu0 = b.cpu_by_process()
     started = time.monotonic()
-    b.progress.step(f"{len(jobs)} tasks, {b.cfg.storm_concurrency} at a time; server RSS "
-                    f"{rss_start:.0f} MB")
+    b.progress.step(
+        f"{len(jobs)} tasks, {b.cfg.storm_concurrency} at a time; server RSS {rss_start:.0f} MB"
+    )
     await _storm(b, jobs, chat_id, t)
     storm_s = time.monotonic() - started
     cpu1 = b.cpu_by_process()
@@ -258,9 +275,11 @@ async def run(b: Bench) -> None:
         # Clean up so that later runs are not disturbed, but report it.
         await b.stop_chat(chat_id)
     # Ended tasks stay readable for TETHER_TASK_RETENTION_S; wait for them to expire.
-    b.progress.step(f"  storm done in {storm_s:.1f} s; registry empty after "
-                    f"{drained if drained is None else round(drained, 2)} s; waiting "
-                    f"{settle_s:g} s for retention and keep-alive expiry")
+    b.progress.step(
+        f"  storm done in {storm_s:.1f} s; registry empty after "
+        f"{drained if drained is None else round(drained, 2)} s; waiting "
+        f"{settle_s:g} s for retention and keep-alive expiry"
+    )
     await trio.sleep(settle_s)
     conns = await _leftover_connections(b)
     rss_end = b.server_rss_mb()
@@ -268,45 +287,69 @@ async def run(b: Bench) -> None:
     floor_summary = res.add_set(SCENARIO, "floor_during_storm", t.floor_times)
     ws_summary = res.add_set(SCENARIO, "ws_stop_to_task_cancelled", t.ws_cancelled_times)
     res.figures[SCENARIO] = {
-        "tasks": len(jobs), "concurrency": b.cfg.storm_concurrency,
-        "duration_s": round(storm_s, 2), "kinds": dict(Counter(j.kind for j in jobs)),
+        "tasks": len(jobs),
+        "concurrency": b.cfg.storm_concurrency,
+        "duration_s": round(storm_s, 2),
+        "kinds": dict(Counter(j.kind for j in jobs)),
         "features": dict(Counter(j.feature for j in jobs)),
-        "outcomes": dict(t.outcomes), "phases": dict(t.phases),
+        "outcomes": dict(t.outcomes),
+        "phases": dict(t.phases),
         "phases_by_feature": dict(t.by_feature),
-        "stop_p50": stop_summary["p50"], "stop_p99": stop_summary["p99"],
-        "floor_p50": floor_summary["p50"], "floor_p99": floor_summary["p99"],
-        "ws_cancelled_p50": ws_summary["p50"], "ws_cancelled_p99": ws_summary["p99"],
+        "stop_p50": stop_summary["p50"],
+        "stop_p99": stop_summary["p99"],
+        "floor_p50": floor_summary["p50"],
+        "floor_p99": floor_summary["p99"],
+        "ws_cancelled_p50": ws_summary["p50"],
+        "ws_cancelled_p99": ws_summary["p99"],
         "ws_cancelled_max": ws_summary["max"],
         "stop_ratio_p50": ratio(stop_summary["p50"], floor_summary["p50"]),
         "stop_ratio_p99": ratio(stop_summary["p99"], floor_summary["p99"]),
         "drained_s": None if drained is None else round(drained, 2),
-        "left_running": len(leftovers), "open_connections": conns["idle"],
+        "left_running": len(leftovers),
+        "open_connections": conns["idle"],
         "leaked_connections": conns["left"],
-        "cpu_percent_by_process": cpu, "warmup_tasks": len(warm),
-        "ws_connections_closed_by_server": dict(t.ws_closed), "rss_cold_mb": round(rss_cold, 1),
-        "rss_start_mb": round(rss_start, 1), "rss_peak_mb": round(t.peak_rss_mb, 1),
-        "rss_end_mb": round(rss_end, 1), "errors": len(t.errors),
+        "cpu_percent_by_process": cpu,
+        "warmup_tasks": len(warm),
+        "ws_connections_closed_by_server": dict(t.ws_closed),
+        "rss_cold_mb": round(rss_cold, 1),
+        "rss_start_mb": round(rss_start, 1),
+        "rss_peak_mb": round(t.peak_rss_mb, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "errors": len(t.errors),
     }
     for error in t.errors[:5]:
         res.errors.append(f"{SCENARIO}: {error}")
     if len(t.errors) > 5:
         res.errors.append(f"{SCENARIO}: ... {len(t.errors) - 5} more errors")
-    not_cancelled = {k: v for k, v in t.outcomes.items()
-                     if not k.startswith(("cancelled/", "disconnected"))}
-    res.check("cancel storm: every task ended cancelled", not not_cancelled,
-              f"{sum(t.outcomes.values())} read back" if not not_cancelled
-              else f"other outcomes: {not_cancelled}")
-    res.check("cancel storm: no task left in the registry", drained is not None,
-              f"GET /api/tasks empty {drained:.2f} s after the last cancel"
-              if drained is not None else f"{len(leftovers)} tasks still listed after 60 s")
-    res.check("cancel storm: no connection left open at any fake",
-              not any(conns["left"].values()),
-              f"still open after the pool's keep-alive expiry: {conns['left']} (idle pool "
-              f"connections before it: {conns['idle']})")
-    res.check("cancel storm: server RSS back within 10% of the start",
-              rss_end <= rss_start * 1.10,
-              f"start {rss_start:.1f} MB (after a {len(warm)}-task warm-up storm; "
-              f"{rss_cold:.1f} MB before it), peak {t.peak_rss_mb:.1f} MB, end {rss_end:.1f} MB")
+    not_cancelled = {
+        k: v for k, v in t.outcomes.items() if not k.startswith(("cancelled/", "disconnected"))
+    }
+    res.check(
+        "cancel storm: every task ended cancelled",
+        not not_cancelled,
+        f"{sum(t.outcomes.values())} read back"
+        if not not_cancelled
+        else f"other outcomes: {not_cancelled}",
+    )
+    res.check(
+        "cancel storm: no task left in the registry",
+        drained is not None,
+        f"GET /api/tasks empty {drained:.2f} s after the last cancel"
+        if drained is not None
+        else f"{len(leftovers)} tasks still listed after 60 s",
+    )
+    res.check(
+        "cancel storm: no connection left open at any fake",
+        not any(conns["left"].values()),
+        f"still open after the pool's keep-alive expiry: {conns['left']} (idle pool "
+        f"connections before it: {conns['idle']})",
+    )
+    res.check(
+        "cancel storm: server RSS back within 10% of the start",
+        rss_end <= rss_start * 1.10,
+        f"start {rss_start:.1f} MB (after a {len(warm)}-task warm-up storm; "
+        f"{rss_cold:.1f} MB before it), peak {t.peak_rss_mb:.1f} MB, end {rss_end:.1f} MB",
+    )
 
 
 # Probe tasks at most after the storm: enough to pass through each of the server's pools.
@@ -324,8 +367,12 @@ async def _leftover_connections(b: Bench) -> dict[str, dict[str, int]]:
     Connections of the payload-first baseline's own pool (found by their client port)
     are not counted."""
     owners = _socket_owners(b)
-    idle = {f.name: sum(1 for c in await f.open_connections()
-                        if owners.get(_peer_port(c)) != "payload_first") for f in b.fakes}
+    idle = {
+        f.name: sum(
+            1 for c in await f.open_connections() if owners.get(_peer_port(c)) != "payload_first"
+        )
+        for f in b.fakes
+    }
     flush_at = time.monotonic()
     left: dict[str, int] = {}
     details: list[str] = []
@@ -336,13 +383,15 @@ async def _leftover_connections(b: Bench) -> dict[str, dict[str, int]]:
         left, details = {}, []
         owners.update(_socket_owners(b))
         for fake in b.fakes:
-            records = [c for c in await fake.open_connections()
-                       if float(c["opened_at"]) < flush_at]
+            records = [c for c in await fake.open_connections() if float(c["opened_at"]) < flush_at]
             records = [c for c in records if owners.get(_peer_port(c)) != "payload_first"]
             left[fake.name] = len(records)
-            details += [f"{fake.name} #{c['id']} opened {flush_at - float(c['opened_at']):.1f} "
-                        f"s before, {len(c['paths'])} requests, last {c['paths'][-1:]}, client "
-                        f"{owners.get(_peer_port(c), 'unknown')}" for c in records[:5]]
+            details += [
+                f"{fake.name} #{c['id']} opened {flush_at - float(c['opened_at']):.1f} "
+                f"s before, {len(c['paths'])} requests, last {c['paths'][-1:]}, client "
+                f"{owners.get(_peer_port(c), 'unknown')}"
+                for c in records[:5]
+            ]
         if not any(left.values()):
             break
     b.results.figures[SCENARIO + "_left_connections"] = details
@@ -354,8 +403,9 @@ async def _probe_task(b: Bench) -> None:
     """One background web-search task, waited for until it ends."""
     conn = b.conn()
     try:
-        body = b.chat_body("probe " + b.marker("p"), chat_id="bench-storm-probe",
-                           web_search=True, background=True)
+        body = b.chat_body(
+            "probe " + b.marker("p"), chat_id="bench-storm-probe", web_search=True, background=True
+        )
         answer = await conn.request("POST", "/api/chat/completions", body)
         task_id = answer.json()["task_id"]
         for _ in range(200):  # at most ~10 s

@@ -35,8 +35,7 @@ async def _configure(b: Bench, phase: str) -> tuple[str, str]:
     return "model", "/v1/chat/completions"
 
 
-async def _client(conn: HttpConnection, body: dict[str, Any], first_content: trio.Event
-                  ) -> None:
+async def _client(conn: HttpConnection, body: dict[str, Any], first_content: trio.Event) -> None:
     """Send the request and read the answer until the bench closes the socket."""
     try:
         status, _ = await conn.open_stream("POST", "/api/chat/completions", body)
@@ -44,8 +43,7 @@ async def _client(conn: HttpConnection, body: dict[str, Any], first_content: tri
             return
         if body.get("stream"):
             async for _, data in sse_events(conn):
-                if data.startswith("{") and json.loads(data)["choices"][0]["delta"].get(
-                        "content"):
+                if data.startswith("{") and json.loads(data)["choices"][0]["delta"].get("content"):
                     first_content.set()
         else:
             async for _ in conn.body_chunks():
@@ -54,13 +52,15 @@ async def _client(conn: HttpConnection, body: dict[str, Any], first_content: tri
         pass  # the bench closed the socket under us: that is the point
 
 
-async def _one(b: Bench, client: str, phase: str, fake_name: str, prefix: str
-               ) -> tuple[float | None, str]:
+async def _one(
+    b: Bench, client: str, phase: str, fake_name: str, prefix: str
+) -> tuple[float | None, str]:
     fake = b.fake(fake_name)
     seen_before = len(await fake.requests(prefix))
     chat_id = "bench-disc-" + b.marker("c")
-    body = b.chat_body(b.marker("disc"), chat_id=chat_id, web_search=phase == "web_search",
-                       stream=client == "sse")
+    body = b.chat_body(
+        b.marker("disc"), chat_id=chat_id, web_search=phase == "web_search", stream=client == "sse"
+    )
     conn = b.conn()
     first_content = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -90,7 +90,8 @@ async def _task_end(b: Bench, chat_id: str) -> str:
         with trio.move_on_after(10):
             while True:
                 answer = await conn.request(
-                    "GET", f"/api/tasks?include_finished=true&chat_id={chat_id}")
+                    "GET", f"/api/tasks?include_finished=true&chat_id={chat_id}"
+                )
                 tasks = answer.json().get("tasks", [])
                 if tasks and tasks[0].get("ended_at"):
                     return f"{tasks[0]['status']}/{tasks[0].get('cancel_reason')}"
@@ -114,20 +115,30 @@ async def run(b: Bench) -> None:
                     upstream, status = await _one(b, client, phase, fake_name, prefix)
                 statuses[status] = statuses.get(status, 0) + 1
                 if upstream is None:
-                    problems.append(f"{client}/{phase}: upstream connection still open "
-                                    "10 s after the client left")
+                    problems.append(
+                        f"{client}/{phase}: upstream connection still open "
+                        "10 s after the client left"
+                    )
                 else:
                     values.append(upstream)
                 if status != "cancelled/disconnect":
                     problems.append(f"{client}/{phase}: task ended {status}")
             summary = res.add_set(SCENARIO, f"{client}/{phase}", values)
-            rows.append({"client": "SSE" if client == "sse" else "sync", "phase": phase,
-                         **summary, "status": ", ".join(f"{k} ×{v}" for k, v in
-                                                        sorted(statuses.items()))})
-            b.progress.step(f"{client:<4} mid-{phase:<10}: upstream closed p50 "
-                            f"{summary['p50']} ms, max {summary['max']} ms")
+            rows.append(
+                {
+                    "client": "SSE" if client == "sse" else "sync",
+                    "phase": phase,
+                    **summary,
+                    "status": ", ".join(f"{k} ×{v}" for k, v in sorted(statuses.items())),
+                }
+            )
+            b.progress.step(
+                f"{client:<4} mid-{phase:<10}: upstream closed p50 "
+                f"{summary['p50']} ms, max {summary['max']} ms"
+            )
     res.figures[SCENARIO] = rows
-    res.check("disconnect: every task ended cancelled/disconnect and its upstream "
-              "connection closed", not problems,
-              "all samples" if not problems else f"{len(problems)} problems, e.g. "
-              f"{problems[0]}")
+    res.check(
+        "disconnect: every task ended cancelled/disconnect and its upstream connection closed",
+        not problems,
+        "all samples" if not problems else f"{len(problems)} problems, e.g. {problems[0]}",
+    )

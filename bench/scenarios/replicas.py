@@ -104,10 +104,26 @@ async def start_redis(b: Bench) -> Proc:
     directory = b.procs.log_dir / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = b.procs.spawn("redis", ["--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", str(directory),
-                                   "--daemonize", "no", "--loglevel", "warning"],
-                         program=redis_binary())
+    proc = b.procs.spawn(
+        "redis",
+        [
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        program=redis_binary(),
+    )
     proc.port = port
     deadline = time.monotonic() + 15
     while not await _redis_answers(port):
@@ -118,8 +134,11 @@ async def start_redis(b: Bench) -> Proc:
 
 
 def redis_env(redis: Proc, prefix: str) -> dict[str, str]:
-    return {"TETHER_BACKEND": "redis", "TETHER_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
-            "TETHER_REDIS_PREFIX": prefix}
+    return {
+        "TETHER_BACKEND": "redis",
+        "TETHER_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
+        "TETHER_REDIS_PREFIX": prefix,
+    }
 
 
 def end_tether(b: Bench, proc: Proc, exits: dict[str, int | None]) -> None:
@@ -158,13 +177,15 @@ class StopSample:
     phase: str
 
 
-async def _stop_one(b: Bench, start: HttpConnection, via: HttpConnection, arm: str,
-                    chat_id: str) -> StopSample:
+async def _stop_one(
+    b: Bench, start: HttpConnection, via: HttpConnection, arm: str, chat_id: str
+) -> StopSample:
     model = b.fake("model")
     seen = len(await model.requests(MODEL_PATH))
     marker = b.marker("rstop")
-    answer = await start.request("POST", "/api/chat/completions",
-                                 b.chat_body(marker, chat_id=chat_id, background=True))
+    answer = await start.request(
+        "POST", "/api/chat/completions", b.chat_body(marker, chat_id=chat_id, background=True)
+    )
     if answer.status != 202:
         raise RuntimeError(f"chat on A -> {answer.status}: {answer.body[:200]!r}")
     task_id = str(answer.json()["task_id"])
@@ -181,8 +202,14 @@ async def _stop_one(b: Bench, start: HttpConnection, via: HttpConnection, arm: s
     upstream = None
     if closed is not None and closed.get("closed_at") is not None:
         upstream = float(closed["closed_at"]) - stop.sent_at
-    return StopSample(arm, stop.elapsed, upstream, str(task.get("status")),
-                      str(task.get("cancel_reason")), str(task.get("phase")))
+    return StopSample(
+        arm,
+        stop.elapsed,
+        upstream,
+        str(task.get("status")),
+        str(task.get("cancel_reason")),
+        str(task.get("phase")),
+    )
 
 
 async def stop_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
@@ -195,8 +222,9 @@ async def stop_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
     try:
         for arm in _arms(b.cfg.replica_stop_samples):
             with trio.fail_after(40):
-                samples.append(await _stop_one(b, on_a, on_a if arm == "same" else on_b, arm,
-                                               chat_id))
+                samples.append(
+                    await _stop_one(b, on_a, on_a if arm == "same" else on_b, arm, chat_id)
+                )
     finally:
         await on_a.aclose()
         await on_b.aclose()
@@ -204,31 +232,54 @@ async def stop_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
     for arm in ARMS:
         mine = [s for s in samples if s.arm == arm]
         answer = res.add_set(SCENARIO, f"stop/{arm}/answer", [s.answer for s in mine])
-        upstream = res.add_set(SCENARIO, f"stop/{arm}/upstream",
-                               [s.upstream for s in mine if s.upstream is not None])
-        rows[arm] = {"n": len(mine), "answer": answer, "upstream": upstream,
-                     "ended_in": sorted({s.phase for s in mine})}
+        upstream = res.add_set(
+            SCENARIO, f"stop/{arm}/upstream", [s.upstream for s in mine if s.upstream is not None]
+        )
+        rows[arm] = {
+            "n": len(mine),
+            "answer": answer,
+            "upstream": upstream,
+            "ended_in": sorted({s.phase for s in mine}),
+        }
     same, cross = rows["same"], rows["cross"]
-    problems = [f"{s.arm}: ended {s.status} ({s.reason})" for s in samples
-                if s.status != "cancelled" or s.reason != "stop"]
-    problems += [f"{s.arm}: the model connection was not closed within 10 s" for s in samples
-                 if s.upstream is None]
-    res.check("replicas: every task stopped via A or B ended cancelled (reason stop) and its "
-              "model connection closed", not problems,
-              f"{len(samples)} samples" if not problems else
-              f"{len(problems)} problems, e.g. {problems[0]}")
+    problems = [
+        f"{s.arm}: ended {s.status} ({s.reason})"
+        for s in samples
+        if s.status != "cancelled" or s.reason != "stop"
+    ]
+    problems += [
+        f"{s.arm}: the model connection was not closed within 10 s"
+        for s in samples
+        if s.upstream is None
+    ]
+    res.check(
+        "replicas: every task stopped via A or B ended cancelled (reason stop) and its "
+        "model connection closed",
+        not problems,
+        f"{len(samples)} samples"
+        if not problems
+        else f"{len(problems)} problems, e.g. {problems[0]}",
+    )
     fig = {
-        "same": same, "cross": cross, "goal_ms": GOAL_MS,
-        "ratio": {f"{metric}_{q}": ratio(cross[metric][q], same[metric][q])
-                  for metric in ("answer", "upstream") for q in ("p50", "p99")},
-        "goal_met": all(cross[m]["p99"] is not None and cross[m]["p99"] <= GOAL_MS
-                        for m in ("answer", "upstream")),
+        "same": same,
+        "cross": cross,
+        "goal_ms": GOAL_MS,
+        "ratio": {
+            f"{metric}_{q}": ratio(cross[metric][q], same[metric][q])
+            for metric in ("answer", "upstream")
+            for q in ("p50", "p99")
+        },
+        "goal_met": all(
+            cross[m]["p99"] is not None and cross[m]["p99"] <= GOAL_MS
+            for m in ("answer", "upstream")
+        ),
     }
     b.progress.step(
         f"stop via A / via B: answer p50 {same['answer']['p50']} / {cross['answer']['p50']} "
         f"ms, p99 {same['answer']['p99']} / {cross['answer']['p99']} ms; upstream closed "
         f"p99 {same['upstream']['p99']} / {cross['upstream']['p99']} ms; goal (B p99 <= "
-        f"{GOAL_MS:g} ms) {'met' if fig['goal_met'] else 'NOT met'}")
+        f"{GOAL_MS:g} ms) {'met' if fig['goal_met'] else 'NOT met'}"
+    )
     return fig
 
 
@@ -246,8 +297,11 @@ class ResumeSample:
     @property
     def violations(self) -> int:
         """Each place where the seqs do not go on by one from ``after``."""
-        return sum(1 for prev, cur in zip([self.after, *self.seqs], self.seqs, strict=False)
-                   if cur != prev + 1)
+        return sum(
+            1
+            for prev, cur in zip([self.after, *self.seqs], self.seqs, strict=False)
+            if cur != prev + 1
+        )
 
 
 async def _settle(client: WsClient) -> list[str]:
@@ -256,7 +310,8 @@ async def _settle(client: WsClient) -> list[str]:
     returned and cleared."""
     await client.send({"type": "ping"})
     if not await client.wait_until(
-            lambda: any(r.get("type") == "pong" for _, r in client.replies), 10):
+        lambda: any(r.get("type") == "pong" for _, r in client.replies), 10
+    ):
         raise TimeoutError("no pong in 10 s")
     others = [str(r)[:200] for _, r in client.replies if r.get("type") != "pong"]
     client.replies.clear()
@@ -264,9 +319,11 @@ async def _settle(client: WsClient) -> list[str]:
 
 
 async def _start_stream(b: Bench, on_a: HttpConnection, chat_id: str) -> str:
-    answer = await on_a.request("POST", "/api/chat/completions",
-                                b.chat_body(b.marker("resume"), chat_id=chat_id,
-                                            background=True))
+    answer = await on_a.request(
+        "POST",
+        "/api/chat/completions",
+        b.chat_body(b.marker("resume"), chat_id=chat_id, background=True),
+    )
     if answer.status != 202:
         raise RuntimeError(f"chat on A -> {answer.status}: {answer.body[:200]!r}")
     return str(answer.json()["task_id"])
@@ -283,8 +340,7 @@ async def _resume_one(client: WsClient, arm: str, task_id: str, after: int) -> R
     wanted = RESUME_BACK + RESUME_LIVE
 
     def enough() -> bool:
-        return len(client.events.get(task_id, ())) >= wanted \
-            or client.terminal(task_id) is not None
+        return len(client.events.get(task_id, ())) >= wanted or client.terminal(task_id) is not None
 
     sent = await client.send({"type": "subscribe", "task_id": task_id, "after": after})
     await client.wait_until(enough, 10)
@@ -305,8 +361,10 @@ async def resume_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
     on_a = b.conn(reps.a.port)
     samples: list[ResumeSample] = []
     try:
-        async with ws_client(f"ws://127.0.0.1:{reps.a.port}/ws", batch=True) as ws_a, \
-                ws_client(f"ws://127.0.0.1:{reps.b.port}/ws", batch=True) as ws_b:
+        async with (
+            ws_client(f"ws://127.0.0.1:{reps.a.port}/ws", batch=True) as ws_a,
+            ws_client(f"ws://127.0.0.1:{reps.b.port}/ws", batch=True) as ws_b,
+        ):
             task_id = await _start_stream(b, on_a, chat_id)
             for arm in _arms(b.cfg.replica_resume_samples):
                 with trio.fail_after(40):
@@ -317,40 +375,56 @@ async def resume_part(b: Bench, reps: Replicas, chat_id: str) -> dict[str, Any]:
                         await trio.sleep(0.05)
                         last, running = await _last_seq(on_a, task_id)
                     client = ws_a if arm == "same" else ws_b
-                    samples.append(await _resume_one(client, arm, task_id,
-                                                     last - RESUME_BACK))
+                    samples.append(await _resume_one(client, arm, task_id, last - RESUME_BACK))
     finally:
         await on_a.aclose()
     await b.stop_chat(chat_id, reps.a.port)
     rows: dict[str, dict[str, Any]] = {}
     for arm in ARMS:
         mine = [s for s in samples if s.arm == arm]
-        first = res.add_set(SCENARIO, f"resume/{arm}/first_event",
-                            [s.first for s in mine if s.first is not None])
-        rows[arm] = {"n": len(mine), "first_event": first,
-                     "violations": sum(s.violations for s in mine),
-                     "samples_with_violations": sum(1 for s in mine if s.violations),
-                     "errors": sum(len(s.errors) for s in mine)}
+        first = res.add_set(
+            SCENARIO, f"resume/{arm}/first_event", [s.first for s in mine if s.first is not None]
+        )
+        rows[arm] = {
+            "n": len(mine),
+            "first_event": first,
+            "violations": sum(s.violations for s in mine),
+            "samples_with_violations": sum(1 for s in mine if s.violations),
+            "errors": sum(len(s.errors) for s in mine),
+        }
     same, cross = rows["same"], rows["cross"]
     bad = [s for s in samples if s.violations or s.errors]
     example = ""
     if bad:
         s = bad[0]
-        example = (f", e.g. {s.arm} after {s.after}: seqs {s.seqs[:12]}"
-                   f"{' ' + '; '.join(s.errors[:2]) if s.errors else ''}")
-    res.check("replicas: events resumed on A or B run gapless from after + 1", not bad,
-              f"{len(samples)} samples, events past the cursor: {RESUME_BACK} replayed, then "
-              f"{RESUME_LIVE} live" if not bad else
-              f"{len(bad)} of {len(samples)} samples with gaps, repeats or errors{example}")
-    fig = {"same": same, "cross": cross, "back": RESUME_BACK, "live": RESUME_LIVE,
-           "rate": RESUME_STREAM["rate"],
-           "ratio": {q: ratio(cross["first_event"][q], same["first_event"][q])
-                     for q in ("p50", "p99")}}
+        example = (
+            f", e.g. {s.arm} after {s.after}: seqs {s.seqs[:12]}"
+            f"{' ' + '; '.join(s.errors[:2]) if s.errors else ''}"
+        )
+    res.check(
+        "replicas: events resumed on A or B run gapless from after + 1",
+        not bad,
+        f"{len(samples)} samples, events past the cursor: {RESUME_BACK} replayed, then "
+        f"{RESUME_LIVE} live"
+        if not bad
+        else f"{len(bad)} of {len(samples)} samples with gaps, repeats or errors{example}",
+    )
+    fig = {
+        "same": same,
+        "cross": cross,
+        "back": RESUME_BACK,
+        "live": RESUME_LIVE,
+        "rate": RESUME_STREAM["rate"],
+        "ratio": {
+            q: ratio(cross["first_event"][q], same["first_event"][q]) for q in ("p50", "p99")
+        },
+    }
     b.progress.step(
         f"resume on A / on B: first event p50 {same['first_event']['p50']} / "
         f"{cross['first_event']['p50']} ms, p99 {same['first_event']['p99']} / "
         f"{cross['first_event']['p99']} ms; violations {same['violations']} / "
-        f"{cross['violations']}")
+        f"{cross['violations']}"
+    )
     return fig
 
 
@@ -374,23 +448,32 @@ def _row(config: Config, row: dict[str, Any], cores: int) -> dict[str, Any]:
     total = round(sum(window.values()), 1)
     window_s = row.get("window_s") or 0
     return {
-        "config": config.key, "label": config.label, "server": config.proc.name,
+        "config": config.key,
+        "label": config.label,
+        "server": config.proc.name,
         "tasks": row["tasks"],
         "offered_tokens_per_s": round(row["tasks"] * row["rate"]),
-        "delivered_tokens_per_s": round(row["tokens_in_window"] / window_s)
-        if window_s else None,
-        "lag_p50": row["lag_p50"], "lag_p99": row["lag_p99"], "lag_max": row["lag_max"],
-        "lost": row["lost"], "out_of_order": row["out_of_order"],
-        "undelivered": row["undelivered"], "closed_connections": row["closed_connections"],
+        "delivered_tokens_per_s": round(row["tokens_in_window"] / window_s) if window_s else None,
+        "lag_p50": row["lag_p50"],
+        "lag_p99": row["lag_p99"],
+        "lag_max": row["lag_max"],
+        "lost": row["lost"],
+        "out_of_order": row["out_of_order"],
+        "undelivered": row["undelivered"],
+        "closed_connections": row["closed_connections"],
         "not_completed": row["not_completed"],
-        "ttid_p50": row["ttid_p50"], "ttid_p99": row["ttid_p99"],
+        "ttid_p50": row["ttid_p50"],
+        "ttid_p99": row["ttid_p99"],
         "us_per_token": row["us_per_token"],
         "server_cpu_percent": round(server, 1),
         "redis_cpu_percent": window.get("redis", 0.0),
-        "total_cpu_percent": total, "others_cpu_percent": round(total - server, 1),
+        "total_cpu_percent": total,
+        "others_cpu_percent": round(total - server, 1),
         "machine_cpu_percent": row.get("machine_cpu_percent_window"),
-        "cpu_percent_window": window, "cores": cores,
-        "peak_rss_mb": row["peak_rss_mb"], "kb_per_task": row["kb_per_task"],
+        "cpu_percent_window": window,
+        "cores": cores,
+        "peak_rss_mb": row["peak_rss_mb"],
+        "kb_per_task": row["kb_per_task"],
     }
 
 
@@ -398,9 +481,10 @@ def _compare(rows: dict[str, dict[str, Any]], cores: int) -> dict[str, Any]:
     mem, one, two = rows.get("memory"), rows["redis"], rows["redis_w2"]
     out: dict[str, Any] = {
         "tasks": one["tasks"],
-        "w2_over_w1": {key: ratio(two[key], one[key])
-                       for key in ("lag_p50", "lag_p99", "us_per_token",
-                                   "delivered_tokens_per_s")},
+        "w2_over_w1": {
+            key: ratio(two[key], one[key])
+            for key in ("lag_p50", "lag_p99", "us_per_token", "delivered_tokens_per_s")
+        },
         # What a second worker can add at best: the cores the other processes leave to the
         # servers, in units of the one core a single-threaded server can use.
         "gain_allowed": round(min(2.0, (cores * 100 - two["others_cpu_percent"]) / 100), 2),
@@ -409,12 +493,18 @@ def _compare(rows: dict[str, dict[str, Any]], cores: int) -> dict[str, Any]:
         "total_cpu_percent_w2": two["total_cpu_percent"],
         # CPU the machine spent beyond this run's processes (another job), at worst
         "foreign_cpu_percent": max(
-            (round(r["machine_cpu_percent"] - r["total_cpu_percent"], 1)
-             for r in rows.values() if r["machine_cpu_percent"] is not None), default=None),
+            (
+                round(r["machine_cpu_percent"] - r["total_cpu_percent"], 1)
+                for r in rows.values()
+                if r["machine_cpu_percent"] is not None
+            ),
+            default=None,
+        ),
     }
     if mem is not None:
-        out["redis_over_memory"] = {key: ratio(one[key], mem[key])
-                                    for key in ("us_per_token", "lag_p99")}
+        out["redis_over_memory"] = {
+            key: ratio(one[key], mem[key]) for key in ("us_per_token", "lag_p99")
+        }
     return out
 
 
@@ -422,9 +512,11 @@ def _cpu_text(row: dict[str, Any], name: str) -> str:
     window = row["cpu_percent_window"]
     servers = [f"{v:.0f}" for k, v in window.items() if k == name or k.startswith(name + "/")]
     clients = sum(v for k, v in window.items() if k.startswith("client"))
-    return (f"server {'+'.join(servers)} / redis {row['redis_cpu_percent']:.0f} / model "
-            f"{window.get('model', 0):.0f} / clients {clients:.0f} / total "
-            f"{row['total_cpu_percent']:.0f} (machine {row['machine_cpu_percent']:.0f})")
+    return (
+        f"server {'+'.join(servers)} / redis {row['redis_cpu_percent']:.0f} / model "
+        f"{window.get('model', 0):.0f} / clients {clients:.0f} / total "
+        f"{row['total_cpu_percent']:.0f} (machine {row['machine_cpu_percent']:.0f})"
+    )
 
 
 async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dict[str, Any]:
@@ -432,42 +524,53 @@ async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dic
     ``--workers 2`` on Redis (their exit statuses go to ``exits``)."""
     cfg = b.cfg
     cores = b.results.machine.get("cores") or 1
-    specs = [("memory", "memory backend, 1 process", "tether_memory",
-              {"TETHER_BACKEND": "memory"}, []),
-             ("redis", "Redis backend, 1 process", "tether_redis",
-              redis_env(redis, _prefix()), []),
-             ("redis_w2", "Redis backend, --workers 2", "tether_redis_w2",
-              redis_env(redis, _prefix()), ["--workers", "2"])]
+    specs = [
+        ("memory", "memory backend, 1 process", "tether_memory", {"TETHER_BACKEND": "memory"}, []),
+        ("redis", "Redis backend, 1 process", "tether_redis", redis_env(redis, _prefix()), []),
+        (
+            "redis_w2",
+            "Redis backend, --workers 2",
+            "tether_redis_w2",
+            redis_env(redis, _prefix()),
+            ["--workers", "2"],
+        ),
+    ]
     configs: dict[str, Config] = {}
 
-    async def start(key: str, label: str, name: str, env: dict[str, str],
-                    args: list[str]) -> None:
+    async def start(key: str, label: str, name: str, env: dict[str, str], args: list[str]) -> None:
         proc = await b.start_tether(name, env, args, replicas=2 if args else 1)
         configs[key] = Config(key, label, proc, b.proc_rss_mb(proc))
 
     levels: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
-    pool = WorkerPool(b.procs, workers_for(max(cfg.replica_scale_levels),
-                                           cfg.scale_max_workers))
+    pool = WorkerPool(b.procs, workers_for(max(cfg.replica_scale_levels), cfg.scale_max_workers))
     try:
         async with trio.open_nursery() as nursery:
             for spec in specs:
                 nursery.start_soon(start, *spec)
-        b.progress.step("servers up: " + ", ".join(
-            f"{configs[key].proc.name} :{configs[key].proc.port} "
-            f"(pids {_pids(configs[key].proc)})" for key, *_ in specs))
+        b.progress.step(
+            "servers up: "
+            + ", ".join(
+                f"{configs[key].proc.name} :{configs[key].proc.port} "
+                f"(pids {_pids(configs[key].proc)})"
+                for key, *_ in specs
+            )
+        )
         await pool.start()
         for key, *_ in specs:
-            await run_level(b, pool, Spec(WARM_UP[0], cfg.scale_rate, WARM_UP[1]),
-                            Target(configs[key].proc, SCENARIO, configs[key].rss_at_start_mb))
+            await run_level(
+                b,
+                pool,
+                Spec(WARM_UP[0], cfg.scale_rate, WARM_UP[1]),
+                Target(configs[key].proc, SCENARIO, configs[key].rss_at_start_mb),
+            )
         b.progress.step(f"warm-up done: {WARM_UP[0]} streams of {WARM_UP[1]} tokens each")
         for n in cfg.replica_scale_levels:
             rows: dict[str, dict[str, Any]] = {}
             for key, *_ in specs:
                 config = configs[key]
                 target = Target(config.proc, SCENARIO, config.rss_at_start_mb)
-                found = await run_level(b, pool, Spec(n, cfg.scale_rate, cfg.scale_tokens),
-                                        target)
+                found = await run_level(b, pool, Spec(n, cfg.scale_rate, cfg.scale_tokens), target)
                 rows[key] = _row(config, found, cores)
                 levels.append(rows[key])
                 b.progress.step(
@@ -476,14 +579,20 @@ async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dic
                     f"(offered {rows[key]['offered_tokens_per_s']}), lag p50/p99 "
                     f"{rows[key]['lag_p50']}/{rows[key]['lag_p99']} ms, lost "
                     f"{rows[key]['lost']}, {rows[key]['us_per_token']} µs/token; CPU % "
-                    f"{_cpu_text(rows[key], config.proc.name)}")
+                    f"{_cpu_text(rows[key], config.proc.name)}"
+                )
             comparisons.append(_compare(rows, cores))
     finally:
         await pool.stop()
         for config in configs.values():
             end_tether(b, config.proc, exits)
-    return {"rate": cfg.scale_rate, "tokens": cfg.scale_tokens, "cores": cores,
-            "levels": levels, "comparisons": comparisons}
+    return {
+        "rate": cfg.scale_rate,
+        "tokens": cfg.scale_tokens,
+        "cores": cores,
+        "levels": levels,
+        "comparisons": comparisons,
+    }
 
 
 # -- the scenario -------------------------------------------------------------------------
@@ -510,15 +619,21 @@ async def run(b: Bench) -> None:
                 nursery.start_soon(start, "replica_a", env)
                 nursery.start_soon(start, "replica_b", env)
             reps = Replicas(pair["replica_a"], pair["replica_b"])
-            b.progress.step(f"redis :{redis.port} (pid {redis.pid}); replica A :{reps.a.port}"
-                            f" (pid {reps.a.pid}), B :{reps.b.port} (pid {reps.b.pid})")
+            b.progress.step(
+                f"redis :{redis.port} (pid {redis.pid}); replica A :{reps.a.port}"
+                f" (pid {reps.a.pid}), B :{reps.b.port} (pid {reps.b.pid})"
+            )
             chat_id = "bench-replicas-" + b.marker("c")
             fig["stop"] = await stop_part(b, reps, chat_id)
             fig["resume"] = await resume_part(b, reps, chat_id)
             left = await b.wait_no_tasks(15, reps.a.port)
-            res.check("replicas: no task left running on A and B after the stops",
-                      left is not None, "none" if left is not None else
-                      f"{len(await b.running_tasks(reps.a.port))} tasks left")
+            res.check(
+                "replicas: no task left running on A and B after the stops",
+                left is not None,
+                "none"
+                if left is not None
+                else f"{len(await b.running_tasks(reps.a.port))} tasks left",
+            )
         finally:
             for proc in pair.values():
                 end_tether(b, proc, exits)
@@ -527,6 +642,8 @@ async def run(b: Bench) -> None:
         fig["exit_codes"] = exits
         res.figures[SCENARIO] = fig
         b.procs.end(redis)
-    res.check(f"replicas: every Tether process exited 0 on SIGTERM within "
-              f"{SHUTDOWN_GRACE_S:g} s", all(code == 0 for code in exits.values()),
-              ", ".join(f"{name}: {code}" for name, code in exits.items()))
+    res.check(
+        f"replicas: every Tether process exited 0 on SIGTERM within {SHUTDOWN_GRACE_S:g} s",
+        all(code == 0 for code in exits.values()),
+        ", ".join(f"{name}: {code}" for name, code in exits.items()),
+    )

@@ -76,8 +76,9 @@ class Spec:
 
     @property
     def label(self) -> str:
-        where = "floor" if self.target == "floor" else \
-            "tether" + ("" if self.batch else " unbatched")
+        where = (
+            "floor" if self.target == "floor" else "tether" + ("" if self.batch else " unbatched")
+        )
         return f"{where} {self.n}x{self.rate:g}/s"
 
 
@@ -101,8 +102,9 @@ class Probe:
     peak_rss_mb: float = 0.0
 
 
-async def probe_loop(b: Bench, probe: Probe, until: float, chat_id: str,
-                     interval: float, port: int | None = None) -> None:
+async def probe_loop(
+    b: Bench, probe: Probe, until: float, chat_id: str, interval: float, port: int | None = None
+) -> None:
     """Background POSTs interleaved with ``/healthz`` until ``until`` (monotonic), to the
     bench's Tether server or to the one on ``port``."""
     conn = b.conn(port)
@@ -121,8 +123,7 @@ async def probe_loop(b: Bench, probe: Probe, until: float, chat_id: str,
         await conn.aclose()
 
 
-async def watch_rss(b: Bench, probe: Probe, stop: trio.Event, proc: Proc | None = None
-                    ) -> None:
+async def watch_rss(b: Bench, probe: Probe, stop: trio.Event, proc: Proc | None = None) -> None:
     """The peak RSS of the bench's Tether server (or of ``proc``, with its workers)."""
     while not stop.is_set():
         rss = b.rss_mb() if proc is None else b.proc_rss_mb(proc)
@@ -144,8 +145,9 @@ async def model_schedule(b: Bench) -> dict[str, float]:
     return out
 
 
-async def server_records(b: Bench, task_ids: list[str], port: int | None = None
-                         ) -> dict[str, dict[str, Any]]:
+async def server_records(
+    b: Bench, task_ids: list[str], port: int | None = None
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     conn = b.conn(port)
     try:
@@ -162,10 +164,12 @@ def workers_for(n: int, available: int) -> int:
     return max(1, min(available, math.ceil(n / CLIENTS_PER_WORKER)))
 
 
-def cpu_percent(before: dict[str, float], after: dict[str, float], wall: float
-                ) -> dict[str, float]:
-    return {name: round(100 * (after[name] - before[name]) / wall, 1)
-            for name in after if name in before and wall > 0}
+def cpu_percent(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    return {
+        name: round(100 * (after[name] - before[name]) / wall, 1)
+        for name in after
+        if name in before and wall > 0
+    }
 
 
 def process_cpu(cpu: dict[str, float], name: str) -> float:
@@ -190,8 +194,9 @@ def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | None = None
-                    ) -> dict[str, Any]:
+async def run_level(
+    b: Bench, pool: WorkerPool, spec: Spec, target: Target | None = None
+) -> dict[str, Any]:
     """One level against the bench's Tether server or relay floor (``spec.target``), or
     against ``target``, another Tether server."""
     res = b.results
@@ -204,13 +209,25 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
     await b.reset_fakes()
     await b.fake("model").configure(
         default_reply={"kind": "text", "tokens": spec.tokens, "rate": spec.rate},
-        rules=[["probe", {"kind": "text", "chunks": ["ok"]}]])
+        rules=[["probe", {"kind": "text", "chunks": ["ok"]}]],
+    )
     chat_id = f"bench-scale-{spec.n}-" + b.marker("c")
     used = workers_for(spec.n, pool.count)
     counts = split(spec.n, used)
     path = "/ws?batch=1" if tether and spec.batch else "/ws"
-    connect = await pool.each([{"cmd": "connect", "host": "127.0.0.1", "port": proc.port,
-                                "path": path, "n": c, "mode": spec.target} for c in counts])
+    connect = await pool.each(
+        [
+            {
+                "cmd": "connect",
+                "host": "127.0.0.1",
+                "port": proc.port,
+                "path": path,
+                "n": c,
+                "mode": spec.target,
+            }
+            for c in counts
+        ]
+    )
     failed = sum(int(a.get("failed", 0)) for a in connect)
     probe = Probe()
     for a in connect:
@@ -220,8 +237,12 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
     duration = spec.tokens / spec.rate
     cmds: list[dict[str, Any] | None] = []
     for c in counts:
-        cmds.append({"cmd": "chat", "bodies": [b.chat_body(b.marker("scale"), chat_id=chat_id)
-                                               for _ in range(c)]})
+        cmds.append(
+            {
+                "cmd": "chat",
+                "bodies": [b.chat_body(b.marker("scale"), chat_id=chat_id) for _ in range(c)],
+            }
+        )
     stop = trio.Event()
     cpu0, t0 = b.cpu_by_process(), time.monotonic()
     window: list[float] = []
@@ -239,35 +260,58 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
         ats = [a.get("at") for a in reached]
         t_streaming = max(ats) if None not in ats and ats else time.monotonic()
         ramp_s = t_streaming - t0 if None not in ats else None
-        half = max(t_streaming, t0 + duration / 2) if ramp_s is None else (
-            t_streaming + max(0.5, (t0 + duration - t_streaming) / 2))
+        half = (
+            max(t_streaming, t0 + duration / 2)
+            if ramp_s is None
+            else (t_streaming + max(0.5, (t0 + duration - t_streaming) / 2))
+        )
         if tether:
-            nursery.start_soon(probe_loop, b, probe, half, chat_id,
-                               b.cfg.scale_probe_interval_s, port)
+            nursery.start_soon(
+                probe_loop, b, probe, half, chat_id, b.cfg.scale_probe_interval_s, port
+            )
         await trio.sleep_until(_trio_at(half))
         cpu_a, busy_a, ta = b.cpu_by_process(), b.machine_busy_s(), time.monotonic()
         await trio.sleep(max(0.5, t0 + 0.9 * duration - ta))
         cpu_b, busy_b, tb = b.cpu_by_process(), b.machine_busy_s(), time.monotonic()
         window = [ta, tb]
-        waited = await pool.all({"cmd": "wait", "stall_s": STALL_S, "hard_s": duration,
-                                 "started_at": t0, "deadline_s": duration + 120 + spec.n / 10},
-                                used)
+        waited = await pool.all(
+            {
+                "cmd": "wait",
+                "stall_s": STALL_S,
+                "hard_s": duration,
+                "started_at": t0,
+                "deadline_s": duration + 120 + spec.n / 10,
+            },
+            used,
+        )
         stop.set()
     cpu1, wall = b.cpu_by_process(), time.monotonic() - t0
     complete = all(w.get("complete") for w in waited)
     pending = [t for w in waited for t in w.get("pending", [])]
     records = await server_records(b, pending, port) if tether else {}
     schedule = await model_schedule(b)
-    found = merge(await pool.all({"cmd": "analyze", "schedule": schedule, "rate": spec.rate,
-                                  "tokens": spec.tokens, "window": window,
-                                  "records": records}, used))
+    found = merge(
+        await pool.all(
+            {
+                "cmd": "analyze",
+                "schedule": schedule,
+                "rate": spec.rate,
+                "tokens": spec.tokens,
+                "window": window,
+                "records": records,
+            },
+            used,
+        )
+    )
     await pool.all({"cmd": "close"}, used)
     if tether:
         await b.stop_chat(chat_id, port)
         await b.wait_no_tasks(30, port)
-    key = f"{proc.name if target else spec.target}" \
-          f"{'' if spec.batch or not tether else '-unbatched'}/" \
-          f"tasks={spec.n}/rate={spec.rate:g}"
+    key = (
+        f"{proc.name if target else spec.target}"
+        f"{'' if spec.batch or not tether else '-unbatched'}/"
+        f"tasks={spec.n}/rate={spec.rate:g}"
+    )
     probe_s = res.add_set(scenario, f"{key}/time_to_task_id", probe.probe)
     floor_s = res.add_set(scenario, f"{key}/floor", probe.floor)
     spawn = summarize([t / 1000 for t in found.get("ttid", [])])
@@ -279,60 +323,89 @@ async def run_level(b: Bench, pool: WorkerPool, spec: Spec, target: Target | Non
     us_per_token = round(server_cpu_s / in_window * 1e6, 1) if in_window else None
     level_tokens = int(found.get("tokens_delivered", 0))
     level_cpu_s = process_cpu(cpu1, server_name) - process_cpu(cpu0, server_name)
-    clean = (found.get("lost", 0) == 0 and found.get("out_of_order", 0) == 0
-             and found.get("undelivered", 0) == 0 and found.get("closed", 0) == 0
-             and found.get("not_completed", 0) == 0 and failed == 0)
+    clean = (
+        found.get("lost", 0) == 0
+        and found.get("out_of_order", 0) == 0
+        and found.get("undelivered", 0) == 0
+        and found.get("closed", 0) == 0
+        and found.get("not_completed", 0) == 0
+        and failed == 0
+    )
     at_start = target.rss_at_start_mb if target else b.rss_at_start_mb
-    kb_per_task = round((probe.peak_rss_mb - (at_start if tether else rss_before))
-                        * 1024 / spec.n, 1)
+    kb_per_task = round(
+        (probe.peak_rss_mb - (at_start if tether else rss_before)) * 1024 / spec.n, 1
+    )
     row: dict[str, Any] = {
-        "tasks": spec.n, "rate": spec.rate, "tokens": spec.tokens, "target": spec.target,
-        "batch": spec.batch if tether else None, "workers": used,
-        "ttid_p50": probe_s["p50"], "ttid_p99": probe_s["p99"],
-        "floor_p50": floor_s["p50"], "floor_p99": floor_s["p99"],
+        "tasks": spec.n,
+        "rate": spec.rate,
+        "tokens": spec.tokens,
+        "target": spec.target,
+        "batch": spec.batch if tether else None,
+        "workers": used,
+        "ttid_p50": probe_s["p50"],
+        "ttid_p99": probe_s["p99"],
+        "floor_p50": floor_s["p50"],
+        "floor_p99": floor_s["p99"],
         "ttid_ratio_p50": ratio(probe_s["p50"], floor_s["p50"]),
         "ttid_ratio_p99": ratio(probe_s["p99"], floor_s["p99"]),
-        "spawn_p50": spawn["p50"], "spawn_p99": spawn["p99"],
-        "lag_p50": lag["p50"], "lag_p99": lag["p99"], "lag_max": lag["max"],
-        "lost": found.get("lost", 0), "out_of_order": found.get("out_of_order", 0),
+        "spawn_p50": spawn["p50"],
+        "spawn_p99": spawn["p99"],
+        "lag_p50": lag["p50"],
+        "lag_p99": lag["p99"],
+        "lag_max": lag["max"],
+        "lost": found.get("lost", 0),
+        "out_of_order": found.get("out_of_order", 0),
         "undelivered": found.get("undelivered", 0),
         "closed_connections": found.get("closed", 0) + failed,
         "close_reasons": found.get("close_reasons", {}),
         "not_completed": found.get("not_completed", 0),
         "not_completed_sample": found.get("not_completed_sample", [])[:5],
         "expired_before_delivery": found.get("expired_before_delivery", 0),
-        "all_delivered": complete, "messages": found.get("messages", 0),
-        "tokens_delivered": level_tokens, "tokens_in_window": in_window,
+        "all_delivered": complete,
+        "messages": found.get("messages", 0),
+        "tokens_delivered": level_tokens,
+        "tokens_in_window": in_window,
         "window_s": round(window[1] - window[0], 2) if window else None,
         "us_per_token": round(level_cpu_s / level_tokens * 1e6, 1) if level_tokens else None,
         "us_per_token_window": us_per_token,
         "cpu_percent": process_cpu(cpu_percent(cpu0, cpu1, wall), server_name),
         "cpu_percent_by_process": cpu_percent(cpu0, cpu1, wall),
-        "cpu_percent_window": cpu_percent(cpu_a, cpu_b, window[1] - window[0])
-        if window else {},
+        "cpu_percent_window": cpu_percent(cpu_a, cpu_b, window[1] - window[0]) if window else {},
         # the whole machine's over the window: more than the sum above is someone else's
-        "machine_cpu_percent_window": round(100 * (busy_b - busy_a) / (window[1] - window[0]),
-                                            1) if window else None,
-        "peak_rss_mb": round(probe.peak_rss_mb, 1), "rss_before_mb": round(rss_before, 1),
-        "kb_per_task": kb_per_task, "duration_s": round(wall, 2),
+        "machine_cpu_percent_window": round(100 * (busy_b - busy_a) / (window[1] - window[0]), 1)
+        if window
+        else None,
+        "peak_rss_mb": round(probe.peak_rss_mb, 1),
+        "rss_before_mb": round(rss_before, 1),
+        "kb_per_task": kb_per_task,
+        "duration_s": round(wall, 2),
         "ramp_s": None if ramp_s is None else round(ramp_s, 2),
     }
     # Memory is judged in run(), against the level before (see _memory).
     row["holds_latency"] = bool(
-        tether and clean and not probe.failures
-        and probe_s["p99"] is not None and probe_s["p99"] < TTID_LIMIT_MS
-        and floor_s["p99"] is not None and probe_s["p99"] <= TTID_FLOOR_RATIO * floor_s["p99"]
-        and lag["p99"] is not None and lag["p99"] < LAG_LIMIT_MS)
+        tether
+        and clean
+        and not probe.failures
+        and probe_s["p99"] is not None
+        and probe_s["p99"] < TTID_LIMIT_MS
+        and floor_s["p99"] is not None
+        and probe_s["p99"] <= TTID_FLOOR_RATIO * floor_s["p99"]
+        and lag["p99"] is not None
+        and lag["p99"] < LAG_LIMIT_MS
+    )
     row["holds"] = row["holds_latency"]
     for failure in probe.failures[:5]:
         res.errors.append(f"{scenario} {label}: {failure}")
-    res.check(f"{scenario} {label}: no event lost or out of order, every event delivered, "
-              "every task completed", clean,
-              f"lost {row['lost']}, out of order {row['out_of_order']}, undelivered "
-              f"{row['undelivered']}, connections closed or refused {row['closed_connections']}"
-              f" {row['close_reasons'] or ''}, not completed {row['not_completed']} "
-              f"{row['not_completed_sample'][:2] or ''}, expired before their end reached the "
-              f"client {row['expired_before_delivery']}")
+    res.check(
+        f"{scenario} {label}: no event lost or out of order, every event delivered, "
+        "every task completed",
+        clean,
+        f"lost {row['lost']}, out of order {row['out_of_order']}, undelivered "
+        f"{row['undelivered']}, connections closed or refused {row['closed_connections']}"
+        f" {row['close_reasons'] or ''}, not completed {row['not_completed']} "
+        f"{row['not_completed_sample'][:2] or ''}, expired before their end reached the "
+        f"client {row['expired_before_delivery']}",
+    )
     return row
 
 
@@ -348,12 +421,14 @@ def _memory(rows: list[dict[str, Any]], previous: dict[str, Any] | None) -> None
             row["kb_per_task_marginal"] = None
         else:
             row["kb_per_task_marginal"] = round(
-                max(0.0, row["peak_rss_mb"] - previous["peak_rss_mb"]) * 1024
-                / (row["tasks"] - previous["tasks"]), 1)
+                max(0.0, row["peak_rss_mb"] - previous["peak_rss_mb"])
+                * 1024
+                / (row["tasks"] - previous["tasks"]),
+                1,
+            )
         marginal = row["kb_per_task_marginal"]
         judged = marginal is not None and row["tasks"] >= KB_JUDGED_FROM_TASKS
-        row["holds"] = bool(row["holds_latency"] and (not judged
-                                                      or marginal <= KB_PER_TASK_LIMIT))
+        row["holds"] = bool(row["holds_latency"] and (not judged or marginal <= KB_PER_TASK_LIMIT))
         previous = row
 
 
@@ -364,20 +439,28 @@ def _trio_at(monotonic_at: float) -> float:
 
 def cpu_text(cpu: dict[str, float], server: str = "tether") -> str:
     clients = sum(v for k, v in cpu.items() if k.startswith("client"))
-    parts = [f"{server} {cpu.get(server, 0):.0f}", f"model {cpu.get('model', 0):.0f}",
-             f"clients {clients:.0f}", f"bench {cpu.get('bench', 0):.0f}"]
+    parts = [
+        f"{server} {cpu.get(server, 0):.0f}",
+        f"model {cpu.get('model', 0):.0f}",
+        f"clients {clients:.0f}",
+        f"bench {cpu.get('bench', 0):.0f}",
+    ]
     return " / ".join(parts)
 
 
 def _progress(b: Bench, spec: Spec, row: dict[str, Any]) -> None:
     server = "tether" if spec.target == "tether" else "relay_floor"
-    probe = (f"task id p99 {row['ttid_p99']} ms (floor {row['floor_p99']}), "
-             if spec.target == "tether" else "")
+    probe = (
+        f"task id p99 {row['ttid_p99']} ms (floor {row['floor_p99']}), "
+        if spec.target == "tether"
+        else ""
+    )
     b.progress.step(
         f"{spec.label:>26}: {probe}lag p99 {row['lag_p99']} ms, lost {row['lost']}, "
         f"{row['us_per_token']} µs/token, RSS {row['peak_rss_mb']:.0f} MB, "
         f"CPU % (window) {cpu_text(row['cpu_percent_window'], server)}"
-        f"{'' if row['holds_latency'] or spec.target != 'tether' else '  (latency: no)'}")
+        f"{'' if row['holds_latency'] or spec.target != 'tether' else '  (latency: no)'}"
+    )
 
 
 async def run(b: Bench) -> None:
@@ -408,11 +491,14 @@ async def run(b: Bench) -> None:
             row = await run_level(b, pool, spec)
             extra.append(row)
             _progress(b, spec, row)
-        floor_specs = [Spec(n, cfg.scale_rate, cfg.scale_tokens, target="floor")
-                       for n in cfg.scale_floor_levels]
+        floor_specs = [
+            Spec(n, cfg.scale_rate, cfg.scale_tokens, target="floor")
+            for n in cfg.scale_floor_levels
+        ]
         if cfg.scale_floor_slow:
-            floor_specs += [Spec(n, rate, tokens, target="floor")
-                            for n, rate, tokens in cfg.scale_slow_levels]
+            floor_specs += [
+                Spec(n, rate, tokens, target="floor") for n, rate, tokens in cfg.scale_slow_levels
+            ]
         for spec in floor_specs:
             row = await run_level(b, pool, spec)
             floors[(spec.n, spec.rate)] = row
@@ -424,17 +510,23 @@ async def run(b: Bench) -> None:
         floor = floors.get((row["tasks"], row["rate"]))
         if floor is None:
             continue
-        per_token.append({
-            "tasks": row["tasks"], "rate": row["rate"], "batch": row["batch"],
-            "tether_us_per_token": row["us_per_token"],
-            "floor_us_per_token": floor["us_per_token"],
-            "ratio": ratio(row["us_per_token"], floor["us_per_token"]),
-            "tether_cpu_window": row["cpu_percent_window"],
-            "floor_cpu_window": floor["cpu_percent_window"],
-            "tether_lag_p99": row["lag_p99"], "floor_lag_p99": floor["lag_p99"],
-            "tether_messages_per_token": round(row["messages"] / row["tokens_delivered"], 3)
-            if row["tokens_delivered"] else None,
-        })
+        per_token.append(
+            {
+                "tasks": row["tasks"],
+                "rate": row["rate"],
+                "batch": row["batch"],
+                "tether_us_per_token": row["us_per_token"],
+                "floor_us_per_token": floor["us_per_token"],
+                "ratio": ratio(row["us_per_token"], floor["us_per_token"]),
+                "tether_cpu_window": row["cpu_percent_window"],
+                "floor_cpu_window": floor["cpu_percent_window"],
+                "tether_lag_p99": row["lag_p99"],
+                "floor_lag_p99": floor["lag_p99"],
+                "tether_messages_per_token": round(row["messages"] / row["tokens_delivered"], 3)
+                if row["tokens_delivered"]
+                else None,
+            }
+        )
     _memory(levels, None)
     slow = [r for r in extra if r["rate"] != cfg.scale_rate]
     _memory(slow, levels[-1] if levels else None)
@@ -444,10 +536,16 @@ async def run(b: Bench) -> None:
             row["holds"] = row["holds_latency"]
     held = [r["tasks"] for r in levels if r["holds"]]
     res.figures[SCENARIO] = {
-        "tokens": cfg.scale_tokens, "rate": cfg.scale_rate, "levels": levels,
-        "extra_levels": extra, "floor_levels": list(floors.values()),
-        "per_token_cpu": per_token, "ttid_limit_ms": TTID_LIMIT_MS,
-        "ttid_floor_ratio": TTID_FLOOR_RATIO, "lag_limit_ms": LAG_LIMIT_MS,
-        "kb_per_task_limit": KB_PER_TASK_LIMIT, "kb_judged_from_tasks": KB_JUDGED_FROM_TASKS,
+        "tokens": cfg.scale_tokens,
+        "rate": cfg.scale_rate,
+        "levels": levels,
+        "extra_levels": extra,
+        "floor_levels": list(floors.values()),
+        "per_token_cpu": per_token,
+        "ttid_limit_ms": TTID_LIMIT_MS,
+        "ttid_floor_ratio": TTID_FLOOR_RATIO,
+        "lag_limit_ms": LAG_LIMIT_MS,
+        "kb_per_task_limit": KB_PER_TASK_LIMIT,
+        "kb_judged_from_tasks": KB_JUDGED_FROM_TASKS,
         "highest_level_held": max(held) if held else None,
     }

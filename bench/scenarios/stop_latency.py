@@ -67,8 +67,9 @@ async def _configure(b: Bench, phase: str, mcp_names: dict[str, str]) -> PhaseSe
         return PhaseSetup(web_search=True, upstream="pages", path_prefix="/page/", count=3)
     if phase == "tool_call":
         url = f"{pages.base_url}/hang"
-        await model.configure(default_reply={"kind": "tool_calls",
-                                             "calls": [["fetch_url", f'{{"url": "{url}"}}']]})
+        await model.configure(
+            default_reply={"kind": "tool_calls", "calls": [["fetch_url", f'{{"url": "{url}"}}']]}
+        )
         return PhaseSetup(tool_ids=["fetch_url"], upstream="pages", path_prefix="/hang")
     if phase == "generating":
         await model.configure(default_reply=LONG_STREAM)
@@ -76,8 +77,9 @@ async def _configure(b: Bench, phase: str, mcp_names: dict[str, str]) -> PhaseSe
     if phase in MCP_PHASES:
         server = MCP_PHASES[phase]
         tool_id = f"mcp:{server}:slow"
-        await model.configure(default_reply={"kind": "tool_calls",
-                                             "calls": [[mcp_names[tool_id], MCP_SLOW_ARGS]]})
+        await model.configure(
+            default_reply={"kind": "tool_calls", "calls": [[mcp_names[tool_id], MCP_SLOW_ARGS]]}
+        )
         return PhaseSetup(tool_ids=[tool_id], mcp_server=server)
     raise ValueError(phase)
 
@@ -90,8 +92,11 @@ async def _mcp_tool_names(b: Bench, timeout: float = 30.0) -> dict[str, str]:
     with trio.move_on_after(timeout):
         while True:
             listing = await get_json("127.0.0.1", b.tether.port, "/api/tools")
-            names = {str(t["id"]): str(t["name"]) for t in listing.get("tools", [])
-                     if t.get("id") in wanted}
+            names = {
+                str(t["id"]): str(t["name"])
+                for t in listing.get("tools", [])
+                if t.get("id") in wanted
+            }
             if len(names) == len(wanted):
                 break
             await trio.sleep(0.1)
@@ -115,17 +120,24 @@ class Sample:
     mcp_problem: str = ""
 
 
-async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsClient,
-               http: HttpConnection, chat_id: str) -> Sample:
-    body = b.chat_body(b.marker("stop"), chat_id=chat_id, web_search=setup.web_search,
-                       tool_ids=setup.tool_ids)
+async def _one(
+    b: Bench,
+    phase: str,
+    transport: str,
+    setup: PhaseSetup,
+    sub: WsClient,
+    http: HttpConnection,
+    chat_id: str,
+) -> Sample:
+    body = b.chat_body(
+        b.marker("stop"), chat_id=chat_id, web_search=setup.web_search, tool_ids=setup.tool_ids
+    )
     seen_before = 0
     if setup.upstream is not None:
         seen_before = len(await b.fake(setup.upstream).requests(setup.path_prefix))
     mcp_mark = b.mcp.mark() if b.mcp is not None else 0
     if transport == "http":
-        answer = await http.request("POST", "/api/chat/completions",
-                                    {**body, "background": True})
+        answer = await http.request("POST", "/api/chat/completions", {**body, "background": True})
         task_id = str(answer.json()["task_id"])
         await sub.send({"type": "subscribe", "task_id": task_id, "after": 0})
     else:
@@ -146,8 +158,9 @@ async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsC
     call: dict[str, Any] | None = None
     if setup.mcp_server is not None:
         assert b.mcp is not None
-        call = await b.mcp.wait_for("call", after=mcp_mark, timeout=10,
-                                    server=setup.mcp_server, tool="slow")
+        call = await b.mcp.wait_for(
+            "call", after=mcp_mark, timeout=10, server=setup.mcp_server, tool="slow"
+        )
         if call is None:
             raise RuntimeError(f"{phase}: the MCP server {setup.mcp_server} saw no call")
     sample = Sample()
@@ -177,8 +190,9 @@ async def _one(b: Bench, phase: str, transport: str, setup: PhaseSetup, sub: WsC
     return sample
 
 
-async def _mcp_cancel(b: Bench, setup: PhaseSetup, call: dict[str, Any], mark: int,
-                      t_stop: float, sample: Sample) -> None:
+async def _mcp_cancel(
+    b: Bench, setup: PhaseSetup, call: dict[str, Any], mark: int, t_stop: float, sample: Sample
+) -> None:
     """What the MCP server recorded of the stopped call: ``notifications/cancelled`` and,
     over HTTP, the call's response stream closed; ``upstream`` is the first of them."""
     assert b.mcp is not None and setup.mcp_server is not None
@@ -205,8 +219,11 @@ async def _mcp_cancel(b: Bench, setup: PhaseSetup, call: dict[str, Any], mark: i
         problems.append("its response stream not closed within 10 s")
     if cancelled is None:
         problems.append("the tool not cancelled within 10 s")
-    if [r for r in b.mcp.records[mark:] if r.get("event") == "finished"
-            and all(r.get(k) == v for k, v in match.items())]:
+    if [
+        r
+        for r in b.mcp.records[mark:]
+        if r.get("event") == "finished" and all(r.get(k) == v for k, v in match.items())
+    ]:
         problems.append("the tool finished")
     sample.mcp_problem = "; ".join(problems)
 
@@ -230,8 +247,10 @@ async def run(b: Bench) -> None:
             if f"mcp:{server}:slow" in mcp_names:
                 phases.append(phase)
             else:
-                problems.append(f"{phase}: the server never listed mcp:{server}:slow "
-                                f"(GET /readyz: {await _mcp_status(b)})")
+                problems.append(
+                    f"{phase}: the server never listed mcp:{server}:slow "
+                    f"(GET /readyz: {await _mcp_status(b)})"
+                )
     http = b.conn()
     async with ws_client(b.ws_url) as sub:
         for phase in phases:
@@ -244,25 +263,34 @@ async def run(b: Bench) -> None:
                         sample = await _one(b, phase, transport, setup, sub, http, chat_id)
                     samples.append(sample)
                     if sample.status != "cancelled" or sample.reason != "stop":
-                        problems.append(f"{phase}/{transport}: ended {sample.status} "
-                                        f"({sample.reason})")
+                        problems.append(
+                            f"{phase}/{transport}: ended {sample.status} ({sample.reason})"
+                        )
                     if setup.upstream and sample.upstream is None:
-                        problems.append(f"{phase}/{transport}: the {setup.upstream} "
-                                        "connection was not closed within 10 s")
+                        problems.append(
+                            f"{phase}/{transport}: the {setup.upstream} "
+                            "connection was not closed within 10 s"
+                        )
                     if setup.mcp_server is not None:
                         if sample.ended_in != "tools":
-                            problems.append(f"{phase}/{transport}: ended in phase "
-                                            f"{sample.ended_in!r}, not tools")
+                            problems.append(
+                                f"{phase}/{transport}: ended in phase "
+                                f"{sample.ended_in!r}, not tools"
+                            )
                         if sample.mcp_problem:
-                            problems.append(f"{phase}/{transport}: MCP server "
-                                            f"{setup.mcp_server}: {sample.mcp_problem}")
+                            problems.append(
+                                f"{phase}/{transport}: MCP server "
+                                f"{setup.mcp_server}: {sample.mcp_problem}"
+                            )
                     # Keep the sub connection's replies clean: a stray reply would confuse
                     # the next chat.
                     sub.replies.clear()
                 rows.append(_row(res, phase, transport, samples))
-                b.progress.step(f"{phase:<10} by {transport:<4}: cancelled p50 "
-                                f"{rows[-1]['cancelled_p50']} ms, upstream closed p50 "
-                                f"{rows[-1]['upstream_p50']} ms")
+                b.progress.step(
+                    f"{phase:<10} by {transport:<4}: cancelled p50 "
+                    f"{rows[-1]['cancelled_p50']} ms, upstream closed p50 "
+                    f"{rows[-1]['upstream_p50']} ms"
+                )
     await http.aclose()
     await b.stop_chat(chat_id)
     ping = res.add_set(SCENARIO, "ws_ping", pings)
@@ -271,24 +299,30 @@ async def run(b: Bench) -> None:
         row["upstream_ratio_p50"] = ratio(row["upstream_p50"], ping["p50"])
     res.figures[SCENARIO] = rows
     res.figures[SCENARIO + "_ping"] = ping
-    res.check("stop: every stopped task ended cancelled (reason stop), every upstream "
-              "connection closed; every stopped MCP call ended in phase tools and was "
-              "cancelled on its MCP server", not problems,
-              "all samples" if not problems else f"{len(problems)} problems, e.g. "
-              f"{problems[0]}")
+    res.check(
+        "stop: every stopped task ended cancelled (reason stop), every upstream "
+        "connection closed; every stopped MCP call ended in phase tools and was "
+        "cancelled on its MCP server",
+        not problems,
+        "all samples" if not problems else f"{len(problems)} problems, e.g. {problems[0]}",
+    )
 
 
 def _row(res: Any, phase: str, transport: str, samples: list[Sample]) -> dict[str, Any]:
     key = f"{phase}/{transport}"
-    row: dict[str, Any] = {"phase": phase, "transport": "HTTP" if transport == "http" else
-                           "WebSocket", "n": len(samples)}
+    row: dict[str, Any] = {
+        "phase": phase,
+        "transport": "HTTP" if transport == "http" else "WebSocket",
+        "n": len(samples),
+    }
     metrics = ["answer", "cancelled", "upstream"]
     if phase in MCP_PHASES:
         metrics += ["notified", "tool_cancelled"]
         if MCP_PHASES[phase] == MCP_HTTP:
             metrics.append("stream_closed")
-            row["stream_closed_by"] = ", ".join(sorted({s.stream_closed_by for s in samples
-                                                        if s.stream_closed_by}))
+            row["stream_closed_by"] = ", ".join(
+                sorted({s.stream_closed_by for s in samples if s.stream_closed_by})
+            )
     for metric in metrics:
         values = [getattr(s, metric) for s in samples if getattr(s, metric) is not None]
         if values:

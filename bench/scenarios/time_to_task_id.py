@@ -39,8 +39,7 @@ class Samples:
         self.failures.setdefault(key, []).append(detail)
 
 
-async def _post(conn: HttpConnection, body: dict[str, object], samples: Samples, key: str
-                ) -> None:
+async def _post(conn: HttpConnection, body: dict[str, object], samples: Samples, key: str) -> None:
     answer = await conn.request("POST", "/api/chat/completions", body)
     if answer.status == 202 and "task_id" in answer.json():
         samples.add(key, answer.elapsed)
@@ -56,8 +55,15 @@ async def _get(conn: HttpConnection, path: str, samples: Samples, key: str) -> N
         samples.fail(key, f"{answer.status}")
 
 
-def _client_ops(b: Bench, tether: HttpConnection, pf: HttpConnection, samples: Samples,
-                mode: str, chat_id: str, with_pf_post: bool) -> list[Op]:
+def _client_ops(
+    b: Bench,
+    tether: HttpConnection,
+    pf: HttpConnection,
+    samples: Samples,
+    mode: str,
+    chat_id: str,
+    with_pf_post: bool,
+) -> list[Op]:
     def body() -> dict[str, object]:
         return b.chat_body(b.marker("q"), chat_id=chat_id, web_search=True, background=True)
 
@@ -71,8 +77,7 @@ def _client_ops(b: Bench, tether: HttpConnection, pf: HttpConnection, samples: S
     return ops
 
 
-async def _rounds(ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0
-                  ) -> None:
+async def _rounds(ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0) -> None:
     for _ in range(rounds):
         order = list(ops)
         rng.shuffle(order)
@@ -129,8 +134,7 @@ async def _payload_first_delayed(b: Bench, samples: Samples, chat_id: str) -> No
     async def one() -> None:
         conn = b.pf_conn()
         try:
-            body = b.chat_body(b.marker("q"), chat_id=chat_id, web_search=True,
-                               background=True)
+            body = b.chat_body(b.marker("q"), chat_id=chat_id, web_search=True, background=True)
             await _post(conn, body, samples, "payload_first/delayed")
         finally:
             await conn.aclose()
@@ -171,9 +175,11 @@ async def run(b: Bench) -> None:
         await b.fake("search").configure(delay=delay)
         chat_id = f"bench-ttid-{int(delay)}-{b.marker('c')}"
         samples = Samples()
-        b.progress.step(f"search delay {delay:g} s: sequential x{b.cfg.ttid_sequential}, "
-                        f"{b.cfg.ttid_concurrent_clients} clients x"
-                        f"{b.cfg.ttid_concurrent_rounds}")
+        b.progress.step(
+            f"search delay {delay:g} s: sequential x{b.cfg.ttid_sequential}, "
+            f"{b.cfg.ttid_concurrent_clients} clients x"
+            f"{b.cfg.ttid_concurrent_rounds}"
+        )
         async with trio.open_nursery() as nursery:
             if delay > 0:
                 nursery.start_soon(_payload_first_delayed, b, samples, chat_id)
@@ -181,8 +187,7 @@ async def run(b: Bench) -> None:
             await _concurrent(b, samples, chat_id, delay)
             if b.ws_available:
                 await _websocket(b, samples, chat_id + "-ws")
-            b.progress.step("  waiting for the payload-first samples" if delay > 0 else
-                            "  done")
+            b.progress.step("  waiting for the payload-first samples" if delay > 0 else "  done")
         stop_s, stopped = await b.stop_chat(chat_id)
         if b.ws_available:  # the WebSocket set's tasks (its session is in its grace period)
             ws_stop_s, ws_stopped = await b.stop_chat(chat_id + "-ws")
@@ -190,14 +195,23 @@ async def run(b: Bench) -> None:
         drained = await b.wait_no_tasks(30)
         prefix = f"delay={delay:g}"
         for key, values in sorted(samples.values.items()):
-            res.add_set(SCENARIO, f"{prefix}/{key}", values, search_delay_s=delay,
-                        failures=len(samples.failures.get(key, [])))
+            res.add_set(
+                SCENARIO,
+                f"{prefix}/{key}",
+                values,
+                search_delay_s=delay,
+                failures=len(samples.failures.get(key, [])),
+            )
         for key, fails in samples.failures.items():
             res.errors.append(f"{SCENARIO} {prefix}/{key}: {len(fails)} failed, e.g. {fails[0]}")
         res.figures.setdefault(SCENARIO + "_cleanup", []).append(
-            {"search_delay_s": delay, "chat_stop_ms": round(stop_s * 1000, 1),
-             "tasks_stopped": stopped,
-             "drained_s": None if drained is None else round(drained, 2)})
+            {
+                "search_delay_s": delay,
+                "chat_stop_ms": round(stop_s * 1000, 1),
+                "tasks_stopped": stopped,
+                "drained_s": None if drained is None else round(drained, 2),
+            }
+        )
         headline.extend(_headline_rows(b, prefix, delay))
     res.figures[SCENARIO] = headline
 
@@ -219,27 +233,45 @@ def _headline_rows(b: Bench, prefix: str, delay: float) -> list[dict[str, object
         if floor is None or tether is None:
             continue
         pf_base = pf_floor
-        rows.append({
-            "path": "HTTP", "search_delay_s": delay, "clients": clients,
-            "floor_p50": floor["p50"], "floor_p99": floor["p99"],
-            "tether_p50": tether["p50"], "tether_p99": tether["p99"], "tether_n": tether["n"],
-            "tether_ratio_p50": ratio(tether["p50"], floor["p50"]),
-            "tether_ratio_p99": ratio(tether["p99"], floor["p99"]),
-            "pf_p50": pf["p50"] if pf else None, "pf_p99": pf["p99"] if pf else None,
-            "pf_n": pf["n"] if pf else 0,
-            "pf_ratio_p50": ratio(pf["p50"], pf_base["p50"]) if pf and pf_base else None,
-            "pf_ratio_p99": ratio(pf["p99"], pf_base["p99"]) if pf and pf_base else None,
-        })
+        rows.append(
+            {
+                "path": "HTTP",
+                "search_delay_s": delay,
+                "clients": clients,
+                "floor_p50": floor["p50"],
+                "floor_p99": floor["p99"],
+                "tether_p50": tether["p50"],
+                "tether_p99": tether["p99"],
+                "tether_n": tether["n"],
+                "tether_ratio_p50": ratio(tether["p50"], floor["p50"]),
+                "tether_ratio_p99": ratio(tether["p99"], floor["p99"]),
+                "pf_p50": pf["p50"] if pf else None,
+                "pf_p99": pf["p99"] if pf else None,
+                "pf_n": pf["n"] if pf else 0,
+                "pf_ratio_p50": ratio(pf["p50"], pf_base["p50"]) if pf and pf_base else None,
+                "pf_ratio_p99": ratio(pf["p99"], pf_base["p99"]) if pf and pf_base else None,
+            }
+        )
     ping = res.get_set(SCENARIO, f"{prefix}/ws_ping/sequential")
     chat = res.get_set(SCENARIO, f"{prefix}/ws_chat/sequential")
     if ping and chat:
-        rows.append({
-            "path": "WebSocket", "search_delay_s": delay, "clients": "1",
-            "floor_p50": ping["p50"], "floor_p99": ping["p99"],
-            "tether_p50": chat["p50"], "tether_p99": chat["p99"], "tether_n": chat["n"],
-            "tether_ratio_p50": ratio(chat["p50"], ping["p50"]),
-            "tether_ratio_p99": ratio(chat["p99"], ping["p99"]),
-            "pf_p50": None, "pf_p99": None, "pf_n": 0, "pf_ratio_p50": None,
-            "pf_ratio_p99": None,
-        })
+        rows.append(
+            {
+                "path": "WebSocket",
+                "search_delay_s": delay,
+                "clients": "1",
+                "floor_p50": ping["p50"],
+                "floor_p99": ping["p99"],
+                "tether_p50": chat["p50"],
+                "tether_p99": chat["p99"],
+                "tether_n": chat["n"],
+                "tether_ratio_p50": ratio(chat["p50"], ping["p50"]),
+                "tether_ratio_p99": ratio(chat["p99"], ping["p99"]),
+                "pf_p50": None,
+                "pf_p99": None,
+                "pf_n": 0,
+                "pf_ratio_p50": None,
+                "pf_ratio_p99": None,
+            }
+        )
     return rows

@@ -25,11 +25,13 @@ async def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
     chat = parse_chat_request(raw, default_model=rt.settings.default_model)
     unknown = [t for t in chat.tool_ids if t not in rt.tools]
     if unknown:
-        raise RequestError(400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.",
-                           param="tool_ids")
+        raise RequestError(
+            400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.", param="tool_ids"
+        )
     if rt.models.resolve(chat.model) is None:
-        raise RequestError(404, "model_not_found", f"The model {chat.model!r} does not exist.",
-                           param="model")
+        raise RequestError(
+            404, "model_not_found", f"The model {chat.model!r} does not exist.", param="model"
+        )
     if chat.session_id is not None:
         await rt.sessions.check_owner(user, chat.session_id)
     return chat
@@ -55,8 +57,7 @@ def refusal(exc: TaskRefused) -> RequestError:
     if isinstance(exc, ShuttingDown):
         return RequestError(503, "shutting_down", exc.message)
     if isinstance(exc, BackendUnavailable):
-        return RequestError(503, "backend_unavailable", exc.message,
-                            headers={"Retry-After": "1"})
+        return RequestError(503, "backend_unavailable", exc.message, headers={"Retry-After": "1"})
     if isinstance(exc, UnknownSession):
         return RequestError(404, "not_found", exc.message, param="session_id")
     return RequestError(500, "internal_error", exc.message)

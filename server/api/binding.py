@@ -64,8 +64,9 @@ def route_websocket(inner: ASGIApp, path: str, handler: ASGIApp) -> ASGIApp:
 DRAIN_S = 5.0
 
 
-def _draining_on_close(send: ASGISendCallable, receive: ASGIReceiveCallable,
-                       nursery: trio.Nursery) -> ASGISendCallable:
+def _draining_on_close(
+    send: ASGISendCallable, receive: ASGIReceiveCallable, nursery: trio.Nursery
+) -> ASGISendCallable:
     """``send``, except that an answer marked ``Connection: close`` (sent before the body
     was read: see ``common.close_if_body_unread``) reads and drops the rest of the body from
     its last part on, and that last part is sent shielded.
@@ -88,10 +89,15 @@ def _draining_on_close(send: ASGISendCallable, receive: ASGIReceiveCallable,
     async def send_draining(message: ASGISendEvent) -> None:
         nonlocal closing
         if message["type"] == "http.response.start":
-            closing = any(name.lower() == b"connection" and value.lower() == b"close"
-                          for name, value in message.get("headers", ()))
-        elif closing and message["type"] == "http.response.body" \
-                and not message.get("more_body", False):
+            closing = any(
+                name.lower() == b"connection" and value.lower() == b"close"
+                for name, value in message.get("headers", ())
+            )
+        elif (
+            closing
+            and message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+        ):
             nursery.start_soon(drain)
             # The last part of the answer is where hypercorn closes the connection, and
             # quart-trio may cancel the handler meanwhile (a body past its limit): finish it.

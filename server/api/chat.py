@@ -53,14 +53,16 @@ async def chat_completions() -> Response:
     rt.metrics.time_to_task_id.labels("http").observe(time.perf_counter() - arrived)
     headers = {"X-Task-Id": record.id}
     if record.mode == "background":
-        accepted = BackgroundAccepted(task_id=record.id, chat_id=record.chat_id,
-                                      message_id=record.message_id, status="queued")
+        accepted = BackgroundAccepted(
+            task_id=record.id, chat_id=record.chat_id, message_id=record.message_id, status="queued"
+        )
         return json_response(accepted.model_dump(), 202, headers)
     openai = request.path.startswith("/v1/")
     if record.mode == "stream":
         include_usage = bool((chat.stream_options or {}).get("include_usage"))
-        response = Response(_stream(rt, record, include_usage, openai),
-                            headers=sse_headers(record.id))
+        response = Response(
+            _stream(rt, record, include_usage, openai), headers=sse_headers(record.id)
+        )
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
         return response
     ended = await rt.manager.wait_ended(record.id)
@@ -107,8 +109,14 @@ def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bo
         object="chat.completion",
         created=int(record.created_at),
         model=record.model,
-        choices=[Choice(index=0, message=message, finish_reason=_finish_reason(record, openai),
-                        logprobs=None)],
+        choices=[
+            Choice(
+                index=0,
+                message=message,
+                finish_reason=_finish_reason(record, openai),
+                logprobs=None,
+            )
+        ],
         usage=_usage(record),
         sources=record.sources,
         task_id=record.id,
@@ -117,8 +125,9 @@ def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bo
     return json_response(completion.model_dump(exclude_unset=True), 200, headers)
 
 
-def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
-           **extra: Any) -> str:
+def _chunk(
+    record: TaskRecord, delta: dict[str, Any], finish: str | None = None, **extra: Any
+) -> str:
     body = {
         "id": "chatcmpl-" + record.id,
         "object": "chat.completion.chunk",
@@ -130,8 +139,9 @@ def _chunk(record: TaskRecord, delta: dict[str, Any], finish: str | None = None,
     return sse.event(fastjson.dumps(body))
 
 
-async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: bool
-                  ) -> AsyncIterator[str]:
+async def _stream(
+    rt: Runtime, record: TaskRecord, include_usage: bool, openai: bool
+) -> AsyncIterator[str]:
     """The OpenAI chunk stream of one task.
 
     Status steps go out as SSE comment lines, which clients ignore and proxies see as
@@ -145,8 +155,7 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
     role_sent = False
     with store.reading(record.id):
         yield sse.comment("task " + record.id)
-        while (events := await next_events(store, record.id, cursor,
-                                           wait_s=keepalive)) is not None:
+        while (events := await next_events(store, record.id, cursor, wait_s=keepalive)) is not None:
             if not events:
                 yield sse.KEEPALIVE
                 continue
@@ -181,16 +190,30 @@ async def _stream(rt: Runtime, record: TaskRecord, include_usage: bool, openai: 
 
 def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[str]:
     if record.status == "failed" and record.error is not None:
-        error = RequestError(failure_status(record.error["type"]), record.error["type"],
-                             record.error["message"])
+        error = RequestError(
+            failure_status(record.error["type"]), record.error["type"], record.error["message"]
+        )
         payload = {**error.body(), "task_id": record.id}
         return [sse.event(fastjson.dumps(payload)), sse.DONE]
-    out = [_chunk(record, {}, _finish_reason(record, openai), sources=record.sources,
-                  task_id=record.id, task=_task_summary(record).model_dump())]
+    out = [
+        _chunk(
+            record,
+            {},
+            _finish_reason(record, openai),
+            sources=record.sources,
+            task_id=record.id,
+            task=_task_summary(record).model_dump(),
+        )
+    ]
     if include_usage:
-        body = {"id": "chatcmpl-" + record.id, "object": "chat.completion.chunk",
-                "created": int(record.created_at), "model": record.model, "choices": [],
-                "usage": _usage(record)}
+        body = {
+            "id": "chatcmpl-" + record.id,
+            "object": "chat.completion.chunk",
+            "created": int(record.created_at),
+            "model": record.model,
+            "choices": [],
+            "usage": _usage(record),
+        }
         out.append(sse.event(fastjson.dumps(body)))
     out.append(sse.DONE)
     return out

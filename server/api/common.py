@@ -21,9 +21,7 @@ def current_user() -> str:
     return runtime().auth.user_for(request.headers.get("Authorization"))
 
 
-def json_response(
-    data: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     # A final newline, so that curl's output does not run into the shell prompt.
     return Response(
         json.dumps(data, separators=(",", ":")) + "\n",
@@ -42,13 +40,15 @@ async def read_json_body() -> Any:
     limit = runtime().settings.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
-        raise RequestError(413, "payload_too_large",
-                           f"The request body is larger than {limit} bytes.")
+        raise RequestError(
+            413, "payload_too_large", f"The request body is larger than {limit} bytes."
+        )
     body = await request.get_data(cache=False)
     g.tether_body_read = True
     if len(body) > limit:
-        raise RequestError(413, "payload_too_large",
-                           f"The request body is larger than {limit} bytes.")
+        raise RequestError(
+            413, "payload_too_large", f"The request body is larger than {limit} bytes."
+        )
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):

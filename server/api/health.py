@@ -22,8 +22,11 @@ async def readyz() -> Response:
     manager = rt.manager
     if not manager.accepting:
         return error_response(RequestError(503, "shutting_down", "The server is shutting down."))
-    ready: dict[str, object] = {"status": "ready", "active_tasks": manager.running_count,
-                                "replica": manager.cluster.replica_id}
+    ready: dict[str, object] = {
+        "status": "ready",
+        "active_tasks": manager.running_count,
+        "replica": manager.cluster.replica_id,
+    }
     if rt.mcp is not None:
         # Shown, not judged: a process whose MCP server is down still serves everything
         # else (and gives the model an error for that server's tools), so it stays ready.

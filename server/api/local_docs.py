@@ -31,13 +31,18 @@ async def local_document(path: str) -> Response:
     # An index that cannot be read (SearchError) is the server's fault: 500, logged.
     text = await search.document(path) if isinstance(search, LocalSearch) else None
     if text is None:
-        raise RequestError(404, "not_found", f"No document {path!r} in the local search folder.",
-                           param="path")
+        raise RequestError(
+            404, "not_found", f"No document {path!r} in the local search folder.", param="path"
+        )
     kind = "markdown" if PurePosixPath(path).suffix.lower() in _MARKDOWN_SUFFIXES else "plain"
-    return Response(text, status=200, headers={
-        "Content-Type": f"text/{kind}; charset=utf-8",
-        "X-Content-Type-Options": "nosniff",
-        # The text is shown, never run: nothing in it may load or script anything.
-        "Content-Security-Policy": "default-src 'none'; sandbox",
-        "Cache-Control": "no-cache",
-    })
+    return Response(
+        text,
+        status=200,
+        headers={
+            "Content-Type": f"text/{kind}; charset=utf-8",
+            "X-Content-Type-Options": "nosniff",
+            # The text is shown, never run: nothing in it may load or script anything.
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "Cache-Control": "no-cache",
+        },
+    )

@@ -26,5 +26,6 @@ async def get_model(model_id: str) -> Response:
     for model in runtime().models.list_models():
         if model["id"] == model_id:
             return json_response(model)
-    raise RequestError(404, "model_not_found", f"The model {model_id!r} does not exist.",
-                       param="model")
+    raise RequestError(
+        404, "model_not_found", f"The model {model_id!r} does not exist.", param="model"
+    )

@@ -47,9 +47,21 @@ PATH = "/openapi.json"
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (ChatRequestModel, "validation"),
-    *((model, "serialization") for model in (
-        ErrorBody, Task, TaskList, BackgroundAccepted, ChatCompletion, ModelObject, ModelList,
-        ToolList, Health, Ready)),
+    *(
+        (model, "serialization")
+        for model in (
+            ErrorBody,
+            Task,
+            TaskList,
+            BackgroundAccepted,
+            ChatCompletion,
+            ModelObject,
+            ModelList,
+            ToolList,
+            Health,
+            Ready,
+        )
+    ),
 ]
 
 # What each error status means on this API (API.md, Errors).
@@ -77,8 +89,9 @@ def _errors(*statuses: int, described: dict[int, str] | None = None) -> dict[str
     """Error answers, each described as on every route unless ``described`` says what the
     status means on this one."""
     told = described or {}
-    return {str(status): _json("ErrorBody", told.get(status, _ERRORS[status]))
-            for status in statuses}
+    return {
+        str(status): _json("ErrorBody", told.get(status, _ERRORS[status])) for status in statuses
+    }
 
 
 def _text(media_type: str, description: str) -> dict[str, Any]:
@@ -95,30 +108,44 @@ def _sse(description: str, data: str, *, with_id: bool = False) -> dict[str, Any
         "required": ["data"],
     }
     if with_id:
-        event["properties"]["id"] = {"type": "string", "pattern": "^[0-9]+$",
-                                     "description": "The event's `seq`."}
+        event["properties"]["id"] = {
+            "type": "string",
+            "pattern": "^[0-9]+$",
+            "description": "The event's `seq`.",
+        }
         event["required"].append("id")
     return {"description": description, "content": {_SSE: {"schema": event}}}
 
 
 def _path_param(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": {"type": "string", "minLength": 1}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1},
+    }
 
 
 _SSE = "text/event-stream"
 _TASK_ID = _path_param("task_id", "The task's id (`X-Task-Id`).")
-_MODEL_ID = _path_param("model_id", "A model id from the list. Ids may hold slashes "
-                                    "(`org/name`); they are sent as they are.")
+_MODEL_ID = _path_param(
+    "model_id",
+    "A model id from the list. Ids may hold slashes (`org/name`); they are sent as they are.",
+)
 # Open routes (health, readiness, metrics, the page and this document) need no key; the
 # others take `Authorization: Bearer <key>` when keys are configured, and none otherwise.
 _KEYED: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
 
 
-def _operation(summary: str, responses: dict[str, Any], *, keyed: bool = True,
-               **extra: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, **extra,
-                          "responses": {**responses, **(_errors(401) if keyed else {})}}
+def _operation(
+    summary: str, responses: dict[str, Any], *, keyed: bool = True, **extra: Any
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        **extra,
+        "responses": {**responses, **(_errors(401) if keyed else {})},
+    }
     op["security"] = _KEYED if keyed else []
     return op
 
@@ -126,21 +153,32 @@ def _operation(summary: str, responses: dict[str, Any], *, keyed: bool = True,
 def _chat(operation_id: str, flavour: str) -> dict[str, Any]:
     answer = {
         "description": "Sync mode: one `chat.completion`. Stream mode (`stream: true`): "
-                       "`chat.completion.chunk` objects as SSE, then `data: [DONE]`.",
+        "`chat.completion.chunk` objects as SSE, then `data: [DONE]`.",
         "headers": {"X-Task-Id": {"schema": {"type": "string"}}},
-        "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                    **_sse("", "A `chat.completion.chunk` as JSON, an error object (a "
-                               "failed task) or `[DONE]`, the last.")["content"]},
+        "content": {
+            "application/json": {"schema": _ref("ChatCompletion")},
+            **_sse(
+                "",
+                "A `chat.completion.chunk` as JSON, an error object (a "
+                "failed task) or `[DONE]`, the last.",
+            )["content"],
+        },
     }
     return _operation(
         f"Run a chat completion as a task ({flavour})",
-        {"200": answer,
-         "202": _json("BackgroundAccepted",
-                      "Background mode (`background: true` or a `session_id`): admitted."),
-         **_errors(400, 404, 413, 429, 500, 502, 503)},
+        {
+            "200": answer,
+            "202": _json(
+                "BackgroundAccepted",
+                "Background mode (`background: true` or a `session_id`): admitted.",
+            ),
+            **_errors(400, 404, 413, 429, 500, 502, 503),
+        },
         operationId=operation_id,
-        requestBody={"required": True,
-                     "content": {"application/json": {"schema": _ref("ChatRequestModel")}}},
+        requestBody={
+            "required": True,
+            "content": {"application/json": {"schema": _ref("ChatRequestModel")}},
+        },
     )
 
 
@@ -152,88 +190,207 @@ def _paths() -> dict[str, Any]:
     return {
         "/api/chat/completions": {"post": _chat("createChatCompletion", "Tether's route")},
         "/v1/chat/completions": {"post": _chat("createChatCompletionV1", "OpenAI's path")},
-        "/api/tasks": {"get": _operation(
-            "The caller's running and queued tasks, oldest first",
-            {"200": _json("TaskList", "The tasks.")}, operationId="listTasks",
-            parameters=[
-                {"name": "chat_id", "in": "query", "schema": {"type": "string"},
-                 "description": "Only the tasks of this chat."},
-                {"name": "include_finished", "in": "query", "schema": {"type": "boolean"},
-                 "description": "Also the ended tasks still retained."},
-            ])},
-        "/api/tasks/{task_id}": {"get": _operation(
-            "One of the caller's tasks", {"200": task, **_errors(404)},
-            operationId="getTask", parameters=[_TASK_ID])},
-        "/api/tasks/{task_id}/stop": {"post": _operation(
-            "Stop a task and answer it once ended", {"200": ended, **_errors(404)},
-            operationId="stopTask", parameters=[_TASK_ID])},
-        "/api/tasks/stop/{task_id}": {"post": _operation(
-            "Stop a task (alias)", {"200": ended, **_errors(404)},
-            operationId="stopTaskAlias", parameters=[_TASK_ID])},
-        "/api/chats/{chat_id}/stop": {"post": _operation(
-            "Stop every task of the caller in a chat",
-            {"200": _json("TaskList", "The chat's tasks, once ended.")},
-            operationId="stopChat",
-            parameters=[_path_param("chat_id", "The caller's chat id.")])},
-        "/api/tasks/{task_id}/events": {"get": _operation(
-            "The task's events as SSE, replayed past `after` then live",
-            {"200": _sse("The events; the stream ends after the terminal event.",
-                         "The event as JSON (API.md, Events).", with_id=True),
-             **_errors(400, 404, described={
-                 400: "`after` (or `Last-Event-ID`) is not a non-negative integer."})},
-            operationId="taskEvents",
-            parameters=[
-                _TASK_ID,
-                {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
-                 "description": "Replay the events past this seq (default 0)."},
-                {"name": "Last-Event-ID", "in": "header",
-                 "schema": {"type": "string", "pattern": "^[0-9]+$"},
-                 "description": "The SSE resume header; used when `after` is absent."},
-            ])},
-        "/api/models": {"get": _operation("The models", {"200": models},
-                                          operationId="listModels")},
-        "/v1/models": {"get": _operation("The models (OpenAI's path)", {"200": models},
-                                         operationId="listModelsV1")},
-        "/api/models/{model_id}": {"get": _operation(
-            "One model", {"200": model, **_errors(404)}, operationId="getModel",
-            parameters=[_MODEL_ID])},
-        "/v1/models/{model_id}": {"get": _operation(
-            "One model (OpenAI's path)", {"200": model, **_errors(404)},
-            operationId="getModelV1", parameters=[_MODEL_ID])},
-        "/api/tools": {"get": _operation(
-            "The server tools `tool_ids` accepts", {"200": _json("ToolList", "The tools.")},
-            operationId="listTools")},
-        "/api/local-docs/{path}": {"get": _operation(
-            "A document of the `local` search folder (the target of its sources' `url`)",
-            {"200": {"description": "The document's text: Markdown as `text/markdown`, "
-                                    "`.txt` as `text/plain`.",
-                     "content": {"text/markdown": {"schema": {"type": "string"}},
-                                 "text/plain": {"schema": {"type": "string"}}}},
-             **_errors(404, described={
-                 404: "No indexed document has this path (or the search provider is not "
-                      "`local`)."})},
-            operationId="getLocalDocument",
-            parameters=[{**_path_param("path", "The document's path relative to the folder, "
-                                               "as in the source's `url`; it may hold "
-                                               "slashes."),
-                         "example": "web-search.md"}])},
-        "/healthz": {"get": _operation("Liveness", {"200": _json("Health", "Alive.")},
-                                       keyed=False, operationId="healthz")},
-        "/health": {"get": _operation("Liveness (alias)", {"200": _json("Health", "Alive.")},
-                                      keyed=False, operationId="health")},
-        "/readyz": {"get": _operation(
-            "Readiness", {"200": _json("Ready", "Admitting tasks."), **_errors(503)},
-            keyed=False, operationId="readyz")},
-        "/metrics": {"get": _operation(
-            "Prometheus metrics", {"200": _text("text/plain", "Prometheus text format.")},
-            keyed=False, operationId="metrics")},
-        "/": {"get": _operation("The chat page", {"200": _text("text/html", "The page.")},
-                                keyed=False, operationId="chatPage")},
-        PATH: {"get": _operation(
-            "This document",
-            {"200": {"description": "OpenAPI 3.1.",
-                     "content": {"application/json": {"schema": {"type": "object"}}}}},
-            keyed=False, operationId="openapi")},
+        "/api/tasks": {
+            "get": _operation(
+                "The caller's running and queued tasks, oldest first",
+                {"200": _json("TaskList", "The tasks.")},
+                operationId="listTasks",
+                parameters=[
+                    {
+                        "name": "chat_id",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "Only the tasks of this chat.",
+                    },
+                    {
+                        "name": "include_finished",
+                        "in": "query",
+                        "schema": {"type": "boolean"},
+                        "description": "Also the ended tasks still retained.",
+                    },
+                ],
+            )
+        },
+        "/api/tasks/{task_id}": {
+            "get": _operation(
+                "One of the caller's tasks",
+                {"200": task, **_errors(404)},
+                operationId="getTask",
+                parameters=[_TASK_ID],
+            )
+        },
+        "/api/tasks/{task_id}/stop": {
+            "post": _operation(
+                "Stop a task and answer it once ended",
+                {"200": ended, **_errors(404)},
+                operationId="stopTask",
+                parameters=[_TASK_ID],
+            )
+        },
+        "/api/tasks/stop/{task_id}": {
+            "post": _operation(
+                "Stop a task (alias)",
+                {"200": ended, **_errors(404)},
+                operationId="stopTaskAlias",
+                parameters=[_TASK_ID],
+            )
+        },
+        "/api/chats/{chat_id}/stop": {
+            "post": _operation(
+                "Stop every task of the caller in a chat",
+                {"200": _json("TaskList", "The chat's tasks, once ended.")},
+                operationId="stopChat",
+                parameters=[_path_param("chat_id", "The caller's chat id.")],
+            )
+        },
+        "/api/tasks/{task_id}/events": {
+            "get": _operation(
+                "The task's events as SSE, replayed past `after` then live",
+                {
+                    "200": _sse(
+                        "The events; the stream ends after the terminal event.",
+                        "The event as JSON (API.md, Events).",
+                        with_id=True,
+                    ),
+                    **_errors(
+                        400,
+                        404,
+                        described={
+                            400: "`after` (or `Last-Event-ID`) is not a non-negative integer."
+                        },
+                    ),
+                },
+                operationId="taskEvents",
+                parameters=[
+                    _TASK_ID,
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0},
+                        "description": "Replay the events past this seq (default 0).",
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                        "description": "The SSE resume header; used when `after` is absent.",
+                    },
+                ],
+            )
+        },
+        "/api/models": {"get": _operation("The models", {"200": models}, operationId="listModels")},
+        "/v1/models": {
+            "get": _operation(
+                "The models (OpenAI's path)", {"200": models}, operationId="listModelsV1"
+            )
+        },
+        "/api/models/{model_id}": {
+            "get": _operation(
+                "One model",
+                {"200": model, **_errors(404)},
+                operationId="getModel",
+                parameters=[_MODEL_ID],
+            )
+        },
+        "/v1/models/{model_id}": {
+            "get": _operation(
+                "One model (OpenAI's path)",
+                {"200": model, **_errors(404)},
+                operationId="getModelV1",
+                parameters=[_MODEL_ID],
+            )
+        },
+        "/api/tools": {
+            "get": _operation(
+                "The server tools `tool_ids` accepts",
+                {"200": _json("ToolList", "The tools.")},
+                operationId="listTools",
+            )
+        },
+        "/api/local-docs/{path}": {
+            "get": _operation(
+                "A document of the `local` search folder (the target of its sources' `url`)",
+                {
+                    "200": {
+                        "description": "The document's text: Markdown as `text/markdown`, "
+                        "`.txt` as `text/plain`.",
+                        "content": {
+                            "text/markdown": {"schema": {"type": "string"}},
+                            "text/plain": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_errors(
+                        404,
+                        described={
+                            404: "No indexed document has this path (or the search provider is not "
+                            "`local`)."
+                        },
+                    ),
+                },
+                operationId="getLocalDocument",
+                parameters=[
+                    {
+                        **_path_param(
+                            "path",
+                            "The document's path relative to the folder, "
+                            "as in the source's `url`; it may hold "
+                            "slashes.",
+                        ),
+                        "example": "web-search.md",
+                    }
+                ],
+            )
+        },
+        "/healthz": {
+            "get": _operation(
+                "Liveness", {"200": _json("Health", "Alive.")}, keyed=False, operationId="healthz"
+            )
+        },
+        "/health": {
+            "get": _operation(
+                "Liveness (alias)",
+                {"200": _json("Health", "Alive.")},
+                keyed=False,
+                operationId="health",
+            )
+        },
+        "/readyz": {
+            "get": _operation(
+                "Readiness",
+                {"200": _json("Ready", "Admitting tasks."), **_errors(503)},
+                keyed=False,
+                operationId="readyz",
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                "Prometheus metrics",
+                {"200": _text("text/plain", "Prometheus text format.")},
+                keyed=False,
+                operationId="metrics",
+            )
+        },
+        "/": {
+            "get": _operation(
+                "The chat page",
+                {"200": _text("text/html", "The page.")},
+                keyed=False,
+                operationId="chatPage",
+            )
+        },
+        PATH: {
+            "get": _operation(
+                "This document",
+                {
+                    "200": {
+                        "description": "OpenAPI 3.1.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+                keyed=False,
+                operationId="openapi",
+            )
+        },
     }
 
 
@@ -251,8 +408,8 @@ def document() -> dict[str, Any]:
             "title": "Tether",
             "version": importlib.metadata.version("tether"),
             "description": "A chat-completion server where every request is a cancellable "
-                           "task. API.md, in the repository, is the full reference; the "
-                           "WebSocket `/ws` is described there, not here.",
+            "task. API.md, in the repository, is the full reference; the "
+            "WebSocket `/ws` is described there, not here.",
         },
         "paths": _paths(),
         "components": {

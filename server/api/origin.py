@@ -32,10 +32,12 @@ def check_origin(origin: str | None, host: str | None, allowed: Sequence[str]) -
     if normalised in allowed or _same_origin(normalised, host):
         return
     raise RequestError(
-        403, "forbidden",
+        403,
+        "forbidden",
         f"WebSocket connections from the origin {origin!r} are not allowed "
         "(TETHER_WS_ALLOWED_ORIGINS).",
-        error_type="permission_error")
+        error_type="permission_error",
+    )
 
 
 def _same_origin(origin: str, host: str | None) -> bool:
@@ -51,5 +53,9 @@ def _same_origin(origin: str, host: str | None) -> bool:
         target_port = target.port or _DEFAULT_PORTS.get(page.scheme)
     except ValueError:  # a port that is not a number, a broken IPv6 literal
         return False
-    return (page.scheme in _DEFAULT_PORTS and page.hostname is not None
-            and page.hostname == target.hostname and page_port == target_port)
+    return (
+        page.scheme in _DEFAULT_PORTS
+        and page.hostname is not None
+        and page.hostname == target.hostname
+        and page_port == target_port
+    )

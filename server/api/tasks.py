@@ -92,8 +92,9 @@ def _cursor() -> int:
     try:
         after = int(raw)
     except ValueError:
-        raise RequestError(400, "invalid_request", "'after' must be an integer.",
-                           param="after") from None
+        raise RequestError(
+            400, "invalid_request", "'after' must be an integer.", param="after"
+        ) from None
     if after < 0:
         raise RequestError(400, "invalid_request", "'after' must be >= 0.", param="after")
     return after
@@ -107,9 +108,11 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
     store = rt.manager.store
     cursor = after
     with store.reading(task_id):
-        while (events := await next_events(store, task_id, cursor, limit=500,
-                                           wait_s=rt.settings.sse_keepalive_s)
-               ) is not None:
+        while (
+            events := await next_events(
+                store, task_id, cursor, limit=500, wait_s=rt.settings.sse_keepalive_s
+            )
+        ) is not None:
             if not events:
                 yield sse.KEEPALIVE
                 continue

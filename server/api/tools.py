@@ -20,9 +20,12 @@ async def list_tools() -> Response:
     tools: list[dict[str, Any]] = []
     for tool_id, tool in runtime().tools.items():
         spec = tool.spec
-        entry: dict[str, Any] = {"id": tool_id, "name": spec.name,
-                                 "description": spec.description,
-                                 "parameters": spec.parameters}
+        entry: dict[str, Any] = {
+            "id": tool_id,
+            "name": spec.name,
+            "description": spec.description,
+            "parameters": spec.parameters,
+        }
         if spec.server is not None:
             entry["server"] = spec.server
         tools.append(entry)

@@ -117,8 +117,9 @@ class _LogPosition(Protocol):
 class EventSource(Protocol):
     """The task logs the writer reads (the task store)."""
 
-    async def read(self, task_id: str, after: int,
-                   limit: int | None = None) -> Sequence[LogEvent]: ...
+    async def read(
+        self, task_id: str, after: int, limit: int | None = None
+    ) -> Sequence[LogEvent]: ...
 
     async def get(self, task_id: str) -> _LogPosition | None: ...
 
@@ -127,14 +128,14 @@ class WsWriter:
     """A connection's only sending task (the pump), doing the I/O its ``Delivery`` asks
     for: reads of the task logs, and sends, shielded and timed for the ``WsHub``."""
 
-    def __init__(self, ws: TextSocket, logs: EventSource, *, batch: bool,
-                 max_lag_events: int) -> None:
+    def __init__(
+        self, ws: TextSocket, logs: EventSource, *, batch: bool, max_lag_events: int
+    ) -> None:
         self._ws = ws
         self._logs = logs
         self._wake = trio.Event()
         self._reply_room = trio.Event()
-        self.delivery = Delivery(batch=batch, max_lag_events=max_lag_events,
-                                 wake=self._set_wake)
+        self.delivery = Delivery(batch=batch, max_lag_events=max_lag_events, wake=self._set_wake)
         self.sending_since: float | None = None
 
     def _set_wake(self) -> None:
@@ -203,7 +204,8 @@ class WsWriter:
             case FindTask(task_id=task_id):
                 record = await self._logs.get(task_id)
                 self.delivery.receive_log_state(
-                    None if record is None else LogState(record.active, record.last_seq))
+                    None if record is None else LogState(record.active, record.last_seq)
+                )
             case Send(texts=texts):
                 await self._send(texts)
                 self.delivery.sent()
@@ -260,8 +262,9 @@ class WsConnection:
         self.rt = rt
         self.user = user
         self._ws = ws
-        self.writer = WsWriter(ws, rt.manager.store, batch=batch,
-                               max_lag_events=rt.settings.ws_max_lag_events)
+        self.writer = WsWriter(
+            ws, rt.manager.store, batch=batch, max_lag_events=rt.settings.ws_max_lag_events
+        )
         self.session: Session | None = None
         self._running = False
         # While this connection's own chat is being admitted, tasks started in the session
@@ -309,8 +312,13 @@ class WsConnection:
             async with trio.open_nursery() as nursery:
                 self._running = True
                 assert self.session is not None
-                await self.writer.reply({"type": "session", "session_id": self.session.id,
-                                         "tasks": await self._session_tasks()})
+                await self.writer.reply(
+                    {
+                        "type": "session",
+                        "session_id": self.session.id,
+                        "tasks": await self._session_tasks(),
+                    }
+                )
                 nursery.start_soon(self._receive_loop, nursery.cancel_scope)
                 await self.writer.run()
                 nursery.cancel_scope.cancel()
@@ -327,8 +335,9 @@ class WsConnection:
             # a slow reader gets it after those messages; a dead one is dropped by
             # TCP_USER_TIMEOUT (see cli.py). The session was detached above, so waiting
             # here holds nothing else.
-            await self._ws.close(CLOSE_TOO_SLOW,
-                                 "too slow: reconnect with session_id, subscribe with after")
+            await self._ws.close(
+                CLOSE_TOO_SLOW, "too slow: reconnect with session_id, subscribe with after"
+            )
 
     async def _session_tasks(self) -> list[dict[str, Any]]:
         """The session's tasks still running or retained, oldest first, with where their
@@ -336,10 +345,19 @@ class WsConnection:
         the ``after`` it last saw (tasks already running are not followed on their own)."""
         assert self.session is not None
         records = await self.rt.manager.store.list_tasks(
-            self.user, session_id=self.session.id, include_finished=True)
-        return [{"task_id": r.id, "chat_id": r.chat_id, "message_id": r.message_id,
-                 "status": r.status, "phase": r.phase, "last_seq": r.last_seq}
-                for r in records]
+            self.user, session_id=self.session.id, include_finished=True
+        )
+        return [
+            {
+                "task_id": r.id,
+                "chat_id": r.chat_id,
+                "message_id": r.message_id,
+                "status": r.status,
+                "phase": r.phase,
+                "last_seq": r.last_seq,
+            }
+            for r in records
+        ]
 
     async def _receive_loop(self, connection: trio.CancelScope) -> None:
         while (raw := await self._ws.receive()) is not None:
@@ -378,9 +396,13 @@ class WsConnection:
             await self.writer.reply({"type": "error", "error": error, "ref": ref})
         except Exception:  # a bug must cost one message, not the connection
             log.exception("WebSocket message failed")
-            await self.writer.reply({"type": "error", "error": {"code": "internal_error",
-                                                                "message": "Internal error."},
-                                     "ref": ref})
+            await self.writer.reply(
+                {
+                    "type": "error",
+                    "error": {"code": "internal_error", "message": "Internal error."},
+                    "ref": ref,
+                }
+            )
 
     async def _own_task(self, task_id: str) -> str:
         """The task id, if it names a task of this connection's user; ``not_found`` (as
@@ -401,9 +423,11 @@ class WsConnection:
 
     def _check_size(self, size: int) -> None:
         if size > self.rt.settings.max_body_bytes:
-            raise RequestError(413, "payload_too_large",
-                               f"The request is larger than {self.rt.settings.max_body_bytes} "
-                               "bytes.")
+            raise RequestError(
+                413,
+                "payload_too_large",
+                f"The request is larger than {self.rt.settings.max_body_bytes} bytes.",
+            )
 
     async def _chat(self, body: dict[str, Any]) -> None:
         """Admit and spawn a chat task bound to the session, answer ``task``, then follow
@@ -411,8 +435,9 @@ class WsConnection:
         session."""
         arrived = time.perf_counter()
         assert self.session is not None
-        chat = await check_chat(self.rt, self.user,
-                          {**body, "session_id": self.session.id, "background": False})
+        chat = await check_chat(
+            self.rt, self.user, {**body, "session_id": self.session.id, "background": False}
+        )
         self._spawning = True
         record = None
         try:
@@ -425,20 +450,29 @@ class WsConnection:
                 self.follow(task_id, 0)
         self.rt.metrics.time_to_task_id.labels("ws").observe(time.perf_counter() - arrived)
         # The answer goes out first; the follower then replays the task's log from seq 1.
-        await self.writer.reply({"type": "task", "task_id": record.id,
-                                 "chat_id": record.chat_id, "message_id": record.message_id})
+        await self.writer.reply(
+            {
+                "type": "task",
+                "task_id": record.id,
+                "chat_id": record.chat_id,
+                "message_id": record.message_id,
+            }
+        )
         self.follow(record.id, 0)
 
 
-async def serve(rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCallable,
-                send: ASGISendCallable) -> None:
+async def serve(
+    rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
     """One ``/ws`` connection of a session, as an ASGI call. Cancelled when the server
     shuts down; ends when the client goes: the connection leaves its session, whose grace
     period then decides its tasks' fate."""
     if (await receive())["type"] != "websocket.connect":
         return
-    headers = {name.decode("latin-1").lower(): value.decode("latin-1")
-               for name, value in cast(Any, scope)["headers"]}
+    headers = {
+        name.decode("latin-1").lower(): value.decode("latin-1")
+        for name, value in cast(Any, scope)["headers"]
+    }
     args = dict(parse_qsl(cast(Any, scope)["query_string"].decode("latin-1")))
     try:
         check_origin(headers.get("origin"), headers.get("host"), rt.settings.ws_allowed_origins)
@@ -453,10 +487,18 @@ async def serve(rt: Runtime, hub: WsHub, scope: Scope, receive: ASGIReceiveCalla
         session = await rt.sessions.attach(user, args.get("session_id"), conn)
     except TaskRefused as failure:
         refused = refusal(failure)
-        await ws.send(json.dumps({"type": "error", "error": {
-            "code": refused.code, "message": refused.message}, "ref": "session"}))
-        await ws.close(CLOSE_NOT_FOUND if refused.status == 404 else CLOSE_TRY_LATER,
-                       refused.message)
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "error",
+                    "error": {"code": refused.code, "message": refused.message},
+                    "ref": "session",
+                }
+            )
+        )
+        await ws.close(
+            CLOSE_NOT_FOUND if refused.status == 404 else CLOSE_TRY_LATER, refused.message
+        )
         return
     conn.session = session
     await conn.run(hub)
@@ -469,10 +511,16 @@ async def _refuse(scope: Scope, send: ASGISendCallable, exc: RequestError) -> No
         await send({"type": "websocket.close", "code": 1008, "reason": exc.message})
         return
     body = json.dumps(exc.body()).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
-    await send(cast(Any, {"type": "websocket.http.response.start", "status": exc.status,
-                          "headers": headers}))
-    await send(cast(Any, {"type": "websocket.http.response.body", "body": body,
-                          "more_body": False}))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
+    ]
+    await send(
+        cast(
+            Any, {"type": "websocket.http.response.start", "status": exc.status, "headers": headers}
+        )
+    )
+    await send(
+        cast(Any, {"type": "websocket.http.response.body", "body": body, "more_body": False})
+    )

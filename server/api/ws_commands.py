@@ -30,8 +30,11 @@ class Refusal:
     message: str
 
 
-TaskId = Annotated[str, Field(strict=True, min_length=1, description="A task id."),
-                   Refusal("Missing field 'task_id'.")]
+TaskId = Annotated[
+    str,
+    Field(strict=True, min_length=1, description="A task id."),
+    Refusal("Missing field 'task_id'."),
+]
 
 
 class _Command(BaseModel):
@@ -46,8 +49,7 @@ class ChatCommand(_Command):
     type: Literal["chat"]
     request: Annotated[
         dict[str, Any],
-        Field(description="A chat-completions request, as the body of "
-                          "POST /api/chat/completions."),
+        Field(description="A chat-completions request, as the body of POST /api/chat/completions."),
         Refusal("Missing field 'request' (an object)."),
     ]
 
@@ -57,8 +59,11 @@ class SubscribeCommand(_Command):
 
     type: Literal["subscribe"]
     task_id: TaskId
-    after: Annotated[int, Field(strict=True, ge=0, description="The last seq seen."),
-                     Refusal("'after' must be a non-negative integer.")] = 0
+    after: Annotated[
+        int,
+        Field(strict=True, ge=0, description="The last seq seen."),
+        Refusal("'after' must be a non-negative integer."),
+    ] = 0
 
 
 class UnsubscribeCommand(_Command):
@@ -118,8 +123,7 @@ def _refusal(message: dict[str, Any], error: ErrorDetails) -> RequestError:
     if kind is None:
         return RequestError(400, "invalid_request", "Missing field 'type'.", param="type")
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        return RequestError(400, "unknown_type", f"Unknown message type {kind!r}.",
-                            param="type")
+        return RequestError(400, "unknown_type", f"Unknown message type {kind!r}.", param="type")
     # The location is (the tag, the field, ...): the command's own field is at fault.
     name = str(error["loc"][1]) if len(error["loc"]) > 1 else "type"
     field = _MODELS[kind].model_fields.get(name)

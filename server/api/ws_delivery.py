@@ -143,8 +143,14 @@ class _Turn:
 class Delivery:
     """The scheduler of one connection: followers with cursors, replies, and what next."""
 
-    def __init__(self, *, batch: bool, max_lag_events: int, wake: Callable[[], None],
-                 read_limit: int = READ_LIMIT) -> None:
+    def __init__(
+        self,
+        *,
+        batch: bool,
+        max_lag_events: int,
+        wake: Callable[[], None],
+        read_limit: int = READ_LIMIT,
+    ) -> None:
         self.batch = batch
         self._max_lag_events = max_lag_events
         self._read_limit = read_limit
@@ -339,10 +345,13 @@ class Delivery:
         or dropped meanwhile (resubscribe, unsubscribe, the client too slow) gets no more:
         each outcome but that of the last send checks that it is still served."""
         if self.batch:
-            return Send(('{"type":"events","events":['
-                         + ",".join(e.json for e in turn.events) + "]}",), replies=False)
-        return Send(('{"type":"event","event":' + turn.events[turn.sending].json + "}",),
-                    replies=False)
+            return Send(
+                ('{"type":"events","events":[' + ",".join(e.json for e in turn.events) + "]}",),
+                replies=False,
+            )
+        return Send(
+            ('{"type":"event","event":' + turn.events[turn.sending].json + "}",), replies=False
+        )
 
     def _outcome(self, step: type[Send] | type[ReadLog] | type[FindTask]) -> _Turn | None:
         """The turn an outcome belongs to (None: replies), checking that it is the one due."""

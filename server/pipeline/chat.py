@@ -46,21 +46,32 @@ class ChatPipeline:
             await emit.set_phase("web_search")
             query_model_id = self.settings.query_model or request.model
             sources = await run_web_search(
-                request, emit, settings=self.settings, search=self.search, pages=self.pages,
-                query_model=self.models.resolve(query_model_id), query_model_id=query_model_id,
+                request,
+                emit,
+                settings=self.settings,
+                search=self.search,
+                pages=self.pages,
+                query_model=self.models.resolve(query_model_id),
+                query_model_id=query_model_id,
             )
             if sources:
                 messages = inject_sources(messages, sources)
         # By the name the model calls each by (an MCP tool's id is not a function name). A
         # tool whose MCP server dropped it since admission is not offered.
-        server_tools = {tool.spec.name: tool for tool in
-                        (self.tools.get(tool_id) for tool_id in request.tool_ids) if tool}
-        body: dict[str, Any] = {**request.passthrough, "model": request.model,
-                                "messages": messages}
+        server_tools = {
+            tool.spec.name: tool
+            for tool in (self.tools.get(tool_id) for tool_id in request.tool_ids)
+            if tool
+        }
+        body: dict[str, Any] = {**request.passthrough, "model": request.model, "messages": messages}
         if server_tools:
             declared = list(body.get("tools") or [])
             body["tools"] = declared + [t.spec.openai_schema() for t in server_tools.values()]
         await generate(
-            model, body, emit, tools=server_tools, max_rounds=self.settings.max_tool_rounds,
+            model,
+            body,
+            emit,
+            tools=server_tools,
+            max_rounds=self.settings.max_tool_rounds,
             tool_timeout_s=self.settings.tool_timeout_s,
         )

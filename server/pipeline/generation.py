@@ -33,8 +33,11 @@ class _PendingCall:
     arguments: str = ""
 
     def openai(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass
@@ -43,8 +46,9 @@ class RoundResult:
     finish_reason: str | None = None
 
 
-async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter,
-                       usage: UsageMeter) -> RoundResult:
+async def stream_round(
+    model: ModelProvider, body: dict[str, Any], emit: Emitter, usage: UsageMeter
+) -> RoundResult:
     """One model call: emit content deltas, assemble tool calls, count the round's usage
     on ``usage`` (begun here; the caller ends it).
 
@@ -88,8 +92,9 @@ async def stream_round(model: ModelProvider, body: dict[str, Any], emit: Emitter
     return result
 
 
-async def run_tool_call(tool: Tool, call: _PendingCall, timeout: float,
-                        progress: ProgressReporter | None = None) -> tuple[str, bool]:
+async def run_tool_call(
+    tool: Tool, call: _PendingCall, timeout: float, progress: ProgressReporter | None = None
+) -> tuple[str, bool]:
     """Run one tool call; returns (result text for the model, whether it failed).
 
     A tool that raises, times out or gets bad arguments gives the model an error result.
@@ -129,8 +134,15 @@ async def generate(
     """
     usage = UsageMeter()
     try:
-        await _rounds(model, body, emit, usage, tools=tools, max_rounds=max_rounds,
-                      tool_timeout_s=tool_timeout_s)
+        await _rounds(
+            model,
+            body,
+            emit,
+            usage,
+            tools=tools,
+            max_rounds=max_rounds,
+            tool_timeout_s=tool_timeout_s,
+        )
     finally:
         # Stopped or failed mid-answer: no await here (the task may be cancelled); the
         # terminal event, written after the pipeline, carries it.
@@ -161,27 +173,35 @@ async def _rounds(
         if client_calls:
             openai_calls = [c.openai() for c in client_calls]
             await emit.delta({"content": "", "tool_calls": openai_calls})
-            await emit.set_result(usage=usage.so_far(), finish_reason="tool_calls",
-                                  tool_calls=openai_calls)
+            await emit.set_result(
+                usage=usage.so_far(), finish_reason="tool_calls", tool_calls=openai_calls
+            )
             return
         if not server_calls or round_number == max_rounds:
-            await emit.set_result(usage=usage.so_far(),
-                                  finish_reason=result.finish_reason or "stop")
+            await emit.set_result(
+                usage=usage.so_far(), finish_reason=result.finish_reason or "stop"
+            )
             return
         await emit.set_phase("tools")
         outputs = await _run_tools(server_calls, tools, emit, tool_timeout_s)
-        messages.append({"role": "assistant", "content": None,
-                         "tool_calls": [c.openai() for c in server_calls]})
+        messages.append(
+            {"role": "assistant", "content": None, "tool_calls": [c.openai() for c in server_calls]}
+        )
         for call, output in zip(server_calls, outputs, strict=True):
             messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
 
 
-def _tool_status(spec: ToolSpec, call: _PendingCall, description: str, *, done: bool
-                 ) -> StatusData:
+def _tool_status(spec: ToolSpec, call: _PendingCall, description: str, *, done: bool) -> StatusData:
     """A tool call's status: the name the model called, the call's id, and for an MCP
     tool its id, its server and its name there."""
-    status: StatusData = {"phase": "tools", "action": "tool_call", "description": description,
-                          "done": done, "tool": call.name, "tool_call_id": call.id}
+    status: StatusData = {
+        "phase": "tools",
+        "action": "tool_call",
+        "description": description,
+        "done": done,
+        "tool": call.name,
+        "tool_call_id": call.id,
+    }
     if spec.server is not None:
         status["tool_id"] = spec.tool_id
         status["mcp_server"] = spec.server
@@ -215,9 +235,9 @@ async def _run_tools(
         await emit.status(start)
 
         async def report(progress: ToolProgress) -> None:
-            status = _tool_status(tool.spec, call,
-                                  f"{title}: {progress.message or _fraction(progress)}",
-                                  done=False)
+            status = _tool_status(
+                tool.spec, call, f"{title}: {progress.message or _fraction(progress)}", done=False
+            )
             status["progress"] = progress.progress
             if progress.total is not None:
                 status["total"] = progress.total
@@ -226,14 +246,21 @@ async def _run_tools(
         started = time.monotonic()
         output, failed = await run_tool_call(tool, call, timeout, report)
         outputs[i] = output
-        end = _tool_status(tool.spec, call, f"{title} {'failed' if failed else 'done'}",
-                           done=True)
+        end = _tool_status(tool.spec, call, f"{title} {'failed' if failed else 'done'}", done=True)
         end["result"] = output[:2000]
         end["duration_s"] = round(time.monotonic() - started, 4)
         if failed:
             end["error"] = True
-        await emit.set_result(tool_calls=[{**call.openai(), "result": output[:2000],
-                                           "server": True, **_tool_details(tool.spec)}])
+        await emit.set_result(
+            tool_calls=[
+                {
+                    **call.openai(),
+                    "result": output[:2000],
+                    "server": True,
+                    **_tool_details(tool.spec),
+                }
+            ]
+        )
         await emit.status(end)
 
     async with trio.open_nursery() as nursery:

@@ -42,8 +42,7 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return math.ceil(chars / _CHARS_PER_TOKEN)
 
 
-def add_usage(total: dict[str, Any] | None, more: dict[str, Any] | None
-              ) -> dict[str, Any] | None:
+def add_usage(total: dict[str, Any] | None, more: dict[str, Any] | None) -> dict[str, Any] | None:
     """``total`` with ``more`` added to it (``total`` is changed; None is nothing yet)."""
     if more is None:
         return total

@@ -34,16 +34,27 @@ class Source:
     text: str
 
     def event_data(self) -> SourceData:
-        return {"index": self.index, "url": self.url, "title": self.title,
-                "snippet": self.snippet}
+        return {"index": self.index, "url": self.url, "title": self.title, "snippet": self.snippet}
 
 
-def _status(action: Literal["queries", "search", "fetch"], description: str, *, done: bool,
-            error: bool = False, queries: list[str] | None = None, query: str | None = None,
-            count: int | None = None, urls: list[str] | None = None, url: str | None = None
-            ) -> StatusData:
-    status: StatusData = {"phase": "web_search", "action": action,
-                          "description": description, "done": done}
+def _status(
+    action: Literal["queries", "search", "fetch"],
+    description: str,
+    *,
+    done: bool,
+    error: bool = False,
+    queries: list[str] | None = None,
+    query: str | None = None,
+    count: int | None = None,
+    urls: list[str] | None = None,
+    url: str | None = None,
+) -> StatusData:
+    status: StatusData = {
+        "phase": "web_search",
+        "action": action,
+        "description": description,
+        "done": done,
+    }
     if error:
         status["error"] = True
     if queries is not None:
@@ -60,7 +71,10 @@ def _status(action: Literal["queries", "search", "fetch"], description: str, *, 
 
 
 async def generate_queries(
-    request: ChatRequest, model: ModelProvider | None, model_id: str, emit: Emitter,
+    request: ChatRequest,
+    model: ModelProvider | None,
+    model_id: str,
+    emit: Emitter,
     max_queries: int,
 ) -> list[str]:
     """Ask the model for search queries; fall back to the last user message.
@@ -81,13 +95,13 @@ async def generate_queries(
     async def collect(delta: ModelDelta) -> None:
         pieces.append(delta.content)
 
-    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0}
+    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
     try:
         await model.stream_chat(body, collect)
     except ModelError as exc:
-        await emit.status(_status("queries", f"Query generation failed: {exc.message}",
-                                     done=True, error=True))
+        await emit.status(
+            _status("queries", f"Query generation failed: {exc.message}", done=True, error=True)
+        )
         return [question]
     queries = parse_queries("".join(pieces))[:max_queries]
     return queries or [question]
@@ -133,8 +147,9 @@ async def run_web_search(
     if not queries:
         await emit.status(_status("queries", "Nothing to search for", done=True))
         return []
-    await emit.status(_status("search", "Searching: " + "; ".join(queries),
-                                 done=False, queries=queries))
+    await emit.status(
+        _status("search", "Searching: " + "; ".join(queries), done=False, queries=queries)
+    )
 
     per_query: dict[int, list[SearchResult]] = {}
 
@@ -142,16 +157,30 @@ async def run_web_search(
         try:
             per_query[i] = await search.search(query, settings.search_result_count)
         except SearchError as exc:
-            await emit.status(_status("search", f"Search failed for {query!r}: {exc}",
-                                         done=True, error=True, query=query))
+            await emit.status(
+                _status(
+                    "search",
+                    f"Search failed for {query!r}: {exc}",
+                    done=True,
+                    error=True,
+                    query=query,
+                )
+            )
 
     async with trio.open_nursery() as nursery:
         for i, query in enumerate(queries):
             nursery.start_soon(one_query, i, query)
 
     results = _merge(per_query, settings.search_result_count)
-    await emit.status(_status("search", f"Found {len(results)} results", done=True,
-                                 count=len(results), urls=[r.url for r in results]))
+    await emit.status(
+        _status(
+            "search",
+            f"Found {len(results)} results",
+            done=True,
+            count=len(results),
+            urls=[r.url for r in results],
+        )
+    )
     if not results:
         return []
 
@@ -160,31 +189,49 @@ async def run_web_search(
         (i, r) for i, r in enumerate(results) if r.content is None and settings.search_fetch_pages
     ]
     if to_fetch:
-        await emit.status(_status("fetch", f"Reading {len(to_fetch)} pages", done=False,
-                                     urls=[r.url for _, r in to_fetch]))
+        await emit.status(
+            _status(
+                "fetch",
+                f"Reading {len(to_fetch)} pages",
+                done=False,
+                urls=[r.url for _, r in to_fetch],
+            )
+        )
 
         async def one_page(i: int, result: SearchResult) -> None:
             try:
                 page = await pages.read(result.url)
             except PageError as exc:
-                await emit.status(_status("fetch", f"Could not read {result.url}: {exc}",
-                                             done=True, error=True, url=result.url))
+                await emit.status(
+                    _status(
+                        "fetch",
+                        f"Could not read {result.url}: {exc}",
+                        done=True,
+                        error=True,
+                        url=result.url,
+                    )
+                )
                 return
             texts[i] = page.text
-            await emit.status(_status("fetch", f"Read {result.url}", done=True,
-                                         url=result.url))
+            await emit.status(_status("fetch", f"Read {result.url}", done=True, url=result.url))
 
         async with trio.open_nursery() as nursery:
             for i, result in to_fetch:
                 nursery.start_soon(one_page, i, result)
-        await emit.status(_status("fetch", f"Read {len(texts)} of {len(to_fetch)} pages",
-                                     done=True))
+        await emit.status(
+            _status("fetch", f"Read {len(texts)} of {len(to_fetch)} pages", done=True)
+        )
 
     sources: list[Source] = []
     for i, result in enumerate(results):
         text = result.content if result.content is not None else texts.get(i, result.snippet)
-        source = Source(len(sources) + 1, result.url, result.title, result.snippet,
-                        (text or "")[: settings.page_max_chars])
+        source = Source(
+            len(sources) + 1,
+            result.url,
+            result.title,
+            result.snippet,
+            (text or "")[: settings.page_max_chars],
+        )
         sources.append(source)
         await emit.source(source.event_data())
     return sources

@@ -80,8 +80,7 @@ class TaskStore(Protocol):
         first."""
         ...
 
-    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]
-                     ) -> Event:
+    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]) -> Event:
         """Append a non-terminal event to the task's log, apply it to the stored record
         (``events.record_changes``) and set ``record.last_seq``. Raises ``LogClosed`` once
         the log has its terminal event. Appends of one task must not overlap (the task's
@@ -109,24 +108,25 @@ class TaskStore(Protocol):
         """Mark a reader following the task's log, so that retention keeps it meanwhile."""
         ...
 
-    def watch(self, task_id: str, on_append: Callable[[Event], None],
-              after: int = 0) -> LogWatch | None:
+    def watch(
+        self, task_id: str, on_append: Callable[[Event], None], after: int = 0
+    ) -> LogWatch | None:
         """Call ``on_append`` with each event appended to the task's log past ``after``
         until the returned watch is closed; None if the task is unknown or expired. Events
         past ``after`` that exist already may be reported too. A watch counts as a reader
         for retention. ``on_append`` must not block or raise."""
         ...
 
-    async def expire(self, now: float, retention_s: float,
-                     max_retained: int | None = None) -> list[str]:
+    async def expire(
+        self, now: float, retention_s: float, max_retained: int | None = None
+    ) -> list[str]:
         """Forget ended tasks that ended more than ``retention_s`` ago, and the oldest
         ended ones past ``max_retained``, that nobody is reading; return their ids."""
         ...
 
 
 class Admission(Protocol):
-    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int
-                      ) -> bool:
+    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
         """Take a place for the task if the limits allow it (checked and taken as one
         step); idempotent for one task."""
         ...
@@ -164,8 +164,13 @@ class Cluster(Protocol):
         """Tell the other processes with connections to the session about its new task."""
         ...
 
-    async def serve(self, control: Control, done: trio.Event, *,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        control: Control,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """The backend's own work, until ``done`` is set (after every task's terminal
         write): what other processes ask of this one goes to ``control``. It ends on
         ``done``, not by cancellation, and in bounded time."""
@@ -191,7 +196,11 @@ def new_replica_id() -> str:
 
 
 async def next_events(
-    store: TaskStore, task_id: str, cursor: int, *, limit: int = 256,
+    store: TaskStore,
+    task_id: str,
+    cursor: int,
+    *,
+    limit: int = 256,
     wait_s: float = math.inf,
 ) -> list[Event] | None:
     """The events past ``cursor``, waiting up to ``wait_s`` for the first of them.

@@ -72,12 +72,20 @@ class EventLog:
         """Events with ``seq > after`` (at most ``limit``), in order."""
         start = max(after, 0)
         end = None if limit is None else start + limit
-        return [item if isinstance(item, Event) else self._delta(seq, item)
-                for seq, item in enumerate(self._events[start:end], start + 1)]
+        return [
+            item if isinstance(item, Event) else self._delta(seq, item)
+            for seq, item in enumerate(self._events[start:end], start + 1)
+        ]
 
     def _delta(self, seq: int, content: str) -> Event:
-        return Event(task_id=self.task_id, chat_id=self.chat_id, message_id=self.message_id,
-                     seq=seq, type="delta", data={"content": content})
+        return Event(
+            task_id=self.task_id,
+            chat_id=self.chat_id,
+            message_id=self.message_id,
+            seq=seq,
+            type="delta",
+            data={"content": content},
+        )
 
     async def wait_beyond(self, after: int) -> bool:
         """Wait for an event with ``seq > after``: True once one exists, False if none ever

@@ -41,8 +41,15 @@ class TaskEmitter:
     """The pipeline's ``emit``: turns reports into events and keeps the task's record
     current, here and in the store."""
 
-    def __init__(self, metrics: Metrics, store: TaskStore, record: TaskRecord, *,
-                 max_events: int, max_content_chars: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        store: TaskStore,
+        record: TaskRecord,
+        *,
+        max_events: int,
+        max_content_chars: int,
+    ) -> None:
         self._metrics = metrics
         self._store = store
         self._record = record
@@ -94,14 +101,21 @@ class TaskEmitter:
         terminal event the one place left in its log."""
         record = self._record
         if record.last_seq + 2 > self._max_events:
-            raise TaskFailure("task_too_large",
-                              f"The task reached its limit of {self._max_events} events.")
+            raise TaskFailure(
+                "task_too_large", f"The task reached its limit of {self._max_events} events."
+            )
         if type_ == "delta":
-            grown = (len(record.content) + len(data.get("content", ""))
-                     + len(record.reasoning) + len(data.get("reasoning", "")))
+            grown = (
+                len(record.content)
+                + len(data.get("content", ""))
+                + len(record.reasoning)
+                + len(data.get("reasoning", ""))
+            )
             if grown > self._max_content_chars:
-                raise TaskFailure("task_too_large", "The answer reached its limit of "
-                                  f"{self._max_content_chars} characters.")
+                raise TaskFailure(
+                    "task_too_large",
+                    f"The answer reached its limit of {self._max_content_chars} characters.",
+                )
 
     async def set_phase(self, phase: Phase) -> None:
         if self._record.phase != phase:
@@ -187,9 +201,9 @@ class TaskManager:
                 # may go.
                 cluster_done.set()
 
-    async def _serve_cluster(self, done: trio.Event, *,
-                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                             ) -> None:
+    async def _serve_cluster(
+        self, done: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         # Shielded: even when the manager is cancelled from outside, the backend's
         # connections must outlive the tasks' terminal writes. It ends on ``done``.
         with trio.CancelScope(shield=True):
@@ -219,8 +233,9 @@ class TaskManager:
         period = max(0.05, min(self.settings.task_retention_s / 4, 30.0))
         while True:
             await trio.sleep(period)
-            await self.store.expire(time.time(), self.settings.task_retention_s,
-                                    self.settings.max_retained_tasks)
+            await self.store.expire(
+                time.time(), self.settings.task_retention_s, self.settings.max_retained_tasks
+            )
 
     # -- spawning -------------------------------------------------------------------------
 
@@ -292,8 +307,10 @@ class TaskManager:
         gives its place back."""
         try:
             if not await self._admission.reserve(
-                    record, max_total=self.settings.max_active_tasks,
-                    max_per_user=self.settings.max_active_tasks_per_user):
+                record,
+                max_total=self.settings.max_active_tasks,
+                max_per_user=self.settings.max_active_tasks_per_user,
+            ):
                 return False
             await self.store.create(record)
         except BackendUnavailable:
@@ -315,17 +332,26 @@ class TaskManager:
 
     async def _run_task(self, running: RunningTask) -> None:
         record = running.record
-        emitter = TaskEmitter(self.metrics, self.store, record,
-                              max_events=self.settings.max_task_events,
-                              max_content_chars=self.settings.max_content_chars)
+        emitter = TaskEmitter(
+            self.metrics,
+            self.store,
+            record,
+            max_events=self.settings.max_task_events,
+            max_content_chars=self.settings.max_content_chars,
+        )
         completed = False
         failure: BaseException | None = None
         try:
             with running.scope:
                 record.status = "running"
                 record.started_at = time.time()
-                log.info("task=%s started mode=%s model=%s user=%s", record.id, record.mode,
-                         record.model, record.user)
+                log.info(
+                    "task=%s started mode=%s model=%s user=%s",
+                    record.id,
+                    record.mode,
+                    record.model,
+                    record.user,
+                )
                 await self.store.save(record)
                 await emitter.started()
                 await self._runner(running.request, emitter)
@@ -339,11 +365,15 @@ class TaskManager:
             timed_out = running.scope.cancelled_caught and running.cancel_reason is None
             with trio.CancelScope(shield=True) as step:
                 step.relative_deadline = self.settings.backend_timeout_s
-                await self._finish(running, completed=completed, failure=failure,
-                                   timed_out=timed_out)
+                await self._finish(
+                    running, completed=completed, failure=failure, timed_out=timed_out
+                )
             if step.cancelled_caught:
-                log.error("task=%s: the terminal event was not written in %.1f s", record.id,
-                          self.settings.backend_timeout_s)
+                log.error(
+                    "task=%s: the terminal event was not written in %.1f s",
+                    record.id,
+                    self.settings.backend_timeout_s,
+                )
 
     async def _finish(
         self,
@@ -368,16 +398,23 @@ class TaskManager:
             enter_phase(self.metrics, record, "done")
         else:
             record.status = "cancelled"
-            record.cancel_reason = ("timeout" if timed_out
-                                    else (running.cancel_reason or "shutdown"))
+            record.cancel_reason = "timeout" if timed_out else (running.cancel_reason or "shutdown")
             self.metrics.cancels.labels(record.cancel_reason, record.phase).inc()
         self.metrics.tasks_active.labels(record.phase).dec()
         self.metrics.tasks_total.labels(record.mode, record.status).inc()
         started = record.started_at or record.ended_at
-        log.info("task=%s %s mode=%s phase=%s reason=%s error=%s queued_s=%.3f run_s=%.3f "
-                 "chars=%d", record.id, record.status, record.mode, record.phase,
-                 record.cancel_reason, record.error["type"] if record.error else None,
-                 started - record.created_at, record.ended_at - started, len(record.content))
+        log.info(
+            "task=%s %s mode=%s phase=%s reason=%s error=%s queued_s=%.3f run_s=%.3f chars=%d",
+            record.id,
+            record.status,
+            record.mode,
+            record.phase,
+            record.cancel_reason,
+            record.error["type"] if record.error else None,
+            started - record.created_at,
+            record.ended_at - started,
+            len(record.content),
+        )
         try:
             if await self.store.finish(record) is None:
                 log.warning("task=%s had already been ended elsewhere", record.id)
@@ -427,8 +464,7 @@ class TaskManager:
         cursor = record.last_seq
         while (events := await next_events(self.store, task_id, cursor)) is not None:
             if events and events[-1].terminal:
-                return TaskRecord.from_dict(events[-1].data,
-                                            session_bound=record.session_bound)
+                return TaskRecord.from_dict(events[-1].data, session_bound=record.session_bound)
             cursor = events[-1].seq if events else cursor
         return await self.store.get(task_id)
 
@@ -463,4 +499,3 @@ def describe_failure(failure: BaseException, phase: str) -> TaskError:
         return {"phase": phase, "type": "backend_unavailable", "message": leaf.message}
     log.error("task failed in phase %s", phase, exc_info=failure)
     return {"phase": phase, "type": "internal_error", "message": "Internal error in the task."}
-

@@ -48,8 +48,12 @@ class MemoryStore:
         if stored is None:
             return
         self._records[record.id] = replace(
-            record.copy(), content=stored.content, reasoning=stored.reasoning,
-            sources=stored.sources, last_seq=stored.last_seq)
+            record.copy(),
+            content=stored.content,
+            reasoning=stored.reasoning,
+            sources=stored.sources,
+            last_seq=stored.last_seq,
+        )
 
     def has(self, task_id: str) -> bool:
         """Whether the task's record and log are here (created and not yet expired)."""
@@ -89,8 +93,7 @@ class MemoryStore:
             raise UnknownTask(task_id)
         return log
 
-    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]
-                     ) -> Event:
+    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]) -> Event:
         event = self._log(record.id).append(type_, data)
         stored = self._records[record.id]
         content, reasoning, source = record_changes(type_, data)
@@ -130,17 +133,22 @@ class MemoryStore:
             if log is not None:
                 log.readers -= 1
 
-    def watch(self, task_id: str, on_append: Callable[[Event], None],
-              after: int = 0) -> _MemoryWatch | None:
+    def watch(
+        self, task_id: str, on_append: Callable[[Event], None], after: int = 0
+    ) -> _MemoryWatch | None:
         log = self._logs.get(task_id)
         if log is None:
             return None
         return _MemoryWatch(log, on_append)
 
-    async def expire(self, now: float, retention_s: float,
-                     max_retained: int | None = None) -> list[str]:
-        ended = [r for r in self._records.values()
-                 if not r.active and r.ended_at is not None and not self._logs[r.id].readers]
+    async def expire(
+        self, now: float, retention_s: float, max_retained: int | None = None
+    ) -> list[str]:
+        ended = [
+            r
+            for r in self._records.values()
+            if not r.active and r.ended_at is not None and not self._logs[r.id].readers
+        ]
         expired = [r.id for r in ended if now - (r.ended_at or now) >= retention_s]
         if max_retained is not None:
             kept = [r for r in ended if now - (r.ended_at or now) < retention_s]
@@ -152,8 +160,10 @@ class MemoryStore:
         for task_id in expired:
             record = self._records.pop(task_id)
             del self._logs[task_id]
-            for index, key in ((self._by_session, record.session_id),
-                               (self._by_chat, record.chat_id)):
+            for index, key in (
+                (self._by_session, record.session_id),
+                (self._by_chat, record.chat_id),
+            ):
                 ids = index.get(key) if key is not None else None
                 if ids is not None:
                     ids.pop(task_id, None)
@@ -170,8 +180,7 @@ class LocalAdmission:
         self._places: dict[str, str] = {}  # task -> user
         self._by_user: dict[str, int] = {}
 
-    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int
-                      ) -> bool:
+    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
         if record.id in self._places:
             return True
         user_count = self._by_user.get(record.user, 0)
@@ -217,8 +226,13 @@ class SingleProcess:
     async def announce_task(self, session_id: str, task_id: str) -> None:
         return None
 
-    async def serve(self, control: Control, done: trio.Event, *,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        control: Control,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         task_status.started()  # nothing to do in the background
 
 

@@ -51,8 +51,9 @@ class OpenAICompatibleModel:
     With a paced client (``paced.paced_client``), reads wait while the server is busy.
     """
 
-    def __init__(self, http: httpx2.AsyncClient, base_url: str, api_key: str | None,
-                 timeout: float) -> None:
+    def __init__(
+        self, http: httpx2.AsyncClient, base_url: str, api_key: str | None, timeout: float
+    ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -65,12 +66,14 @@ class OpenAICompatibleModel:
         Cancelling it closes the request's connection.
         """
         try:
-            async with self._http.stream("GET", self._base + "/models", headers=self._headers,
-                                         timeout=self._list_timeout) as response:
+            async with self._http.stream(
+                "GET", self._base + "/models", headers=self._headers, timeout=self._list_timeout
+            ) as response:
                 if not _is_success(response.status_code):
                     raw, _ = await _read_at_most(response, _MAX_ERROR_BODY_BYTES)
-                    raise ModelError(_error_message(raw, response.status_code),
-                                     status=response.status_code)
+                    raise ModelError(
+                        _error_message(raw, response.status_code), status=response.status_code
+                    )
                 raw, complete = await _read_at_most(response, _MAX_JSON_BODY_BYTES)
         except _HTTP_FAILURES as exc:
             raise ModelError(_describe_failure(exc)) from None
@@ -90,17 +93,21 @@ class OpenAICompatibleModel:
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
         # Identity encoding lets the stream be read raw, without a decoder layer per chunk:
         # this loop runs once per token of every task.
-        headers = {**self._headers, "Accept": "text/event-stream",
-                   "Accept-Encoding": "identity"}
+        headers = {**self._headers, "Accept": "text/event-stream", "Accept-Encoding": "identity"}
         finished = False  # saw [DONE] or a finish_reason: the answer is whole
         try:
-            async with self._http.stream("POST", self._base + "/chat/completions",
-                                         json=payload, headers=headers,
-                                         timeout=self._stream_timeout) as response:
+            async with self._http.stream(
+                "POST",
+                self._base + "/chat/completions",
+                json=payload,
+                headers=headers,
+                timeout=self._stream_timeout,
+            ) as response:
                 if not _is_success(response.status_code):
                     raw, _ = await _read_at_most(response, _MAX_ERROR_BODY_BYTES)
-                    raise ModelError(_error_message(raw, response.status_code),
-                                     status=response.status_code)
+                    raise ModelError(
+                        _error_message(raw, response.status_code), status=response.status_code
+                    )
                 if _media_type(response) == "application/json":
                     # Some servers ignore "stream": true and answer with one completion.
                     raw, complete = await _read_at_most(response, _MAX_JSON_BODY_BYTES)
@@ -187,8 +194,7 @@ def _parse_chunk(data: str) -> ModelDelta:
     piece = choice.get("delta")
     if isinstance(piece, dict):
         delta.content = _string(piece.get("content"))
-        delta.reasoning = (_string(piece.get("reasoning_content"))
-                           or _string(piece.get("reasoning")))
+        delta.reasoning = _string(piece.get("reasoning_content")) or _string(piece.get("reasoning"))
         delta.tool_calls = _tool_call_deltas(piece.get("tool_calls"))
     finish = choice.get("finish_reason")
     delta.finish_reason = finish if isinstance(finish, str) and finish else None
@@ -240,12 +246,14 @@ def _tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
         if isinstance(arguments, dict):
             # A few servers send the arguments as an object rather than a JSON string.
             arguments = json.dumps(arguments)
-        calls.append(ToolCallDelta(
-            index=index if isinstance(index, int) and not isinstance(index, bool) else position,
-            id=_string(call.get("id")) or None,
-            name=_string(function.get("name")) or None,
-            arguments=_string(arguments),
-        ))
+        calls.append(
+            ToolCallDelta(
+                index=index if isinstance(index, int) and not isinstance(index, bool) else position,
+                id=_string(call.get("id")) or None,
+                name=_string(function.get("name")) or None,
+                arguments=_string(arguments),
+            )
+        )
     return calls
 
 
@@ -268,8 +276,9 @@ def _merged(deltas: list[ModelDelta]) -> ModelDelta:
 
 
 def _carries_something(delta: ModelDelta) -> bool:
-    return bool(delta.content or delta.reasoning or delta.tool_calls or delta.finish_reason
-                or delta.usage)
+    return bool(
+        delta.content or delta.reasoning or delta.tool_calls or delta.finish_reason or delta.usage
+    )
 
 
 def _parse_model_list(raw: bytes) -> list[str]:

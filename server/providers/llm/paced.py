@@ -78,9 +78,13 @@ class PacedStream(WrappedStream):
     bytes already received are all parsed. ``socket``, for a plain TCP connection, is read
     directly (see the module's note)."""
 
-    def __init__(self, inner: AsyncNetworkStream, pause: Pause,
-                 socket: trio.socket.SocketType | None = None,
-                 watch: _IdleWatch | None = None) -> None:
+    def __init__(
+        self,
+        inner: AsyncNetworkStream,
+        pause: Pause,
+        socket: trio.socket.SocketType | None = None,
+        watch: _IdleWatch | None = None,
+    ) -> None:
         super().__init__(inner)
         self._pause = pause
         self._socket = socket
@@ -112,8 +116,13 @@ class PacedStream(WrappedStream):
         self._last_read_at = now
         return data
 
-    async def _receive(self, socket: trio.socket.SocketType, watch: _IdleWatch,
-                       max_bytes: int, timeout: float | None) -> bytes:
+    async def _receive(
+        self,
+        socket: trio.socket.SocketType,
+        watch: _IdleWatch,
+        max_bytes: int,
+        timeout: float | None,
+    ) -> bytes:
         if self._timed_out:
             raise httpcore2.ReadTimeout("the read timed out")
         if timeout is not None:
@@ -137,8 +146,12 @@ class PacedStream(WrappedStream):
         if self._socket is not None:
             self._socket.close()
 
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> AsyncNetworkStream:
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncNetworkStream:
         tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
         return PacedStream(tls, self._pause)
 
@@ -153,12 +166,16 @@ class _PacedBackend(WrappingBackend):
         if not tcp:
             return PacedStream(stream, self._pause)
         socket = stream.get_extra_info("socket")
-        return PacedStream(stream, self._pause,
-                           socket if isinstance(socket, trio.socket.SocketType) else None,
-                           self._watch)
+        return PacedStream(
+            stream,
+            self._pause,
+            socket if isinstance(socket, trio.socket.SocketType) else None,
+            self._watch,
+        )
 
 
-def paced_client(limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause
-                 ) -> httpx2.AsyncClient:
+def paced_client(
+    limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause
+) -> httpx2.AsyncClient:
     """An httpx2 client whose connections are ``PacedStream``s."""
     return client_with_backend(_PacedBackend(pause), limits, timeout)

@@ -76,8 +76,9 @@ class ModelRouter:
 def build_model_router(settings: Settings, http: httpx2.AsyncClient) -> ModelRouter:
     upstream = None
     if settings.llm_base_url:
-        upstream = OpenAICompatibleModel(http, settings.llm_base_url, settings.llm_api_key,
-                                         settings.llm_timeout_s)
+        upstream = OpenAICompatibleModel(
+            http, settings.llm_base_url, settings.llm_api_key, settings.llm_timeout_s
+        )
     return ModelRouter(LocalModel(settings.local_model_tokens_per_s), upstream)
 
 

@@ -43,8 +43,7 @@ class _PoolsFilledInOrder(httpx2.AsyncBaseTransport):
     (all full: the one with the fewest). Idle connections of a transport unused for longer
     than ``expiry`` are closed."""
 
-    def __init__(self, transports: list[httpx2.AsyncHTTPTransport], expiry: float | None
-                 ) -> None:
+    def __init__(self, transports: list[httpx2.AsyncHTTPTransport], expiry: float | None) -> None:
         self._transports = transports
         self._expiry = expiry
         self._last_used = [0.0] * len(transports)
@@ -67,9 +66,12 @@ class _PoolsFilledInOrder(httpx2.AsyncBaseTransport):
             await transport.__aenter__()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None = None,
-                        exc_value: BaseException | None = None,
-                        traceback: TracebackType | None = None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -87,36 +89,50 @@ async def _close_idle(transport: httpx2.AsyncHTTPTransport) -> None:
                 await connection.aclose()
 
 
-def _transport(backend: httpcore2.AsyncNetworkBackend, ssl_context: ssl.SSLContext,
-               max_connections: int | None, max_keepalive: int | None,
-               keepalive_expiry: float | None) -> httpx2.AsyncHTTPTransport:
+def _transport(
+    backend: httpcore2.AsyncNetworkBackend,
+    ssl_context: ssl.SSLContext,
+    max_connections: int | None,
+    max_keepalive: int | None,
+    keepalive_expiry: float | None,
+) -> httpx2.AsyncHTTPTransport:
     transport = httpx2.AsyncHTTPTransport(verify=ssl_context, trust_env=False)
-    replace_pool(transport, httpcore2.AsyncConnectionPool(
-        ssl_context=ssl_context,
-        max_connections=max_connections,
-        max_keepalive_connections=max_keepalive,
-        keepalive_expiry=keepalive_expiry,
-        network_backend=backend,
-    ))
+    replace_pool(
+        transport,
+        httpcore2.AsyncConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=max_connections,
+            max_keepalive_connections=max_keepalive,
+            keepalive_expiry=keepalive_expiry,
+            network_backend=backend,
+        ),
+    )
     return transport
 
 
-def client_with_backend(backend: httpcore2.AsyncNetworkBackend, limits: httpx2.Limits,
-                        timeout: httpx2.Timeout) -> httpx2.AsyncClient:
+def client_with_backend(
+    backend: httpcore2.AsyncNetworkBackend, limits: httpx2.Limits, timeout: httpx2.Timeout
+) -> httpx2.AsyncClient:
     """A client (redirects followed, no environment proxies) over ``backend``, its
     connection limits shared out between its pools."""
     total, keepalive = limits.max_connections, limits.max_keepalive_connections
-    pools = 1 if total is None else min(_MAX_POOLS, max(1, math.ceil(
-        total / _CONNECTIONS_PER_POOL)))
+    pools = (
+        1 if total is None else min(_MAX_POOLS, max(1, math.ceil(total / _CONNECTIONS_PER_POOL)))
+    )
     ssl_context = httpx2.create_ssl_context(trust_env=False)  # loads the CA bundle: once
     transports = [
-        _transport(backend, ssl_context,
-                   None if total is None else math.ceil(total / pools),
-                   None if keepalive is None else math.ceil(keepalive / pools),
-                   limits.keepalive_expiry)
+        _transport(
+            backend,
+            ssl_context,
+            None if total is None else math.ceil(total / pools),
+            None if keepalive is None else math.ceil(keepalive / pools),
+            limits.keepalive_expiry,
+        )
         for _ in range(pools)
     ]
     transport: httpx2.AsyncBaseTransport = (
-        transports[0] if pools == 1 else _PoolsFilledInOrder(transports, limits.keepalive_expiry))
-    return httpx2.AsyncClient(transport=transport, timeout=timeout, follow_redirects=True,
-                              trust_env=False)
+        transports[0] if pools == 1 else _PoolsFilledInOrder(transports, limits.keepalive_expiry)
+    )
+    return httpx2.AsyncClient(
+        transport=transport, timeout=timeout, follow_redirects=True, trust_env=False
+    )

@@ -46,15 +46,20 @@ class PublicOnlyBackend(WrappingBackend):
     """Makes TCP connections to public addresses only, through ``inner``; refuses anything
     else with ``httpcore2.ConnectError`` before a packet is sent."""
 
-    def __init__(self, resolve: Resolve = resolve_host,
-                 inner: AsyncNetworkBackend | None = None) -> None:
+    def __init__(
+        self, resolve: Resolve = resolve_host, inner: AsyncNetworkBackend | None = None
+    ) -> None:
         super().__init__(inner or TlsSafeBackend())
         self._resolve = resolve
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[SOCKET_OPTION] | None = None,
-                          ) -> AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[SOCKET_OPTION] | None = None,
+    ) -> AsyncNetworkStream:
         """Resolve ``host`` once, check every address, connect to the first. Cancelling
         it abandons the lookup or the connect."""
         addresses = await self._resolve(host)
@@ -62,12 +67,15 @@ class PublicOnlyBackend(WrappingBackend):
             raise httpcore2.ConnectError(f"cannot resolve {host}")
         for address in addresses:
             if not address.is_global:
-                raise httpcore2.ConnectError(
-                    f"{host} is a non-public address ({address}); refused")
-        return await super().connect_tcp(str(addresses[0]), port, timeout, local_address,
-                                         socket_options)
+                raise httpcore2.ConnectError(f"{host} is a non-public address ({address}); refused")
+        return await super().connect_tcp(
+            str(addresses[0]), port, timeout, local_address, socket_options
+        )
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[SOCKET_OPTION] | None = None,
-                                  ) -> AsyncNetworkStream:
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[SOCKET_OPTION] | None = None,
+    ) -> AsyncNetworkStream:
         raise httpcore2.ConnectError("page fetches do not use Unix sockets")

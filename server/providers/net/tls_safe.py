@@ -21,8 +21,12 @@ from server.providers.net.wrapped import WrappedStream, WrappingBackend
 
 
 class TlsSafeStream(WrappedStream):
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> AsyncNetworkStream:
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncNetworkStream:
         """The TLS stream; cancelled or failed, the TCP stream is closed first (its close
         shielded: it only releases the socket)."""
         try:

@@ -26,8 +26,12 @@ class WrappedStream(AsyncNetworkStream):
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> AsyncNetworkStream:
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncNetworkStream:
         return await self._inner.start_tls(ssl_context, server_hostname, timeout)
 
     def get_extra_info(self, info: str) -> Any:
@@ -44,18 +48,24 @@ class WrappingBackend(AsyncNetworkBackend):
     def wrap(self, stream: AsyncNetworkStream, *, tcp: bool) -> AsyncNetworkStream:
         return stream
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[SOCKET_OPTION] | None = None,
-                          ) -> AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[SOCKET_OPTION] | None = None,
+    ) -> AsyncNetworkStream:
         """Cancelling it abandons the connect (the inner backend closes what it opened)."""
-        stream = await self._inner.connect_tcp(host, port, timeout, local_address,
-                                               socket_options)
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         return self.wrap(stream, tcp=True)
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[SOCKET_OPTION] | None = None,
-                                  ) -> AsyncNetworkStream:
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[SOCKET_OPTION] | None = None,
+    ) -> AsyncNetworkStream:
         """Cancelling it abandons the connect (the inner backend closes what it opened)."""
         stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
         return self.wrap(stream, tcp=False)

@@ -34,8 +34,9 @@ class JsonSearchEngine(ABC):
     # The result objects' field that holds the snippet.
     snippet_key: str
 
-    def __init__(self, http: httpx2.AsyncClient, api_key: str, *, base_url: str,
-                 timeout: float) -> None:
+    def __init__(
+        self, http: httpx2.AsyncClient, api_key: str, *, base_url: str, timeout: float
+    ) -> None:
         self._http = http
         self._api_key = api_key
         self._base_url = base_url.rstrip("/")
@@ -48,8 +49,9 @@ class JsonSearchEngine(ABC):
     def result_items(self, answer: Any) -> list[Any]:
         """The result objects in the engine's decoded answer (here: its ``results`` list);
         raises ``SearchError`` for an answer of another shape."""
-        return as_list(as_dict(answer, self.name, "the answer").get("results"), self.name,
-                       "results")
+        return as_list(
+            as_dict(answer, self.name, "the answer").get("results"), self.name, "results"
+        )
 
     async def search(self, query: str, count: int) -> list[SearchResult]:
         """Up to ``count`` results for ``query``; raises ``SearchError`` on failure.
@@ -60,7 +62,13 @@ class JsonSearchEngine(ABC):
             return []
         request = self.request(query, count)
         answer = await request_json(
-            self._http, self.name, request.method, self._base_url + request.path,
-            params=request.params, headers=request.headers, json_body=request.json_body,
-            timeout=self._timeout)
+            self._http,
+            self.name,
+            request.method,
+            self._base_url + request.path,
+            params=request.params,
+            headers=request.headers,
+            json_body=request.json_body,
+            timeout=self._timeout,
+        )
         return parse_results(self.result_items(answer), count, snippet_key=self.snippet_key)

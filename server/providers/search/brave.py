@@ -20,9 +20,12 @@ class BraveSearch(JsonSearchEngine):
     snippet_key = "description"
 
     def request(self, query: str, count: int) -> SearchRequest:
-        return SearchRequest("GET", "/res/v1/web/search",
-                             params={"q": query, "count": str(min(count, MAX_COUNT))},
-                             headers={"X-Subscription-Token": self._api_key})
+        return SearchRequest(
+            "GET",
+            "/res/v1/web/search",
+            params={"q": query, "count": str(min(count, MAX_COUNT))},
+            headers={"X-Subscription-Token": self._api_key},
+        )
 
     def result_items(self, answer: Any) -> list[Any]:
         answer = as_dict(answer, self.name, "the answer")

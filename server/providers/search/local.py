@@ -40,6 +40,9 @@ INDEXED_SUFFIXES = frozenset({".md", ".markdown", ".txt"})
 _MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 # Bigger files are not notes; skip them rather than fill memory.
 MAX_FILE_BYTES = 2_000_000
+# A file whose first line is this is left out of the index: the folder may hold notes for
+# those who work on the code (docs/architecture.md) beside the manual that answers users.
+NOT_SEARCHED = "<!-- not searched -->"
 # A query is a handful of words; more terms only slow the match without helping it.
 MAX_QUERY_TERMS = 32
 SNIPPET_TOKENS = 32
@@ -127,8 +130,7 @@ class LocalSearch:
         Raises ``SearchError`` if the index cannot be built or read. Cancelling it
         abandons the lookup running in a worker thread, which finishes on its own.
         """
-        return await trio.to_thread.run_sync(self._document_in_thread, path,
-                                             abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(self._document_in_thread, path, abandon_on_cancel=True)
 
     # Everything below runs in worker threads.
 
@@ -166,8 +168,10 @@ class LocalSearch:
             rows: dict[str, int] = {}
             with db:
                 for d in _read_documents(self._directory):
-                    cursor = db.execute("INSERT INTO docs (title, body, path) VALUES (?, ?, ?)",
-                                        (d.title, d.body, d.path))
+                    cursor = db.execute(
+                        "INSERT INTO docs (title, body, path) VALUES (?, ?, ?)",
+                        (d.title, d.body, d.path),
+                    )
                     rows[d.path] = int(cursor.lastrowid or 0)
         except sqlite3.Error as exc:
             raise SearchError(f"local: could not build the search index ({exc})") from None
@@ -193,7 +197,7 @@ def _read_documents(directory: Path) -> list[_Document]:
                 body = path.read_bytes().decode("utf-8", errors="replace")
             except OSError:
                 continue
-            if not body.strip():
+            if not body.strip() or body.lstrip("\ufeff").startswith(NOT_SEARCHED):
                 continue
             title = (markdown_title(body) if suffix in _MARKDOWN_SUFFIXES else None) or filename
             relative = path.relative_to(directory).as_posix()

@@ -16,6 +16,9 @@ class TavilySearch(JsonSearchEngine):
     snippet_key = "content"
 
     def request(self, query: str, count: int) -> SearchRequest:
-        return SearchRequest("POST", "/search",
-                             json_body={"query": query, "max_results": min(count, MAX_COUNT)},
-                             headers={"Authorization": f"Bearer {self._api_key}"})
+        return SearchRequest(
+            "POST",
+            "/search",
+            json_body={"query": query, "max_results": min(count, MAX_COUNT)},
+            headers={"Authorization": f"Bearer {self._api_key}"},
+        )

@@ -57,8 +57,7 @@ ProgressReporter = Callable[[ToolProgress], Awaitable[None]]
 class Tool(Protocol):
     spec: ToolSpec
 
-    async def run(self, arguments: dict[str, Any],
-                  progress: ProgressReporter | None = None) -> str:
+    async def run(self, arguments: dict[str, Any], progress: ProgressReporter | None = None) -> str:
         """Run the tool; the result text goes back to the model. ``progress``, when given,
         is awaited with each progress report the tool makes, in the caller's task.
 

@@ -91,8 +91,7 @@ class CalculatorTool:
     def __init__(self) -> None:
         self.spec = SPEC
 
-    async def run(self, arguments: dict[str, Any],
-                  progress: ProgressReporter | None = None) -> str:
+    async def run(self, arguments: dict[str, Any], progress: ProgressReporter | None = None) -> str:
         """Evaluate ``arguments["expression"]``; raises ``ToolError`` for a bad expression.
 
         It does no I/O and takes microseconds, so cancelling it has nothing to interrupt.

@@ -44,8 +44,7 @@ class CurrentTimeTool:
         self.spec = SPEC
         self._clock = clock
 
-    async def run(self, arguments: dict[str, Any],
-                  progress: ProgressReporter | None = None) -> str:
+    async def run(self, arguments: dict[str, Any], progress: ProgressReporter | None = None) -> str:
         """The current time in the asked time zone; ``ToolError`` for an unknown zone.
 
         Loading a zone reads a small file in a worker thread; cancelling it abandons

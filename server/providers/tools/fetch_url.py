@@ -33,8 +33,7 @@ class FetchUrlTool:
         self.spec = SPEC
         self._pages = pages
 
-    async def run(self, arguments: dict[str, Any],
-                  progress: ProgressReporter | None = None) -> str:
+    async def run(self, arguments: dict[str, Any], progress: ProgressReporter | None = None) -> str:
         """Fetch the page; ``ToolError`` when it cannot be fetched or read.
 
         Cancelling it closes the connection to the web server (and abandons a parse

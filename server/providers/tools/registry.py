@@ -25,8 +25,9 @@ class ToolRegistry(Mapping[str, Tool]):
     and go; a tool of a server that is down stays listed while its session is reopened, and
     calling it meanwhile gives the model an error result."""
 
-    def __init__(self, builtins: dict[str, Tool], mcp: McpServers | None,
-                 max_result_chars: int) -> None:
+    def __init__(
+        self, builtins: dict[str, Tool], mcp: McpServers | None, max_result_chars: int
+    ) -> None:
         self._builtins = builtins
         self._mcp = mcp
         self._max_result_chars = max_result_chars
@@ -40,7 +41,7 @@ class ToolRegistry(Mapping[str, Tool]):
         tool keeps its name for as long as the lists stay the same."""
         tools: dict[str, Tool] = dict(self._builtins)
         taken = set(tools)
-        for connection in (self._mcp.connections.values() if self._mcp else ()):
+        for connection in self._mcp.connections.values() if self._mcp else ():
             for remote in connection.tools:
                 name = function_name(connection.name, remote.name, taken)
                 taken.add(name)

@@ -50,8 +50,13 @@ class HttpPageReader:
 
     async def read(self, url: str) -> Page:
         """See ``fetch_page``; cancelling it closes the connection."""
-        return await fetch_page(self._http, url, timeout=self._timeout,
-                                max_bytes=self._max_bytes, max_chars=self._max_chars)
+        return await fetch_page(
+            self._http,
+            url,
+            timeout=self._timeout,
+            max_bytes=self._max_bytes,
+            max_chars=self._max_chars,
+        )
 
 
 async def fetch_page(
@@ -81,8 +86,7 @@ async def fetch_page(
     _check_url(url)
     try:
         with trio.fail_after(timeout):
-            final_url, media_type, body, truncated, charset = await _download(
-                http, url, max_bytes)
+            final_url, media_type, body, truncated, charset = await _download(http, url, max_bytes)
             text = _decode(body, charset)
             if media_type in _HTML_TYPES:
                 if len(text) > THREAD_THRESHOLD_CHARS:

@@ -33,18 +33,25 @@ class RedisBackend:
         return self.cluster.replica_id
 
 
-def redis_backend(url: str, *, prefix: str = "tether", replica_id: str | None = None,
-                  retention_s: float = 600.0, replica_ttl_s: float = 10.0,
-                  timeout_s: float = 5.0, max_connections: int = 1000) -> RedisBackend:
+def redis_backend(
+    url: str,
+    *,
+    prefix: str = "tether",
+    replica_id: str | None = None,
+    retention_s: float = 600.0,
+    replica_ttl_s: float = 10.0,
+    timeout_s: float = 5.0,
+    max_connections: int = 1000,
+) -> RedisBackend:
     """A task space in the Redis at ``url``, under ``prefix``; it connects when its
     cluster serves."""
     replica = replica_id or new_replica_id()
-    conn = RedisConnection(url, prefix=prefix, timeout_s=timeout_s,
-                           max_connections=max_connections)
+    conn = RedisConnection(url, prefix=prefix, timeout_s=timeout_s, max_connections=max_connections)
     admission = RedisAdmission(conn, replica)
     store = RedisStore(conn, admission, replica, retention_s=retention_s)
-    cluster = RedisCluster(conn, store, admission, replica, replica_ttl_s=replica_ttl_s,
-                           retention_s=retention_s)
+    cluster = RedisCluster(
+        conn, store, admission, replica, replica_ttl_s=replica_ttl_s, retention_s=retention_s
+    )
     return RedisBackend(store=store, admission=admission, cluster=cluster)
 
 

@@ -21,15 +21,18 @@ class RedisAdmission:
         self._conn = conn
         self._replica_id = replica_id
 
-    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int
-                      ) -> bool:
+    async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
         keys = self._conn.keys
         with redis_errors():
             reserved: Any = await self._conn.reserve(
-                keys=[keys.adm("counts"), keys.adm(f"owned:{self._replica_id}"),
-                      keys.adm(f"user:{record.user}"), keys.adm("replicas")],
-                args=[record.id, record.user, str(max_total), str(max_per_user),
-                      self._replica_id])
+                keys=[
+                    keys.adm("counts"),
+                    keys.adm(f"owned:{self._replica_id}"),
+                    keys.adm(f"user:{record.user}"),
+                    keys.adm("replicas"),
+                ],
+                args=[record.id, record.user, str(max_total), str(max_per_user), self._replica_id],
+            )
         return bool(reserved)
 
     async def release(self, record: TaskRecord) -> None:
@@ -40,8 +43,9 @@ class RedisAdmission:
         A failure is logged: the place waits for the next release or reaping."""
         keys = self._conn.keys
         try:
-            await self._conn.release(keys=[keys.adm("counts"), keys.adm(f"owned:{replica}")],
-                                     args=[task_id])
+            await self._conn.release(
+                keys=[keys.adm("counts"), keys.adm(f"owned:{replica}")], args=[task_id]
+            )
         except RedisError as exc:
             log.warning("could not release the place of %s: %s", task_id, exc)
 

@@ -16,19 +16,22 @@ class RedisConnection:
     the heartbeat without a connection. Their connections live while the cluster serves
     (``RedisCluster.serve``)."""
 
-    def __init__(self, url: str, *, prefix: str, timeout_s: float,
-                 max_connections: int) -> None:
+    def __init__(self, url: str, *, prefix: str, timeout_s: float, max_connections: int) -> None:
         self.url = url
         self.keys = Keys(prefix)
         self.timeout_s = timeout_s
         self.commands = coredis.Redis(
-            connection_pool=SlotKeepingPool.from_url(url, decode_responses=True,
-                                                     max_connections=64),
-            decode_responses=True)
+            connection_pool=SlotKeepingPool.from_url(
+                url, decode_responses=True, max_connections=64
+            ),
+            decode_responses=True,
+        )
         self.waiting = coredis.Redis(
-            connection_pool=SlotKeepingPool.from_url(url, decode_responses=True,
-                                                     max_connections=max_connections),
-            decode_responses=True)
+            connection_pool=SlotKeepingPool.from_url(
+                url, decode_responses=True, max_connections=max_connections
+            ),
+            decode_responses=True,
+        )
         self.reserve = self.commands.register_script(scripts.RESERVE)
         self.release = self.commands.register_script(scripts.RELEASE)
         self.create = self.commands.register_script(scripts.CREATE)

@@ -48,8 +48,9 @@ class Keys:
 
     def task(self, task_id: str) -> TaskKeys:
         tag = f"{self.prefix}:{{{task_id}}}"
-        return TaskKeys(f"{tag}:rec", f"{tag}:log", f"{tag}:content", f"{tag}:reasoning",
-                        f"{tag}:sources")
+        return TaskKeys(
+            f"{tag}:rec", f"{tag}:log", f"{tag}:content", f"{tag}:reasoning", f"{tag}:sources"
+        )
 
     def adm(self, name: str) -> str:
         return f"{self.prefix}:{{adm}}:{name}"
@@ -74,8 +75,9 @@ def encode_fields(record: TaskRecord, **extra: str) -> list[str]:
     return out
 
 
-def decode_record(raw: dict[str, str], content: str | None, reasoning: str | None,
-                  sources: Any) -> TaskRecord | None:
+def decode_record(
+    raw: dict[str, str], content: str | None, reasoning: str | None, sources: Any
+) -> TaskRecord | None:
     """The record from its hash and its logged fields' keys; None if there is none."""
     if not raw or "id" not in raw:
         return None
@@ -86,11 +88,11 @@ def decode_record(raw: dict[str, str], content: str | None, reasoning: str | Non
     return TaskRecord.from_dict(data, session_bound=bool(data.get("session_bound")))
 
 
-def decode_event(task_id: str, chat_id: str | None, message_id: str | None,
-                 entry: Any) -> Event:
+def decode_event(task_id: str, chat_id: str | None, message_id: str | None, entry: Any) -> Event:
     """An event from its log entry (``t``: type, ``d``: data; the id's sequence part is
     its seq)."""
     values = entry.field_values
     seq = int(str(entry.identifier).partition("-")[2])
-    return Event(task_id, chat_id, message_id, seq, cast(EventType, values["t"]),
-                 fastjson.loads(values["d"]))
+    return Event(
+        task_id, chat_id, message_id, seq, cast(EventType, values["t"]), fastjson.loads(values["d"])
+    )

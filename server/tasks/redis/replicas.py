@@ -29,8 +29,16 @@ log = logging.getLogger("tether.redis")
 
 
 class RedisCluster:
-    def __init__(self, conn: RedisConnection, store: RedisStore, admission: RedisAdmission,
-                 replica_id: str, *, replica_ttl_s: float, retention_s: float) -> None:
+    def __init__(
+        self,
+        conn: RedisConnection,
+        store: RedisStore,
+        admission: RedisAdmission,
+        replica_id: str,
+        *,
+        replica_ttl_s: float,
+        retention_s: float,
+    ) -> None:
         self.replica_id = replica_id
         self._conn = conn
         self._keys = conn.keys
@@ -41,8 +49,13 @@ class RedisCluster:
 
     # -- lifetime ------------------------------------------------------------------------
 
-    async def serve(self, control: Control, done: trio.Event, *,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        control: Control,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Connect, announce this replica, and run its background work until ``done``:
         the append pipeline, the watches of logs written elsewhere, the heartbeat, the
         control stream and the reaping of dead replicas; then sign off. Raises
@@ -82,8 +95,9 @@ class RedisCluster:
     async def _heartbeat_once(self) -> None:
         # The replica list is renewed too: a Redis that restarted has forgotten it.
         async with self._conn.commands.pipeline(transaction=False) as pipe:
-            pipe.set(self._keys.heartbeat(self.replica_id), str(time.time()),
-                     px=int(self._ttl_s * 800))
+            pipe.set(
+                self._keys.heartbeat(self.replica_id), str(time.time()), px=int(self._ttl_s * 800)
+            )
             pipe.sadd(self._keys.adm("replicas"), [self.replica_id])
 
     async def _heartbeat_loop(self) -> None:
@@ -108,14 +122,16 @@ class RedisCluster:
         with redis_errors():
             result: Any = await self._conn.session(
                 keys=[self._keys.session(session_id)],
-                args=[user, self.replica_id, str(delta), str(self._retention_ms)])
+                args=[user, self.replica_id, str(delta), str(self._retention_ms)],
+            )
         return bool(result == 1)
 
     async def announce_task(self, session_id: str, task_id: str) -> None:
         with redis_errors():
             for replica in await self._session_replicas(session_id):
-                await self._conn.commands.xadd(self._keys.control(replica),
-                                               {"task": task_id, "session": session_id})
+                await self._conn.commands.xadd(
+                    self._keys.control(replica), {"task": task_id, "session": session_id}
+                )
 
     async def _session_replicas(self, session_id: str) -> list[str]:
         """The other live replicas with a connection to the session (a dead one's count
@@ -152,8 +168,9 @@ class RedisCluster:
 
     async def _ensure_control_group(self) -> None:
         try:
-            await self._conn.commands.xgroup_create(self._keys.control(self.replica_id),
-                                                    "owner", "0", mkstream=True)
+            await self._conn.commands.xgroup_create(
+                self._keys.control(self.replica_id), "owner", "0", mkstream=True
+            )
         except coredis.exceptions.StreamDuplicateConsumerGroupError:
             pass
 
@@ -165,8 +182,12 @@ class RedisCluster:
         while True:
             try:
                 found = await self._conn.waiting.xreadgroup(
-                    "owner", self.replica_id, {key: "0" if pending else ">"}, count=100,
-                    block=None if pending else 5000)
+                    "owner",
+                    self.replica_id,
+                    {key: "0" if pending else ">"},
+                    count=100,
+                    block=None if pending else 5000,
+                )
                 entries = (found or {}).get(key, ())
                 if pending and not entries:
                     pending = False
@@ -176,11 +197,9 @@ class RedisCluster:
                     if "session" in values:
                         control.follow(str(values["session"]), str(values["task"]))
                     else:
-                        control.cancel(str(values["task"]),
-                                       cast(CancelReason, values["reason"]))
+                        control.cancel(str(values["task"]), cast(CancelReason, values["reason"]))
                 if entries:
-                    await self._conn.commands.xack(key, "owner",
-                                                   [e.identifier for e in entries])
+                    await self._conn.commands.xack(key, "owner", [e.identifier for e in entries])
             except RedisError as exc:
                 log.warning("reading the control stream failed: %s", exc)
                 pending = True
@@ -218,9 +237,11 @@ class RedisCluster:
                     continue
                 record.status = "failed"
                 record.ended_at = time.time()
-                record.error = {"phase": record.phase, "type": "replica_lost",
-                                "message": f"The replica running the task ({replica}) "
-                                           "stopped answering."}
+                record.error = {
+                    "phase": record.phase,
+                    "type": "replica_lost",
+                    "message": f"The replica running the task ({replica}) stopped answering.",
+                }
                 if await self._store.end(record, replica) is not None:
                     ended.append(task_id)
                     log.warning("task=%s failed: replica %s lost", task_id, replica)

@@ -27,8 +27,14 @@ from server.tasks.redis.writer import WriteBehind
 
 
 class RedisStore:
-    def __init__(self, conn: RedisConnection, admission: RedisAdmission, replica_id: str, *,
-                 retention_s: float) -> None:
+    def __init__(
+        self,
+        conn: RedisConnection,
+        admission: RedisAdmission,
+        replica_id: str,
+        *,
+        retention_s: float,
+    ) -> None:
         self._conn = conn
         self._keys = conn.keys
         self._admission = admission
@@ -42,8 +48,10 @@ class RedisStore:
         keys = self._keys.task(record.id)
         record.last_seq = 1  # the task:queued event the create script writes
         with redis_errors():
-            await self._conn.create(keys=[keys.rec, keys.log],
-                                    args=["{}", *encode_fields(record, owner=self._replica_id)])
+            await self._conn.create(
+                keys=[keys.rec, keys.log],
+                args=["{}", *encode_fields(record, owner=self._replica_id)],
+            )
         await self._local.create(record)
 
     async def save(self, record: TaskRecord) -> None:
@@ -51,10 +59,11 @@ class RedisStore:
         # last_seq is the append script's to move: a save racing an append must not
         # move it back.
         index = fields.index("last_seq")
-        del fields[index:index + 2]
+        del fields[index : index + 2]
         with redis_errors():
-            await self._conn.commands.hset(self._keys.task(record.id).rec,
-                                           dict(zip(fields[::2], fields[1::2], strict=True)))
+            await self._conn.commands.hset(
+                self._keys.task(record.id).rec, dict(zip(fields[::2], fields[1::2], strict=True))
+            )
         await self._local.save(record)
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -76,7 +85,7 @@ class RedisStore:
             results = list(pipe.results or ())
         out: list[TaskRecord | None] = []
         for i in range(len(task_ids)):
-            raw, content, reasoning, sources = results[4 * i:4 * i + 4]
+            raw, content, reasoning, sources = results[4 * i : 4 * i + 4]
             out.append(decode_record(cast(dict[str, str], raw), content, reasoning, sources))
         return out
 
@@ -97,8 +106,10 @@ class RedisStore:
             with redis_errors():
                 await self._conn.commands.srem(index, gone)
         found = [
-            r for r in records
-            if r is not None and r.user == user
+            r
+            for r in records
+            if r is not None
+            and r.user == user
             and (include_finished or r.active)
             and (chat_id is None or r.chat_id == chat_id)
             and (session_id is None or r.session_id == session_id)
@@ -107,8 +118,7 @@ class RedisStore:
 
     # -- the log -----------------------------------------------------------------------------
 
-    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]
-                     ) -> Event:
+    async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]) -> Event:
         """Append to the local copy at once (readers here see the event as they would on
         the memory backend) and queue the write to Redis for the next pipeline; the task
         does not wait for Redis's answer. Each task's writes go out in order. A write that
@@ -121,9 +131,18 @@ class RedisStore:
             raise failure
         await self.writer.wait_for_room()
         content, reasoning, source = record_changes(type_, data)
-        self.writer.queue(record.id, self._keys.task(record.id).all(),
-                          [str(record.last_seq + 1), type_, fastjson.dumps(data), content,
-                           reasoning, "" if source is None else fastjson.dumps(source)])
+        self.writer.queue(
+            record.id,
+            self._keys.task(record.id).all(),
+            [
+                str(record.last_seq + 1),
+                type_,
+                fastjson.dumps(data),
+                content,
+                reasoning,
+                "" if source is None else fastjson.dumps(source),
+            ],
+        )
         return await self._local.append(record, type_, data)
 
     async def finish(self, record: TaskRecord) -> Event | None:
@@ -155,10 +174,19 @@ class RedisStore:
             ended.last_seq = seq
             data = ended.to_dict()
             type_ = terminal_type(record.status)
-            result: Any = await self._conn.finish(keys=keys, args=[
-                str(seq), type_, fastjson.dumps(data),
-                str(self._retention_ms), record.content, record.reasoning,
-                fastjson.dumps(record.sources), *encode_fields(ended)])
+            result: Any = await self._conn.finish(
+                keys=keys,
+                args=[
+                    str(seq),
+                    type_,
+                    fastjson.dumps(data),
+                    str(self._retention_ms),
+                    record.content,
+                    record.reasoning,
+                    fastjson.dumps(record.sources),
+                    *encode_fields(ended),
+                ],
+            )
             if result == -2:
                 current = (await self.load([record.id]))[0]
                 if current is not None:
@@ -194,15 +222,17 @@ class RedisStore:
         with self._local.reading(task_id):
             yield
 
-    def watch(self, task_id: str, on_append: Callable[[Event], None],
-              after: int = 0) -> LogWatch | None:
+    def watch(
+        self, task_id: str, on_append: Callable[[Event], None], after: int = 0
+    ) -> LogWatch | None:
         local = self._local.watch(task_id, on_append, after)
         if local is not None:
             return local
         return self.tailer.watch(task_id, on_append, after)
 
-    async def expire(self, now: float, retention_s: float,
-                     max_retained: int | None = None) -> list[str]:
+    async def expire(
+        self, now: float, retention_s: float, max_retained: int | None = None
+    ) -> list[str]:
         # Redis expires its keys by itself (set with the terminal event); the local copies
         # go as the memory store lets them go.
         expired = await self._local.expire(now, retention_s, max_retained)

@@ -45,8 +45,9 @@ class Tailer:
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
         start = f"(0-{after}" if after > 0 else "-"
         with redis_errors():
-            entries = await self._conn.commands.xrange(self._conn.keys.task(task_id).log,
-                                                       start, "+", count=limit)
+            entries = await self._conn.commands.xrange(
+                self._conn.keys.task(task_id).log, start, "+", count=limit
+            )
             if not entries:
                 return []
             chat_id, message_id = await self._identity(task_id)
@@ -55,10 +56,13 @@ class Tailer:
     async def _identity(self, task_id: str) -> tuple[str | None, str | None]:
         known = self._identities.get(task_id)
         if known is None:
-            raw = await self._conn.commands.hmget(self._conn.keys.task(task_id).rec,
-                                                  ["chat_id", "message_id"])
-            known = (fastjson.loads(raw[0]) if raw[0] else None,
-                     fastjson.loads(raw[1]) if raw[1] else None)
+            raw = await self._conn.commands.hmget(
+                self._conn.keys.task(task_id).rec, ["chat_id", "message_id"]
+            )
+            known = (
+                fastjson.loads(raw[0]) if raw[0] else None,
+                fastjson.loads(raw[1]) if raw[1] else None,
+            )
             if len(self._identities) > _MAX_IDENTITIES:
                 self._identities.clear()
             self._identities[task_id] = known
@@ -66,8 +70,9 @@ class Tailer:
 
     async def _log_state(self, task_id: str) -> tuple[bool, bool, int]:
         """Whether the task exists, whether its log is closed, and its last seq."""
-        raw = await self._conn.commands.hmget(self._conn.keys.task(task_id).rec,
-                                              ["id", "closed", "last_seq"])
+        raw = await self._conn.commands.hmget(
+            self._conn.keys.task(task_id).rec, ["id", "closed", "last_seq"]
+        )
         return raw[0] is not None, raw[1] is not None, int(raw[2] or 0)
 
     async def wait_beyond(self, task_id: str, after: int) -> bool:
@@ -80,21 +85,22 @@ class Tailer:
                     return True
                 if not exists or closed:
                     return False
-                found = await self._conn.waiting.xread({log_key: f"0-{after}"}, count=1,
-                                                       block=5000)
+                found = await self._conn.waiting.xread({log_key: f"0-{after}"}, count=1, block=5000)
                 if found:
                     return True
 
-    def watch(self, task_id: str, on_append: Callable[[Event], None],
-              after: int = 0) -> RemoteWatch | None:
+    def watch(
+        self, task_id: str, on_append: Callable[[Event], None], after: int = 0
+    ) -> RemoteWatch | None:
         if self.nursery is None:
             return None
         remote = RemoteWatch()
         self.nursery.start_soon(self._tail, task_id, after, on_append, remote)
         return remote
 
-    async def _tail(self, task_id: str, after: int, on_append: Callable[[Event], None],
-                    watch: RemoteWatch) -> None:
+    async def _tail(
+        self, task_id: str, after: int, on_append: Callable[[Event], None], watch: RemoteWatch
+    ) -> None:
         """Follow a log written elsewhere with blocking reads, until it ends or the
         watch is closed."""
         log_key = self._conn.keys.task(task_id).log
@@ -103,8 +109,9 @@ class Tailer:
             try:
                 chat_id, message_id = await self._identity(task_id)
                 while True:
-                    found = await self._conn.waiting.xread({log_key: f"0-{cursor}"},
-                                                           count=256, block=5000)
+                    found = await self._conn.waiting.xread(
+                        {log_key: f"0-{cursor}"}, count=256, block=5000
+                    )
                     if not found:
                         exists, closed, last = await self._log_state(task_id)
                         if not exists or (closed and last <= cursor):

@@ -115,8 +115,9 @@ class WriteBehind:
                 for write in batch:
                     pipe.evalsha(self._conn.append.sha, keys=write.keys, args=write.args)
             results = list(pipe.results or ())
-            if attempt == 1 and any(isinstance(r, coredis.exceptions.NoScriptError)
-                                    for r in results):
+            if attempt == 1 and any(
+                isinstance(r, coredis.exceptions.NoScriptError) for r in results
+            ):
                 # Redis restarted and forgot the script: load it and send again (the
                 # script is idempotent: a write already made answers 2).
                 await commands.script_load(scripts.APPEND)

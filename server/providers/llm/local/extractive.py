@@ -34,12 +34,14 @@ from dataclasses import dataclass
 
 __all__ = ["STOP_WORDS", "Sentence", "best_sentences", "split_sentences", "terms"]
 
-STOP_WORDS = frozenset("""
+STOP_WORDS = frozenset(
+    """
 a about an and any are as at be been being but by can could did do does doing for from
 had has have how i i'd i'm if in into is it it's its just know me my need of on or our
 please say should so some tell than that that's the their them then there these they this
 those to us was we were what what's when where which who why will with would you your
-""".split())
+""".split()
+)
 
 # BM25's usual constants: how fast the repeats of a word stop adding (k1) and how much a
 # long sentence is penalised (b).
@@ -122,17 +124,23 @@ def best_sentences(
     for i, sentence in enumerate(sentences):
         if own[i] <= 0:
             continue
-        neighbours = [own[j] for j in (i - 1, i + 1) if 0 <= j < n
-                      and (sentences[j].source, sentences[j].paragraph)
-                      == (sentence.source, sentence.paragraph)]
+        neighbours = [
+            own[j]
+            for j in (i - 1, i + 1)
+            if 0 <= j < n
+            and (sentences[j].source, sentences[j].paragraph)
+            == (sentence.source, sentence.paragraph)
+        ]
         score = own[i] + _NEIGHBOUR_SHARE * max(neighbours, default=0.0)
         scored.append((score / (1 + _RANK_PENALTY * rank[sentence.source]), i))
     if not scored:
         return []
     scored.sort(key=lambda pair: (-pair[0], pair[1]))  # ties: the earlier sentence
     best = scored[0][0]
-    return [sentences[i] for i in sorted(i for score, i in scored[:count]
-                                         if score >= _KEEP_RATIO * best)]
+    return [
+        sentences[i]
+        for i in sorted(i for score, i in scored[:count] if score >= _KEEP_RATIO * best)
+    ]
 
 
 def split_sentences(text: str, source: int = 0) -> list[Sentence]:
@@ -152,7 +160,7 @@ def split_sentences(text: str, source: int = 0) -> list[Sentence]:
             # that a paragraph of many of them is still read in one pass.
             if _ABBREVIATION.search(block, max(start, match.start() - 8), match.start()):
                 continue
-            pieces.append(block[start:match.end(1)])
+            pieces.append(block[start : match.end(1)])
             start = match.end()
         pieces.append(block[start:])
         for piece in pieces:
@@ -165,8 +173,11 @@ def split_sentences(text: str, source: int = 0) -> list[Sentence]:
 def terms(text: str) -> list[str]:
     """The words of ``text`` that carry meaning, lower-cased and stemmed (stop words and
     single characters dropped)."""
-    return [_stem(word) for word in _TERM.findall(text.lower())
-            if len(word) > 1 and word not in STOP_WORDS]
+    return [
+        _stem(word)
+        for word in _TERM.findall(text.lower())
+        if len(word) > 1 and word not in STOP_WORDS
+    ]
 
 
 def _query_terms(question: str) -> set[str]:
@@ -198,15 +209,20 @@ def _blocks(text: str) -> list[str]:
             lines.pop()  # the line above it was a heading ("Title" over "=====")
             close_block()
             continue
-        if (not line or _HEADING.match(line) or line.startswith("|") or _RULE.match(line)
-                or _HTML_LINE.match(line)):
+        if (
+            not line
+            or _HEADING.match(line)
+            or line.startswith("|")
+            or _RULE.match(line)
+            or _HTML_LINE.match(line)
+        ):
             close_block()
             continue
         line = _QUOTE_MARKER.sub("", line)
         marker = _LIST_MARKER.match(line)
         if marker is not None:
             close_block()
-            line = line[marker.end():]
+            line = line[marker.end() :]
         if line:
             lines.append(line)
     close_block()
@@ -225,10 +241,16 @@ def _stem(word: str) -> str:
         word = word[:-2]
     elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
         word = word[:-1]
-    for suffix, shortest_stem in (("ation", 3), ("ency", 4), ("ence", 4), ("ent", 4),
-                                  ("ing", 3), ("ed", 3)):
+    for suffix, shortest_stem in (
+        ("ation", 3),
+        ("ency", 4),
+        ("ence", 4),
+        ("ent", 4),
+        ("ing", 3),
+        ("ed", 3),
+    ):
         if word.endswith(suffix) and len(word) - len(suffix) >= shortest_stem:
-            word = word[:-len(suffix)]
+            word = word[: -len(suffix)]
             if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "lsz":
                 word = word[:-1]  # "stopped", "running"
             break
@@ -245,4 +267,4 @@ def _shorten(sentence: str) -> str:
     if len(sentence) <= _MAX_SENTENCE_CHARS:
         return sentence
     cut = sentence.rfind(" ", 0, _MAX_SENTENCE_CHARS)
-    return sentence[:cut if cut > 0 else _MAX_SENTENCE_CHARS].rstrip(" ,;:") + "..."
+    return sentence[: cut if cut > 0 else _MAX_SENTENCE_CHARS].rstrip(" ,;:") + "..."

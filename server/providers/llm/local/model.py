@@ -121,8 +121,12 @@ class LocalModel:
         prompt_tokens = sum(len(_message_text(m).split()) for m in messages)
         if reply.tool_call is not None:
             name, arguments = reply.tool_call
-            call_id = "call_" + hashlib.sha256(
-                json.dumps([name, arguments, len(messages)]).encode()).hexdigest()[:16]
+            call_id = (
+                "call_"
+                + hashlib.sha256(json.dumps([name, arguments, len(messages)]).encode()).hexdigest()[
+                    :16
+                ]
+            )
             # Shaped like OpenAI's stream: id and name first, then the arguments.
             await on_delta(ModelDelta(tool_calls=[ToolCallDelta(0, call_id, name, "")]))
             await on_delta(ModelDelta(tool_calls=[ToolCallDelta(0, arguments=arguments)]))
@@ -158,9 +162,8 @@ def plan_reply(body: dict[str, Any]) -> LocalReply:
     question = _message_text(messages[last_user]) if last_user >= 0 else ""
     if question.lstrip().startswith(QUERY_PROMPT_MARKER):
         keywords = query_keywords(question)
-        return LocalReply(text=json.dumps({"queries": [keywords] if keywords else []}),
-                          paced=False)
-    after_question = messages[last_user + 1:]
+        return LocalReply(text=json.dumps({"queries": [keywords] if keywords else []}), paced=False)
+    after_question = messages[last_user + 1 :]
     if any(m.get("role") == "tool" for m in after_question):
         return LocalReply(text=_tool_results_answer(after_question))
     call = _choose_tool_call(question, body)
@@ -168,16 +171,19 @@ def plan_reply(body: dict[str, Any]) -> LocalReply:
         return LocalReply(tool_call=call)
     sources = parse_sources(messages)
     if sources:
-        quoted = best_sentences(question, [(s.number, s.text) for s in sources],
-                                _MAX_QUOTED_SENTENCES)
+        quoted = best_sentences(
+            question, [(s.number, s.text) for s in sources], _MAX_QUOTED_SENTENCES
+        )
         if not quoted:
             return LocalReply(text=_NOTHING_FOUND)
         return LocalReply(text=" ".join(f"{q.text} [{q.source}]" for q in quoted))
     asked = question.strip()
     # "You asked: who are you?." would end the question twice.
     stop = "" if asked.endswith((".", "!", "?")) else "."
-    return LocalReply(text=f"You asked: {asked}{stop} I am Tether's built-in local model; "
-                           "configure TETHER_LLM_BASE_URL to use a real model.")
+    return LocalReply(
+        text=f"You asked: {asked}{stop} I am Tether's built-in local model; "
+        "configure TETHER_LLM_BASE_URL to use a real model."
+    )
 
 
 def query_keywords(prompt: str) -> str:
@@ -216,17 +222,20 @@ def parse_sources(messages: list[dict[str, Any]]) -> list[LocalSource]:
             continue
         headers: list[tuple[int, str, str]] = []
         bodies: list[list[str]] = []
-        for line in text[start + len(SOURCES_OPEN):end].splitlines():
+        for line in text[start + len(SOURCES_OPEN) : end].splitlines():
             header = _SOURCE_HEADER.match(line)
             if header is not None:
-                headers.append((int(header.group(1)), header.group(2).strip(),
-                                header.group(3) or ""))
+                headers.append(
+                    (int(header.group(1)), header.group(2).strip(), header.group(3) or "")
+                )
                 bodies.append([])
             elif bodies:
                 # Lines as they are: the Markdown's structure tells sentences from the rest.
                 bodies[-1].append(line)
-        return [LocalSource(n, title, url, "\n".join(lines).strip())
-                for (n, title, url), lines in zip(headers, bodies, strict=True)]
+        return [
+            LocalSource(n, title, url, "\n".join(lines).strip())
+            for (n, title, url), lines in zip(headers, bodies, strict=True)
+        ]
     return []
 
 
@@ -245,8 +254,9 @@ def _choose_tool_call(question: str, body: dict[str, Any]) -> tuple[str, str] | 
         return "current_time", "{}"
     choice = body.get("tool_choice")
     # "required", or one function named: a call must be made, even without a shared word.
-    required = choice == "required" or (isinstance(choice, dict)
-                                        and isinstance(choice.get("function"), dict))
+    required = choice == "required" or (
+        isinstance(choice, dict) and isinstance(choice.get("function"), dict)
+    )
     others = [f for f in functions if f.name not in _BUILT_IN_TOOLS]
     chosen = choose_function(question, others, call_required=required)
     if chosen is None:
@@ -270,9 +280,13 @@ def _offered_functions(body: dict[str, Any]) -> list[FunctionSpec]:
             continue
         description = function.get("description")
         parameters = function.get("parameters")
-        functions.append(FunctionSpec(
-            function["name"], description if isinstance(description, str) else "",
-            parameters if isinstance(parameters, dict) else {}))
+        functions.append(
+            FunctionSpec(
+                function["name"],
+                description if isinstance(description, str) else "",
+                parameters if isinstance(parameters, dict) else {},
+            )
+        )
     return functions
 
 
@@ -306,7 +320,7 @@ def _shorten(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     cut = text.rfind(" ", 0, limit)
-    return text[:cut if cut > limit // 2 else limit].rstrip(" ,;:") + "..."
+    return text[: cut if cut > limit // 2 else limit].rstrip(" ,;:") + "..."
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
@@ -326,8 +340,11 @@ def _message_text(message: dict[str, Any]) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: only the text parts are read
-        return " ".join(str(p.get("text", "")) for p in content
-                        if isinstance(p, dict) and p.get("type", "text") == "text")
+        return " ".join(
+            str(p.get("text", ""))
+            for p in content
+            if isinstance(p, dict) and p.get("type", "text") == "text"
+        )
     return ""
 
 
@@ -336,5 +353,8 @@ def _count_tokens(text: str) -> int:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

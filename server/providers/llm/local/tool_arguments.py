@@ -48,11 +48,13 @@ _NAME_PART = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 # non-spaces.
 _INNER_WORD = re.compile(r"(?<=[^.!?\s])\s+(?=[^\W\d_])")
 _SPAN = re.compile(r"\S+")
-_PLACE_LEAD = re.compile(r"\b(?:in|at|for|near|from|to)\s+(?:the\s+)?(?=[^\W\d_])",
-                         re.IGNORECASE)
+_PLACE_LEAD = re.compile(r"\b(?:in|at|for|near|from|to)\s+(?:the\s+)?(?=[^\W\d_])", re.IGNORECASE)
 # "search (the docs) for X", "look up X", "find X", "about X": X, up to a clause's end.
-_QUERY_LEAD = re.compile(r"\b(?:search(?:\s+[\w-]+){0,2}?\s+for|look\s+up|find|about)\s+"
-                         r"([^,;:!?\n]+)", re.IGNORECASE)
+_QUERY_LEAD = re.compile(
+    r"\b(?:search(?:\s+[\w-]+){0,2}?\s+for|look\s+up|find|about)\s+"
+    r"([^,;:!?\n]+)",
+    re.IGNORECASE,
+)
 # An enum value of more words than this is not looked for in the message.
 _MAX_ENUM_WORDS = 4
 # What is read of a message: a request to a demo model gets no more of its attention.
@@ -60,13 +62,28 @@ _MAX_MESSAGE_CHARS = 10_000
 _NEGATION = frozenset({"no", "not", "without", "don't", "dont", "never", "disable"})
 
 _URL_WORDS = frozenset({"url", "uri", "link", "href", "website", "webpage"})
-_PLACE_WORDS = frozenset({"location", "city", "place", "town", "country", "region",
-                          "address", "destination", "where", "area", "state", "locality"})
+_PLACE_WORDS = frozenset(
+    {
+        "location",
+        "city",
+        "place",
+        "town",
+        "country",
+        "region",
+        "address",
+        "destination",
+        "where",
+        "area",
+        "state",
+        "locality",
+    }
+)
 # A description says "the city and state" or "the location" of a place parameter; "state"
 # or "area" alone say too little there.
 _PLACE_DESCRIPTION_WORDS = frozenset({"city", "location", "place", "town", "country"})
-_QUERY_WORDS = frozenset({"query", "q", "search", "keywords", "keyword", "question",
-                          "topic", "term", "terms", "prompt"})
+_QUERY_WORDS = frozenset(
+    {"query", "q", "search", "keywords", "keyword", "question", "topic", "term", "terms", "prompt"}
+)
 
 
 @dataclass(frozen=True)
@@ -129,8 +146,11 @@ class _Message:
         """Every run of up to ``_MAX_ENUM_WORDS`` words, so that an enum value is one
         lookup: the work grows with the message plus the values, not with their product."""
         words = self.words
-        return {" ".join(words[i:i + n]) for n in range(1, _MAX_ENUM_WORDS + 1)
-                for i in range(len(words) - n + 1)}
+        return {
+            " ".join(words[i : i + n])
+            for n in range(1, _MAX_ENUM_WORDS + 1)
+            for i in range(len(words) - n + 1)
+        }
 
     @cached_property
     def url(self) -> str | None:
@@ -230,14 +250,19 @@ def _number(message: _Message, prop: dict[str, Any], *, integer: bool) -> int | 
 
 def _within(value: float, prop: dict[str, Any]) -> bool:
     """Whether ``value`` meets the schema's bounds (those that are numbers)."""
+
     def bound(key: str) -> float | None:
         found = prop.get(key)
         return found if isinstance(found, int | float) and not isinstance(found, bool) else None
 
     low, high = bound("minimum"), bound("maximum")
     above, below = bound("exclusiveMinimum"), bound("exclusiveMaximum")
-    return ((low is None or value >= low) and (high is None or value <= high)
-            and (above is None or value > above) and (below is None or value < below))
+    return (
+        (low is None or value >= low)
+        and (high is None or value <= high)
+        and (above is None or value > above)
+        and (below is None or value < below)
+    )
 
 
 def _flag(message: _Message, name: str, *, required: bool) -> bool:
@@ -247,7 +272,7 @@ def _flag(message: _Message, name: str, *, required: bool) -> bool:
         for i, stems in enumerate(message.word_terms):
             if named & stems:
                 # "without the forecast", "don't include it": a negation just before.
-                return not any(w in _NEGATION for w in words[max(0, i - 3):i])
+                return not any(w in _NEGATION for w in words[max(0, i - 3) : i])
     if required:
         return False
     raise _Unfillable()
@@ -261,8 +286,9 @@ def _string(message: _Message, name: str, prop: dict[str, Any], *, required: boo
         value = None
     elif prop.get("format") in ("uri", "url", "iri") or about & _URL_WORDS:
         value = message.url
-    elif about & _PLACE_WORDS or (described & _PLACE_DESCRIPTION_WORDS
-                                  and not about & _QUERY_WORDS):
+    elif about & _PLACE_WORDS or (
+        described & _PLACE_DESCRIPTION_WORDS and not about & _QUERY_WORDS
+    ):
         value = message.place
     elif not required:
         value = None  # an optional free-text parameter: the message does not name it
@@ -299,7 +325,7 @@ def _capitalised_run(text: str, start: int) -> str | None:
         bare = word.rstrip(".,;:!?)\"'’")
         if not bare or not (bare[0].isalpha() and bare[0].isupper()):
             break
-        tail = word[len(bare):]
+        tail = word[len(bare) :]
         words.append(bare + ("," if tail == "," else ""))
         if tail and tail != ",":
             break
@@ -319,5 +345,6 @@ def _query(message: str) -> str:
 
 def _string_fits(value: str, prop: dict[str, Any]) -> bool:
     low, high = prop.get("minLength"), prop.get("maxLength")
-    return not ((isinstance(low, int) and len(value) < low)
-                or (isinstance(high, int) and len(value) > high))
+    return not (
+        (isinstance(low, int) and len(value) < low) or (isinstance(high, int) and len(value) > high)
+    )

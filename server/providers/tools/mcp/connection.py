@@ -63,8 +63,9 @@ class McpConnection:
     """The session with one configured MCP server, opened by ``run`` and used by
     ``call_tool``. ``tools`` is the server's current tool list."""
 
-    def __init__(self, config: McpServerConfig, settings: Settings,
-                 on_tools_changed: Callable[[], None]) -> None:
+    def __init__(
+        self, config: McpServerConfig, settings: Settings, on_tools_changed: Callable[[], None]
+    ) -> None:
         self.config = config
         self.name = config.name
         self.tools: list[mcp_types.Tool] = []
@@ -123,8 +124,9 @@ class McpConnection:
                 self.status, self.error, self._connecting = "down", reason, False
                 self._notify()
                 self.first_attempt_done.set()
-                log.warning("MCP server %s is down (%s); trying again in %g s",
-                            self.name, reason, backoff)
+                log.warning(
+                    "MCP server %s is down (%s); trying again in %g s", self.name, reason, backoff
+                )
             with trio.move_on_after(backoff):
                 while not self._closing:
                     await self._wait_for_attention()
@@ -145,14 +147,17 @@ class McpConnection:
             # The transport's read stream passes through a relay, whose end tells the
             # supervisor that the connection is gone (the SDK's session does not say).
             relay_send, relay_receive = anyio.create_memory_object_stream[
-                SessionMessage | Exception](0)
+                SessionMessage | Exception
+            ](0)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             lost = trio.Event()
             nursery.start_soon(self._relay, read, relay_send, lost)
-            session = await stack.enter_async_context(ClientSession(
-                relay_receive, write, client_info=_CLIENT_INFO,
-                message_handler=self._on_message))
+            session = await stack.enter_async_context(
+                ClientSession(
+                    relay_receive, write, client_info=_CLIENT_INFO, message_handler=self._on_message
+                )
+            )
             with trio.move_on_after(self._connect_timeout) as deadline:
                 await session.initialize()
                 tools = await _list_tools(session)
@@ -165,14 +170,20 @@ class McpConnection:
     def _transport(self) -> AbstractAsyncContextManager[Any]:
         config = self.config
         if isinstance(config, McpStdioServer):
-            return stdio_client(StdioServerParameters(
-                command=config.command, args=list(config.args), env=dict(config.env) or None,
-                cwd=config.cwd))
+            return stdio_client(
+                StdioServerParameters(
+                    command=config.command,
+                    args=list(config.args),
+                    env=dict(config.env) or None,
+                    cwd=config.cwd,
+                )
+            )
         assert isinstance(config, McpHttpServer)
         return _http_client(config)
 
-    async def _relay(self, read: Any, send: MemoryObjectSendStream[SessionMessage | Exception],
-                     lost: trio.Event) -> None:
+    async def _relay(
+        self, read: Any, send: MemoryObjectSendStream[SessionMessage | Exception], lost: trio.Event
+    ) -> None:
         try:
             async with send:
                 async for item in read:
@@ -213,8 +224,10 @@ class McpConnection:
                 with trio.move_on_after(self._ping_timeout) as scope:
                     await session.send_ping()
                 if scope.cancelled_caught:
-                    return (f"no answer to a ping within {self._ping_timeout:g} s after a "
-                            "cancelled call; restarting the session")
+                    return (
+                        f"no answer to a ping within {self._ping_timeout:g} s after a "
+                        "cancelled call; restarting the session"
+                    )
             if self._relist_wanted:
                 self._relist_wanted = False
                 with trio.move_on_after(self._connect_timeout) as deadline:
@@ -237,8 +250,9 @@ class McpConnection:
 
     # ------------------------------------------------------------------ the tasks' side
 
-    async def call_tool(self, name: str, arguments: dict[str, Any],
-                        progress: ProgressFnT | None = None) -> mcp_types.CallToolResult:
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], progress: ProgressFnT | None = None
+    ) -> mcp_types.CallToolResult:
         """Call the tool ``name`` in the calling task, at most ``mcp_max_concurrent_calls``
         at a time on this server. Waits while a session is being opened; raises
         ``McpUnavailable`` when the server is down, and the SDK's ``MCPError`` (an error
@@ -301,8 +315,10 @@ def _http_client(config: McpHttpServer) -> AbstractAsyncContextManager[Any]:
         # response stream. Tether's own bounds (the tool timeout) sit inside the task.
         http = httpx2.AsyncClient(
             transport=CancellingTransport(httpx2.AsyncHTTPTransport(trust_env=False)),
-            headers=dict(config.headers), timeout=httpx2.Timeout(30.0, read=300.0),
-            trust_env=False)
+            headers=dict(config.headers),
+            timeout=httpx2.Timeout(30.0, read=300.0),
+            trust_env=False,
+        )
         async with http, streamable_http_client(config.url, http_client=http) as streams:
             yield streams
 

@@ -22,8 +22,9 @@ class McpServers:
 
     def __init__(self, configs: tuple[McpServerConfig, ...], settings: Settings) -> None:
         self._listeners: list[Callable[[], None]] = []
-        self.connections = {c.name: McpConnection(c, settings, self._tools_changed)
-                            for c in configs}
+        self.connections = {
+            c.name: McpConnection(c, settings, self._tools_changed) for c in configs
+        }
         self._done = trio.Event()
         self._cancel_scope: trio.CancelScope | None = None
 
@@ -36,8 +37,9 @@ class McpServers:
 
     def status(self) -> dict[str, dict[str, str | None]]:
         """Per server ``{"status": "ready" | "down", "error": why it is down or null}``."""
-        return {name: {"status": c.status, "error": c.error}
-                for name, c in self.connections.items()}
+        return {
+            name: {"status": c.status, "error": c.error} for name, c in self.connections.items()
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every server's session and keep them open until ``close()``. It reports

@@ -40,8 +40,8 @@ def function_name(server: str, tool: str, taken: set[str]) -> str:
         return plain
     digest = hashlib.sha256(tool_id(server, tool).encode()).hexdigest()
     for start in range(0, len(digest) - 8):
-        suffix = "_" + digest[start:start + 8]
-        name = _NOT_IN_NAME.sub("_", plain)[:_MAX_NAME - len(suffix)] + suffix
+        suffix = "_" + digest[start : start + 8]
+        name = _NOT_IN_NAME.sub("_", plain)[: _MAX_NAME - len(suffix)] + suffix
         if name not in taken:
             return name
     raise ValueError(f"no free function name for {tool_id(server, tool)}")
@@ -50,14 +50,16 @@ def function_name(server: str, tool: str, taken: set[str]) -> str:
 class McpTool:
     """``mcp:<server>:<tool>``: calls the tool on the server's shared session."""
 
-    def __init__(self, connection: McpConnection, tool: mcp_types.Tool, name: str,
-                 max_result_chars: int) -> None:
+    def __init__(
+        self, connection: McpConnection, tool: mcp_types.Tool, name: str, max_result_chars: int
+    ) -> None:
         parameters = dict(tool.input_schema)
         parameters.setdefault("type", "object")
         self.spec = ToolSpec(
             name=name,
-            description=tool.description or tool.title or f"{tool.name} (MCP server "
-                                                            f"{connection.name})",
+            description=tool.description
+            or tool.title
+            or f"{tool.name} (MCP server {connection.name})",
             parameters=parameters,
             id=tool_id(connection.name, tool.name),
             server=connection.name,
@@ -67,8 +69,7 @@ class McpTool:
         self._name = tool.name
         self._max_chars = max_result_chars
 
-    async def run(self, arguments: dict[str, Any],
-                  progress: ProgressReporter | None = None) -> str:
+    async def run(self, arguments: dict[str, Any], progress: ProgressReporter | None = None) -> str:
         """Call the tool; ``ToolError`` for an error result, a protocol error or a server
         that is down. Progress notifications are handed to ``progress`` in this task.
 
@@ -85,8 +86,9 @@ class McpTool:
             raise ToolError(text)
         return text
 
-    async def _call_reporting(self, arguments: dict[str, Any],
-                              progress: ProgressReporter) -> mcp_types.CallToolResult:
+    async def _call_reporting(
+        self, arguments: dict[str, Any], progress: ProgressReporter
+    ) -> mcp_types.CallToolResult:
         # The SDK calls back from its reader task, in the app's nursery, while events of a
         # task must be emitted by the task: the reports cross over in a channel, and a
         # child of this call forwards them, so that none outlives the call.
@@ -123,11 +125,13 @@ class McpTool:
         except McpUnavailable as exc:
             raise ToolError(str(exc)) from None
         except MCPError as exc:
-            raise ToolError(f"MCP server {server} answered {self._name} with an error: "
-                            f"{exc.error.message}") from None
+            raise ToolError(
+                f"MCP server {server} answered {self._name} with an error: {exc.error.message}"
+            ) from None
         except (RuntimeError, ValidationError) as exc:  # a result the SDK would not accept
-            raise ToolError(f"MCP server {server} gave {self._name} an invalid result: "
-                            f"{_first_line(str(exc))}") from None
+            raise ToolError(
+                f"MCP server {server} gave {self._name} an invalid result: {_first_line(str(exc))}"
+            ) from None
 
 
 def result_text(result: mcp_types.CallToolResult, max_chars: int) -> tuple[str, bool]:
