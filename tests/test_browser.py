@@ -244,7 +244,7 @@ async def test_reload_mid_stream_ends_with_the_whole_answer(
         page.reload()
         errors = PageErrors(page)
         expect(page.locator("#connection")).to_have_text("Connected")
-        record = on_trio(tether.runtime.manager.find, task_id)
+        record = on_trio(tether.runtime.manager.store.get, task_id)
         assert record is not None and record.active, "the reload came after the answer ended"
         assert_streams_every_token_once(page, 120)
         expect(page.locator(".question")).to_have_text("Count for me")
