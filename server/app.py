@@ -20,6 +20,7 @@ from server.api import chat, health, local_docs, models, openapi, page, tasks, t
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
 from server.api.common import close_if_body_unread, error_response
+from server.api.responses import routes as responses
 from server.config import Settings
 from server.runtime import Runtime, build_runtime
 from server.schemas import RequestError
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         tools.blueprint,
         local_docs.blueprint,
         openapi.blueprint,
+        responses.blueprint,
     ):
         app.register_blueprint(blueprint)
 

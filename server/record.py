@@ -79,6 +79,9 @@ class TaskRecord:
     last_seq: int = 0
     # Bound to its WebSocket session's lifetime (a session_id without background: true).
     session_bound: bool = field(default=False, metadata=INTERNAL)
+    # Started as a Response (``POST /v1/responses``): its input and the fields a Response
+    # echoes; None for a chat completion.
+    response: dict[str, Any] | None = field(default=None, metadata=INTERNAL)
 
     @property
     def active(self) -> bool:

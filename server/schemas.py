@@ -183,6 +183,9 @@ class ChatRequest:
     # Everything the model should see besides model and messages (temperature, tools, ...).
     passthrough: dict[str, Any]
     stream_options: dict[str, Any] | None = None
+    # A task started through the Responses API: what its Response echoes (see
+    # ``api/responses/request.py``); None for a chat completion.
+    response: dict[str, Any] | None = None
 
     @property
     def mode(self) -> Mode:

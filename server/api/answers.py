@@ -131,3 +131,31 @@ class Ready(_Open):
     active_tasks: int
     replica: str
     mcp: dict[str, dict[str, Any]] | None = None
+
+
+class ResponseObject(_Open):
+    """OpenAI's ``Response``, as the Responses API answers it (``/v1/responses``)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: float
+    status: Literal["completed", "failed", "in_progress", "cancelled", "queued", "incomplete"]
+    model: str
+    output: list[dict[str, Any]]
+    background: bool | None = None
+    error: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+
+
+class ResponseDeleted(_Open):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
+class InputItemList(_Open):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

@@ -29,14 +29,18 @@ from server.api.answers import (
     ChatCompletion,
     ErrorBody,
     Health,
+    InputItemList,
     ModelList,
     ModelObject,
     Ready,
+    ResponseDeleted,
+    ResponseObject,
     Task,
     TaskList,
     ToolList,
 )
 from server.api.common import json_response
+from server.api.responses.request import ResponseCreate
 from server.api.ws_commands import ws_command_schema
 from server.schemas import ChatRequestModel
 
@@ -60,8 +64,12 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
             ToolList,
             Health,
             Ready,
+            ResponseObject,
+            ResponseDeleted,
+            InputItemList,
         )
     ),
+    (ResponseCreate, "validation"),
 ]
 
 # What each error status means on this API (API.md, Errors).
@@ -300,6 +308,7 @@ def _paths() -> dict[str, Any]:
                 parameters=[_MODEL_ID],
             )
         },
+        **_responses_paths(),
         "/api/tools": {
             "get": _operation(
                 "The server tools `tool_ids` accepts",
@@ -389,6 +398,114 @@ def _paths() -> dict[str, Any]:
                 },
                 keyed=False,
                 operationId="openapi",
+            )
+        },
+    }
+
+
+_RESPONSE_ID = _path_param("response_id", "The response's id (`resp_...`), a task id too.")
+
+
+def _responses_paths() -> dict[str, Any]:
+    response = _json("ResponseObject", "OpenAI's `Response`.")
+    stream = _sse(
+        "The Responses stream events (`event:` is the type).",
+        "A Responses stream event as JSON, with its `sequence_number`.",
+    )
+    return {
+        "/v1/responses": {
+            "post": _operation(
+                "Create a response as a task (OpenAI's Responses API)",
+                {
+                    "200": {
+                        "description": "The Response (background: at once, `queued`; sync: "
+                        "ended); with `stream: true`, its stream events.",
+                        "content": {
+                            "application/json": {"schema": _ref("ResponseObject")},
+                            **stream["content"],
+                        },
+                    },
+                    **_errors(400, 404, 413, 429, 500, 503),
+                },
+                operationId="createResponse",
+                requestBody={
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ResponseCreate")}},
+                },
+            )
+        },
+        "/v1/responses/{response_id}": {
+            "get": _operation(
+                "A response as it stands; with `stream=true`, its stream events past "
+                "`starting_after`",
+                {
+                    "200": {
+                        "description": "The Response, or its stream events.",
+                        "content": {
+                            "application/json": {"schema": _ref("ResponseObject")},
+                            **stream["content"],
+                        },
+                    },
+                    **_errors(400, 404),
+                },
+                operationId="getResponse",
+                parameters=[
+                    _RESPONSE_ID,
+                    {
+                        "name": "stream",
+                        "in": "query",
+                        "schema": {"type": "boolean"},
+                        "description": "Answer with the stream events.",
+                    },
+                    {
+                        "name": "starting_after",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": -1},
+                        "description": "Only the events past this `sequence_number`.",
+                    },
+                ],
+            ),
+            "delete": _operation(
+                "Forget a response (stopped first if it runs)",
+                {"200": _json("ResponseDeleted", "Deleted."), **_errors(404)},
+                operationId="deleteResponse",
+                parameters=[_RESPONSE_ID],
+            ),
+        },
+        "/v1/responses/{response_id}/cancel": {
+            "post": _operation(
+                "Cancel a background response (a task stop) and answer it once ended",
+                {"200": response, **_errors(400, 404)},
+                operationId="cancelResponse",
+                parameters=[_RESPONSE_ID],
+            )
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": _operation(
+                "The input items of a response",
+                {"200": _json("InputItemList", "A page of input items."), **_errors(400, 404)},
+                operationId="listResponseInputItems",
+                parameters=[
+                    _RESPONSE_ID,
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "List the items after this item id.",
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "description": "Items per page (default 20).",
+                    },
+                    {
+                        "name": "order",
+                        "in": "query",
+                        "schema": {"enum": ["asc", "desc"]},
+                        "description": "asc or desc (default).",
+                    },
+                ],
             )
         },
     }

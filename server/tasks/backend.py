@@ -124,6 +124,11 @@ class TaskStore(Protocol):
         ended ones past ``max_retained``, that nobody is reading; return their ids."""
         ...
 
+    async def delete(self, record: TaskRecord) -> None:
+        """Forget an ended task now, its record and its log (``DELETE
+        /v1/responses/{id}``); idempotent."""
+        ...
+
 
 class Admission(Protocol):
     async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:

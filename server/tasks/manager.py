@@ -157,8 +157,8 @@ class RunningTask:
     cancel_reason: CancelReason | None = None
 
 
-def new_task_id() -> str:
-    return "task_" + secrets.token_hex(12)
+def new_task_id(prefix: str = "task_") -> str:
+    return prefix + secrets.token_hex(12)
 
 
 class TaskManager:
@@ -270,7 +270,7 @@ class TaskManager:
         if nursery is None or not self.accepting:
             raise ShuttingDown("The server is shutting down.")
         record = TaskRecord(
-            id=new_task_id(),
+            id=new_task_id("resp_" if request.response is not None else "task_"),
             user=user,
             model=request.model,
             mode=request.mode,
@@ -278,6 +278,7 @@ class TaskManager:
             message_id=request.message_id,
             session_id=request.session_id,
             session_bound=request.session_id is not None and not request.background,
+            response=request.response,
         )
         with trio.CancelScope(shield=True) as step:
             step.relative_deadline = self.settings.backend_timeout_s

@@ -158,18 +158,22 @@ class MemoryStore:
                 kept.sort(key=lambda r: r.ended_at or 0.0)
                 expired += [r.id for r in kept[:excess]]
         for task_id in expired:
-            record = self._records.pop(task_id)
-            del self._logs[task_id]
-            for index, key in (
-                (self._by_session, record.session_id),
-                (self._by_chat, record.chat_id),
-            ):
-                ids = index.get(key) if key is not None else None
-                if ids is not None:
-                    ids.pop(task_id, None)
-                    if not ids:
-                        del index[key]  # type: ignore[arg-type]
+            self._forget(self._records[task_id])
         return expired
+
+    async def delete(self, record: TaskRecord) -> None:
+        if record.id in self._records:
+            self._forget(self._records[record.id])
+
+    def _forget(self, record: TaskRecord) -> None:
+        del self._records[record.id]
+        del self._logs[record.id]
+        for index, key in ((self._by_session, record.session_id), (self._by_chat, record.chat_id)):
+            ids = index.get(key) if key is not None else None
+            if ids is not None:
+                ids.pop(record.id, None)
+                if not ids:
+                    del index[key]  # type: ignore[arg-type]
 
 
 class LocalAdmission:

@@ -230,6 +230,13 @@ class RedisStore:
             return local
         return self.tailer.watch(task_id, on_append, after)
 
+    async def delete(self, record: TaskRecord) -> None:
+        with redis_errors():
+            await self._conn.commands.delete(self._keys.task(record.id).all())
+            await self._conn.commands.srem(self._keys.adm(f"user:{record.user}"), [record.id])
+        await self._local.delete(record)
+        self.tailer.forget(record.id)
+
     async def expire(
         self, now: float, retention_s: float, max_retained: int | None = None
     ) -> list[str]:
