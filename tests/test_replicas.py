@@ -341,3 +341,49 @@ async def test_a_connection_on_b_follows_a_task_started_on_a_in_its_session(
     terminal = assert_log_well_formed(events)
     assert terminal["type"] == "task:completed"
     assert terminal["data"]["content"] == "".join(f"w{i} " for i in range(20))
+
+
+async def _response_events(
+    replica: Replica, response_id: str, after: int | None = None
+) -> list[dict[str, Any]]:
+    query = "" if after is None else f"&starting_after={after}"
+    out: list[dict[str, Any]] = []
+    async with replica.client.stream(
+        "GET", f"/v1/responses/{response_id}?stream=true{query}"
+    ) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+    return out
+
+
+async def test_a_background_response_on_a_is_read_resumed_and_cancelled_via_b(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.model.push(TextReply([f"w{i} " for i in range(1000)], interval=0.02))
+    created = await a.client.post(
+        "/v1/responses", json={"model": "fake-model", "input": "hi", "background": True}
+    )
+    assert created.status_code == 200 and created.json()["status"] == "queued"
+    response_id = created.json()["id"]
+    with trio.fail_after(WAIT):
+        request = await fakes.model.wait_for_request("/v1/chat/completions")
+        # Read on B while it runs on A, from a cursor in its stream.
+        async with b.client.stream("GET", f"/v1/responses/{response_id}?stream=true") as stream:
+            seen: list[dict[str, Any]] = []
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if sum(e["type"] == "response.output_text.delta" for e in seen) >= 3:
+                        break
+        cancelled = (await b.client.post(f"/v1/responses/{response_id}/cancel")).json()
+        await fakes.model.wait_connection_closed(request.conn_id)
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["output"][0]["content"][0]["text"].startswith("w0 w1 w2 ")
+    rest = await _response_events(b, response_id, after=seen[-1]["sequence_number"])
+    whole = await _response_events(a, response_id)
+    assert seen + rest == whole
+    assert whole[-1]["type"] == "response.incomplete"
+    assert whole[-1]["response"]["status"] == "cancelled"
