@@ -19,6 +19,7 @@ from fakes.model import HangReply, TextReply, ToolCallReply
 from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import assert_log_well_formed
+from tests.test_ws import connect
 
 pytestmark = pytest.mark.both_backends
 
@@ -215,3 +216,24 @@ async def test_delete_forgets_the_response(tether: Tether, fakes: Fakes) -> None
             await fakes.model.wait_connection_closed(request.conn_id)
         with pytest.raises(NotFoundError):
             await client.responses.retrieve(created.id)
+
+
+async def test_the_websocket_subscribes_to_and_stops_a_response_like_any_task(
+    tether: Tether, fakes: Fakes
+) -> None:
+    fakes.model.push(TextReply([f"w{i} " for i in range(1000)], interval=0.02))
+    async with sdk(tether) as client:
+        created = await client.responses.create(model="fake-model", input="hi", background=True)
+    async with connect(tether) as ws:
+        await ws.send({"type": "subscribe", "task_id": created.id, "after": 0})
+
+        def has_text(event: dict[str, Any]) -> bool:
+            return event["type"] == "delta"
+
+        seen = await ws.events_until_terminal(created.id, stop_when=has_text)
+        assert seen[0]["type"] == "task:queued" and seen[-1]["type"] == "delta"
+        await ws.send({"type": "stop", "task_id": created.id})
+        rest = await ws.events_until_terminal(created.id)
+    assert rest[-1]["type"] == "task:cancelled"
+    events = await _events(tether, f"/v1/responses/{created.id}?stream=true")
+    assert events[-1]["response"]["status"] == "cancelled"

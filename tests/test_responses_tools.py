@@ -49,9 +49,7 @@ async def test_web_search_is_a_web_search_call_and_the_answer_cites_its_sources(
     assert done.output_text[citation.start_index : citation.end_index] == "[1]"
 
 
-async def test_cancel_during_the_search_closes_its_connection(
-    tether: Tether, fakes: Fakes
-) -> None:
+async def test_cancel_during_the_search_closes_its_connection(tether: Tether, fakes: Fakes) -> None:
     fakes.search.configure(delay=30)
     async with sdk(tether) as client:
         created = await client.responses.create(
