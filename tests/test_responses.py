@@ -15,7 +15,7 @@ import trio
 from openai import AsyncOpenAI, BadRequestError, NotFoundError
 from openai.types.responses import Response, ResponseStreamEvent
 
-from fakes.model import HangReply, TextReply, ToolCallReply
+from fakes.model import ErrorReply, HangReply, TextReply, ToolCallReply
 from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import assert_log_well_formed
@@ -237,3 +237,30 @@ async def test_the_websocket_subscribes_to_and_stops_a_response_like_any_task(
     assert rest[-1]["type"] == "task:cancelled"
     events = await _events(tether, f"/v1/responses/{created.id}?stream=true")
     assert events[-1]["response"]["status"] == "cancelled"
+
+
+async def test_an_answer_cut_at_max_output_tokens_is_incomplete_and_a_failure_is_failed(
+    tether: Tether, fakes: Fakes
+) -> None:
+    fakes.model.push(TextReply(["Cut "], finish_reason="length"), ErrorReply())
+    async with sdk(tether) as client:
+        with trio.fail_after(WAIT):
+            cut = await client.responses.create(model="fake-model", input="x", max_output_tokens=1)
+            failed = await client.responses.create(model="fake-model", input="y", background=True)
+        await _events(tether, f"/v1/responses/{failed.id}?stream=true")
+        failed = await client.responses.retrieve(failed.id)
+    assert fakes.model.chat_requests[0]["max_tokens"] == 1
+    assert cut.status == "incomplete" and cut.output_text == "Cut "
+    assert cut.incomplete_details is not None
+    assert cut.incomplete_details.reason == "max_output_tokens"
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.code == "server_error"
+
+
+async def test_only_a_background_response_can_be_cancelled(tether: Tether, fakes: Fakes) -> None:
+    fakes.model.push(TextReply(["Done."]))
+    async with sdk(tether) as client:
+        with trio.fail_after(WAIT):
+            done = await client.responses.create(model="fake-model", input="x")
+        with pytest.raises(BadRequestError):
+            await client.responses.cancel(done.id)
