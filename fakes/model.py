@@ -34,6 +34,7 @@ __all__ = [
     "ToolCallReply",
     "main",
     "reply_from_json",
+    "token_logprob",
 ]
 
 
@@ -43,7 +44,13 @@ class TextReply:
     apart, after ``first_delay`` (headers go out first). ``reasoning_chunks`` are
     streamed before the content as ``delta.reasoning_content`` (the key is
     ``reasoning_field``, e.g. "reasoning"). With ``tokens`` set, the chunks are
-    generated as ``"tok{i} "`` and paced at ``rate`` tokens/s (if given)."""
+    generated as ``"tok{i} "`` and paced at ``rate`` tokens/s (if given).
+
+    A request with ``n`` > 1 gets ``n`` choices, their chunks interleaved (piece ``k``
+    of every choice, then piece ``k + 1``): choice ``i`` > 0 streams ``other_chunks[i -
+    1]`` when given, else the same pieces as choice 0 with ``"<i>:"`` before the first.
+    A request with ``logprobs: true`` gets each piece's token logprobs (see
+    ``token_logprob``), with ``top_logprobs`` alternatives."""
 
     kind: ClassVar[str] = "text"
     chunks: list[str] = field(default_factory=list)
@@ -54,16 +61,42 @@ class TextReply:
     rate: float | None = None
     finish_reason: str = "stop"
     reasoning_field: str = "reasoning_content"
+    other_chunks: list[list[str]] = field(default_factory=list)
 
     def content_chunks(self) -> list[str]:
         if self.tokens is not None:
             return [f"tok{i} " for i in range(self.tokens)]
         return list(self.chunks)
 
+    def choice_chunks(self, index: int) -> list[str]:
+        """The content pieces of choice ``index`` (see the class's docstring)."""
+        if index == 0:
+            return self.content_chunks()
+        if index <= len(self.other_chunks):
+            return list(self.other_chunks[index - 1])
+        chunks = self.content_chunks()
+        return [f"{index}:{chunks[0]}", *chunks[1:]] if chunks else [f"{index}:"]
+
     def pace(self) -> float:
         if self.rate:
             return 1.0 / self.rate
         return self.interval
+
+
+def token_logprob(piece: str, position: int, top: int) -> dict[str, Any]:
+    """The fake's token logprob object (OpenAI's shape) for a piece at ``position`` of its
+    choice: ``logprob`` is ``-(position + 1) / 100``, and the ``top`` alternatives are
+    ``"alt<j>"`` at ``logprob - j - 1``."""
+    logprob = -(position + 1) / 100
+    return {
+        "token": piece,
+        "logprob": logprob,
+        "bytes": list(piece.encode()),
+        "top_logprobs": [
+            {"token": f"alt{j}", "logprob": logprob - j - 1, "bytes": list(f"alt{j}".encode())}
+            for j in range(top)
+        ],
+    }
 
 
 @dataclass
@@ -318,6 +351,8 @@ class FakeModel(FakeServer):
                 ctype = "text/event-stream" if call.stream else "application/json"
                 await ex.start_response(200, [("content-type", ctype)])
             await trio.sleep_forever()
+        elif isinstance(reply, TextReply) and (call.n > 1 or call.logprobs):
+            await call.choices_text(reply)
         elif isinstance(reply, TextReply):
             await call.text(
                 reply.content_chunks(),
@@ -359,6 +394,11 @@ class _Call:
         self.prompt_tokens = sum(
             len(_message_text(m).split()) for m in body.get("messages", []) if isinstance(m, dict)
         )
+        n = body.get("n")
+        self.n = n if type(n) is int and n > 1 else 1
+        self.logprobs = body.get("logprobs") is True
+        top = body.get("top_logprobs")
+        self.top_logprobs = top if type(top) is int and top > 0 else 0
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         return {
@@ -434,6 +474,70 @@ class _Call:
         await self._paced(pieces, pace)
         final_delta: dict[str, Any] = {} if pieces else {"role": "assistant", "content": ""}
         await self.sse(self.chunk(final_delta, finish_reason, self.usage(len(chunks))))
+        await self.sse("[DONE]")
+        await self.ex.finish()
+
+    async def choices_text(self, reply: TextReply) -> None:
+        """A text reply with ``n`` choices and, if asked, token logprobs, in OpenAI's
+        shape: streamed, each chunk one piece of one choice (``index``, ``delta``,
+        ``logprobs: {"content": [token]}``), then one chunk per choice with its finish
+        reason, then the usage in a chunk without choices; or one completion."""
+        per_choice = [reply.choice_chunks(i) for i in range(self.n)]
+        tokens = sum(len(chunks) for chunks in per_choice)
+
+        def logprobs(chunks: list[str]) -> dict[str, Any] | None:
+            if not self.logprobs:
+                return None
+            return {
+                "content": [
+                    token_logprob(piece, k, self.top_logprobs) for k, piece in enumerate(chunks)
+                ],
+                "refusal": None,
+            }
+
+        if not self.stream:
+            await trio.sleep(reply.first_delay + reply.pace() * max(0, tokens - 1))
+            completion = self.completion({}, reply.finish_reason, tokens)
+            completion["choices"] = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(chunks)},
+                    "finish_reason": reply.finish_reason,
+                    "logprobs": logprobs(chunks),
+                }
+                for i, chunks in enumerate(per_choice)
+            ]
+            await self.ex.respond_json(completion)
+            return
+        await self.start_sse()
+        await trio.sleep(reply.first_delay)
+        t0 = trio.current_time()
+        sent = 0
+        for k in range(max(len(chunks) for chunks in per_choice)):
+            for i, chunks in enumerate(per_choice):
+                if k >= len(chunks):
+                    continue
+                await trio.sleep_until(t0 + sent * reply.pace())
+                sent += 1
+                delta: dict[str, Any] = {"content": chunks[k]}
+                if k == 0:
+                    delta = {"role": "assistant", **delta}
+                chunk = self.chunk(delta)
+                choice = chunk["choices"][0]
+                choice["index"] = i
+                choice["logprobs"] = (
+                    {"content": [token_logprob(chunks[k], k, self.top_logprobs)], "refusal": None}
+                    if self.logprobs
+                    else None
+                )
+                await self.sse(chunk)
+        for i in range(self.n):
+            chunk = self.chunk({}, reply.finish_reason)
+            chunk["choices"][0]["index"] = i
+            await self.sse(chunk)
+        usage = self.chunk({}, usage=self.usage(tokens))
+        usage["choices"] = []
+        await self.sse(usage)
         await self.sse("[DONE]")
         await self.ex.finish()
 

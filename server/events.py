@@ -76,11 +76,16 @@ class SourceData(TypedDict):
 
 class DeltaData(TypedDict):
     """A piece of the answer. ``tool_calls`` carries the calls the model made of the
-    caller's own functions (OpenAI's shape), with empty ``content``."""
+    caller's own functions (OpenAI's shape), with empty ``content``. With ``n`` > 1,
+    ``index`` says which choice the piece belongs to (absent for choice 0, so that the
+    common delta stays ``{"content"}``); ``logprobs`` are the piece's tokens with their
+    log probabilities, in OpenAI's ``choices[i].logprobs.content`` shape, when asked for."""
 
     content: str
     reasoning: NotRequired[str]
     tool_calls: NotRequired[list[dict[str, Any]]]
+    index: NotRequired[int]
+    logprobs: NotRequired[list[dict[str, Any]]]
 
 
 class EmptyData(TypedDict):
@@ -105,14 +110,37 @@ def terminal_type(status: str) -> TerminalType:
 def record_changes(
     type_: EventType, data: dict[str, Any]
 ) -> tuple[str, str, dict[str, Any] | None]:
-    """What an event adds to its task's record: text to the answer, text to the
+    """What an event adds to its task's logged fields: text to the answer, text to the
     reasoning, and a source. The one rule of which events change the record: the memory
-    log, the record kept beside it and the Redis append script all follow it."""
+    log, the record kept beside it and the Redis append script all follow it.
+
+    The answer is choice 0: a delta of another choice adds nothing here (its text is not
+    the task's ``content``); it and every choice's logprobs go to the record's own fields
+    by ``choice_changes``."""
     if type_ == "delta":
+        if data.get("index"):
+            return "", "", None
         return data.get("content", ""), data.get("reasoning", ""), None
     if type_ == "source":
         return "", "", data
     return "", "", None
+
+
+def choice_changes(
+    type_: EventType, data: dict[str, Any]
+) -> tuple[int, str, list[dict[str, Any]]] | None:
+    """What a delta adds to the record's ``other_choices`` and ``logprobs``: the choice's
+    index, its text (none for choice 0, whose text is ``content``) and its token logprobs.
+    None for every other event and for the common delta (choice 0, no logprobs). These
+    fields are the record's own, not logged: the task's emitter keeps them and each save
+    of the record (and its terminal write) carries them, on every backend."""
+    if type_ != "delta":
+        return None
+    index = data.get("index", 0)
+    logprobs = data.get("logprobs")
+    if not index and logprobs is None:
+        return None
+    return index, data.get("content", "") if index else "", logprobs or []
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,13 @@ field's metadata says what is special about it:
 - ``LOGGED``: the task's events carry it (``content``, ``reasoning``, ``sources``); a store
   keeps it in step with the log, and ``save`` never writes it;
 - ``INTERNAL``: the server's own (``session_bound``), never in the public object;
-- ``NULL_IF_EMPTY``: published as null while empty (``reasoning``).
+- ``NULL_IF_EMPTY``: published as null while empty (``reasoning``, ``logprobs``).
+
+A request with ``n`` > 1 has several answers: choice 0 is ``content`` (so that everything
+that reads the answer reads it), the others are ``other_choices``. Those and ``logprobs``
+are the record's own fields, kept by the task's emitter (``events.choice_changes``), not
+logged fields: a shared store keeps them as it keeps ``usage``, current as of the last
+save, and whole with the terminal event.
 """
 
 from __future__ import annotations
@@ -54,6 +60,16 @@ class Usage(TypedDict):
     estimated: NotRequired[bool]
 
 
+class OtherChoice(TypedDict):
+    """An answer besides the first (``n`` > 1): its text, why it ended, and its tokens'
+    log probabilities when the request asked for them (OpenAI's token objects)."""
+
+    index: int
+    content: str
+    finish_reason: str | None
+    logprobs: list[dict[str, Any]]
+
+
 @dataclass
 class TaskRecord:
     id: str
@@ -76,6 +92,10 @@ class TaskRecord:
     error: TaskError | None = None
     cancel_reason: CancelReason | None = None
     finish_reason: str | None = None
+    # The answer's tokens with their log probabilities (``logprobs: true``).
+    logprobs: list[dict[str, Any]] = field(default_factory=list, metadata=NULL_IF_EMPTY)
+    # With n > 1, the choices after the first, by index.
+    other_choices: list[OtherChoice] = field(default_factory=list)
     last_seq: int = 0
     # Bound to its WebSocket session's lifetime (a session_id without background: true).
     session_bound: bool = field(default=False, metadata=INTERNAL)
@@ -99,7 +119,35 @@ class TaskRecord:
 
     def copy(self) -> TaskRecord:
         """A copy that shares nothing mutable with this record."""
-        return replace(self, sources=list(self.sources), tool_calls=list(self.tool_calls))
+        return replace(
+            self,
+            sources=list(self.sources),
+            tool_calls=list(self.tool_calls),
+            logprobs=list(self.logprobs),
+            other_choices=[
+                {**choice, "logprobs": list(choice["logprobs"])} for choice in self.other_choices
+            ],
+        )
+
+    def other_choice(self, index: int) -> OtherChoice:
+        """Choice ``index`` (> 0), added empty at its first mention."""
+        for choice in self.other_choices:
+            if choice["index"] == index:
+                return choice
+        choice = OtherChoice(index=index, content="", finish_reason=None, logprobs=[])
+        self.other_choices.append(choice)
+        self.other_choices.sort(key=lambda c: c["index"])
+        return choice
+
+    def add_to_choice(self, index: int, content: str, logprobs: list[dict[str, Any]]) -> None:
+        """Apply ``events.choice_changes``: text of a choice after the first, and the
+        token logprobs of any choice."""
+        if index == 0:
+            self.logprobs.extend(logprobs)
+            return
+        choice = self.other_choice(index)
+        choice["content"] += content
+        choice["logprobs"].extend(logprobs)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, session_bound: bool = False) -> TaskRecord:

@@ -186,6 +186,28 @@ class ChatRequest:
     # A task started through the Responses API: what its Response echoes (see
     # ``api/responses/request.py``); None for a chat completion.
     response: dict[str, Any] | None = None
+    # Answers asked for (``n``) and token log probabilities: they reach the model in
+    # ``passthrough``; these say what the answer must hold.
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def unsupported_by_local_model(self) -> RequestError | None:
+        """The 400 for what Tether's built-in model cannot give (it has one answer and
+        no probabilities), naming the field; None if it can serve the request."""
+        for param, asked in (
+            ("n", self.n > 1),
+            ("top_logprobs", self.top_logprobs is not None),
+            ("logprobs", self.logprobs),
+        ):
+            if asked:
+                return RequestError(
+                    400,
+                    "invalid_request",
+                    f"The model {self.model!r} does not support '{param}'.",
+                    param=param,
+                )
+        return None
 
     @property
     def mode(self) -> Mode:
@@ -239,11 +261,14 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
         else:
             message = f"Invalid value for '{param}': {first['msg']}."
         raise RequestError(400, "invalid_request", message, param=param) from None
-    # Answered with one choice and no log probabilities: refused rather than dropped.
-    if parsed.n is not None and parsed.n != 1:
-        raise RequestError(400, "invalid_request", "Only n=1 is supported.", param="n")
-    if parsed.logprobs:
-        raise RequestError(400, "invalid_request", "logprobs are not supported.", param="logprobs")
+    if parsed.top_logprobs is not None and not parsed.logprobs:
+        # As OpenAI: the alternatives of each token come with its own log probability.
+        raise RequestError(
+            400,
+            "invalid_request",
+            "top_logprobs requires logprobs to be true.",
+            param="top_logprobs",
+        )
     if isinstance(parsed.stop, list) and len(parsed.stop) > 4:
         raise RequestError(400, "invalid_request", "At most 4 stop sequences.", param="stop")
     passthrough = {
@@ -263,4 +288,7 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
         background=parsed.background,
         passthrough=passthrough,
         stream_options=parsed.stream_options,
+        n=parsed.n or 1,
+        logprobs=bool(parsed.logprobs),
+        top_logprobs=parsed.top_logprobs,
     )

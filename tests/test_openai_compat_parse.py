@@ -275,6 +275,79 @@ async def test_upstream_ignoring_stream_true_still_gives_deltas(
     assert collected.usage == USAGE
 
 
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+
+
+def _choice_chunk(index: int, content: str, logprob: float) -> dict[str, Any]:
+    body = chunk(content)
+    body["choices"][0].update(index=index, logprobs={"content": [_token(content, logprob)]})
+    return body
+
+
+async def test_upstream_choices_are_read_by_index_with_their_logprobs(
+    upstream: MockUpstream, http: httpx2.AsyncClient
+) -> None:
+    both_finish = chunk(finish="stop")
+    both_finish["choices"].append({"index": 1, "delta": {}, "finish_reason": "length"})
+    upstream.route(
+        "POST",
+        COMPLETIONS,
+        streamed(
+            _choice_chunk(0, "A", -0.1),
+            _choice_chunk(1, "B", -0.2),
+            _choice_chunk(1, "b", -0.3),
+            _choice_chunk(0, "a", -0.4),
+            both_finish,
+            USAGE_CHUNK,
+            "data: [DONE]\n\n",
+        ),
+    )
+    collected = Collected()
+    await model_for(upstream, http).stream_chat({**BODY, "n": 2, "logprobs": True}, collected)
+    by_choice: dict[int, list[ModelDelta]] = {}
+    for delta in collected.deltas:
+        by_choice.setdefault(delta.index, []).append(delta)
+    assert "".join(d.content for d in by_choice[0]) == "Aa"
+    assert "".join(d.content for d in by_choice[1]) == "Bb"
+    assert [t["logprob"] for d in by_choice[1] for t in d.logprobs or ()] == [-0.2, -0.3]
+    assert [t["token"] for d in by_choice[0] for t in d.logprobs or ()] == ["A", "a"]
+    finishes = {d.index: d.finish_reason for d in collected.deltas if d.finish_reason}
+    assert finishes == {0: "stop", 1: "length"}
+    assert collected.usage == USAGE
+    sent = json.loads(upstream.requests[-1].content)
+    assert (sent["n"], sent["logprobs"]) == (2, True)
+
+
+async def test_upstream_completion_without_stream_keeps_every_choice(
+    upstream: MockUpstream, http: httpx2.AsyncClient
+) -> None:
+    completion = {
+        "id": "c1",
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": {"content": [_token(text, -1.0)]},
+            }
+            for i, text in enumerate(["first", "second"])
+        ],
+    }
+    upstream.route("POST", COMPLETIONS, json_response(completion))
+    collected = Collected()
+    await model_for(upstream, http).stream_chat(BODY, collected)
+    assert [(d.index, d.content, d.finish_reason) for d in collected.deltas] == [
+        (0, "first", "stop"),
+        (1, "second", "stop"),
+    ]
+    assert [d.logprobs for d in collected.deltas] == [
+        [_token("first", -1.0)],
+        [_token("second", -1.0)],
+    ]
+
+
 async def test_upstream_list_models(upstream: MockUpstream, http: httpx2.AsyncClient) -> None:
     listing = {
         "object": "list",

@@ -125,8 +125,8 @@ async def test_v1_model_by_id_is_an_openai_model_and_unknown_is_404(tether: Teth
         ({"temperature": 5}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"n": 0}, "n"),
-        ({"n": 2}, "n"),  # served with one choice only: refused, not dropped
-        ({"logprobs": True}, "logprobs"),  # not served: refused, not dropped
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true, as OpenAI
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"max_completion_tokens": "x"}, "max_completion_tokens"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [{"type": "function"}]}, "tools.0.function"),

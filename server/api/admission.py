@@ -28,10 +28,16 @@ async def check_chat(rt: Runtime, user: str, raw: Any) -> ChatRequest:
         raise RequestError(
             400, "invalid_request", f"Unknown tool_ids: {', '.join(unknown)}.", param="tool_ids"
         )
-    if rt.models.resolve(chat.model) is None:
+    model = rt.models.resolve(chat.model)
+    if model is None:
         raise RequestError(
             404, "model_not_found", f"The model {chat.model!r} does not exist.", param="model"
         )
+    if model is rt.models.local:
+        # An upstream gets n and logprobs as they are; the built-in model has neither.
+        refused = chat.unsupported_by_local_model()
+        if refused is not None:
+            raise refused
     if chat.session_id is not None:
         await rt.sessions.check_owner(user, chat.session_id)
     return chat

@@ -77,11 +77,18 @@ class AssistantMessage(_Open):
     reasoning_content: str | None = None
 
 
+class ChoiceLogprobs(_Open):
+    """A choice's tokens with their log probabilities (OpenAI's token objects: ``token``,
+    ``logprob``, ``bytes``, ``top_logprobs``), as the model gave them."""
+
+    content: list[dict[str, Any]] | None
+
+
 class Choice(_Open):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
 
 
 class ChatCompletion(_Open):

@@ -23,11 +23,12 @@ from server.api.answers import (
     BackgroundAccepted,
     ChatCompletion,
     Choice,
+    ChoiceLogprobs,
     TaskSummary,
 )
 from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
-from server.record import TaskRecord, Usage
+from server.record import OtherChoice, TaskRecord, Usage
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.tasks.backend import next_events
@@ -68,16 +69,17 @@ async def chat_completions() -> Response:
     ended = await rt.manager.wait_ended(record.id)
     if ended is None:  # expired already: retention shorter than the wait
         raise RequestError(500, "internal_error", "The task's result is no longer kept.")
-    return _completion_response(ended, headers, openai)
+    return _completion_response(ended, headers, openai, logprobs=chat.logprobs)
 
 
-def _finish_reason(record: TaskRecord, openai: bool) -> str:
+def _finish_reason(record: TaskRecord, openai: bool, choice: OtherChoice | None = None) -> str:
     """``cancelled`` for a stopped answer on Tether's own route; on ``/v1`` only OpenAI's
     values (a typed client with a closed set would throw on another), and the ``task``
-    object tells that it was stopped."""
+    object tells that it was stopped. ``choice``: one after the first (``n`` > 1)."""
     if record.status == "cancelled":
         return "stop" if openai else "cancelled"
-    return record.finish_reason or "stop"
+    reason = record.finish_reason if choice is None else choice["finish_reason"]
+    return reason or "stop"
 
 
 def _usage(record: TaskRecord) -> Usage:
@@ -92,7 +94,9 @@ def _task_summary(record: TaskRecord) -> TaskSummary:
     return TaskSummary(id=record.id, status=record.status, cancel_reason=record.cancel_reason)
 
 
-def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bool) -> Response:
+def _completion_response(
+    record: TaskRecord, headers: dict[str, str], openai: bool, *, logprobs: bool
+) -> Response:
     if record.status == "failed" and record.error is not None:
         code = record.error["type"]
         error = RequestError(failure_status(code), code, record.error["message"])
@@ -114,8 +118,21 @@ def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bo
                 index=0,
                 message=message,
                 finish_reason=_finish_reason(record, openai),
-                logprobs=None,
-            )
+                logprobs=ChoiceLogprobs(content=record.logprobs) if logprobs else None,
+            ),
+            # n > 1: the other answers the model gave (an upstream that ignores n gives
+            # none, and the answer has one choice, as the model's own would).
+            *(
+                Choice(
+                    index=choice["index"],
+                    message=AssistantMessage(
+                        role="assistant", content=choice["content"], refusal=None
+                    ),
+                    finish_reason=_finish_reason(record, openai, choice),
+                    logprobs=ChoiceLogprobs(content=choice["logprobs"]) if logprobs else None,
+                )
+                for choice in record.other_choices
+            ),
         ],
         usage=_usage(record),
         sources=record.sources,
@@ -126,14 +143,36 @@ def _completion_response(record: TaskRecord, headers: dict[str, str], openai: bo
 
 
 def _chunk(
-    record: TaskRecord, delta: dict[str, Any], finish: str | None = None, **extra: Any
+    record: TaskRecord,
+    delta: dict[str, Any],
+    index: int = 0,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> str:
+    """A chunk of one choice's delta. Built in one expression: it runs per token."""
     body = {
         "id": "chatcmpl-" + record.id,
         "object": "chat.completion.chunk",
         "created": int(record.created_at),
         "model": record.model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {
+                "index": index,
+                "delta": delta,
+                "finish_reason": None,
+                "logprobs": logprobs and {"content": logprobs},
+            }
+        ],
+    }
+    return sse.event(fastjson.dumps(body))
+
+
+def _chunk_of(record: TaskRecord, choices: list[dict[str, Any]], **extra: Any) -> str:
+    body = {
+        "id": "chatcmpl-" + record.id,
+        "object": "chat.completion.chunk",
+        "created": int(record.created_at),
+        "model": record.model,
+        "choices": choices,
         **extra,
     }
     return sse.event(fastjson.dumps(body))
@@ -153,6 +192,9 @@ async def _stream(
     keepalive = rt.settings.sse_keepalive_s
     cursor = 0
     role_sent = False
+    # n > 1: the choices after the first whose role went out (OpenAI sends it in each
+    # choice's first delta).
+    other_roles_sent: set[int] = set()
     with store.reading(record.id):
         yield sse.comment("task " + record.id)
         while (events := await next_events(store, record.id, cursor, wait_s=keepalive)) is not None:
@@ -164,18 +206,24 @@ async def _stream(
             for event in events:
                 cursor = event.seq
                 if event.type == "delta":
+                    data = event.data
+                    index = data.get("index", 0)
                     delta: dict[str, Any] = {}
-                    if not role_sent:
+                    if index == 0:
+                        if not role_sent:
+                            delta["role"] = "assistant"
+                            role_sent = True
+                    elif index not in other_roles_sent:
                         delta["role"] = "assistant"
-                        role_sent = True
-                    delta["content"] = event.data.get("content", "")
-                    if "reasoning" in event.data:
-                        delta["reasoning_content"] = event.data["reasoning"]
-                    if "tool_calls" in event.data:
+                        other_roles_sent.add(index)
+                    delta["content"] = data.get("content", "")
+                    if "reasoning" in data:
+                        delta["reasoning_content"] = data["reasoning"]
+                    if "tool_calls" in data:
                         delta["tool_calls"] = [
-                            {"index": i, **call} for i, call in enumerate(event.data["tool_calls"])
+                            {"index": i, **call} for i, call in enumerate(data["tool_calls"])
                         ]
-                    parts.append(_chunk(record, delta))
+                    parts.append(_chunk(record, delta, index, data.get("logprobs")))
                 elif event.type == "status":
                     parts.append(sse.comment(str(event.data.get("description", ""))))
                 elif event.terminal:
@@ -195,11 +243,23 @@ def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[s
         )
         payload = {**error.body(), "task_id": record.id}
         return [sse.event(fastjson.dumps(payload)), sse.DONE]
+    # One chunk ends every choice: each with its finish reason.
+    finishes = [
+        {"index": 0, "delta": {}, "finish_reason": _finish_reason(record, openai), "logprobs": None}
+    ]
+    finishes += [
+        {
+            "index": choice["index"],
+            "delta": {},
+            "finish_reason": _finish_reason(record, openai, choice),
+            "logprobs": None,
+        }
+        for choice in record.other_choices
+    ]
     out = [
-        _chunk(
+        _chunk_of(
             record,
-            {},
-            _finish_reason(record, openai),
+            finishes,
             sources=record.sources,
             task_id=record.id,
             task=_task_summary(record).model_dump(),

@@ -34,8 +34,10 @@ class Emitter(Protocol):
         usage: dict[str, Any] | None = None,
         finish_reason: str | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
+        other_finish_reasons: dict[int, str] | None = None,
     ) -> None:
-        """Record facts about the answer that are not events."""
+        """Record facts about the answer that are not events; ``other_finish_reasons``
+        are those of the choices after the first (``n`` > 1), by index."""
         ...
 
     def keep_usage(self, usage: dict[str, Any] | None) -> None:

@@ -44,6 +44,8 @@ class _PendingCall:
 class RoundResult:
     tool_calls: list[_PendingCall] = field(default_factory=list)
     finish_reason: str | None = None
+    # With n > 1: why each choice after the first ended, by index.
+    other_finish_reasons: dict[int, str] = field(default_factory=dict)
 
 
 async def stream_round(
@@ -60,15 +62,27 @@ async def stream_round(
     usage.begin_round(body["messages"])
 
     async def on_delta(delta: ModelDelta) -> None:
-        if delta.content or delta.reasoning:
+        if delta.content or delta.reasoning or delta.logprobs:
             data: DeltaData = {"content": delta.content}
             if delta.reasoning:
                 data["reasoning"] = delta.reasoning
+            if delta.index:
+                data["index"] = delta.index
+            if delta.logprobs:
+                data["logprobs"] = delta.logprobs
             await emit.delta(data)
         # Counted once on the task (after the emit), so that a stopped answer's count
         # matches its content.
         if delta.content or delta.reasoning or delta.tool_calls:
             usage.count_chunks(delta.chunks)
+        if delta.index:
+            # Another choice (n > 1): its text is kept, but only choice 0 acts (its tool
+            # calls run, its finish reason is the task's).
+            if delta.finish_reason:
+                result.other_finish_reasons[delta.index] = delta.finish_reason
+            if delta.usage:
+                usage.report(delta.usage)
+            return
         for piece in delta.tool_calls:
             call = calls.setdefault(piece.index, _PendingCall())
             call.id = piece.id or call.id
@@ -179,7 +193,9 @@ async def _rounds(
             return
         if not server_calls or round_number == max_rounds:
             await emit.set_result(
-                usage=usage.so_far(), finish_reason=result.finish_reason or "stop"
+                usage=usage.so_far(),
+                finish_reason=result.finish_reason or "stop",
+                other_finish_reasons=result.other_finish_reasons,
             )
             return
         await emit.set_phase("tools")

@@ -25,7 +25,14 @@ from typing import Any, cast
 import trio
 
 from server.config import Settings
-from server.events import DeltaData, EventType, SourceData, StatusData, record_changes
+from server.events import (
+    DeltaData,
+    EventType,
+    SourceData,
+    StatusData,
+    choice_changes,
+    record_changes,
+)
 from server.exception_groups import first_leaf
 from server.metrics import Metrics
 from server.record import CancelReason, Phase, TaskError, TaskRecord, Usage
@@ -59,6 +66,9 @@ class TaskEmitter:
         # goes; an append takes the next seq, which on a shared store is a round trip
         # away. One append at a time per task, in the order they came.
         self._appending = trio.StrictFIFOLock()
+        # The text of the choices after the first (n > 1): it counts against the bound on
+        # the answer's size as choice 0's does.
+        self._other_chars = 0
 
     async def delta(self, data: DeltaData) -> None:
         """A piece of the answer (see ``_append`` for cancellation)."""
@@ -94,6 +104,10 @@ class TaskEmitter:
                 record.reasoning += reasoning
             if source is not None:
                 record.sources.append(source)
+            choice = choice_changes(type_, data)
+            if choice is not None:
+                record.add_to_choice(*choice)
+                self._other_chars += len(choice[1])
 
     def _check_bounds(self, type_: EventType, data: dict[str, Any]) -> None:
         """Raise ``TaskFailure`` (``task_too_large``) before an event that would take the
@@ -110,6 +124,7 @@ class TaskEmitter:
                 + len(data.get("content", ""))
                 + len(record.reasoning)
                 + len(data.get("reasoning", ""))
+                + self._other_chars
             )
             if grown > self._max_content_chars:
                 raise TaskFailure(
@@ -128,6 +143,7 @@ class TaskEmitter:
         usage: dict[str, Any] | None = None,
         finish_reason: str | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
+        other_finish_reasons: dict[int, str] | None = None,
     ) -> None:
         if usage is not None:
             self._record.usage = cast(Usage, usage)
@@ -135,6 +151,8 @@ class TaskEmitter:
             self._record.finish_reason = finish_reason
         if tool_calls is not None:
             self._record.tool_calls.extend(tool_calls)
+        for index, reason in (other_finish_reasons or {}).items():
+            self._record.other_choice(index)["finish_reason"] = reason
         await self._store.save(self._record)
 
     def keep_usage(self, usage: dict[str, Any] | None) -> None:

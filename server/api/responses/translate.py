@@ -208,6 +208,8 @@ class ResponseTranslator:
     # -- the answer --------------------------------------------------------------------------
 
     def _delta(self, data: dict[str, Any], emit: Callable[..., None]) -> None:
+        if data.get("index"):
+            return  # another choice of a chat request with n > 1: a response has one
         text = str(data.get("content") or "")
         if text:
             item = self._message

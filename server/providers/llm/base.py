@@ -34,6 +34,10 @@ class ModelDelta:
     # The model's stream chunks this delta carries (more than one when they were read
     # together): what a round's usage counts when the model reports none.
     chunks: int = 1
+    # The choice it belongs to (``n`` > 1), and its tokens' log probabilities in OpenAI's
+    # ``logprobs.content`` shape when the request asked for them.
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
 
 
 OnDelta = Callable[[ModelDelta], Awaitable[None]]

@@ -122,10 +122,14 @@ class OpenAICompatibleModel:
                 pending: list[ModelDelta] = []
 
                 async def flush() -> None:
-                    if pending:
-                        merged = _merged(pending)
+                    if len(pending) == 1:  # the common case: one chunk, one delta
+                        delta = pending.pop()
+                        await on_delta(delta)
+                    elif pending:
+                        merged = _merged_by_choice(pending)
                         pending.clear()
-                        await on_delta(merged)
+                        for delta in merged:
+                            await on_delta(delta)
 
                 network = response.extensions.get("network_stream")
                 paced = isinstance(network, PacedStream)
@@ -144,13 +148,14 @@ class OpenAICompatibleModel:
                             await flush()
                             return
                         try:
-                            delta = _parse_chunk(data)
+                            deltas = _parse_chunk(data)
                         except ModelError:
                             await flush()  # a bad chunk fails the stream after the good ones
                             raise
-                        finished = finished or delta.finish_reason is not None
-                        if _carries_something(delta):
-                            pending.append(delta)
+                        for delta in deltas:
+                            finished = finished or delta.finish_reason is not None
+                            if _carries_something(delta):
+                                pending.append(delta)
                         if not paced:
                             await flush()
                     await flush()
@@ -184,52 +189,60 @@ def _json_object(raw: str | bytes, invalid: str) -> dict[str, Any]:
     return value
 
 
-def _parse_chunk(data: str) -> ModelDelta:
+def _parse_chunk(data: str) -> list[ModelDelta]:
+    """A chunk's deltas, one per choice it carries (one, unless ``n`` > 1), the chunk's
+    usage on the last."""
     chunk = _json_object(data, "upstream sent invalid JSON in its stream")
     usage = chunk.get("usage")
-    delta = ModelDelta(usage=usage if isinstance(usage, dict) else None)
-    choice = _first_choice(chunk.get("choices"))
-    if choice is None:
-        return delta
-    piece = choice.get("delta")
+    usage = usage if isinstance(usage, dict) else None
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return [ModelDelta(usage=usage)]
+    deltas = [_choice_delta(choice, "delta") for choice in choices if isinstance(choice, dict)]
+    if not deltas:
+        return [ModelDelta(usage=usage)]
+    deltas[-1].usage = usage
+    return deltas
+
+
+def _choice_delta(choice: dict[str, Any], key: str) -> ModelDelta:
+    """One choice of a chunk (``key`` "delta") or of a whole completion ("message")."""
+    delta = ModelDelta()
+    index = choice.get("index")
+    if type(index) is int and index > 0:
+        delta.index = index
+    piece = choice.get(key)
     if isinstance(piece, dict):
         delta.content = _string(piece.get("content"))
         delta.reasoning = _string(piece.get("reasoning_content")) or _string(piece.get("reasoning"))
         delta.tool_calls = _tool_call_deltas(piece.get("tool_calls"))
     finish = choice.get("finish_reason")
     delta.finish_reason = finish if isinstance(finish, str) and finish else None
+    logprobs = choice.get("logprobs")
+    if logprobs is not None:  # null unless asked for: the common chunk stops here
+        tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if isinstance(tokens, list):
+            delta.logprobs = [token for token in tokens if isinstance(token, dict)]
     return delta
 
 
 def _completion_deltas(raw: bytes) -> list[ModelDelta]:
     """A non-streamed ``chat.completion`` as the deltas a stream would have carried."""
     completion = _json_object(raw, "upstream sent an invalid completion")
-    choice = _first_choice(completion.get("choices"))
-    if choice is None:
+    choices = completion.get("choices")
+    answers = [
+        _choice_delta(choice, "message")
+        for choice in (choices if isinstance(choices, list) else [])
+        if isinstance(choice, dict)
+    ]
+    if not answers:
         raise ModelError("upstream sent a completion without choices")
-    message = choice.get("message")
-    message = message if isinstance(message, dict) else {}
-    finish = choice.get("finish_reason")
-    answer = ModelDelta(
-        content=_string(message.get("content")),
-        reasoning=_string(message.get("reasoning_content")) or _string(message.get("reasoning")),
-        tool_calls=_tool_call_deltas(message.get("tool_calls")),
-        finish_reason=finish if isinstance(finish, str) and finish else "stop",
-    )
+    for answer in answers:
+        answer.finish_reason = answer.finish_reason or "stop"
     usage = completion.get("usage")
     if isinstance(usage, dict):
-        return [answer, ModelDelta(usage=usage)]
-    return [answer]
-
-
-def _first_choice(choices: Any) -> dict[str, Any] | None:
-    """Choice 0: with ``n`` > 1 the chunks of other choices are interleaved and ignored."""
-    if not isinstance(choices, list):
-        return None
-    for choice in choices:
-        if isinstance(choice, dict) and choice.get("index", 0) == 0:
-            return choice
-    return None
+        return [*answers, ModelDelta(usage=usage)]
+    return answers
 
 
 def _tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
@@ -257,10 +270,19 @@ def _tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
     return calls
 
 
+def _merged_by_choice(deltas: list[ModelDelta]) -> list[ModelDelta]:
+    """Consecutive deltas as one per choice, the choices in the order they first came
+    (``n`` > 1 interleaves them; each choice's pieces keep their order)."""
+    by_choice: dict[int, list[ModelDelta]] = {}
+    for delta in deltas:
+        by_choice.setdefault(delta.index, []).append(delta)
+    return [_merged(group) for group in by_choice.values()]
+
+
 def _merged(deltas: list[ModelDelta]) -> ModelDelta:
-    """Consecutive deltas as one: texts joined, tool-call pieces in order (they are
-    assembled by index downstream), the chunks of text or tool calls counted, the last
-    finish reason and usage."""
+    """Consecutive deltas of one choice as one: texts joined, tool-call pieces in order
+    (they are assembled by index downstream), token logprobs in order, the chunks of text
+    or tool calls counted, the last finish reason and usage."""
     if len(deltas) == 1:
         return deltas[0]
     merged = ModelDelta(
@@ -268,7 +290,10 @@ def _merged(deltas: list[ModelDelta]) -> ModelDelta:
         reasoning="".join(d.reasoning for d in deltas),
         tool_calls=[piece for d in deltas for piece in d.tool_calls],
         chunks=sum(d.chunks for d in deltas if d.content or d.reasoning or d.tool_calls),
+        index=deltas[0].index,
     )
+    if any(d.logprobs is not None for d in deltas):
+        merged.logprobs = [token for d in deltas for token in d.logprobs or ()]
     for d in deltas:
         merged.finish_reason = d.finish_reason or merged.finish_reason
         merged.usage = d.usage or merged.usage
@@ -277,7 +302,12 @@ def _merged(deltas: list[ModelDelta]) -> ModelDelta:
 
 def _carries_something(delta: ModelDelta) -> bool:
     return bool(
-        delta.content or delta.reasoning or delta.tool_calls or delta.finish_reason or delta.usage
+        delta.content
+        or delta.reasoning
+        or delta.tool_calls
+        or delta.finish_reason
+        or delta.usage
+        or delta.logprobs
     )
 
 
