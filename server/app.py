@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from server.access_log import close_access_log, log_access, open_access_log
-from server.api import chat, health, local_docs, models, openapi, page, tasks, tools, ws
+from server.api import chat, health, local_docs, models, openapi, page, skip, tasks, tools, ws
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
 from server.api.common import close_if_body_unread, error_response
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         local_docs.blueprint,
         openapi.blueprint,
         responses.blueprint,
+        skip.blueprint,
     ):
         app.register_blueprint(blueprint)
 

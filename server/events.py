@@ -45,6 +45,13 @@ class StatusData(TypedDict):
     description: str
     done: bool
     error: NotRequired[bool]
+    # The step the status is about (``web_search``, ``page:<url>``, a tool call's id: what
+    # a skip names), and, when it ended early, why: a skip (``skipped``, and ``by`` whom)
+    # or its deadline.
+    step: NotRequired[str]
+    skipped: NotRequired[bool]
+    by: NotRequired[str]
+    deadline: NotRequired[bool]
     # The web search's steps.
     queries: NotRequired[list[str]]
     query: NotRequired[str]

@@ -24,6 +24,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
+        self.stop_seconds = Histogram(
+            "tether_stop_seconds",
+            "From a stop reaching the task's process to every connection of the task closed",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+            registry=self.registry,
+        )
         self.cancels = Counter(
             "tether_task_cancels",
             "Tasks cancelled, by reason and phase",

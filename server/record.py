@@ -96,6 +96,14 @@ class TaskRecord:
     logprobs: list[dict[str, Any]] = field(default_factory=list, metadata=NULL_IF_EMPTY)
     # With n > 1, the choices after the first, by index.
     other_choices: list[OtherChoice] = field(default_factory=list)
+    # Ended by its task deadline (``deadlines.task_s``): "task"; the task is ``completed``
+    # with the text it has and ``finish_reason: "length"``.
+    deadline: str | None = None
+    # Where a stop landed: the step running then (``{"step", "kind"}``, with the tool or the
+    # page), and how long the stop took inside the server, stop received to every
+    # connection closed.
+    cancel_step: dict[str, Any] | None = None
+    stop_ms: float | None = None
     last_seq: int = 0
     # Bound to its WebSocket session's lifetime (a session_id without background: true).
     session_bound: bool = field(default=False, metadata=INTERNAL)

@@ -7,7 +7,7 @@ Tether acts on are checked; everything else passes through to the model untouche
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -81,6 +81,18 @@ class Features(BaseModel):
     web_search: bool = False
 
 
+class Deadlines(BaseModel):
+    """Tether's per-request deadlines, in seconds. A phase's deadline that passes ends the
+    phase as a skip does (the answer comes from what it found); the task's ends the task
+    ``completed`` with the text it has. Unset ones come from the server's settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    web_search_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    tools_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    task_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -150,6 +162,7 @@ class ChatRequestModel(BaseModel):
     message_id: str | None = None
     session_id: str | None = None
     background: bool = False
+    deadlines: Deadlines | None = None
 
 
 # Tether's own fields: they never reach the model.
@@ -163,6 +176,7 @@ TETHER_FIELDS = frozenset(
         "background",
         "stream",
         "stream_options",
+        "deadlines",
     }
 )
 
@@ -183,6 +197,9 @@ class ChatRequest:
     # Everything the model should see besides model and messages (temperature, tools, ...).
     passthrough: dict[str, Any]
     stream_options: dict[str, Any] | None = None
+    # Deadlines this request set (``web_search_s``, ``tools_s``, ``task_s``); the server's
+    # settings give the others.
+    deadlines: dict[str, float] = field(default_factory=dict)
     # A task started through the Responses API: what its Response echoes (see
     # ``api/responses/request.py``); None for a chat completion.
     response: dict[str, Any] | None = None
@@ -291,4 +308,5 @@ def parse_chat_request(raw: Any, *, default_model: str) -> ChatRequest:
         n=parsed.n or 1,
         logprobs=bool(parsed.logprobs),
         top_logprobs=parsed.top_logprobs,
+        deadlines=parsed.deadlines.model_dump(exclude_none=True) if parsed.deadlines else {},
     )

@@ -216,17 +216,20 @@ async def test_cancel_storm_leaves_connection_pool_usable(start_tether: Any, fak
     assert response.json()["choices"][0]["message"]["content"] == "still working"
 
 
-async def test_task_past_its_timeout_is_cancelled_with_reason_timeout(
+async def test_task_past_its_timeout_ends_completed_with_what_it_has(
     start_tether: Any, fakes: Fakes
 ) -> None:
+    """The server's task timeout is the task deadline's default: an answer cut short, not a
+    cancel (``deadline: "task"``, ``finish_reason: "length"``)."""
     tether: Tether = await start_tether(task_timeout_s=0.3)
     fakes.model.push(HangReply())
     task_id = await tether.background(chat_body())
     with trio.fail_after(WAIT):
         request = await fakes.model.wait_for_request("/v1/chat/completions")
     terminal = assert_log_well_formed(await tether.events(task_id))
-    assert terminal["type"] == "task:cancelled"
-    assert terminal["data"]["cancel_reason"] == "timeout"
+    assert terminal["type"] == "task:completed"
+    assert (terminal["data"]["deadline"], terminal["data"]["finish_reason"]) == ("task", "length")
+    assert terminal["data"]["cancel_reason"] is None
     with trio.fail_after(WAIT):
         await fakes.model.wait_connection_closed(request.conn_id)
 

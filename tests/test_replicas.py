@@ -387,3 +387,23 @@ async def test_a_background_response_on_a_is_read_resumed_and_cancelled_via_b(
     assert seen + rest == whole
     assert whole[-1]["type"] == "response.incomplete"
     assert whole[-1]["response"]["status"] == "cancelled"
+
+
+async def test_a_skip_via_b_reaches_a_search_running_on_a(
+    pair: tuple[Replica, Replica], fakes: Fakes
+) -> None:
+    a, b = pair
+    fakes.search.configure(delay=30)
+    fakes.model.push(TextReply(["Answered without the search."]))
+    task_id = await a.background(chat_body(features={"web_search": True}))
+    with trio.fail_after(WAIT):
+        request = await fakes.search.wait_for_request("/search")
+    skipped = await b.client.post(f"/api/tasks/{task_id}/skip", json={"step": "web_search"})
+    assert skipped.status_code == 200 and skipped.json()["state"] == "skipped"
+    with trio.fail_after(WAIT):
+        await fakes.search.wait_connection_closed(request.conn_id)
+    terminal = assert_log_well_formed(await _events(b, task_id))
+    assert terminal["type"] == "task:completed"
+    assert terminal["data"]["content"] == "Answered without the search."
+    again = await b.client.post(f"/api/tasks/{task_id}/skip", json={"step": "web_search"})
+    assert again.status_code == 409 and again.json()["step"]["state"] == "skipped"

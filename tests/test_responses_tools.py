@@ -128,3 +128,56 @@ async def test_an_mcp_server_that_is_not_configured_is_refused_and_never_reached
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "tools[0].server_label"
     assert not fakes.model.chat_requests
+
+
+async def test_a_skipped_search_ends_its_web_search_call_incomplete_and_the_answer_comes(
+    tether: Tether, fakes: Fakes
+) -> None:
+    fakes.search.configure(delay=30)
+    fakes.model.push(TextReply(["Without the search."]))
+    async with sdk(tether) as client:
+        created = await client.responses.create(
+            model="fake-model", input="x", tools=[{"type": "web_search"}], background=True
+        )
+        with trio.fail_after(WAIT):
+            request = await fakes.search.wait_for_request("/search")
+            skipped = await tether.client.post(
+                f"/api/tasks/{created.id}/skip", json={"step": "web_search"}
+            )
+            await fakes.search.wait_connection_closed(request.conn_id)
+        assert skipped.status_code == 200
+        await _events(tether, f"/v1/responses/{created.id}?stream=true")
+        done = await client.responses.retrieve(created.id)
+    assert done.status == "completed" and done.output_text == "Without the search."
+    search = done.output[0]
+    assert search.type == "web_search_call" and search.status == "incomplete"
+    assert search.model_extra == {"skipped": True}
+
+
+async def test_skipping_an_mcp_call_cancels_it_on_the_server_and_the_answer_goes_on(
+    start_tether: Any,
+    tmp_path: Path,
+    fakes: Fakes,
+    http_mcp: McpHttpFake,
+    recorder: McpRecorder,
+) -> None:
+    tether = await _mcp_tether(start_tether, tmp_path, http_mcp)
+    fakes.model.push(
+        ToolCallReply([("mcp__files__slow", {"seconds": 30})]), TextReply(["Skipped it."])
+    )
+    async with sdk(tether) as client:
+        created = await client.responses.create(
+            model="fake-model", input="wait", tools=[MCP_TOOL], background=True
+        )
+        with trio.fail_after(MCP_WAIT):
+            call = await recorder.wait_for("call", server="web", tool="slow")
+            skipped = await tether.client.post(
+                f"/api/tasks/{created.id}/skip", json={"step": "call_fake_0"}
+            )
+        assert skipped.status_code == 200
+        await _assert_cancelled_on_server(recorder, "web", call)
+        await _events(tether, f"/v1/responses/{created.id}?stream=true")
+        done = await client.responses.retrieve(created.id)
+    assert done.output_text == "Skipped it."
+    mcp_call = [item for item in done.output if item.type == "mcp_call"][0]
+    assert mcp_call.status == "incomplete" and mcp_call.model_extra == {"skipped": True}

@@ -102,20 +102,21 @@ def test_chat_without_a_request_object_is_invalid_request_naming_request() -> No
     assert refusal({"type": "chat", "request": []}) == expected
 
 
-def test_the_published_schema_lists_the_five_command_types() -> None:
+def test_the_published_schema_lists_the_six_command_types() -> None:
     schema = ws_command_schema()
     assert set(schema["discriminator"]["mapping"]) == {
         "chat",
         "subscribe",
         "unsubscribe",
         "stop",
+        "skip",
         "ping",
     }
     types = {
         schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]["properties"]["type"]["const"]
         for ref in schema["oneOf"]
     }
-    assert types == {"chat", "subscribe", "unsubscribe", "stop", "ping"}
+    assert types == {"chat", "subscribe", "unsubscribe", "stop", "skip", "ping"}
 
 
 def test_the_openapi_document_carries_the_schema_as_ws_client_message() -> None:
@@ -126,6 +127,7 @@ def test_the_openapi_document_carries_the_schema_as_ws_client_message() -> None:
         "subscribe",
         "unsubscribe",
         "stop",
+        "skip",
         "ping",
     }
     for ref in message["oneOf"]:

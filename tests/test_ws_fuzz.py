@@ -67,6 +67,7 @@ def messages(draw: st.DrawFn) -> Msg:
                 "subscribe_odd",
                 "unsubscribe",
                 "stop",
+                "skip",
                 "unknown_task",
                 "ping",
                 "garbage",
@@ -106,6 +107,12 @@ def messages(draw: st.DrawFn) -> Msg:
             {"type": kind, "after": after} if kind == "subscribe" else {"type": kind}
         )
         return Msg(conn, json.dumps(body), False, kind, task_ref=ref)
+    if kind == "skip":
+        # The fuzzer's chats search nothing and call no tool: every step it names is one
+        # the task never began (or a bad step), so every skip is an error.
+        step = draw(st.one_of(st.sampled_from(["web_search", "call_0", "page:x"]), _TEXT))
+        body = {"type": "skip", "step": step}
+        return Msg(conn, json.dumps(body), True, kind, task_ref=draw(st.integers(0, 5)))
     if kind == "subscribe_odd":
         return Msg(
             conn,
@@ -115,7 +122,7 @@ def messages(draw: st.DrawFn) -> Msg:
             task_ref=draw(st.integers(0, 5)),
         )
     if kind == "unknown_task":
-        verb = draw(st.sampled_from(["subscribe", "unsubscribe", "stop"]))
+        verb = draw(st.sampled_from(["subscribe", "unsubscribe", "stop", "skip"]))
         task_id = draw(st.one_of(st.just("task_" + "0" * 24), _TEXT, st.integers(), st.none()))
         return Msg(conn, json.dumps({"type": verb, "task_id": task_id}), True, kind)
     if kind == "ping":
@@ -133,7 +140,9 @@ def messages(draw: st.DrawFn) -> Msg:
         return Msg(conn, draw(st.binary(max_size=40)), True, kind)
     if kind == "unknown_type":
         name = draw(
-            _TEXT.filter(lambda t: t not in ("chat", "subscribe", "unsubscribe", "stop", "ping"))
+            _TEXT.filter(
+                lambda t: t not in ("chat", "subscribe", "unsubscribe", "stop", "skip", "ping")
+            )
         )
         return Msg(conn, json.dumps({"type": name}), True, kind)
     return Msg(conn, json.dumps({"task_id": "x"}), True, kind)  # no_type
@@ -243,6 +252,7 @@ async def _send_and_check(tether: Tether, fakes: Fakes, sequence: list[Msg]) -> 
                         "unknown_type",
                         "not_found",
                         "model_not_found",
+                        "step_ended",
                     ), reply
     for task_id in started:
         with trio.fail_after(WAIT):

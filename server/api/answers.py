@@ -166,3 +166,11 @@ class InputItemList(_Open):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class StepSkipped(_Open):
+    """A skip's answer: the step and its state after it."""
+
+    task_id: str
+    step: str
+    state: Literal["skipped"]

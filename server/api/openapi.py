@@ -35,6 +35,7 @@ from server.api.answers import (
     Ready,
     ResponseDeleted,
     ResponseObject,
+    StepSkipped,
     Task,
     TaskList,
     ToolList,
@@ -67,6 +68,7 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
             ResponseObject,
             ResponseDeleted,
             InputItemList,
+            StepSkipped,
         )
     ),
     (ResponseCreate, "validation"),
@@ -78,6 +80,7 @@ _ERRORS = {
     401: "The key is missing or wrong (`unauthorized`).",
     404: "An unknown task or model, or another user's task or session.",
     413: "The body is larger than `TETHER_MAX_BODY_BYTES` (`payload_too_large`).",
+    409: "A step that has ended already (`step_ended`).",
     429: "Past the admission limits (`too_many_tasks`); see `Retry-After`.",
     500: "A bug in the server (`internal_error`); the details are only in its log.",
     502: "The model failed, or its answer went past the task's bounds.",
@@ -241,6 +244,39 @@ def _paths() -> dict[str, Any]:
                 {"200": ended, **_errors(404)},
                 operationId="stopTaskAlias",
                 parameters=[_TASK_ID],
+            )
+        },
+        "/api/tasks/{task_id}/skip": {
+            "post": _operation(
+                "Skip one step of a task (`web_search`, `page:<url>` or a tool call's id); "
+                "the task goes on without it",
+                {
+                    "200": _json("StepSkipped", "The step, skipped."),
+                    **_errors(
+                        400,
+                        404,
+                        409,
+                        described={
+                            400: "`step` is missing.",
+                            404: "No such task, or the task has no such step.",
+                            409: "The step has ended already (its state is in `step`).",
+                        },
+                    ),
+                },
+                operationId="skipStep",
+                parameters=[_TASK_ID],
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"step": {"type": "string", "minLength": 1}},
+                                "required": ["step"],
+                            }
+                        }
+                    },
+                },
             )
         },
         "/api/chats/{chat_id}/stop": {

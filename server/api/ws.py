@@ -35,9 +35,11 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from server.api.admission import check_chat, refusal
 from server.api.origin import check_origin
+from server.api.skip import StepEnded, skip_step
 from server.api.ws_commands import (
     ChatCommand,
     PingCommand,
+    SkipCommand,
     StopCommand,
     SubscribeCommand,
     UnsubscribeCommand,
@@ -386,6 +388,9 @@ class WsConnection:
                     self.writer.delivery.unfollow(await self._own_task(task_id))
                 case StopCommand(task_id=task_id):
                     await self._stop(await self._own_task(task_id))
+                case SkipCommand(task_id=task_id, step=step):
+                    answer = await skip_step(self.rt, self.user, task_id, step)
+                    await self.writer.reply({"type": "skip", **answer})
                 case _:  # a command added to the union without its case here
                     assert_never(command)
         except (RequestError, TaskRefused) as failure:
@@ -393,7 +398,10 @@ class WsConnection:
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
             if exc.param is not None:
                 error["param"] = exc.param
-            await self.writer.reply({"type": "error", "error": error, "ref": ref})
+            reply: dict[str, Any] = {"type": "error", "error": error, "ref": ref}
+            if isinstance(exc, StepEnded):
+                reply["step"] = exc.step_state
+            await self.writer.reply(reply)
         except Exception:  # a bug must cost one message, not the connection
             log.exception("WebSocket message failed")
             await self.writer.reply(

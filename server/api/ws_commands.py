@@ -80,6 +80,19 @@ class StopCommand(_Command):
     task_id: TaskId
 
 
+class SkipCommand(_Command):
+    """Skip one step of the task (``web_search``, ``page:<url>`` or a tool call's id);
+    answered ``skip`` with the step's state."""
+
+    type: Literal["skip"]
+    task_id: TaskId
+    step: Annotated[
+        str,
+        Field(strict=True, min_length=1, description="The step to skip."),
+        Refusal("Missing field 'step'."),
+    ]
+
+
 class PingCommand(_Command):
     """Answered ``pong``."""
 
@@ -87,14 +100,21 @@ class PingCommand(_Command):
 
 
 WsCommand = Annotated[
-    ChatCommand | SubscribeCommand | UnsubscribeCommand | StopCommand | PingCommand,
+    ChatCommand | SubscribeCommand | UnsubscribeCommand | StopCommand | SkipCommand | PingCommand,
     Field(discriminator="type"),
 ]
 
 _COMMANDS: TypeAdapter[WsCommand] = TypeAdapter(WsCommand)
 _MODELS: dict[str, type[_Command]] = {
     get_args(model.model_fields["type"].annotation)[0]: model
-    for model in (ChatCommand, SubscribeCommand, UnsubscribeCommand, StopCommand, PingCommand)
+    for model in (
+        ChatCommand,
+        SubscribeCommand,
+        UnsubscribeCommand,
+        StopCommand,
+        SkipCommand,
+        PingCommand,
+    )
 }
 
 

@@ -53,6 +53,7 @@ class ChatPipeline:
                 pages=self.pages,
                 query_model=self.models.resolve(query_model_id),
                 query_model_id=query_model_id,
+                deadline_s=request.deadlines.get("web_search_s", self.settings.search_timeout_s),
             )
             if sources:
                 messages = inject_sources(messages, sources)
@@ -73,5 +74,5 @@ class ChatPipeline:
             emit,
             tools=server_tools,
             max_rounds=self.settings.max_tool_rounds,
-            tool_timeout_s=self.settings.tool_timeout_s,
+            tool_timeout_s=request.deadlines.get("tools_s", self.settings.tool_timeout_s),
         )

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Literal, Protocol
 
 from server.events import DeltaData, SourceData, StatusData
 from server.record import Phase
+
+
+class StepHandle(Protocol):
+    """A step as it ends: ``cut`` says why it ended early (a skip, or its deadline)."""
+
+    @property
+    def cut(self) -> Literal["skipped", "deadline"] | None: ...
+
+    @property
+    def skipped_by(self) -> str | None: ...
 
 
 class Emitter(Protocol):
@@ -38,6 +49,18 @@ class Emitter(Protocol):
     ) -> None:
         """Record facts about the answer that are not events; ``other_finish_reasons``
         are those of the choices after the first (``n`` > 1), by index."""
+        ...
+
+    def step(
+        self,
+        step_id: str,
+        kind: Literal["web_search", "page", "tool"],
+        *,
+        deadline_s: float | None = None,
+    ) -> AbstractContextManager[StepHandle]:
+        """Run the block as a step that a skip (or ``deadline_s``) may cut short: then the
+        block ends without an exception and the handle's ``cut`` says why; the code
+        around it goes on with what the step produced. A stop goes through it as usual."""
         ...
 
     def keep_usage(self, usage: dict[str, Any] | None) -> None:

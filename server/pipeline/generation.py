@@ -11,6 +11,7 @@ task and go back to the client, as OpenAI does.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ def _tool_status(spec: ToolSpec, call: _PendingCall, description: str, *, done: 
         "done": done,
         "tool": call.name,
         "tool_call_id": call.id,
+        "step": call.id,
     }
     if spec.server is not None:
         status["tool_id"] = spec.tool_id
@@ -260,13 +262,29 @@ async def _run_tools(
             await emit.status(status)
 
         started = time.monotonic()
-        output, failed = await run_tool_call(tool, call, timeout, report)
+        output, failed = "", False
+        # The call is a step: a skip, or the tools' deadline, ends it with a result that
+        # says so, and the model goes on with it.
+        with emit.step(call.id, "tool", deadline_s=timeout) as step:
+            output, failed = await run_tool_call(tool, call, math.inf, report)
+        outcome = "failed" if failed else "done"
+        if step.cut == "skipped":
+            output, outcome = f"The user skipped this call of {call.name}: no result.", "skipped"
+        elif step.cut == "deadline":
+            output = f"Error: {call.name} timed out after {timeout:g} s"
+            outcome = "out of time"
         outputs[i] = output
-        end = _tool_status(tool.spec, call, f"{title} {'failed' if failed else 'done'}", done=True)
+        end = _tool_status(tool.spec, call, f"{title} {outcome}", done=True)
         end["result"] = output[:2000]
         end["duration_s"] = round(time.monotonic() - started, 4)
         if failed:
             end["error"] = True
+        if step.cut == "skipped":
+            end["skipped"] = True
+            if step.skipped_by is not None:
+                end["by"] = step.skipped_by
+        elif step.cut == "deadline":
+            end["deadline"] = True
         await emit.set_result(
             tool_calls=[
                 {

@@ -10,14 +10,14 @@ it runs in nurseries inside the task's cancel scope, so one stop closes every co
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import trio
 
 from server.config import Settings
 from server.events import SourceData, StatusData
-from server.pipeline.emit import Emitter
+from server.pipeline.emit import Emitter, StepHandle
 from server.prompt_markers import QUERY_PROMPT_MARKER, SOURCES_CLOSE, SOURCES_OPEN
 from server.providers.llm.base import ModelDelta, ModelError, ModelProvider
 from server.providers.search.base import SearchError, SearchProvider, SearchResult
@@ -48,12 +48,14 @@ def _status(
     count: int | None = None,
     urls: list[str] | None = None,
     url: str | None = None,
+    step: str = "web_search",
 ) -> StatusData:
     status: StatusData = {
         "phase": "web_search",
         "action": action,
         "description": description,
         "done": done,
+        "step": step,
     }
     if error:
         status["error"] = True
@@ -122,6 +124,17 @@ def parse_queries(text: str) -> list[str]:
     return [q.strip() for q in queries if isinstance(q, str) and q.strip()]
 
 
+@dataclass
+class _Found:
+    """What the search phase has found so far: a skip or the phase's deadline may end it
+    at any point, and the answer is made of what is here then."""
+
+    per_query: dict[int, list[SearchResult]] = field(default_factory=dict)
+    results: list[SearchResult] | None = None
+    texts: dict[int, str] = field(default_factory=dict)
+    left_out: set[int] = field(default_factory=set)
+
+
 async def run_web_search(
     request: ChatRequest,
     emit: Emitter,
@@ -131,11 +144,67 @@ async def run_web_search(
     pages: PageReader,
     query_model: ModelProvider | None,
     query_model_id: str,
+    deadline_s: float | None = None,
 ) -> list[Source]:
     """Search, read the top pages, emit ``status`` and ``source`` events; return the sources.
 
-    Cancelling it closes every search and page connection in flight.
+    The phase is the step ``web_search`` and each page read the step ``page:<url>``: a skip
+    of the phase, or its deadline (``deadline_s``), ends it with the sources found so far;
+    a skipped page is left out of them. Cancelling it (a stop) closes every search and page
+    connection in flight.
     """
+    found = _Found()
+    with emit.step("web_search", "web_search", deadline_s=deadline_s) as phase:
+        await _search(request, emit, found, settings, search, pages, query_model, query_model_id)
+    results = found.results
+    if results is None:
+        results = _merge(found.per_query, settings.search_result_count)
+    kept = [(i, r) for i, r in enumerate(results) if i not in found.left_out]
+    if phase.cut is not None:
+        status = _status(
+            "search",
+            f"Web search {'skipped' if phase.cut == 'skipped' else 'out of time'}: "
+            f"answering from {len(kept)} sources found",
+            done=True,
+            count=len(kept),
+        )
+        _mark_cut(status, phase)
+        await emit.status(status)
+    sources: list[Source] = []
+    for i, result in kept:
+        text = result.content if result.content is not None else found.texts.get(i, result.snippet)
+        source = Source(
+            len(sources) + 1,
+            result.url,
+            result.title,
+            result.snippet,
+            (text or "")[: settings.page_max_chars],
+        )
+        sources.append(source)
+        await emit.source(source.event_data())
+    return sources
+
+
+def _mark_cut(status: StatusData, step: StepHandle) -> None:
+    """Say on a step's closing status why it ended early."""
+    if step.cut == "skipped":
+        status["skipped"] = True
+        if step.skipped_by is not None:
+            status["by"] = step.skipped_by
+    elif step.cut == "deadline":
+        status["deadline"] = True
+
+
+async def _search(
+    request: ChatRequest,
+    emit: Emitter,
+    found: _Found,
+    settings: Settings,
+    search: SearchProvider,
+    pages: PageReader,
+    query_model: ModelProvider | None,
+    query_model_id: str,
+) -> None:
     await emit.status(_status("queries", "Generating search queries", done=False))
     queries = await generate_queries(
         request,
@@ -146,16 +215,15 @@ async def run_web_search(
     )
     if not queries:
         await emit.status(_status("queries", "Nothing to search for", done=True))
-        return []
+        found.results = []
+        return
     await emit.status(
         _status("search", "Searching: " + "; ".join(queries), done=False, queries=queries)
     )
 
-    per_query: dict[int, list[SearchResult]] = {}
-
     async def one_query(i: int, query: str) -> None:
         try:
-            per_query[i] = await search.search(query, settings.search_result_count)
+            found.per_query[i] = await search.search(query, settings.search_result_count)
         except SearchError as exc:
             await emit.status(
                 _status(
@@ -171,7 +239,7 @@ async def run_web_search(
         for i, query in enumerate(queries):
             nursery.start_soon(one_query, i, query)
 
-    results = _merge(per_query, settings.search_result_count)
+    results = found.results = _merge(found.per_query, settings.search_result_count)
     await emit.status(
         _status(
             "search",
@@ -181,24 +249,23 @@ async def run_web_search(
             urls=[r.url for r in results],
         )
     )
-    if not results:
-        return []
-
-    texts: dict[int, str] = {}
     to_fetch = [
         (i, r) for i, r in enumerate(results) if r.content is None and settings.search_fetch_pages
     ]
-    if to_fetch:
-        await emit.status(
-            _status(
-                "fetch",
-                f"Reading {len(to_fetch)} pages",
-                done=False,
-                urls=[r.url for _, r in to_fetch],
-            )
+    if not to_fetch:
+        return
+    await emit.status(
+        _status(
+            "fetch",
+            f"Reading {len(to_fetch)} pages",
+            done=False,
+            urls=[r.url for _, r in to_fetch],
         )
+    )
 
-        async def one_page(i: int, result: SearchResult) -> None:
+    async def one_page(i: int, result: SearchResult) -> None:
+        step_id = "page:" + result.url
+        with emit.step(step_id, "page") as page_step:
             try:
                 page = await pages.read(result.url)
             except PageError as exc:
@@ -209,32 +276,29 @@ async def run_web_search(
                         done=True,
                         error=True,
                         url=result.url,
+                        step=step_id,
                     )
                 )
                 return
-            texts[i] = page.text
-            await emit.status(_status("fetch", f"Read {result.url}", done=True, url=result.url))
+            found.texts[i] = page.text
+            await emit.status(
+                _status("fetch", f"Read {result.url}", done=True, url=result.url, step=step_id)
+            )
+        if page_step.cut is not None:
+            found.left_out.add(i)
+            found.texts.pop(i, None)
+            status = _status(
+                "fetch", f"Skipped {result.url}", done=True, url=result.url, step=step_id
+            )
+            _mark_cut(status, page_step)
+            await emit.status(status)
 
-        async with trio.open_nursery() as nursery:
-            for i, result in to_fetch:
-                nursery.start_soon(one_page, i, result)
-        await emit.status(
-            _status("fetch", f"Read {len(texts)} of {len(to_fetch)} pages", done=True)
-        )
-
-    sources: list[Source] = []
-    for i, result in enumerate(results):
-        text = result.content if result.content is not None else texts.get(i, result.snippet)
-        source = Source(
-            len(sources) + 1,
-            result.url,
-            result.title,
-            result.snippet,
-            (text or "")[: settings.page_max_chars],
-        )
-        sources.append(source)
-        await emit.source(source.event_data())
-    return sources
+    async with trio.open_nursery() as nursery:
+        for i, result in to_fetch:
+            nursery.start_soon(one_page, i, result)
+    await emit.status(
+        _status("fetch", f"Read {len(found.texts)} of {len(to_fetch)} pages", done=True)
+    )
 
 
 def _merge(per_query: dict[int, list[SearchResult]], limit: int) -> list[SearchResult]:

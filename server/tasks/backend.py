@@ -44,6 +44,10 @@ class Control(Protocol):
         session follow it."""
         ...
 
+    def skip(self, task_id: str, step: str, by: str) -> object:
+        """Skip one step of a task run here (as a local skip would)."""
+        ...
+
 
 class LogWatch(Protocol):
     def close(self) -> None:
@@ -167,6 +171,11 @@ class Cluster(Protocol):
 
     async def announce_task(self, session_id: str, task_id: str) -> None:
         """Tell the other processes with connections to the session about its new task."""
+        ...
+
+    async def send_skip(self, task_id: str, step: str, by: str) -> bool:
+        """Deliver a skip to the process that runs the task (not this one); False if no
+        process runs it."""
         ...
 
     async def serve(

@@ -16,9 +16,11 @@ the state (records, logs, watches) use its ``store`` directly, and WebSocket ses
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -40,6 +42,7 @@ from server.schemas import ChatRequest, TaskFailure
 from server.tasks.backend import Backend, TaskStore, next_events
 from server.tasks.errors import BackendUnavailable, ShuttingDown, TooManyTasks
 from server.tasks.log import LogClosed
+from server.tasks.steps import Step, StepKind, Steps, StepState, state_in_log
 
 log = logging.getLogger("tether.tasks")
 
@@ -56,7 +59,9 @@ class TaskEmitter:
         *,
         max_events: int,
         max_content_chars: int,
+        steps: Steps | None = None,
     ) -> None:
+        self.steps = steps or Steps()
         self._metrics = metrics
         self._store = store
         self._record = record
@@ -159,6 +164,14 @@ class TaskEmitter:
         if usage is not None:
             self._record.usage = cast(Usage, usage)
 
+    def step(
+        self, step_id: str, kind: StepKind, *, deadline_s: float | None = None
+    ) -> AbstractContextManager[Step]:
+        """Run a block as a step that a skip can cut, for ``deadline_s`` at most (see
+        ``Steps.step``)."""
+        deadline = math.inf if deadline_s is None else trio.current_time() + deadline_s
+        return self.steps.step(step_id, kind, deadline=deadline)
+
 
 Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
 _STEP_KINDS = {"queries": "query_model", "search": "search", "fetch": "page", "tool_call": "tool"}
@@ -173,6 +186,10 @@ class RunningTask:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     ended: trio.Event = field(default_factory=trio.Event)
     cancel_reason: CancelReason | None = None
+    steps: Steps = field(default_factory=Steps)
+    # When the stop was received (trio's clock), and the step it found running.
+    stop_received: float | None = None
+    cancel_step: dict[str, Any] | None = None
 
 
 def new_task_id(prefix: str = "task_") -> str:
@@ -308,8 +325,9 @@ class TaskManager:
             self.metrics.rejected.labels("too_many_tasks").inc()
             raise TooManyTasks("Too many active tasks; retry after some have ended.")
         running = RunningTask(record=record, request=request)
-        if self.settings.task_timeout_s > 0:
-            running.scope.relative_deadline = self.settings.task_timeout_s
+        task_s = request.deadlines.get("task_s", self.settings.task_timeout_s)
+        if task_s > 0:
+            running.scope.relative_deadline = task_s
         self._running[record.id] = running
         self.metrics.tasks_active.labels("queued").inc()
         nursery.start_soon(self._run_task, running, name=f"task {record.id}")
@@ -357,6 +375,7 @@ class TaskManager:
             record,
             max_events=self.settings.max_task_events,
             max_content_chars=self.settings.max_content_chars,
+            steps=running.steps,
         )
         completed = False
         failure: BaseException | None = None
@@ -415,9 +434,20 @@ class TaskManager:
         elif completed:
             record.status = "completed"
             enter_phase(self.metrics, record, "done")
+        elif timed_out:
+            # The task's deadline: an answer cut short, not a failure; the text it has is
+            # the answer.
+            record.status = "completed"
+            record.finish_reason = "length"
+            record.deadline = "task"
         else:
             record.status = "cancelled"
-            record.cancel_reason = "timeout" if timed_out else (running.cancel_reason or "shutdown")
+            record.cancel_reason = running.cancel_reason or "shutdown"
+            record.cancel_step = running.cancel_step
+            if running.stop_received is not None:
+                stop_s = trio.current_time() - running.stop_received
+                record.stop_ms = round(stop_s * 1000, 3)
+                self.metrics.stop_seconds.observe(stop_s)
             self.metrics.cancels.labels(record.cancel_reason, record.phase).inc()
         self.metrics.tasks_active.labels(record.phase).dec()
         self.metrics.tasks_total.labels(record.mode, record.status).inc()
@@ -454,8 +484,34 @@ class TaskManager:
             return False
         if running.cancel_reason is None:
             running.cancel_reason = reason
+            running.stop_received = trio.current_time()
+            running.cancel_step = _landing(running.steps.running())
         running.scope.cancel()
         return True
+
+    def skip(self, task_id: str, step: str, by: str) -> object:
+        """``Control``'s skip: one sent from another process for a task run here."""
+        running = self._running.get(task_id)
+        return None if running is None else running.steps.skip(step, by)
+
+    async def skip_step(self, task_id: str, step_id: str, by: str) -> tuple[StepState, bool] | None:
+        """Skip a step of a task wherever it runs: its state after and whether it was
+        running (see ``Steps.skip``); None if the task has no such step. A task run here is
+        reached synchronously; one run elsewhere through the cluster, its steps read from
+        its log. Shielded, as a stop is: a caller that goes away has still given it."""
+        running = self._running.get(task_id)
+        if running is not None:
+            return running.steps.skip(step_id, by)
+        with trio.CancelScope(shield=True) as step:
+            step.relative_deadline = self.settings.backend_timeout_s
+            events = await self.store.read(task_id, 0)
+            state = state_in_log(events, step_id)
+            if state != "running":
+                return None if state is None else (state, False)
+            if await self.cluster.send_skip(task_id, step_id, by):
+                return "skipped", True
+            return "cancelled", False  # the task ended meanwhile
+        raise BackendUnavailable("The task store did not answer in time; retry.")
 
     async def stop(self, task_id: str, reason: CancelReason) -> bool:
         """Stop a task wherever it runs: ``cancel`` here, or a stop sent through the
@@ -497,6 +553,19 @@ class TaskManager:
     @property
     def running_count(self) -> int:
         return len(self._running)
+
+
+def _landing(running: list[Step]) -> dict[str, Any] | None:
+    """The step a stop landed in: the most specific one running (a page read or a tool call
+    over the search phase that holds it)."""
+    if not running:
+        return None
+    order: dict[StepKind, int] = {"web_search": 0, "page": 1, "tool": 1}
+    step = max(running, key=lambda s: order[s.kind])
+    landed: dict[str, Any] = {"step": step.id, "kind": step.kind}
+    if step.kind == "page":
+        landed["url"] = step.id.removeprefix("page:")
+    return landed
 
 
 def enter_phase(metrics: Metrics, record: TaskRecord, phase: Phase) -> None:

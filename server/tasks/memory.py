@@ -230,6 +230,9 @@ class SingleProcess:
     async def announce_task(self, session_id: str, task_id: str) -> None:
         return None
 
+    async def send_skip(self, task_id: str, step: str, by: str) -> bool:
+        return False
+
     async def serve(
         self,
         control: Control,

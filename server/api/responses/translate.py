@@ -165,7 +165,10 @@ class ResponseTranslator:
             )
         if not data.get("done"):
             return
-        if data.get("error"):
+        if data.get("skipped") or data.get("deadline"):
+            item.body.update(status="incomplete", output=str(data.get("result") or ""))
+            item.body["skipped" if data.get("skipped") else "deadline"] = True
+        elif data.get("error"):
             item.body.update(status="failed", error=str(data.get("result") or ""))
             emit("response.mcp_call.failed", **self._where(item))
         else:
@@ -174,6 +177,13 @@ class ResponseTranslator:
         self._close(item, emit)
 
     def _search_step(self, data: dict[str, Any], emit: Callable[..., None]) -> None:
+        if data.get("step") == "web_search" and (data.get("skipped") or data.get("deadline")):
+            # Skipped, or out of time: the spec has no status for it; Tether's own field
+            # on the item says which.
+            if self._search is not None and self._search.open:
+                self._search.body["skipped" if data.get("skipped") else "deadline"] = True
+            self._end_search(emit, "incomplete")
+            return
         item = self._search
         if item is None:
             item = self._search = self._open(

@@ -157,13 +157,20 @@ class RedisCluster:
 
     async def send_stop(self, task_id: str, reason: CancelReason) -> bool:
         """Send a stop to the replica that runs the task; False if it runs nowhere."""
+        return await self._to_owner(task_id, {"task": task_id, "reason": reason})
+
+    async def send_skip(self, task_id: str, step: str, by: str) -> bool:
+        """Send a skip to the replica that runs the task; False if it runs nowhere."""
+        return await self._to_owner(task_id, {"task": task_id, "skip": step, "by": by})
+
+    async def _to_owner(self, task_id: str, message: dict[str, str]) -> bool:
         commands = self._conn.commands
         with redis_errors():
             raw = await commands.hmget(self._keys.task(task_id).rec, ["owner", "closed"])
             owner, closed = raw[0], raw[1]
             if owner is None or closed is not None:
                 return False
-            await commands.xadd(self._keys.control(owner), {"task": task_id, "reason": reason})
+            await commands.xadd(self._keys.control(owner), dict(message))
             return True
 
     async def _ensure_control_group(self) -> None:
@@ -196,6 +203,10 @@ class RedisCluster:
                     values = entry.field_values
                     if "session" in values:
                         control.follow(str(values["session"]), str(values["task"]))
+                    elif "skip" in values:
+                        control.skip(
+                            str(values["task"]), str(values["skip"]), str(values.get("by", ""))
+                        )
                     else:
                         control.cancel(str(values["task"]), cast(CancelReason, values["reason"]))
                 if entries:
