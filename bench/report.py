@@ -679,11 +679,23 @@ def _responses(res: Results) -> list[str]:
         "from sending it to the 200 (status `queued`), plain (the model answers at once) "
         "and with the `web_search` tool (the search engine never answers: the Response "
         "comes before any search). Floor: `GET /healthz` on the same server and "
-        "connection, interleaved in random order. p50 / p99.",
+        "connection; beside it the chat route's background POST with the same work "
+        "(`POST /api/chat/completions`, web search off and on, to its 202): all "
+        "interleaved in random order. p50 / p99.",
         "",
     ]
     out += _table(
-        ["body", "clients", "n", "floor ms", "Response ms", "Response / floor"],
+        [
+            "body",
+            "clients",
+            "n",
+            "floor ms",
+            "Response ms",
+            "Response / floor",
+            "chat route ms",
+            "chat / floor",
+            "Response / chat",
+        ],
         [
             [
                 str(r["body"]),
@@ -692,6 +704,9 @@ def _responses(res: Results) -> list[str]:
                 _pair(r["floor_p50"], r["floor_p99"]),
                 _pair(r["response_p50"], r["response_p99"]),
                 f"**{_pair(r['ratio_p50'], r['ratio_p99'], _x)}**",
+                _pair(r.get("chat_p50"), r.get("chat_p99")),
+                _pair(r.get("chat_ratio_p50"), r.get("chat_ratio_p99"), _x),
+                _pair(r.get("response_chat_ratio_p50"), r.get("response_chat_ratio_p99"), _x),
             ]
             for r in fig.get("time_to_response") or []
         ],

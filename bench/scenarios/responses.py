@@ -7,7 +7,9 @@ on the same connection: one client, then many at once (as time_to_task_id measur
 route). Two bodies: plain (the model answers at once, so the sequential client leaves
 time_to_task_id's 10 ms after each request for that work) and with the ``web_search`` tool
 against a search engine that does not answer (the Response must come before any search);
-those are cancelled afterwards, all at once, and must all end ``cancelled``.
+those are cancelled afterwards, all at once, and must all end ``cancelled``. The chat
+route's background POST with the same work (web search off and on) is interleaved too: a
+response is a task, so the difference is what the Responses adapter costs.
 
 (b) Cancel: a background response held in a phase as stop_latency holds a task (its
 ``configure_phase``: the search hangs, the pages hang, a slow token stream), then
@@ -45,6 +47,7 @@ from bench.scenarios.time_to_task_id import (
     Op,
     Samples,
     interleaved_rounds,
+    timed_chat_post,
     timed_get,
 )
 from bench.stats import ratio
@@ -81,6 +84,7 @@ async def _time_to_response(b: Bench, problems: list[str]) -> list[dict[str, Any
     await b.reset_fakes()
     await b.fake("search").configure(mode="hang")
     samples = Samples()
+    chat_id = "bench-responses-" + b.marker("c")  # the chat route's tasks, for comparison
     held: list[str] = []  # the web-search responses, waiting on the search until cancelled
 
     def ops(conn: HttpConnection, mode: str) -> list[Op]:
@@ -94,10 +98,17 @@ async def _time_to_response(b: Bench, problems: list[str]) -> list[dict[str, Any
             if web_search:
                 held.append(response_id)
 
+        def chat(web_search: bool) -> dict[str, object]:
+            return b.chat_body(
+                b.marker("c"), chat_id=chat_id, web_search=web_search, background=True
+            )
+
         return [
             lambda: timed_get(conn, "/healthz", samples, f"floor/{mode}"),
             lambda: create(False),
             lambda: create(True),
+            lambda: timed_chat_post(conn, chat(False), samples, f"chat_plain/{mode}"),
+            lambda: timed_chat_post(conn, chat(True), samples, f"chat_web_search/{mode}"),
         ]
 
     conn = b.conn()
@@ -127,6 +138,7 @@ async def _time_to_response(b: Bench, problems: list[str]) -> list[dict[str, Any
         for c in conns:
             await c.aclose()
     cancelled = await _cancel_all(b, held)
+    await b.stop_chat(chat_id)
     if cancelled != len(held):
         problems.append(
             f"time to Response: {len(held) - cancelled} of {len(held)} web-search "
@@ -146,6 +158,11 @@ async def _time_to_response(b: Bench, problems: list[str]) -> list[dict[str, Any
             create = res.add_set(
                 SCENARIO, f"create/{body}/{mode}", samples.values.get(f"{body}/{mode}", [])
             )
+            chat = res.add_set(
+                SCENARIO,
+                f"create/chat_{body}/{mode}",
+                samples.values.get(f"chat_{body}/{mode}", []),
+            )
             rows.append(
                 {
                     "body": body,
@@ -157,6 +174,12 @@ async def _time_to_response(b: Bench, problems: list[str]) -> list[dict[str, Any
                     "response_p99": create["p99"],
                     "ratio_p50": ratio(create["p50"], floor["p50"]),
                     "ratio_p99": ratio(create["p99"], floor["p99"]),
+                    "chat_p50": chat["p50"],
+                    "chat_p99": chat["p99"],
+                    "chat_ratio_p50": ratio(chat["p50"], floor["p50"]),
+                    "chat_ratio_p99": ratio(chat["p99"], floor["p99"]),
+                    "response_chat_ratio_p50": ratio(create["p50"], chat["p50"]),
+                    "response_chat_ratio_p99": ratio(create["p99"], chat["p99"]),
                 }
             )
     res.figures[SCENARIO + "_held_cancel"] = {"responses": len(held), "cancelled": cancelled}

@@ -39,7 +39,10 @@ class Samples:
         self.failures.setdefault(key, []).append(detail)
 
 
-async def _post(conn: HttpConnection, body: dict[str, object], samples: Samples, key: str) -> None:
+async def timed_chat_post(
+    conn: HttpConnection, body: dict[str, object], samples: Samples, key: str
+) -> None:
+    """POST a background chat; its time to the 202 with a task id goes to ``key``."""
     answer = await conn.request("POST", "/api/chat/completions", body)
     if answer.status == 202 and "task_id" in answer.json():
         samples.add(key, answer.elapsed)
@@ -70,11 +73,11 @@ def _client_ops(
 
     ops: list[Op] = [
         lambda: timed_get(tether, "/healthz", samples, f"floor/{mode}"),
-        lambda: _post(tether, body(), samples, f"tether/{mode}"),
+        lambda: timed_chat_post(tether, body(), samples, f"tether/{mode}"),
         lambda: timed_get(pf, "/healthz", samples, f"pf_floor/{mode}"),
     ]
     if with_pf_post:
-        ops.append(lambda: _post(pf, body(), samples, f"payload_first/{mode}"))
+        ops.append(lambda: timed_chat_post(pf, body(), samples, f"payload_first/{mode}"))
     return ops
 
 
@@ -139,7 +142,7 @@ async def _payload_first_delayed(b: Bench, samples: Samples, chat_id: str) -> No
         conn = b.pf_conn()
         try:
             body = b.chat_body(b.marker("q"), chat_id=chat_id, web_search=True, background=True)
-            await _post(conn, body, samples, "payload_first/delayed")
+            await timed_chat_post(conn, body, samples, "payload_first/delayed")
         finally:
             await conn.aclose()
 
