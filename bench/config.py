@@ -13,6 +13,7 @@ SCENARIOS = (
     "waiting",
     "cancel_storm",
     "replicas",
+    "responses",
 )
 # Scale runs first so that its memory per task is measured from a server that has not yet
 # grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
@@ -23,6 +24,7 @@ RUN_ORDER = (
     "time_to_task_id",
     "stop_latency",
     "disconnect",
+    "responses",
     "cancel_storm",
     "replicas",
 )
@@ -66,6 +68,13 @@ class BenchConfig:
     replica_stop_samples: int = 300  # per arm: stop via the task's replica / via the other
     replica_resume_samples: int = 200  # per arm: subscribe on the task's replica / the other
     replica_scale_levels: tuple[int, ...] = (100, 300)  # tasks, at scale_rate, scale_tokens
+    # 8. the Responses API
+    responses_sequential: int = 500  # per body, one client, interleaved with the floor
+    responses_concurrent_clients: int = 20
+    responses_concurrent_rounds: int = 10  # per client
+    responses_cancel_samples: int = 30  # per phase and arm (Responses cancel, task stop)
+    responses_resume_samples: int = 200  # per log length, interleaved with fresh and floor
+    responses_resume_tokens: tuple[int, ...] = (200, 2000)  # the completed responses' lengths
     # server settings the bench runs with (TETHER_* environment)
     server_env: dict[str, str] = field(default_factory=dict)
 
@@ -109,5 +118,9 @@ QUICK = BenchConfig(
     replica_stop_samples=100,
     replica_resume_samples=50,
     replica_scale_levels=(100,),
+    responses_sequential=150,
+    responses_concurrent_rounds=4,
+    responses_cancel_samples=8,
+    responses_resume_samples=40,
     server_env=dict(_SERVER_ENV),
 )

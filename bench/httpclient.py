@@ -48,6 +48,9 @@ class HttpConnection:
         self.port = port
         self._stream: trio.SocketStream | None = None
         self._h11 = h11.Connection(h11.CLIENT)
+        # When the last request's bytes went out (monotonic): a stream's start, for
+        # ``open_stream``, whose answer is read later.
+        self.last_sent_at = 0.0
 
     async def connect(self) -> None:
         if self._stream is None:
@@ -89,7 +92,7 @@ class HttpConnection:
         if body is not None:
             data += self._h11.send(h11.Data(data=body)) or b""
         data += self._h11.send(h11.EndOfMessage()) or b""
-        sent_at = time.monotonic()
+        sent_at = self.last_sent_at = time.monotonic()
         await self._stream.send_all(data)
         return sent_at
 

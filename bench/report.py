@@ -668,6 +668,132 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
     return out
 
 
+def _responses(res: Results) -> list[str]:
+    fig = res.figures.get("responses")
+    if not fig:
+        return []
+    out = [
+        "## 8. The Responses API",
+        "",
+        "Time to the background Response: `POST /v1/responses` with `background: true`, "
+        "from sending it to the 200 (status `queued`), plain (the model answers at once) "
+        "and with the `web_search` tool (the search engine never answers: the Response "
+        "comes before any search). Floor: `GET /healthz` on the same server and "
+        "connection; beside it the chat route's background POST with the same work "
+        "(`POST /api/chat/completions`, web search off and on, to its 202): all "
+        "interleaved in random order. p50 / p99.",
+        "",
+    ]
+    out += _table(
+        [
+            "body",
+            "clients",
+            "n",
+            "floor ms",
+            "Response ms",
+            "Response / floor",
+            "chat route ms",
+            "chat / floor",
+            "Response / chat",
+        ],
+        [
+            [
+                str(r["body"]),
+                str(r["clients"]),
+                str(r["n"]),
+                _pair(r["floor_p50"], r["floor_p99"]),
+                _pair(r["response_p50"], r["response_p99"]),
+                f"**{_pair(r['ratio_p50'], r['ratio_p99'], _x)}**",
+                _pair(r.get("chat_p50"), r.get("chat_p99")),
+                _pair(r.get("chat_ratio_p50"), r.get("chat_ratio_p99"), _x),
+                _pair(r.get("response_chat_ratio_p50"), r.get("response_chat_ratio_p99"), _x),
+            ]
+            for r in fig.get("time_to_response") or []
+        ],
+    )
+    held = res.figures.get("responses_held_cancel") or {}
+    if held:
+        out += [
+            "",
+            f"The {held['responses']} web-search responses, still waiting on the search, "
+            f"were then cancelled at once: {held['cancelled']} answered `cancelled`.",
+        ]
+    floor = fig.get("cancel_floor") or {}
+    out += [
+        "",
+        "Cancel: a background response held in a phase (the search hangs; the pages "
+        "hang; a slow token stream, cancelled after its first text delta), then "
+        "`POST /v1/responses/{id}/cancel` or, interleaved, the task route's "
+        "`POST /api/tasks/{id}/stop` on the same response (the baseline: a response is a "
+        "task). From sending it to its answer; to the stream's `response.incomplete` at a "
+        "client following the response; to the fake upstream recording every connection "
+        "of the response closed (CLOCK_MONOTONIC). p50 / p99 in ms; upstream closed "
+        "cancel / task stop. Floor: `GET /healthz` before each sample, p50 / p99 "
+        f"{_pair(floor.get('p50'), floor.get('p99'))} ms (n={floor.get('n')}).",
+        "",
+    ]
+    out += _table(
+        [
+            "phase",
+            "by",
+            "n",
+            "answer ms",
+            "`response.incomplete` ms",
+            "upstream closed ms",
+            "upstream closed / task stop",
+        ],
+        [
+            [
+                str(r["phase"]),
+                "Responses cancel" if r["by"] == "cancel" else "task stop",
+                str(r["n"]),
+                _pair(r["answer_p50"], r["answer_p99"]),
+                _pair(r["terminal_p50"], r["terminal_p99"]),
+                _pair(r["upstream_p50"], r["upstream_p99"]),
+                _pair(r["upstream_ratio_p50"], r["upstream_ratio_p99"], _x)
+                if r["by"] == "cancel"
+                else "–",
+            ]
+            for r in fig.get("cancel") or []
+        ],
+    )
+    out += [
+        "",
+        "Resume: a completed response; `GET /v1/responses/{id}?stream=true` with "
+        f"`starting_after` {fig.get('resume_back')} events before its end, from sending it "
+        "to its first event, against a fresh stream's first event (no `starting_after`) "
+        "and `/healthz`, interleaved on one connection; every stream read to its end and "
+        "checked against the full replay. p50 / p99.",
+        "",
+    ]
+    out += _table(
+        [
+            "tokens",
+            "events in the log",
+            "n",
+            "floor ms",
+            "fresh stream ms",
+            "resumed ms",
+            "resumed / fresh",
+            "resumed / floor",
+        ],
+        [
+            [
+                str(r["tokens"]),
+                str(r["events"]),
+                str(r["n"]),
+                _pair(r["floor_p50"], r["floor_p99"]),
+                _pair(r["fresh_p50"], r["fresh_p99"]),
+                _pair(r["resumed_p50"], r["resumed_p99"]),
+                f"**{_pair(r['resumed_fresh_ratio_p50'], r['resumed_fresh_ratio_p99'], _x)}**",
+                _pair(r["resumed_floor_ratio_p50"], r["resumed_floor_ratio_p99"], _x),
+            ]
+            for r in fig.get("resume") or []
+        ],
+    )
+    return out + [""]
+
+
 def markdown(res: Results) -> str:
     data = res.to_json()
     m = data["machine"]
@@ -697,6 +823,7 @@ def markdown(res: Results) -> str:
         _storm,
         _waiting,
         _replicas,
+        _responses,
     ):
         out += section(res)
     if res.checks:

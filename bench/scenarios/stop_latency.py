@@ -53,7 +53,8 @@ class PhaseSetup:
     mcp_server: str | None = None  # an MCP call on this server (its records' label)
 
 
-async def _configure(b: Bench, phase: str, mcp_names: dict[str, str]) -> PhaseSetup:
+async def configure_phase(b: Bench, phase: str, mcp_names: dict[str, str]) -> PhaseSetup:
+    """Reset the fakes and set them up to hold a task in ``phase``; what to wait for."""
     await b.reset_fakes()
     search, pages, model = b.fake("search"), b.fake("pages"), b.fake("model")
     if phase == "queued":
@@ -254,7 +255,7 @@ async def run(b: Bench) -> None:
     http = b.conn()
     async with ws_client(b.ws_url) as sub:
         for phase in phases:
-            setup = await _configure(b, phase, mcp_names)
+            setup = await configure_phase(b, phase, mcp_names)
             for transport in ("http", "ws"):
                 samples: list[Sample] = []
                 for _ in range(b.cfg.stop_samples):

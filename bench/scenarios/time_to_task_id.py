@@ -39,7 +39,10 @@ class Samples:
         self.failures.setdefault(key, []).append(detail)
 
 
-async def _post(conn: HttpConnection, body: dict[str, object], samples: Samples, key: str) -> None:
+async def timed_chat_post(
+    conn: HttpConnection, body: dict[str, object], samples: Samples, key: str
+) -> None:
+    """POST a background chat; its time to the 202 with a task id goes to ``key``."""
     answer = await conn.request("POST", "/api/chat/completions", body)
     if answer.status == 202 and "task_id" in answer.json():
         samples.add(key, answer.elapsed)
@@ -47,7 +50,8 @@ async def _post(conn: HttpConnection, body: dict[str, object], samples: Samples,
         samples.fail(key, f"{answer.status}: {answer.body[:120]!r}")
 
 
-async def _get(conn: HttpConnection, path: str, samples: Samples, key: str) -> None:
+async def timed_get(conn: HttpConnection, path: str, samples: Samples, key: str) -> None:
+    """GET ``path``; its time from sending to the whole answer goes to ``key`` (a 200)."""
     answer = await conn.request("GET", path)
     if answer.status == 200:
         samples.add(key, answer.elapsed)
@@ -68,16 +72,19 @@ def _client_ops(
         return b.chat_body(b.marker("q"), chat_id=chat_id, web_search=True, background=True)
 
     ops: list[Op] = [
-        lambda: _get(tether, "/healthz", samples, f"floor/{mode}"),
-        lambda: _post(tether, body(), samples, f"tether/{mode}"),
-        lambda: _get(pf, "/healthz", samples, f"pf_floor/{mode}"),
+        lambda: timed_get(tether, "/healthz", samples, f"floor/{mode}"),
+        lambda: timed_chat_post(tether, body(), samples, f"tether/{mode}"),
+        lambda: timed_get(pf, "/healthz", samples, f"pf_floor/{mode}"),
     ]
     if with_pf_post:
-        ops.append(lambda: _post(pf, body(), samples, f"payload_first/{mode}"))
+        ops.append(lambda: timed_chat_post(pf, body(), samples, f"payload_first/{mode}"))
     return ops
 
 
-async def _rounds(ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0) -> None:
+async def interleaved_rounds(
+    ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0
+) -> None:
+    """Run every op once per round, in a random order each round, ``gap_s`` after each."""
     for _ in range(rounds):
         order = list(ops)
         rng.shuffle(order)
@@ -95,10 +102,10 @@ async def _sequential(b: Bench, samples: Samples, chat_id: str, delay: float) ->
         # gap lets that work finish, so that it does not land on whichever sample comes next
         # (the concurrent set measures everything under load).
         gap = SEQUENTIAL_GAP_S if delay == 0 else 0.0
-        await _rounds(ops, 5, random.Random(1), gap)  # warm-up, discarded below
+        await interleaved_rounds(ops, 5, random.Random(1), gap)  # warm-up, discarded below
         for key in [k for k in samples.values if k.endswith("/sequential")]:
             del samples.values[key]
-        await _rounds(ops, b.cfg.ttid_sequential, random.Random(2), gap)
+        await interleaved_rounds(ops, b.cfg.ttid_sequential, random.Random(2), gap)
     finally:
         await tether.aclose()
         await pf.aclose()
@@ -116,7 +123,7 @@ async def _concurrent(b: Bench, samples: Samples, chat_id: str, delay: float) ->
         async def client(i: int, tether: HttpConnection, pf: HttpConnection) -> None:
             ops = _client_ops(b, tether, pf, samples, "concurrent", chat_id, delay == 0)
             await go.wait()
-            await _rounds(ops, b.cfg.ttid_concurrent_rounds, random.Random(100 + i))
+            await interleaved_rounds(ops, b.cfg.ttid_concurrent_rounds, random.Random(100 + i))
 
         async with trio.open_nursery() as nursery:
             for i, (tether, pf) in enumerate(conns):
@@ -135,7 +142,7 @@ async def _payload_first_delayed(b: Bench, samples: Samples, chat_id: str) -> No
         conn = b.pf_conn()
         try:
             body = b.chat_body(b.marker("q"), chat_id=chat_id, web_search=True, background=True)
-            await _post(conn, body, samples, "payload_first/delayed")
+            await timed_chat_post(conn, body, samples, "payload_first/delayed")
         finally:
             await conn.aclose()
 
@@ -164,7 +171,7 @@ async def _websocket(b: Bench, samples: Samples, chat_id: str) -> None:
             await chat()
         samples.values.pop("ws_ping/sequential", None)
         samples.values.pop("ws_chat/sequential", None)
-        await _rounds([ping, chat], b.cfg.ws_chat_samples, rng)
+        await interleaved_rounds([ping, chat], b.cfg.ws_chat_samples, rng)
 
 
 async def run(b: Bench) -> None:
