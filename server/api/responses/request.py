@@ -114,8 +114,7 @@ def parse_create(raw: Any) -> ResponseCreate:
         return ResponseCreate.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if not str(p).startswith(("literal[", "function"))]
-        param = ".".join(loc).replace("schema_", "schema") or None
+        param = _param(raw, first["loc"], missing=first["type"] == "missing") or None
         if first["type"] == "extra_forbidden":
             message = f"Unknown parameter: '{param}'."
         elif first["type"] == "missing":
@@ -123,6 +122,24 @@ def parse_create(raw: Any) -> ResponseCreate:
         else:
             message = f"Invalid value for '{param}': {first['msg']}."
         raise RequestError(400, "invalid_request", message, param=param) from None
+
+
+def _param(raw: Any, loc: tuple[int | str, ...], *, missing: bool) -> str:
+    """The field a validation error is about, as OpenAI names it (``tools[0].type``): the
+    error's location in the body, without the names pydantic adds for a union's members
+    (``input.str``) or a validator."""
+    param = ""
+    node = raw
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            param, node = f"{param}[{part}]", node[part]
+        elif (
+            isinstance(part, str)
+            and isinstance(node, dict)
+            and (part in node or (missing and i == len(loc) - 1))
+        ):
+            param, node = f"{param}.{part}" if param else part, node.get(part)
+    return param
 
 
 # -- input ---------------------------------------------------------------------------------
@@ -295,6 +312,14 @@ def _tools(
     return web_search, functions, tool_ids, lists
 
 
+def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as the Response echoes it: a function tool with its ``parameters`` and
+    ``strict`` (the spec's Response requires both, null where the request left them out)."""
+    if tool.get("type") != "function":
+        return tool
+    return {"parameters": None, "strict": None} | tool
+
+
 def _mcp_tool(rt: Runtime, tool: dict[str, Any], where: str) -> tuple[list[str], dict[str, Any]]:
     label = tool.get("server_label")
     connection = rt.mcp.connections.get(label) if rt.mcp and isinstance(label, str) else None
@@ -433,7 +458,7 @@ def build_chat(
         "input": items,
         "history": history,
         "instructions": body.instructions,
-        "tools": body.tools,
+        "tools": [_echoed_tool(tool) for tool in body.tools],
         "tool_choice": body.tool_choice or "auto",
         "parallel_tool_calls": True
         if body.parallel_tool_calls is None
