@@ -332,6 +332,8 @@ REFUSED: list[tuple[str, dict[str, Any], str, bool]] = [
     ("tool_not_an_object", {"tools": ["web_search"]}, "tools[0]", False),
     ("unknown_parameter", {"frobnicate": True}, "frobnicate", True),
     ("unknown_tool_type", {"tools": [{"type": "teleport"}]}, "tools[0].type", False),
+    ("tool_type_an_object", {"tools": [{"type": {}}]}, "tools[0].type", False),
+    ("input_item_type_an_object", {"input": [{"type": {}}]}, "input[0].type", False),
     (
         "mcp_server_not_configured",
         {"tools": [{"type": "mcp", "server_label": "elsewhere", "require_approval": "never"}]},

@@ -16,9 +16,9 @@ honour is refused with a 400 naming it, never dropped.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from server.config import McpHttpServer
 from server.record import TaskRecord
@@ -67,12 +67,105 @@ class StreamOptions(_Strict):
     include_obfuscation: Literal[False] | None = None
 
 
+# What ``normalise_input`` and ``_tools`` accept, for /openapi.json (they check it by hand,
+# to name the offending field as OpenAI does); the model takes any objects.
+_TEXT_PART = {
+    "type": "object",
+    "properties": {
+        "type": {"enum": ["input_text", "output_text"]},
+        "text": {"type": "string"},
+    },
+    "required": ["type", "text"],
+}
+_CALL_ID = {"type": "string", "minLength": 1}
+_INPUT_ITEM = {
+    "oneOf": [
+        {
+            "type": "object",
+            "title": "Message",
+            "properties": {
+                "type": {"const": "message"},
+                "role": {"enum": ["user", "system", "developer", "assistant"]},
+                "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+                "id": {"type": "string"},
+            },
+            "required": ["role", "content"],
+        },
+        {
+            "type": "object",
+            "title": "FunctionCall",
+            "properties": {
+                "type": {"const": "function_call"},
+                "call_id": _CALL_ID,
+                "name": _CALL_ID,
+                "arguments": _CALL_ID,
+                "id": {"type": "string"},
+            },
+            "required": ["type", "call_id", "name", "arguments"],
+        },
+        {
+            "type": "object",
+            "title": "FunctionCallOutput",
+            "properties": {
+                "type": {"const": "function_call_output"},
+                "call_id": _CALL_ID,
+                "output": {"type": "string"},
+                "id": {"type": "string"},
+            },
+            "required": ["type", "call_id", "output"],
+        },
+    ]
+}
+_TOOL = {
+    "oneOf": [
+        {
+            "type": "object",
+            "title": "WebSearchTool",
+            "properties": {"type": {"enum": sorted(_WEB_SEARCH)}},
+            "required": ["type"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "title": "FunctionTool",
+            "properties": {
+                "type": {"const": "function"},
+                "name": {"type": "string", "minLength": 1},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+                "strict": {"type": "boolean"},
+            },
+            "required": ["type", "name"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "title": "McpTool",
+            "description": "A server of TETHER_MCP_CONFIG, by its label; run without approval.",
+            "properties": {
+                "type": {"const": "mcp"},
+                "server_label": {"type": "string"},
+                "server_url": {"type": "string"},
+                "require_approval": {"const": "never"},
+                "allowed_tools": {"type": "array", "items": {"type": "string"}},
+                "server_description": {"type": "string"},
+            },
+            "required": ["type", "server_label", "require_approval"],
+            "additionalProperties": False,
+        },
+    ]
+}
+
+
 class ResponseCreate(_Strict):
     """The body of ``POST /v1/responses`` (OpenAI's ``CreateResponse``, as Tether serves
     it), plus Tether's ``tool_ids``."""
 
     model: str | None = None
-    input: str | list[dict[str, Any]] = Field(default_factory=list)
+    input: Annotated[
+        str | list[dict[str, Any]],
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": _INPUT_ITEM}]}),
+    ] = Field(default_factory=list)
     instructions: str | None = None
     background: bool = False
     stream: bool = False
@@ -89,7 +182,9 @@ class ResponseCreate(_Strict):
     truncation: Literal["disabled"] | None = None
     user: str | None = None
     safety_identifier: str | None = Field(default=None, max_length=64)
-    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tools: Annotated[list[dict[str, Any]], WithJsonSchema({"type": "array", "items": _TOOL})] = (
+        Field(default_factory=list)
+    )
     tool_ids: list[str] = Field(default_factory=list)
 
 
@@ -285,7 +380,7 @@ def _tools(
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         kind = tool.get("type")
-        if kind in _WEB_SEARCH:
+        if isinstance(kind, str) and kind in _WEB_SEARCH:
             extra = sorted(set(tool) - {"type"})
             if extra:
                 raise _bad(f"Tether's web search takes no '{extra[0]}'.", f"{where}.{extra[0]}")
