@@ -16,9 +16,9 @@ honour is refused with a 400 naming it, never dropped.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from server.config import McpHttpServer
 from server.record import TaskRecord
@@ -67,12 +67,105 @@ class StreamOptions(_Strict):
     include_obfuscation: Literal[False] | None = None
 
 
+# What ``normalise_input`` and ``_tools`` accept, for /openapi.json (they check it by hand,
+# to name the offending field as OpenAI does); the model takes any objects.
+_TEXT_PART = {
+    "type": "object",
+    "properties": {
+        "type": {"enum": ["input_text", "output_text"]},
+        "text": {"type": "string"},
+    },
+    "required": ["type", "text"],
+}
+_CALL_ID = {"type": "string", "minLength": 1}
+_INPUT_ITEM = {
+    "oneOf": [
+        {
+            "type": "object",
+            "title": "Message",
+            "properties": {
+                "type": {"const": "message"},
+                "role": {"enum": ["user", "system", "developer", "assistant"]},
+                "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+                "id": {"type": "string"},
+            },
+            "required": ["role", "content"],
+        },
+        {
+            "type": "object",
+            "title": "FunctionCall",
+            "properties": {
+                "type": {"const": "function_call"},
+                "call_id": _CALL_ID,
+                "name": _CALL_ID,
+                "arguments": _CALL_ID,
+                "id": {"type": "string"},
+            },
+            "required": ["type", "call_id", "name", "arguments"],
+        },
+        {
+            "type": "object",
+            "title": "FunctionCallOutput",
+            "properties": {
+                "type": {"const": "function_call_output"},
+                "call_id": _CALL_ID,
+                "output": {"type": "string"},
+                "id": {"type": "string"},
+            },
+            "required": ["type", "call_id", "output"],
+        },
+    ]
+}
+_TOOL = {
+    "oneOf": [
+        {
+            "type": "object",
+            "title": "WebSearchTool",
+            "properties": {"type": {"enum": sorted(_WEB_SEARCH)}},
+            "required": ["type"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "title": "FunctionTool",
+            "properties": {
+                "type": {"const": "function"},
+                "name": {"type": "string", "minLength": 1},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+                "strict": {"type": "boolean"},
+            },
+            "required": ["type", "name"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "title": "McpTool",
+            "description": "A server of TETHER_MCP_CONFIG, by its label; run without approval.",
+            "properties": {
+                "type": {"const": "mcp"},
+                "server_label": {"type": "string"},
+                "server_url": {"type": "string"},
+                "require_approval": {"const": "never"},
+                "allowed_tools": {"type": "array", "items": {"type": "string"}},
+                "server_description": {"type": "string"},
+            },
+            "required": ["type", "server_label", "require_approval"],
+            "additionalProperties": False,
+        },
+    ]
+}
+
+
 class ResponseCreate(_Strict):
     """The body of ``POST /v1/responses`` (OpenAI's ``CreateResponse``, as Tether serves
     it), plus Tether's ``tool_ids``."""
 
     model: str | None = None
-    input: str | list[dict[str, Any]] = Field(default_factory=list)
+    input: Annotated[
+        str | list[dict[str, Any]],
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": _INPUT_ITEM}]}),
+    ] = Field(default_factory=list)
     instructions: str | None = None
     background: bool = False
     stream: bool = False
@@ -89,7 +182,9 @@ class ResponseCreate(_Strict):
     truncation: Literal["disabled"] | None = None
     user: str | None = None
     safety_identifier: str | None = Field(default=None, max_length=64)
-    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tools: Annotated[list[dict[str, Any]], WithJsonSchema({"type": "array", "items": _TOOL})] = (
+        Field(default_factory=list)
+    )
     tool_ids: list[str] = Field(default_factory=list)
 
 
@@ -114,8 +209,7 @@ def parse_create(raw: Any) -> ResponseCreate:
         return ResponseCreate.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if not str(p).startswith(("literal[", "function"))]
-        param = ".".join(loc).replace("schema_", "schema") or None
+        param = _param(raw, first["loc"], missing=first["type"] == "missing") or None
         if first["type"] == "extra_forbidden":
             message = f"Unknown parameter: '{param}'."
         elif first["type"] == "missing":
@@ -123,6 +217,24 @@ def parse_create(raw: Any) -> ResponseCreate:
         else:
             message = f"Invalid value for '{param}': {first['msg']}."
         raise RequestError(400, "invalid_request", message, param=param) from None
+
+
+def _param(raw: Any, loc: tuple[int | str, ...], *, missing: bool) -> str:
+    """The field a validation error is about, as OpenAI names it (``tools[0].type``): the
+    error's location in the body, without the names pydantic adds for a union's members
+    (``input.str``) or a validator."""
+    param = ""
+    node = raw
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            param, node = f"{param}[{part}]", node[part]
+        elif (
+            isinstance(part, str)
+            and isinstance(node, dict)
+            and (part in node or (missing and i == len(loc) - 1))
+        ):
+            param, node = f"{param}.{part}" if param else part, node.get(part)
+    return param
 
 
 # -- input ---------------------------------------------------------------------------------
@@ -268,7 +380,7 @@ def _tools(
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         kind = tool.get("type")
-        if kind in _WEB_SEARCH:
+        if isinstance(kind, str) and kind in _WEB_SEARCH:
             extra = sorted(set(tool) - {"type"})
             if extra:
                 raise _bad(f"Tether's web search takes no '{extra[0]}'.", f"{where}.{extra[0]}")
@@ -293,6 +405,14 @@ def _tools(
         else:
             raise _bad(f"Tools of type {kind!r} are not served.", f"{where}.type")
     return web_search, functions, tool_ids, lists
+
+
+def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as the Response echoes it: a function tool with its ``parameters`` and
+    ``strict`` (the spec's Response requires both, null where the request left them out)."""
+    if tool.get("type") != "function":
+        return tool
+    return {"parameters": None, "strict": None} | tool
 
 
 def _mcp_tool(rt: Runtime, tool: dict[str, Any], where: str) -> tuple[list[str], dict[str, Any]]:
@@ -433,7 +553,7 @@ def build_chat(
         "input": items,
         "history": history,
         "instructions": body.instructions,
-        "tools": body.tools,
+        "tools": [_echoed_tool(tool) for tool in body.tools],
         "tool_choice": body.tool_choice or "auto",
         "parallel_tool_calls": True
         if body.parallel_tool_calls is None

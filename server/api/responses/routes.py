@@ -48,7 +48,7 @@ def response_object(
     incomplete = None
     if status == "incomplete":
         incomplete = {"reason": "max_output_tokens"}
-    return {
+    body: dict[str, Any] = {
         "id": record.id,
         "object": "response",
         "created_at": record.created_at,
@@ -68,13 +68,18 @@ def response_object(
         "store": meta.get("store", True),
         "text": meta.get("text") or {"format": {"type": "text"}},
         "truncation": meta.get("truncation") or "disabled",
-        "user": meta.get("user"),
         "safety_identifier": meta.get("safety_identifier"),
         "error": error,
         "incomplete_details": incomplete,
-        "usage": _usage(record) if status not in ("queued", "in_progress") else None,
         "completed_at": record.ended_at if status == "completed" else None,
     }
+    if status not in ("queued", "in_progress"):
+        # An object or absent in the spec's Response, never null.
+        body["usage"] = _usage(record)
+    if meta.get("user") is not None:
+        # A string or absent in the spec's Response, never null.
+        body["user"] = meta["user"]
+    return body
 
 
 def _usage(record: TaskRecord) -> dict[str, Any]:

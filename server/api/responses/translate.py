@@ -285,7 +285,8 @@ class ResponseTranslator:
         self.record = ended
         self.status = response_status(ended)
         cut = self.status != "completed"
-        self._end_search(emit, "incomplete" if cut else "completed")
+        # The spec's web_search_call has no "incomplete": a search cut short "failed".
+        self._end_search(emit, "failed" if cut else "completed")
         for item in self._calls.values():
             if item.open:
                 item.body["status"] = "incomplete"
