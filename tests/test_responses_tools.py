@@ -15,6 +15,7 @@ from fakes.mcp_server import McpHttpFake, McpRecorder
 from fakes.model import TextReply, ToolCallReply
 from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import assert_log_well_formed
+from tests.spec_check import assert_spec_valid
 from tests.test_mcp import MCP_WAIT, _assert_cancelled_on_server, _start, http_mcp, recorder
 from tests.test_responses import _events, sdk
 
@@ -61,7 +62,7 @@ async def test_cancel_during_the_search_closes_its_connection(tether: Tether, fa
             await fakes.search.wait_connection_closed(request.conn_id)
     assert cancelled.status == "cancelled"
     (search,) = cancelled.output
-    assert search.type == "web_search_call" and search.status == "incomplete"
+    assert search.type == "web_search_call" and search.status == "failed"
     assert not fakes.model.chat_requests
     terminal = assert_log_well_formed(await tether.events(created.id))
     assert terminal["data"]["phase"] == "web_search"
@@ -149,8 +150,9 @@ async def test_a_skipped_search_ends_its_web_search_call_incomplete_and_the_answ
         await _events(tether, f"/v1/responses/{created.id}?stream=true")
         done = await client.responses.retrieve(created.id)
     assert done.status == "completed" and done.output_text == "Without the search."
+    assert_spec_valid("Response", done.model_dump(exclude_unset=True))
     search = done.output[0]
-    assert search.type == "web_search_call" and search.status == "incomplete"
+    assert search.type == "web_search_call" and search.status == "completed"
     assert search.model_extra == {"skipped": True}
 
 
@@ -179,5 +181,6 @@ async def test_skipping_an_mcp_call_cancels_it_on_the_server_and_the_answer_goes
         await _events(tether, f"/v1/responses/{created.id}?stream=true")
         done = await client.responses.retrieve(created.id)
     assert done.output_text == "Skipped it."
+    assert_spec_valid("Response", done.model_dump(exclude_unset=True))
     mcp_call = [item for item in done.output if item.type == "mcp_call"][0]
     assert mcp_call.status == "incomplete" and mcp_call.model_extra == {"skipped": True}

@@ -178,11 +178,12 @@ class ResponseTranslator:
 
     def _search_step(self, data: dict[str, Any], emit: Callable[..., None]) -> None:
         if data.get("step") == "web_search" and (data.get("skipped") or data.get("deadline")):
-            # Skipped, or out of time: the spec has no status for it; Tether's own field
-            # on the item says which.
+            # Skipped, or out of time: the search ended and the answer goes on with what it
+            # found, so the call is "completed"; the spec has no status for a skip, and
+            # Tether's own field on the item says which.
             if self._search is not None and self._search.open:
                 self._search.body["skipped" if data.get("skipped") else "deadline"] = True
-            self._end_search(emit, "incomplete")
+            self._end_search(emit, "completed")
             return
         item = self._search
         if item is None:
