@@ -1,13 +1,14 @@
-"""Responses with Tether's tools: a web search as a ``web_search_call`` item whose sources
-the answer cites as ``url_citation`` annotations, an MCP server's tools as ``mcp_list_tools``
-and ``mcp_call`` items, and a cancel during each of them, checked closed at the fake search
-engine and at the MCP server."""
+"""Responses with Tether's tools, on both task backends: a web search as a
+``web_search_call`` item whose sources the answer cites as ``url_citation`` annotations, an
+MCP server's tools as ``mcp_list_tools`` and ``mcp_call`` items, and a cancel or a skip
+during each of them, checked closed at the fake search engine and at the MCP server."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from openai.types.responses import Response
 
@@ -20,6 +21,8 @@ from tests.test_mcp import MCP_WAIT, _assert_cancelled_on_server, _start, http_m
 from tests.test_responses import _events, sdk
 
 __all__ = ["http_mcp", "recorder"]  # fixtures, used by name
+
+pytestmark = pytest.mark.both_backends
 
 MCP_TOOL = {"type": "mcp", "server_label": "files", "require_approval": "never"}
 
