@@ -13,6 +13,7 @@ from typing import Any
 import coredis
 import pytest
 import trio
+import trio.testing
 
 from fakes.redis_server import RedisServer
 from server.record import TaskRecord
@@ -169,3 +170,48 @@ async def test_an_owner_reaped_while_alive_ends_its_local_copy_as_redis_says(
         assert seen_here[-1].data["content"] == in_redis[-1].data["content"] == "partial"
         with pytest.raises(LogClosed):
             await owner.store.append(record, "delta", {"content": " after the end"})
+
+
+async def test_followers_of_remote_tasks_share_one_blocking_connection(
+    redis_server: RedisServer,
+) -> None:
+    """Thirty watches and thirty waiters of tasks run by another replica: one blocking read
+    serves them all, so the reader's connections to Redis do not grow with its followers."""
+    owner, reader = _backends(redis_server, 2)
+    records = [_record() for _ in range(30)]
+    raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
+    async with raw, serving(owner, reader):
+        for record in records:
+            assert await _admit(owner, record, max_total=100, max_per_user=100)
+        before = len(await raw.client_list())
+        seen: dict[str, list[int]] = {r.id: [] for r in records}
+        all_seen = trio.Event()
+
+        def on_append(task_id: str, seq: int) -> None:
+            seen[task_id].append(seq)
+            if all(seen.values()):
+                all_seen.set()
+
+        watches = [
+            reader.store.watch(r.id, lambda e, tid=r.id: on_append(tid, e.seq), after=1)
+            for r in records
+        ]
+        woke: list[bool] = []
+
+        async def wait(task_id: str) -> None:
+            woke.append(await reader.store.wait_beyond(task_id, 1))
+
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                for record in records:
+                    nursery.start_soon(wait, record.id)
+                await trio.testing.wait_all_tasks_blocked()
+                for record in records:
+                    await owner.store.append(record, "delta", {"content": "x"})
+            await all_seen.wait()
+        assert woke == [True] * 30
+        assert all(s == [2] for s in seen.values())
+        assert len(await raw.client_list()) - before <= 3
+        for watch in watches:
+            assert watch is not None
+            watch.close()

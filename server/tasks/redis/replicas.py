@@ -76,6 +76,7 @@ class RedisCluster:
                 async with trio.open_nursery() as nursery:
                     self._store.tailer.nursery = nursery
                     nursery.start_soon(self._store.writer.run)
+                    nursery.start_soon(self._store.tailer.run)
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._control_loop, control)
                     nursery.start_soon(self._reap_loop)

@@ -1,14 +1,28 @@
-"""Reading the logs of tasks run by other processes: reads, waits and watches.
+"""Reading the logs of tasks run by other processes: reads, waits and watches, multiplexed.
 
-A reader here of a task run elsewhere reads its stream; waiting for more is a blocking
-``XREAD`` on a connection of its own (``RedisConnection.waiting``), and a watch is a task in
-the cluster's nursery that tails the stream and reports each entry.
+A reader here of a task run elsewhere reads its stream. Waiting for more used to be a
+blocking ``XREAD`` per reader, each holding a Redis connection until it returned: a
+thousand followers of remote tasks held a thousand connections. Here one task, the
+multiplexer (``run``), holds one blocking ``XREAD`` over the streams of every followed task
+at once and hands each entry to the watches and waiters of its task. A follower costs a slot
+in a table, not a connection.
+
+When a follower of a new task arrives (or one that starts from an earlier cursor), the
+multiplexer's ``XREAD`` must take one more stream: the read in flight is cancelled and
+started again with it (a cancelled blocking read costs its connection, which the pool
+replaces; arrivals meanwhile join the same restart). The new read returns at once with what
+the new follower has not seen yet.
+
+The streams of one task share its hash tag, but the streams of many tasks do not: on a
+Redis Cluster one ``XREAD`` can only cover one slot, and this multiplexer serves one server.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -21,14 +35,45 @@ from server.tasks.redis.keys import decode_event
 log = logging.getLogger("tether.redis")
 
 _MAX_IDENTITIES = 10_000
+# Entries taken per stream in one read, and how long one blocking read waits for any.
+_READ_COUNT = 256
+_BLOCK_MS = 5000
 
 
+@dataclass(eq=False)
 class RemoteWatch:
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
+    """One watch of a remote task's log: ``on_append`` gets each event past ``cursor``."""
+
+    tailer: Tailer
+    task_id: str
+    on_append: Callable[[Event], None]
+    cursor: int
+    closed: bool = False
 
     def close(self) -> None:
-        self.scope.cancel()
+        if not self.closed:
+            self.closed = True
+            self.tailer._drop(self)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    after: int
+    done: trio.Event = field(default_factory=trio.Event)
+    result: bool = False
+
+
+@dataclass(eq=False)
+class _Followed:
+    """A followed task: where the multiplexer reads its stream from, and who waits on it."""
+
+    cursor: int
+    watches: list[RemoteWatch] = field(default_factory=list)
+    waiters: list[_Waiter] = field(default_factory=list)
+
+    @property
+    def idle(self) -> bool:
+        return not self.watches and not self.waiters
 
 
 class Tailer:
@@ -36,11 +81,20 @@ class Tailer:
         self._conn = conn
         # chat_id and message_id of tasks read from Redis, which every event carries.
         self._identities: dict[str, tuple[str | None, str | None]] = {}
-        # Where watches run: the cluster's nursery, while it serves.
+        self._followed: dict[str, _Followed] = {}
+        self._wake = trio.Event()
+        # The multiplexer's read in flight, cancelled when a new task is followed.
+        self._reading: trio.CancelScope | None = None
+        # Where catch-up reads of new watches run: the cluster's nursery, while it serves.
         self.nursery: trio.Nursery | None = None
 
     def forget(self, task_id: str) -> None:
         self._identities.pop(task_id, None)
+
+    @property
+    def followed(self) -> int:
+        """Tasks the multiplexer reads now (for the bench and the metrics)."""
+        return len(self._followed)
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
         start = f"(0-{after}" if after > 0 else "-"
@@ -75,53 +129,137 @@ class Tailer:
         )
         return raw[0] is not None, raw[1] is not None, int(raw[2] or 0)
 
+    # -- following -------------------------------------------------------------------------
+
+    def _follow(self, task_id: str, cursor: int) -> _Followed:
+        followed = self._followed.get(task_id)
+        if followed is None:
+            followed = self._followed[task_id] = _Followed(cursor)
+            self._restart()
+        elif cursor < followed.cursor:
+            followed.cursor = cursor
+            self._restart()
+        return followed
+
+    def _restart(self) -> None:
+        """Have the multiplexer read the table anew (synchronous)."""
+        self._wake.set()
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def _drop(self, watch: RemoteWatch) -> None:
+        followed = self._followed.get(watch.task_id)
+        if followed is not None and watch in followed.watches:
+            followed.watches.remove(watch)
+            if followed.idle:
+                del self._followed[watch.task_id]
+
     async def wait_beyond(self, task_id: str, after: int) -> bool:
-        """See ``TaskStore.wait_beyond``; blocks on Redis, a connection held meanwhile."""
-        log_key = self._conn.keys.task(task_id).log
+        """See ``TaskStore.wait_beyond``: a slot in the multiplexer's table, no connection
+        of its own. Cancelling it only stops the wait."""
         with redis_errors():
-            while True:
-                exists, closed, last = await self._log_state(task_id)
-                if last > after:
-                    return True
-                if not exists or closed:
-                    return False
-                found = await self._conn.waiting.xread({log_key: f"0-{after}"}, count=1, block=5000)
-                if found:
-                    return True
+            exists, closed, last = await self._log_state(task_id)
+        if last > after:
+            return True
+        if not exists or closed:
+            return False
+        waiter = _Waiter(after)
+        followed = self._follow(task_id, after)
+        followed.waiters.append(waiter)
+        try:
+            await waiter.done.wait()
+        finally:
+            if waiter in followed.waiters:
+                followed.waiters.remove(waiter)
+            if followed.idle and self._followed.get(task_id) is followed:
+                del self._followed[task_id]
+        return waiter.result
 
     def watch(
         self, task_id: str, on_append: Callable[[Event], None], after: int = 0
     ) -> RemoteWatch | None:
+        """Report each event of the task's log past ``after`` to ``on_append`` until the
+        watch is closed or the log ends; None while the cluster does not serve."""
         if self.nursery is None:
             return None
-        remote = RemoteWatch()
-        self.nursery.start_soon(self._tail, task_id, after, on_append, remote)
-        return remote
+        watch = RemoteWatch(self, task_id, on_append, after)
+        self._follow(task_id, after).watches.append(watch)
+        return watch
 
-    async def _tail(
-        self, task_id: str, after: int, on_append: Callable[[Event], None], watch: RemoteWatch
-    ) -> None:
-        """Follow a log written elsewhere with blocking reads, until it ends or the
-        watch is closed."""
-        log_key = self._conn.keys.task(task_id).log
-        cursor = after
-        with watch.scope:
+    # -- the multiplexer -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read every followed stream with one blocking read at a time, and hand out what
+        comes. Runs until cancelled (the cluster's end); a Redis failure is logged and the
+        reading goes on after a pause, every follower still waiting."""
+        while True:
+            if not self._followed:
+                await self._wake.wait()
+            self._wake = trio.Event()
             try:
-                chat_id, message_id = await self._identity(task_id)
-                while True:
-                    found = await self._conn.waiting.xread(
-                        {log_key: f"0-{cursor}"}, count=256, block=5000
-                    )
-                    if not found:
-                        exists, closed, last = await self._log_state(task_id)
-                        if not exists or (closed and last <= cursor):
-                            return
-                        continue
-                    for entry in found[log_key]:
-                        event = decode_event(task_id, chat_id, message_id, entry)
-                        cursor = event.seq
-                        on_append(event)
-                        if event.terminal:
-                            return
+                await self._read_once()
             except RedisError as exc:
-                log.warning("following task %s failed: %s", task_id, exc)
+                log.warning("following remote tasks failed: %s", exc)
+                await trio.sleep(0.5)
+
+    async def _read_once(self) -> None:
+        keys = self._conn.keys
+        streams = {keys.task(t).log: f"0-{f.cursor}" for t, f in self._followed.items()}
+        if not streams:
+            return
+        for task_id in list(self._followed):
+            await self._identity(task_id)
+        found = None
+        with trio.CancelScope() as reading:
+            self._reading = reading
+            if not self._wake.is_set():
+                found = await self._conn.waiting.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
+        self._reading = None
+        if reading.cancelled_caught or self._wake.is_set():
+            return  # a new task to follow: read again with it
+        if not found:
+            await self._drop_ended()
+            return
+        by_key = {keys.task(t).log: t for t in self._followed}
+        for key, entries in found.items():
+            followed_id = by_key.get(str(key))
+            if followed_id is not None:
+                self._deliver(followed_id, entries)
+
+    def _deliver(self, task_id: str, entries: Sequence[Any]) -> None:
+        followed = self._followed.get(task_id)
+        if followed is None:
+            return
+        chat_id, message_id = self._identities.get(task_id, (None, None))
+        ended = False
+        for entry in entries:
+            event = decode_event(task_id, chat_id, message_id, entry)
+            followed.cursor = max(followed.cursor, event.seq)
+            for watch in list(followed.watches):
+                if event.seq > watch.cursor and not watch.closed:
+                    watch.cursor = event.seq
+                    watch.on_append(event)
+            for waiter in followed.waiters:
+                if event.seq > waiter.after:
+                    waiter.result = True
+                    waiter.done.set()
+            ended = ended or event.terminal
+        if ended:
+            self._end(task_id, followed)
+
+    def _end(self, task_id: str, followed: _Followed) -> None:
+        """The log has ended (or is gone): nothing more will come to its followers."""
+        for watch in followed.watches:
+            watch.closed = True
+        for waiter in followed.waiters:
+            waiter.done.set()
+        if self._followed.get(task_id) is followed:
+            del self._followed[task_id]
+
+    async def _drop_ended(self) -> None:
+        """After a read that found nothing: the followed logs that ended or expired
+        meanwhile end their followers."""
+        for task_id, followed in list(self._followed.items()):
+            exists, closed, last = await self._log_state(task_id)
+            if not exists or (closed and last <= followed.cursor):
+                self._end(task_id, followed)
