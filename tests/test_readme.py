@@ -45,5 +45,6 @@ async def test_ws_example_chats_with_web_search_and_stops(start_tether: Any) -> 
     output = result.stdout.decode()
     assert "status: Searching" in output
     assert "source [1]" in output
-    assert output.count("delta:") == 8
+    # The stop goes out after the 8th delta; one the model had already sent may still come.
+    assert 8 <= output.count("delta:") <= 10
     assert "task:cancelled: phase=generating reason=stop" in output.splitlines()[-1]
