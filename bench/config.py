@@ -14,6 +14,7 @@ SCENARIOS = (
     "cancel_storm",
     "replicas",
     "responses",
+    "steering",
 )
 # Scale runs first so that its memory per task is measured from a server that has not yet
 # grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
@@ -25,6 +26,7 @@ RUN_ORDER = (
     "stop_latency",
     "disconnect",
     "responses",
+    "steering",
     "cancel_storm",
     "replicas",
 )
@@ -75,6 +77,9 @@ class BenchConfig:
     responses_cancel_samples: int = 30  # per phase and arm (Responses cancel, task stop)
     responses_resume_samples: int = 200  # per log length, interleaved with fresh and floor
     responses_resume_tokens: tuple[int, ...] = (200, 2000)  # the completed responses' lengths
+    # 9. steering: skips and deadlines
+    steering_samples: int = 40  # per step kind and arm (skip, stop, deadline, floor)
+    steering_deadline_s: float = 0.2  # deadlines.web_search_s and deadlines.tools_s
     # server settings the bench runs with (TETHER_* environment)
     server_env: dict[str, str] = field(default_factory=dict)
 
@@ -122,5 +127,6 @@ QUICK = BenchConfig(
     responses_concurrent_rounds=4,
     responses_cancel_samples=8,
     responses_resume_samples=40,
+    steering_samples=12,
     server_env=dict(_SERVER_ENV),
 )

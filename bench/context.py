@@ -351,6 +351,7 @@ class Bench:
         stream: bool = False,
         session_id: str | None = None,
         tool_ids: list[str] | None = None,
+        deadlines: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model_id,
@@ -366,6 +367,8 @@ class Bench:
             body["session_id"] = session_id
         if tool_ids:
             body["tool_ids"] = tool_ids
+        if deadlines:
+            body["deadlines"] = deadlines
         return body
 
     async def reset_fakes(self) -> None:

@@ -794,6 +794,107 @@ def _responses(res: Results) -> list[str]:
     return out + [""]
 
 
+def _steering(res: Results) -> list[str]:
+    fig = res.figures.get("steering")
+    if not fig:
+        return []
+    deadline = fig.get("deadline_s")
+    out = [
+        "## 9. Steering a running task",
+        "",
+        "Skip: a background task held in one step by a fake that does not answer (the "
+        "search; one of the three result pages, `/page/1`, the others answering at once; a "
+        "`fetch_url` call of a page that hangs), then `POST /api/tasks/{id}/skip` of that "
+        "step (`web_search`, `page:<url>`, the `tool_call_id`); the floor is the same task "
+        "stopped instead (`POST /api/tasks/{id}/stop`, stop_latency's sample), interleaved "
+        "in random order. From sending it to its answer and to the fake recording the "
+        "step's connection closed (CLOCK_MONOTONIC). p50 / p99 in ms; the server's own "
+        "`stop_ms` (from its `task:cancelled`) beside the stop.",
+        "",
+    ]
+    out += _table(
+        [
+            "step",
+            "n",
+            "skip answer ms",
+            "skip → closed ms",
+            "stop answer ms",
+            "stop → closed ms",
+            "server `stop_ms`",
+            "skip / stop (closed)",
+        ],
+        [
+            [
+                str(r["kind"]),
+                str(r["n"]),
+                _pair(r["skip_answer_p50"], r["skip_answer_p99"]),
+                _pair(r["skip_closed_p50"], r["skip_closed_p99"]),
+                _pair(r["stop_answer_p50"], r["stop_answer_p99"]),
+                _pair(r["stop_closed_p50"], r["stop_closed_p99"]),
+                _pair(r["server_stop_ms_p50"], r["server_stop_ms_p99"]),
+                f"**{_pair(r['ratio_p50'], r['ratio_p99'], _x)}**",
+            ]
+            for r in fig.get("skip") or []
+        ],
+    )
+    out += [
+        "",
+        f"Deadline: a streaming chat with `deadlines.<phase>` = {deadline} s and the step "
+        "hanging; how late after the deadline the fake records the step's connection "
+        "closed: from the request's send time + the deadline (an upper bound: the deadline "
+        "runs from the step's start, after the task began, and for a tool call after the "
+        "model's first round), and from the step's request reaching the fake + the "
+        "deadline (a lower bound: the step began before). Against the stop of the same "
+        "step (same run, interleaved). p50 / p99 in ms.",
+        "",
+    ]
+    out += _table(
+        [
+            "deadline",
+            "n",
+            "closed after the deadline ms",
+            "from the step's request ms",
+            "stop → closed ms",
+            "late / stop",
+        ],
+        [
+            [
+                f"`{r['deadline']}`",
+                str(r["n"]),
+                _pair(r["late_p50"], r["late_p99"]),
+                _pair(r["late_from_step_p50"], r["late_from_step_p99"]),
+                _pair(r["stop_closed_p50"], r["stop_closed_p99"]),
+                f"**{_pair(r['ratio_p50'], r['ratio_p99'], _x)}**",
+            ]
+            for r in fig.get("deadline") or []
+        ],
+    )
+    ft = fig.get("first_token") or {}
+    if ft:
+        out += [
+            "",
+            f"First token after a search deadline: the `web_search_s` = {deadline} s streams "
+            "above, from the deadline (request + deadline; or the search request at the fake "
+            "+ deadline) to the answer's first content chunk; the floor is a streaming chat "
+            "without web search, from sending it to its first content chunk, interleaved on "
+            "the same connection. p50 / p99 in ms.",
+            "",
+        ]
+        out += _table(
+            ["n", "after the deadline ms", "from the search request ms", "floor ms", "ratio"],
+            [
+                [
+                    str(ft["n"]),
+                    _pair(ft["after_deadline_p50"], ft["after_deadline_p99"]),
+                    _pair(ft["from_step_p50"], ft["from_step_p99"]),
+                    _pair(ft["floor_p50"], ft["floor_p99"]),
+                    f"**{_pair(ft['ratio_p50'], ft['ratio_p99'], _x)}**",
+                ]
+            ],
+        )
+    return out + [""]
+
+
 def markdown(res: Results) -> str:
     data = res.to_json()
     m = data["machine"]
@@ -824,6 +925,7 @@ def markdown(res: Results) -> str:
         _waiting,
         _replicas,
         _responses,
+        _steering,
     ):
         out += section(res)
     if res.checks:

@@ -53,6 +53,13 @@ class PhaseSetup:
     mcp_server: str | None = None  # an MCP call on this server (its records' label)
 
 
+def hanging_fetch_reply(b: Bench) -> dict[str, Any]:
+    """The model's reply that calls the server tool ``fetch_url`` on the pages fake's
+    ``/hang`` (headers, then nothing until Tether leaves)."""
+    url = f"{b.fake('pages').base_url}/hang"
+    return {"kind": "tool_calls", "calls": [["fetch_url", f'{{"url": "{url}"}}']]}
+
+
 async def configure_phase(b: Bench, phase: str, mcp_names: dict[str, str]) -> PhaseSetup:
     """Reset the fakes and set them up to hold a task in ``phase``; what to wait for."""
     await b.reset_fakes()
@@ -67,10 +74,7 @@ async def configure_phase(b: Bench, phase: str, mcp_names: dict[str, str]) -> Ph
         await pages.configure(delay=3600)
         return PhaseSetup(web_search=True, upstream="pages", path_prefix="/page/", count=3)
     if phase == "tool_call":
-        url = f"{pages.base_url}/hang"
-        await model.configure(
-            default_reply={"kind": "tool_calls", "calls": [["fetch_url", f'{{"url": "{url}"}}']]}
-        )
+        await model.configure(default_reply=hanging_fetch_reply(b))
         return PhaseSetup(tool_ids=["fetch_url"], upstream="pages", path_prefix="/hang")
     if phase == "generating":
         await model.configure(default_reply=LONG_STREAM)
@@ -112,6 +116,7 @@ class Sample:
     ended_in: str = ""
     status: str = ""
     reason: str = ""
+    stop_ms: float | None = None  # the server's own figure, from its task:cancelled
     # an MCP call: the server's records of notifications/cancelled and (HTTP) of the call's
     # response stream closed, after the stop; the tool's own cancel; what went wrong
     notified: float | None = None
@@ -121,7 +126,7 @@ class Sample:
     mcp_problem: str = ""
 
 
-async def _one(
+async def stop_one(
     b: Bench,
     phase: str,
     transport: str,
@@ -130,6 +135,9 @@ async def _one(
     http: HttpConnection,
     chat_id: str,
 ) -> Sample:
+    """One task held in ``phase`` as ``setup`` says (see ``configure_phase``), stopped by
+    ``transport`` (``http``: ``POST /api/tasks/{id}/stop`` on ``http``; ``ws``: a ``stop`` on
+    ``sub``); ``sub`` follows the task either way."""
     body = b.chat_body(
         b.marker("stop"), chat_id=chat_id, web_search=setup.web_search, tool_ids=setup.tool_ids
     )
@@ -177,6 +185,8 @@ async def _one(
         sample.status = terminal.type.removeprefix("task:")
         sample.ended_in = str(terminal.data.get("phase", ""))
         sample.reason = str(terminal.data.get("cancel_reason", ""))
+        stop_ms = terminal.data.get("stop_ms")
+        sample.stop_ms = float(stop_ms) if isinstance(stop_ms, int | float) else None
     if fake is not None:
         closed: list[float] = []
         for conn_id in conn_ids:
@@ -261,7 +271,7 @@ async def run(b: Bench) -> None:
                 for _ in range(b.cfg.stop_samples):
                     pings.append(await sub.ping())
                     with trio.fail_after(40):
-                        sample = await _one(b, phase, transport, setup, sub, http, chat_id)
+                        sample = await stop_one(b, phase, transport, setup, sub, http, chat_id)
                     samples.append(sample)
                     if sample.status != "cancelled" or sample.reason != "stop":
                         problems.append(
