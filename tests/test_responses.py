@@ -264,3 +264,26 @@ async def test_only_a_background_response_can_be_cancelled(tether: Tether, fakes
             done = await client.responses.create(model="fake-model", input="x")
         with pytest.raises(BadRequestError):
             await client.responses.cancel(done.id)
+
+
+async def test_another_users_response_is_unknown(start_tether: Any, fakes: Fakes) -> None:
+    tether: Tether = await start_tether(api_keys="key-a=alice,key-b=bob")
+    fakes.model.push(TextReply(["Mine."]))
+    alice = AsyncOpenAI(base_url=tether.base_url + "/v1", api_key="key-a", max_retries=0)
+    bob = AsyncOpenAI(base_url=tether.base_url + "/v1", api_key="key-b", max_retries=0)
+    try:
+        with trio.fail_after(WAIT):
+            mine = await alice.responses.create(model="fake-model", input="x")
+        for call in (
+            bob.responses.retrieve(mine.id),
+            bob.responses.cancel(mine.id),
+            bob.responses.delete(mine.id),
+            bob.responses.input_items.list(mine.id),
+            bob.responses.create(model="fake-model", input="y", previous_response_id=mine.id),
+        ):
+            with pytest.raises(NotFoundError):
+                await call
+        assert (await alice.responses.retrieve(mine.id)).output_text == "Mine."
+    finally:
+        await alice.close()
+        await bob.close()
