@@ -17,12 +17,14 @@ import trio
 from fakes.model import FakeModel
 from fakes.pages import FakePages
 from fakes.redis_server import RedisServer
+from fakes.scripted import Script, ScriptedServer
 from fakes.search import FakeSearxng
 from server.app import create_app
 from server.cli import serve_app
 from server.config import Settings
 from server.runtime import Runtime
 from server.tasks.backend import next_events
+from tests.scripted import Serve
 
 WAIT = 10.0  # generous upper bound for anything a test waits on
 BACKENDS = ("memory", "redis")
@@ -181,3 +183,27 @@ async def start_tether(
 async def tether(start_tether: Callable[..., Any]) -> Tether:
     result: Tether = await start_tether()
     return result
+
+
+@pytest.fixture
+async def serve(nursery: trio.Nursery) -> AsyncIterator[Serve]:
+    """``await serve(script)`` starts a loopback server answering every request with
+    ``script``; a script that crashed fails the test."""
+    servers: list[ScriptedServer] = []
+
+    async def start(script: Script) -> ScriptedServer:
+        server = ScriptedServer(script)
+        await server.start(nursery)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        assert not server.errors, "a script crashed:\n" + "\n".join(server.errors)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx2.AsyncClient]:
+    # trust_env=False: no proxy from the environment may stand between us and loopback.
+    async with httpx2.AsyncClient(trust_env=False) as client:
+        yield client

@@ -7,20 +7,18 @@ servers (fakes/scripted.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import httpx2
 import pytest
-import trio
 
-from fakes.scripted import Script, ScriptedServer, endless, stall_after_headers
+from fakes.scripted import endless, stall_after_headers
 from server.providers.web.base import PageError
 from server.providers.web.fetch import fetch_page
 from tests.connection_checks import closed_port_url, wait_client_left
 from tests.mock_upstream import MockUpstream
+from tests.scripted import Serve
 from tests.test_page_text import ARTICLE
-
-Serve = Callable[[Script], Awaitable[ScriptedServer]]
 
 
 @pytest.fixture
@@ -32,30 +30,6 @@ def upstream() -> MockUpstream:
 async def pages(upstream: MockUpstream) -> AsyncIterator[httpx2.AsyncClient]:
     """A client whose every request ``upstream`` answers."""
     async with upstream.client() as client:
-        yield client
-
-
-@pytest.fixture
-async def serve(nursery: trio.Nursery) -> AsyncIterator[Serve]:
-    """``await serve(script)`` starts a loopback server answering every request with
-    ``script``; a script that crashed fails the test."""
-    servers: list[ScriptedServer] = []
-
-    async def start(script: Script) -> ScriptedServer:
-        server = ScriptedServer(script)
-        await server.start(nursery)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        assert not server.errors, "a script crashed:\n" + "\n".join(server.errors)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx2.AsyncClient]:
-    # trust_env=False: no proxy from the environment may stand between us and loopback.
-    async with httpx2.AsyncClient(trust_env=False) as client:
         yield client
 
 

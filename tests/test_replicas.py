@@ -51,16 +51,19 @@ async def pair(fakes: Fakes, redis_server: RedisServer) -> AsyncIterator[tuple[R
         await b.close()
 
 
-async def _events(replica: Replica, task_id: str, after: int = 0) -> list[dict[str, Any]]:
+async def _sse(replica: Replica, path: str) -> list[dict[str, Any]]:
+    """Every event of an SSE stream on ``replica``, to its end."""
     out: list[dict[str, Any]] = []
-    async with replica.client.stream(
-        "GET", f"/api/tasks/{task_id}/events?after={after}"
-    ) as response:
+    async with replica.client.stream("GET", path) as response:
         assert response.status_code == 200
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 out.append(json.loads(line[6:]))
     return out
+
+
+async def _events(replica: Replica, task_id: str, after: int = 0) -> list[dict[str, Any]]:
+    return await _sse(replica, f"/api/tasks/{task_id}/events?after={after}")
 
 
 async def _deltas_seen(replica: Replica, task_id: str, count: int) -> list[dict[str, Any]]:
@@ -347,15 +350,7 @@ async def _response_events(
     replica: Replica, response_id: str, after: int | None = None
 ) -> list[dict[str, Any]]:
     query = "" if after is None else f"&starting_after={after}"
-    out: list[dict[str, Any]] = []
-    async with replica.client.stream(
-        "GET", f"/v1/responses/{response_id}?stream=true{query}"
-    ) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line.startswith("data: "):
-                out.append(json.loads(line[6:]))
-    return out
+    return await _sse(replica, f"/v1/responses/{response_id}?stream=true{query}")
 
 
 async def test_a_background_response_on_a_is_read_resumed_and_cancelled_via_b(

@@ -21,9 +21,9 @@ from pydantic import TypeAdapter
 
 from fakes.mcp_server import McpHttpFake, McpRecorder
 from fakes.model import ErrorReply, TextReply, ToolCallReply
-from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
 from tests.spec_check import assert_spec_valid, spec_errors
+from tests.test_responses import _first_delta
 
 pytestmark = pytest.mark.both_backends
 
@@ -116,15 +116,6 @@ def create(**fields: Any) -> dict[str, Any]:
     return {"model": "fake-model", "input": "hi", **fields}
 
 
-async def first_delta(tether: Tether, task_id: str) -> None:
-    store = tether.runtime.manager.store
-    cursor = 0
-    while (events := await next_events(store, task_id, cursor)) is not None:
-        if any(e.type == "delta" for e in events):
-            return
-        cursor = events[-1].seq if events else cursor
-
-
 # -- every mode -----------------------------------------------------------------------------
 
 
@@ -184,7 +175,7 @@ async def test_cancelled_response_and_its_stream_are_valid(tether: Tether, fakes
     fakes.model.push(TextReply([f"w{i} " for i in range(1000)], interval=0.02))
     created = await answer(tether, "POST", "/v1/responses", create(background=True))
     with trio.fail_after(WAIT):
-        await first_delta(tether, created["id"])
+        await _first_delta(tether, created["id"])
     cancelled = await answer(tether, "POST", f"/v1/responses/{created['id']}/cancel")
     assert cancelled["status"] == "cancelled"
     events = await stream(tether, "GET", f"/v1/responses/{created['id']}?stream=true")

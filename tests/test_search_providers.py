@@ -7,7 +7,7 @@ a refused one must be reported: those tests keep real loopback servers (fakes/sc
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -15,7 +15,7 @@ import httpx2
 import pytest
 import trio
 
-from fakes.scripted import Script, ScriptedServer, stall_after_headers
+from fakes.scripted import stall_after_headers
 from server.config import Settings, SettingsError
 from server.providers.search.base import SearchError
 from server.providers.search.brave import BraveSearch
@@ -25,8 +25,7 @@ from server.providers.search.searxng import SearxngSearch
 from server.providers.search.tavily import TavilySearch
 from tests.connection_checks import closed_port_url, wait_client_left
 from tests.mock_upstream import MockUpstream, json_response
-
-Serve = Callable[[Script], Awaitable[ScriptedServer]]
+from tests.scripted import Serve
 
 
 @pytest.fixture
@@ -38,30 +37,6 @@ def upstream() -> MockUpstream:
 async def engine(upstream: MockUpstream) -> AsyncIterator[httpx2.AsyncClient]:
     """A client whose every request ``upstream`` answers."""
     async with upstream.client() as client:
-        yield client
-
-
-@pytest.fixture
-async def serve(nursery: trio.Nursery) -> AsyncIterator[Serve]:
-    """``await serve(script)`` starts a loopback server answering every request with
-    ``script``; a script that crashed fails the test."""
-    servers: list[ScriptedServer] = []
-
-    async def start(script: Script) -> ScriptedServer:
-        server = ScriptedServer(script)
-        await server.start(nursery)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        assert not server.errors, "a script crashed:\n" + "\n".join(server.errors)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx2.AsyncClient]:
-    # trust_env=False: no proxy from the environment may stand between us and loopback.
-    async with httpx2.AsyncClient(trust_env=False) as client:
         yield client
 
 
