@@ -183,6 +183,34 @@ async def test_skip_search_while_a_page_is_read_answers_from_the_sources_found(
     assert "quick snippet" not in system["content"] and "slow snippet" in system["content"]
 
 
+async def test_skip_search_while_the_search_hangs_answers_without_sources(
+    start_tether: Callable[..., Any], fakes: Fakes
+) -> None:
+    fakes.search.configure(delay=30)
+    fakes.model.push(TextReply(["Answered without sources."]))
+    tether: Tether = await start_tether()
+
+    def scenario(context: BrowserContext) -> None:
+        page, errors = open_page(context, tether.base_url)
+        ask(page, "Search for ever", web_search=True)
+        request = on_trio(fakes.search.wait_for_request, "/search")
+        page.get_by_test_id("skip-search").click()
+        on_trio(fakes.search.wait_connection_closed, request.conn_id)
+        expect(page.get_by_test_id("task-state")).to_have_text("completed")
+        expect(page.get_by_test_id("answer")).to_have_text("Answered without sources.")
+        expect(page.get_by_test_id("sources").locator("li")).to_have_count(0)
+        expect(page.get_by_role("list", name="Progress").locator("li.skipped")).to_have_text(
+            "Web search skipped: answering from 0 sources found"
+        )
+        expect(page.get_by_test_id("skip-search")).to_be_hidden()
+        errors.assert_none()
+
+    await in_browser(scenario)
+    # The skip closed it (the client side), not the fake's own end of the 30 s wait.
+    [connection] = [c for c in fakes.search.connections if "/search" in c.paths]
+    assert connection.closed_by == "client"
+
+
 async def test_skip_on_a_running_tool_call_gives_the_model_a_result_that_says_so(
     start_tether: Callable[..., Any], fakes: Fakes, tmp_path: Path
 ) -> None:
