@@ -23,7 +23,7 @@ import pytest
 import trio
 from playwright.sync_api import BrowserContext, Page, expect
 
-from fakes.model import DieMidwayReply, HangReply, TextReply
+from fakes.model import DieMidwayReply, HangReply, TextReply, ToolCallReply
 from tests.browser import CuttableProxy, PageErrors, in_browser, on_trio, require_chromium
 from tests.conftest import Fakes, Tether
 
@@ -130,6 +130,170 @@ async def test_stop_during_a_30_s_search_ends_it_cancelled_in_web_search(
         "web_search",
         "stop",
     )
+
+
+async def test_skip_search_while_a_page_is_read_answers_from_the_sources_found(
+    start_tether: Callable[..., Any], fakes: Fakes, tmp_path: Path
+) -> None:
+    base = fakes.pages.base_url
+    fakes.search.configure(
+        results=[
+            {"url": base + "/page/quick", "title": "Quick page", "content": "quick snippet"},
+            {"url": base + "/slow/30", "title": "Slow page", "content": "slow snippet"},
+        ]
+    )
+    fakes.model.push(TextReply(["Answered from what the search found."]))
+    tether: Tether = await start_tether()
+
+    def scenario(context: BrowserContext) -> str:
+        page, errors = open_page(context, tether.base_url)
+        skip = page.get_by_test_id("skip-search")
+        expect(skip).to_be_hidden()
+        ask(page, "What did the search find?", web_search=True)
+        slow = on_trio(fakes.pages.wait_for_request, "/slow/30")
+        expect(skip).to_be_enabled()
+        expect(page.get_by_test_id("stop")).to_be_enabled()
+        screenshot(page, "page-skip-search.png", tmp_path)
+        skip.click()
+        # The skip, not the end of the test, closed the slow page's connection.
+        on_trio(fakes.pages.wait_connection_closed, slow.conn_id)
+        expect(page.get_by_test_id("task-state")).to_have_text("completed")
+        expect(page.get_by_test_id("answer")).to_have_text("Answered from what the search found.")
+        # Both results are sources: the slow page with its snippet, as the search gave it.
+        expect(page.get_by_test_id("sources").locator("li")).to_have_text(
+            ["Quick page", "Slow page"]
+        )
+        expect(page.get_by_role("list", name="Progress").locator("li.skipped")).to_have_text(
+            "Web search skipped: answering from 2 sources found"
+        )
+        expect(skip).to_be_hidden()
+        expect(page.get_by_test_id("status")).to_have_text("Completed")
+        errors.assert_none()
+        return task_id_of(page)
+
+    task_id = await in_browser(scenario)
+    events = await tether.events(task_id)
+    [skipped] = [e["data"] for e in events if e["type"] == "status" and e["data"].get("skipped")]
+    assert (skipped["step"], skipped["by"]) == ("web_search", "local")
+    task = (await tether.client.get(f"/api/tasks/{task_id}")).json()
+    assert task["status"] == "completed"
+    assert [s["title"] for s in task["sources"]] == ["Quick page", "Slow page"]
+    # The model got both, the slow one as its snippet.
+    [system] = [m for m in fakes.model.chat_requests[-1]["messages"] if m["role"] == "system"]
+    assert "quick snippet" not in system["content"] and "slow snippet" in system["content"]
+
+
+async def test_skip_search_while_the_search_hangs_answers_without_sources(
+    start_tether: Callable[..., Any], fakes: Fakes
+) -> None:
+    fakes.search.configure(delay=30)
+    fakes.model.push(TextReply(["Answered without sources."]))
+    tether: Tether = await start_tether()
+
+    def scenario(context: BrowserContext) -> None:
+        page, errors = open_page(context, tether.base_url)
+        ask(page, "Search for ever", web_search=True)
+        request = on_trio(fakes.search.wait_for_request, "/search")
+        page.get_by_test_id("skip-search").click()
+        on_trio(fakes.search.wait_connection_closed, request.conn_id)
+        expect(page.get_by_test_id("task-state")).to_have_text("completed")
+        expect(page.get_by_test_id("answer")).to_have_text("Answered without sources.")
+        expect(page.get_by_test_id("sources").locator("li")).to_have_count(0)
+        expect(page.get_by_role("list", name="Progress").locator("li.skipped")).to_have_text(
+            "Web search skipped: answering from 0 sources found"
+        )
+        expect(page.get_by_test_id("skip-search")).to_be_hidden()
+        errors.assert_none()
+
+    await in_browser(scenario)
+    # The skip closed it (the client side), not the fake's own end of the 30 s wait.
+    [connection] = [c for c in fakes.search.connections if "/search" in c.paths]
+    assert connection.closed_by == "client"
+
+
+async def test_skip_on_a_running_tool_call_gives_the_model_a_result_that_says_so(
+    start_tether: Callable[..., Any], fakes: Fakes, tmp_path: Path
+) -> None:
+    slow_url = fakes.pages.base_url + "/slow/30"
+    fakes.model.push(
+        ToolCallReply([("fetch_url", {"url": slow_url})]),
+        TextReply(["Went on without the page."]),
+    )
+    tether: Tether = await start_tether()
+
+    def scenario(context: BrowserContext) -> str:
+        page, errors = open_page(context, tether.base_url)
+        page.get_by_label("Fetch URL").check()
+        ask(page, "Read that slow page")
+        slow = on_trio(fakes.pages.wait_for_request, "/slow/30")
+        skip = page.get_by_test_id("skip-tool")
+        expect(skip).to_have_count(1)
+        step = skip.get_attribute("data-step")
+        assert step
+        expect(page.get_by_test_id("skip-search")).to_be_hidden()  # no search in this one
+        screenshot(page, "page-skip-tool.png", tmp_path)
+        skip.click()
+        on_trio(fakes.pages.wait_connection_closed, slow.conn_id)
+        expect(page.get_by_test_id("task-state")).to_have_text("completed")
+        expect(page.get_by_test_id("answer")).to_have_text("Went on without the page.")
+        expect(page.get_by_role("list", name="Progress").locator("li.skipped")).to_have_text(
+            "fetch_url skipped: no result"
+        )
+        expect(page.get_by_test_id("skip-tool")).to_have_count(0)  # gone with the call
+        errors.assert_none()
+        return step
+
+    step = await in_browser(scenario)
+    results = {
+        m["tool_call_id"]: m["content"]
+        for m in fakes.model.chat_requests[-1]["messages"]
+        if m["role"] == "tool"
+    }
+    assert results == {step: "The user skipped this call of fetch_url: no result."}
+
+
+# tether.js's skip from a page: each answer in order, as the promise of its own skip.
+SKIPS = """async taskId => {
+  const { TetherClient } = await import("/static/tether.js");
+  const client = new TetherClient();
+  await client.connect();
+  const outcome = (promise) => promise.then(
+    (answer) => ({ answer }),
+    (error) => ({ code: error.code, param: error.param, step: error.step }));
+  const results = await Promise.all([
+    outcome(client.skip(taskId, "web_search")),
+    outcome(client.skip(taskId, "call_never_made")),
+    outcome(client.skip("task_nope", "web_search")),
+  ]);
+  client.close();
+  return results;
+}"""
+
+
+async def test_the_client_skip_rejects_with_the_servers_error(
+    start_tether: Callable[..., Any], fakes: Fakes
+) -> None:
+    tether: Tether = await start_tether()
+
+    def scenario(context: BrowserContext) -> Any:
+        page, errors = open_page(context, tether.base_url)
+        ask(page, "Search, then try to skip it", web_search=True)
+        expect(page.get_by_test_id("task-state")).to_have_text("completed")
+        expect(page.get_by_test_id("skip-search")).to_be_hidden()
+        results = page.evaluate(SKIPS, task_id_of(page))
+        errors.assert_none()
+        return task_id_of(page), results
+
+    task_id, results = await in_browser(scenario)
+    assert results == [
+        {
+            "code": "step_ended",
+            "param": "step",
+            "step": {"task_id": task_id, "step": "web_search", "state": "completed"},
+        },
+        {"code": "not_found", "param": "step", "step": None},
+        {"code": "not_found", "param": "task_id", "step": None},
+    ]
 
 
 async def test_stop_right_after_send_stops_the_task_before_its_id_is_shown(

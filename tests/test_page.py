@@ -24,6 +24,8 @@ HOOKS = (
     "answer",
     "sources",
     "task-state",
+    "skip-search",
+    "skip-tool",
 )
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -1,5 +1,7 @@
 // The chat page: a conversation over tether.js, with live progress and a Stop button that
-// works from the moment a question is sent.
+// works from the moment a question is sent; while the answer's web search runs, "Skip search"
+// ends the search and the answer is made from the sources found so far, and each running
+// tool call has a "Skip" of its own (the model is told the call was skipped).
 //
 // What the page keeps where:
 // - the API key in localStorage (it outlives the tab; "Forget key" removes it); it goes
@@ -47,6 +49,7 @@ const ui = {
   model: $("model"),
   send: $("send"),
   stop: $("stop"),
+  skipSearch: $("skip-search"),
 };
 
 /** @type {TetherClient|null} */
@@ -101,6 +104,11 @@ class Turn {
     this.sourceIndexes = new Set();
     this.renderTimer = null;
     this.controller = null;
+    // The web search step: "" (none seen), "running" (Skip search may end it), "over".
+    this.search = "";
+    this.skippingSearch = false;
+    /** The Skip buttons of the running tool calls, by tool_call_id (the call's step). */
+    this.toolSkips = new Map();
 
     const el = document.createElement("article");
     el.className = "turn";
@@ -185,9 +193,11 @@ class Turn {
         this.onStatus(data);
         break;
       case "source":
+        this.endSearch();
         this.addSource(data);
         break;
       case "delta":
+        this.endSearch();
         if (!this.content) this.setStatus("Writing the answer");
         this.content += data.content ?? "";
         this.scheduleRender();
@@ -200,19 +210,111 @@ class Turn {
   onStatus(data) {
     let text = data.description ?? "";
     let kind = data.error ? "step error" : "step";
+    const cut = Boolean(data.skipped || data.deadline);
+    if (cut) kind += " skipped";
     if (data.action === "search" && !data.done && Array.isArray(data.queries)) {
       text = "Searching: " + data.queries.join("; ");
-    } else if (data.action === "fetch" && data.url && !data.error) {
+    } else if (data.action === "fetch" && data.url && !data.error && !cut) {
       text = "Read " + data.url;
     } else if (data.action === "tool_call" && !data.done) {
       text = `Calling ${data.tool}(${data.arguments ?? ""})`;
       kind += " tool";
     } else if (data.action === "tool_call") {
-      text = `${data.tool} → ${data.result ?? ""}`;
+      if (data.skipped) text = `${data.tool} skipped: no result`;
+      else text = `${data.tool} → ${data.result ?? ""}`;
       kind += " tool";
     }
-    this.addStep(text, kind);
+    const li = this.addStep(text, kind);
     this.setStatus(text);
+    // The search runs from its first status to its first source or delta, or to the
+    // status that says it was cut short (a skip, or its deadline).
+    if (data.step === "web_search" && this.search !== "over") {
+      if (cut) this.endSearch();
+      else this.setSearch("running");
+    } else if (data.phase === "tools") {
+      this.endSearch();
+    }
+    const step = data.step ?? data.tool_call_id;
+    if (data.action === "tool_call" && step) {
+      if (data.done) this.endToolCall(step);
+      else if (data.progress === undefined && !this.toolSkips.has(step)) {
+        this.addToolSkip(li, step, data.tool);
+      }
+    }
+  }
+
+  setSearch(search) {
+    if (this.search === search) return;
+    this.search = search;
+    if (search !== "running") this.skippingSearch = false;
+    if (this === active) showSkipSearch();
+  }
+
+  endSearch() {
+    if (this.search) this.setSearch("over");
+  }
+
+  /** A Skip button on a running tool call's step: it asks the server to skip the call. */
+  addToolSkip(li, step, tool) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "skip-tool";
+    button.textContent = "Skip";
+    button.title = `Skip this call of ${tool}: the model goes on without its result`;
+    button.dataset.step = step;
+    if (this === current) button.dataset.testid = "skip-tool";
+    button.addEventListener("click", () => this.skipToolCall(button, step, tool));
+    li.append(" ", button);
+    this.toolSkips.set(step, button);
+  }
+
+  endToolCall(step) {
+    this.toolSkips.get(step)?.remove();
+    this.toolSkips.delete(step);
+  }
+
+  async skipToolCall(button, step, tool) {
+    if (!client || !this.taskId || button.disabled) return;
+    button.disabled = true;
+    this.setStatus(`Skipping ${tool}…`);
+    try {
+      await client.skip(this.taskId, step);
+      // The call's closing status follows (or came first): it ends the button.
+    } catch (error) {
+      this.skipRefused(`Could not skip ${tool}`, error);
+      if (error instanceof TetherError && error.code === "disconnected") button.disabled = false;
+      else this.endToolCall(step);
+    }
+  }
+
+  async skipSearch() {
+    if (!client || !this.taskId || this.search !== "running" || this.skippingSearch) return;
+    this.skippingSearch = true;
+    showSkipSearch();
+    this.setStatus("Skipping the web search…");
+    try {
+      await client.skip(this.taskId, "web_search");
+      // The search's closing status ("Web search skipped: ...") follows (or came first).
+    } catch (error) {
+      this.skipRefused("Could not skip the web search", error);
+      this.skippingSearch = false;
+      showSkipSearch();
+    }
+  }
+
+  /** A skip the server did not take: say why among the steps and on the status line. */
+  skipRefused(what, error) {
+    const why = error instanceof TetherError && error.code === "step_ended"
+      ? `it had ended (${error.step?.state ?? "ended"})` : error.message;
+    const text = `${what}: ${why}`;
+    this.addStep(text, "step error");
+    if (ACTIVE.has(this.state)) this.setStatus(text);
+  }
+
+  /** The task has ended, or is gone: nothing of it can be skipped any more. */
+  endSteps() {
+    this.endSearch();
+    for (const step of [...this.toolSkips.keys()]) this.endToolCall(step);
   }
 
   addSource(data) {
@@ -247,6 +349,7 @@ class Turn {
       if (!this.sourceIndexes.has(source.index)) this.addSource(source);
     }
     this.render();
+    this.endSteps();
     this.sayWhy(explain(task), task.status !== "completed");
     this.setState(task.status);
     if (this.own) saveTurns();
@@ -260,6 +363,7 @@ class Turn {
 
   gone() {
     if (ACTIVE.has(this.state) || !this.state) {
+      this.endSteps();
       this.sayWhy("Disconnected: the server no longer has this answer.", true);
       if (this === active) setActive(null);
     }
@@ -372,6 +476,15 @@ function setActive(turn) {
   active = turn;
   ui.stop.disabled = turn === null;
   ui.send.disabled = turn !== null || !ready;
+  showSkipSearch();
+}
+
+/** "Skip search" is there while the running answer's web search is, and usable until
+ * the skip is asked for. */
+function showSkipSearch() {
+  const searching = active !== null && active.search === "running" && active.taskId !== null;
+  ui.skipSearch.hidden = !searching;
+  ui.skipSearch.disabled = !searching || active.skippingSearch || !client;
 }
 
 /** The turn of an event's task: known, or asked here before a reload, or from elsewhere. */
@@ -613,6 +726,7 @@ document.addEventListener("keydown", (e) => {
   if (e.key === "Escape") stop();
 });
 ui.stop.addEventListener("click", stop);
+ui.skipSearch.addEventListener("click", () => active?.skipSearch());
 ui.keyForm.addEventListener("submit", (e) => {
   e.preventDefault();
   const key = ui.key.value.trim();

@@ -17,6 +17,7 @@
  *     features: { web_search: true } },
  *   { signal: stopper.signal });
  * stopper.abort();   // or client.stop(taskId): stops it in whatever phase it is
+ * await client.skip(taskId, "web_search");   // or skip one step: the task goes on without it
  * ```
  *
  * How nothing is lost or repeated: the client keeps, for each task it has seen, the `seq`
@@ -72,14 +73,18 @@ export class TetherError extends Error {
    * @param {string} code the error's `code`, as in API.md's error tables
    * @param {string} message a sentence for people
    * @param {string|null} [param] the request field at fault, if any
+   * @param {{task_id: string, step: string, state: string}|null} [step] for a skip's
+   *   `step_ended`: the step and how it ended (`completed`, `skipped`, `deadline`...)
    */
-  constructor(code, message, param = null) {
+  constructor(code, message, param = null, step = null) {
     super(message);
     this.name = "TetherError";
     /** @type {string} */
     this.code = code;
     /** @type {string|null} */
     this.param = param;
+    /** @type {{task_id: string, step: string, state: string}|null} */
+    this.step = step;
   }
 }
 
@@ -122,8 +127,8 @@ const ACTIVE = new Set(["queued", "running"]);
  *   `closed`.
  * - `taskgone`: `{taskId}`: a task this client followed is no longer on the server (its
  *   retention ran out while the client was away); no more of its events will come.
- * - `servererror`: `{code, message, param, ref}`: an error answer not tied to a `chat`
- *   (a `subscribe` or `stop` of an unknown task, say).
+ * - `servererror`: `{code, message, param, ref}`: an error answer not tied to a `chat` or
+ *   a `skip` (a `subscribe` or `stop` of an unknown task, say).
  * - `sessionrefused`: `{code, message}`: the server closed with 4404 (the session is
  *   another user's); the client does not reconnect. Make a new client without `sessionId`.
  */
@@ -153,6 +158,8 @@ export class TetherClient extends EventTarget {
     // Chats waiting for their `task` answer, oldest first: the server answers the
     // commands of one connection in order, so an error about a chat is the oldest one's.
     this._pending = [];
+    // Skips waiting for their answer, oldest first (answered in order, as chats are).
+    this._skips = [];
     // Stops asked for while disconnected; sent once the session is back.
     this._outbox = [];
     this._waiters = [];
@@ -251,6 +258,29 @@ export class TetherClient extends EventTarget {
   }
 
   /**
+   * Skip one step of a running task; the task goes on without it. `step` is `web_search`
+   * (the whole search phase: the answer is made from the sources found so far),
+   * `page:<url>` (one page read of the search) or a tool call's id (the model is told the
+   * call was skipped). The step's closing `status` event, with `skipped: true`, follows as
+   * an `event`. Asked while disconnected, the skip is sent once the connection is back.
+   * @param {string} taskId
+   * @param {string} step
+   * @returns {Promise<{task_id: string, step: string, state: string}>} the server's answer
+   *   (`state` is `skipped`); rejects with a {@link TetherError}: `step_ended` when the step
+   *   had ended already (its `step` says how), `not_found` for a step the task never began
+   *   or an unknown task, `disconnected` when the connection dropped before the answer
+   *   (whether it was skipped then shows in the step's `status` event)
+   */
+  skip(taskId, step) {
+    const message = { type: "skip", task_id: taskId, step };
+    return new Promise((resolve, reject) => {
+      const pending = { message, resolve, reject, sent: false };
+      this._skips.push(pending);
+      if (this._state === "open") this._sendSkip(pending);
+    });
+  }
+
+  /**
    * Follow a task (of this user) from `after`: its events past that seq are replayed, then
    * come live. Tasks of the session are followed without asking; this is for others.
    * @param {string} taskId
@@ -329,6 +359,9 @@ export class TetherClient extends EventTarget {
       case "task":
         this._answered(message);
         break;
+      case "skip":
+        this._skipAnswered(message);
+        break;
       case "event":
         this._onEvents([message.event]);
         break;
@@ -375,7 +408,15 @@ export class TetherClient extends EventTarget {
         this._dispatch("taskgone", { taskId });
       }
     }
+    // Skips sent on the connection that dropped, whose answer never came: whether they
+    // landed shows in the steps' status events; the promise cannot say.
+    for (const pending of this._skips.filter((p) => p.sent)) {
+      this._skips.splice(this._skips.indexOf(pending), 1);
+      pending.reject(new TetherError(
+        "disconnected", "The connection dropped before the server answered the skip."));
+    }
     for (const pending of this._pending.filter((p) => !p.sent)) this._sendChat(pending);
+    for (const pending of this._skips) this._sendSkip(pending);
     for (const queued of this._outbox.splice(0)) this._send(queued);
     this._startPings();
     this._dispatch("session", { sessionId: this._sessionId, tasks: message.tasks, resumed });
@@ -396,12 +437,31 @@ export class TetherClient extends EventTarget {
     }
   }
 
+  _skipAnswered(message) {
+    // The server answers in order, so the answer is the oldest sent skip's; the match on
+    // task and step is only a guard.
+    const { task_id: taskId, step, state } = message;
+    let index = this._skips.findIndex(
+      (p) => p.sent && p.message.task_id === taskId && p.message.step === step);
+    if (index === -1) index = this._skips.findIndex((p) => p.sent);
+    if (index === -1) return;
+    this._skips.splice(index, 1)[0].resolve({ task_id: taskId, step, state });
+  }
+
   _onError(message) {
     const { code, message: text, param = null } = message.error ?? {};
     if (message.ref === "chat") {
       const index = this._pending.findIndex((p) => p.sent);
       if (index !== -1) {
         this._pending.splice(index, 1)[0].reject(new TetherError(code, text, param));
+        return;
+      }
+    }
+    if (message.ref === "skip") {
+      const index = this._skips.findIndex((p) => p.sent);
+      if (index !== -1) {
+        this._skips.splice(index, 1)[0].reject(
+          new TetherError(code, text, param, message.step ?? null));
         return;
       }
     }
@@ -441,6 +501,11 @@ export class TetherClient extends EventTarget {
   }
 
   _sendChat(pending) {
+    pending.sent = true;
+    this._send(pending.message);
+  }
+
+  _sendSkip(pending) {
     pending.sent = true;
     this._send(pending.message);
   }
@@ -485,6 +550,7 @@ export class TetherClient extends EventTarget {
 
   _fail(error) {
     for (const pending of this._pending.splice(0)) pending.reject(error);
+    for (const pending of this._skips.splice(0)) pending.reject(error);
     this._outbox = [];
     this._settleWaiters(error);
   }
