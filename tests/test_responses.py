@@ -287,3 +287,22 @@ async def test_another_users_response_is_unknown(start_tether: Any, fakes: Fakes
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_a_running_response_shows_its_output_and_usage_so_far(
+    tether: Tether, fakes: Fakes
+) -> None:
+    fakes.model.push(TextReply([f"w{i} " for i in range(1000)], interval=0.02))
+    async with sdk(tether) as client:
+        created = await client.responses.create(
+            model="fake-model", input="a question of forty characters, roughly", background=True
+        )
+        with trio.fail_after(WAIT):
+            await _first_delta(tether, created.id)
+            running = await client.responses.retrieve(created.id)
+            await client.responses.cancel(created.id)
+    assert running.status == "in_progress"
+    assert running.output_text.startswith("w0 ")
+    assert running.usage is not None
+    assert running.usage.output_tokens >= 1 and running.usage.input_tokens >= 10
+    assert running.usage.total_tokens == running.usage.input_tokens + running.usage.output_tokens

@@ -22,8 +22,9 @@ from server import fastjson
 from server.api import sse
 from server.api.binding import on_connection_close
 from server.api.common import current_user, json_response, read_json_body, runtime, sse_headers
-from server.api.responses.request import build_chat, conversation, parse_create
+from server.api.responses.request import build_chat, chat_messages, conversation, parse_create
 from server.api.responses.translate import SPAN, ResponseTranslator, response_status
+from server.pipeline.usage import estimate_prompt_tokens
 from server.record import TaskRecord
 from server.runtime import Runtime
 from server.schemas import RequestError
@@ -35,9 +36,10 @@ _ERROR_CODES = {"upstream_error": "server_error", "task_too_large": "server_erro
 
 
 def response_object(
-    record: TaskRecord, status: str, output: list[dict[str, Any]]
+    record: TaskRecord, status: str, output: list[dict[str, Any]], streamed: int = 0
 ) -> dict[str, Any]:
-    """The Response of a task, with ``status`` and ``output`` as its log leaves them."""
+    """The Response of a task, with ``status`` and ``output`` as its log leaves them;
+    ``streamed`` text deltas so far give a running response its usage so far."""
     meta = record.response or {}
     error = None
     if status == "failed" and record.error is not None:
@@ -76,6 +78,8 @@ def response_object(
     if status not in ("queued", "in_progress"):
         # An object or absent in the spec's Response, never null.
         body["usage"] = _usage(record)
+    elif streamed:
+        body["usage"] = _usage_so_far(meta, streamed)
     if meta.get("user") is not None:
         # A string or absent in the spec's Response, never null.
         body["user"] = meta["user"]
@@ -86,13 +90,27 @@ def _usage(record: TaskRecord) -> dict[str, Any]:
     usage: dict[str, Any] = dict(record.usage or {})
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
+    return _usage_figures(prompt, completion, int(usage.get("total_tokens") or prompt + completion))
+
+
+def _usage_figures(prompt: int, completion: int, total: int) -> dict[str, Any]:
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": int(usage.get("total_tokens") or prompt + completion),
+        "total_tokens": total,
     }
+
+
+def _usage_so_far(meta: dict[str, Any], streamed: int) -> dict[str, Any]:
+    """A running response's usage, counted as Tether counts an answer the model has not
+    reported on (``pipeline.usage``): its prompt's characters / 4, a token per chunk."""
+    messages = chat_messages([*meta.get("history", ()), *meta.get("input", ())])
+    if meta.get("instructions"):
+        messages.insert(0, {"role": "system", "content": meta["instructions"]})
+    prompt = estimate_prompt_tokens(messages)
+    return _usage_figures(prompt, streamed, prompt + streamed)
 
 
 def translator(record: TaskRecord) -> ResponseTranslator:

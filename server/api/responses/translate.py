@@ -58,7 +58,8 @@ class ResponseTranslator:
     object around a status and output (see ``routes``)."""
 
     record: TaskRecord
-    base: Callable[[TaskRecord, str, list[dict[str, Any]]], dict[str, Any]]
+    # Makes the Response around a status, the output and the text deltas streamed so far.
+    base: Callable[[TaskRecord, str, list[dict[str, Any]], int], dict[str, Any]]
     mcp_lists: list[dict[str, Any]] = field(default_factory=list)
     output: list[_Item] = field(default_factory=list)
     status: str = "queued"
@@ -70,6 +71,7 @@ class ResponseTranslator:
     _calls: dict[str, _Item] = field(default_factory=dict)
     _sources: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False
+    streamed: int = 0
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -238,6 +240,7 @@ class ResponseTranslator:
                 part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
                 emit("response.content_part.added", **self._where(item), content_index=0, part=part)
             self._text += text
+            self.streamed += 1
             emit(
                 "response.output_text.delta",
                 **self._where(item),
@@ -322,7 +325,7 @@ class ResponseTranslator:
             if item is self._message and item.open:
                 body = {**body, "content": [self._text_part()]}
             output.append(body)
-        return self.base(self.record, self.status, output)
+        return self.base(self.record, self.status, output, self.streamed)
 
 
 def response_status(record: TaskRecord) -> str:
