@@ -226,6 +226,11 @@ class Settings(BaseSettings):
     # without this check any site a user visits could drive their session.
     ws_allowed_origins: Annotated[tuple[str, ...], _text_or(_parse_origins)] = ()
 
+    # Traces are not TETHER_* settings: ``from_env`` decides from the standard OTEL_*
+    # variables (``otel_traces_wanted``), once; the SDK reads the rest of them itself.
+    otel_traces: Bool = False
+    otel_service_name: str = "tether"
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
@@ -254,7 +259,10 @@ class Settings(BaseSettings):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every ``TETHER_<FIELD>`` variable of ``environ`` (the process's environment
         if None); unset or empty ones keep their defaults."""
-        values = MappingEnvSource(cls, os.environ if environ is None else environ)()
+        environ = os.environ if environ is None else environ
+        values = MappingEnvSource(cls, environ)()
+        values["otel_traces"] = otel_traces_wanted(environ)
+        values["otel_service_name"] = environ.get("OTEL_SERVICE_NAME") or "tether"
         settings = _validated(values)
         if settings.backend == "redis" and not settings.redis_url:
             raise SettingsError(
@@ -267,6 +275,24 @@ class Settings(BaseSettings):
             )
             settings = settings.with_overrides(api_keys=keys)
         return settings
+
+
+def otel_traces_wanted(environ: Mapping[str, str]) -> bool:
+    """Whether the standard OTEL_* variables ask for traces: an OTLP endpoint is named
+    (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``), and neither
+    ``OTEL_SDK_DISABLED=true``, ``OTEL_TRACES_EXPORTER=none`` nor
+    ``OTEL_TRACES_SAMPLER=always_off`` says no. Without an endpoint there is nowhere to send
+    spans, so none is made: the SDK's default of localhost:4318 is not guessed at."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    if environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() == "always_off":
+        return False
+    return bool(
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    )
 
 
 def _validated(values: Mapping[str, Any]) -> Settings:
