@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -322,10 +322,14 @@ def _variable(field_name: str | None) -> str:
 _NOT_SETTINGS_PREFIX = "TETHER_TEST_"
 
 
+# Settings that no TETHER_* variable sets: ``from_env`` takes them from OTEL_*.
+FROM_OTEL: Final = frozenset({"otel_traces", "otel_service_name"})
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """A line for each ``TETHER_*`` variable that names no setting (a typo would otherwise
     be silently ignored), with the closest setting's name when one is close."""
-    known = {_variable(name) for name in Settings.model_fields}
+    known = {_variable(name) for name in Settings.model_fields if name not in FROM_OTEL}
     lines = []
     for name in sorted(environ):
         if (

@@ -6,6 +6,7 @@ exporter here, and in one test over OTLP/HTTP to a receiver on loopback."""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from fakes.mcp_server import McpHttpFake, McpRecorder
-from fakes.model import TextReply, ToolCallReply
+from fakes.model import HangReply, TextReply, ToolCallReply
 from server.app import create_app
 from server.cli import serve_app
 from server.config import Settings, otel_traces_wanted
@@ -420,3 +421,33 @@ async def test_spans_are_exported_over_otlp_http_to_a_collector(
         child = by_name[name][1]
         assert (child.trace_id, child.parent_span_id) == (root.trace_id, root.span_id)
     assert [e.name for e in by_name["llm.stream"][1].events] == ["first_token"]
+
+
+async def test_a_stop_through_another_replica_is_a_span_linked_to_the_tasks_trace(
+    start_traced: Callable[..., Any],
+    fakes: Fakes,
+    exporter: InMemorySpanExporter,
+    request: pytest.FixtureRequest,
+) -> None:
+    redis = request.getfixturevalue("redis_server")
+    shared = {
+        "backend": "redis",
+        "redis_url": redis.url,
+        "redis_prefix": "o" + secrets.token_hex(6),
+    }
+    owner: Tether = await start_traced(**shared)
+    other: Tether = await start_traced(**shared)
+    fakes.model.push(HangReply())
+    task_id = await owner.background(chat_body())
+    with trio.fail_after(WAIT):
+        await fakes.model.wait_for_request("/v1/chat/completions")
+    await _stop(other, task_id)
+    tree = await _task_trace(exporter, task_id)
+
+    _assert_root(tree, task_id, status="cancelled", reason="stop")
+    sent = next(s for s in exporter.get_finished_spans() if s.name == "tether.stop.send")
+    assert sent.context is not None and tree.root.context is not None
+    assert sent.context.trace_id != tree.root.context.trace_id  # the other replica's own
+    assert [link.context.span_id for link in sent.links] == [tree.root.context.span_id]
+    assert [link.context.trace_id for link in sent.links] == [tree.root.context.trace_id]
+    assert (sent.attributes or {})["tether.task.id"] == task_id
