@@ -11,6 +11,7 @@ import logging
 from functools import partial
 
 import trio
+from opentelemetry.sdk.trace import TracerProvider
 from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -40,14 +41,18 @@ _HTTP_CODES = {
 }
 
 
-def create_app(settings: Settings | None = None) -> QuartTrio:
+def create_app(
+    settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
+) -> QuartTrio:
+    """The app for ``settings`` (read from the environment if None); traced spans go to
+    ``tracer_provider`` if given (see ``build_runtime``)."""
     settings = settings or Settings.from_env()
     # No framework static folder: api/page.py serves the package's own, with its rules.
     app = QuartTrio("tether", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
-    runtime: Runtime = build_runtime(settings)
+    runtime: Runtime = build_runtime(settings, tracer_provider=tracer_provider)
     app.extensions["tether"] = runtime
     hub = ws.WsHub(settings.ws_send_timeout_s)
     app.extensions["tether_ws"] = hub
@@ -96,6 +101,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         if runtime.pages_http is not runtime.http:
             await runtime.pages_http.aclose()
         await runtime.model_http.aclose()
+        await runtime.tracing.aclose()
         if access_log is not None:
             close_access_log(access_log)
 

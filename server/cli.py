@@ -24,7 +24,7 @@ from quart_trio import QuartTrio
 
 from server.api.ws import WsHub
 from server.app import create_app
-from server.config import Settings, SettingsError, read_dotenv, unknown_variables
+from server.config import FROM_OTEL, Settings, SettingsError, read_dotenv, unknown_variables
 from server.runtime import Runtime
 
 log = logging.getLogger("tether")
@@ -155,6 +155,8 @@ def settings_help() -> str:
     lines = ["settings (TETHER_* variables, with their defaults):"]
     defaults = Settings()
     for name in Settings.model_fields:
+        if name in FROM_OTEL:
+            continue  # OTEL_* decide (the README's Traces section)
         default = getattr(defaults, name)
         if isinstance(default, Mapping | tuple):
             shown = ",".join(map(str, default)) or "(none)"

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -226,6 +226,11 @@ class Settings(BaseSettings):
     # without this check any site a user visits could drive their session.
     ws_allowed_origins: Annotated[tuple[str, ...], _text_or(_parse_origins)] = ()
 
+    # Traces are not TETHER_* settings: ``from_env`` decides from the standard OTEL_*
+    # variables (``otel_traces_wanted``), once; the SDK reads the rest of them itself.
+    otel_traces: Bool = False
+    otel_service_name: str = "tether"
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
@@ -254,7 +259,10 @@ class Settings(BaseSettings):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every ``TETHER_<FIELD>`` variable of ``environ`` (the process's environment
         if None); unset or empty ones keep their defaults."""
-        values = MappingEnvSource(cls, os.environ if environ is None else environ)()
+        environ = os.environ if environ is None else environ
+        values = MappingEnvSource(cls, environ)()
+        values["otel_traces"] = otel_traces_wanted(environ)
+        values["otel_service_name"] = environ.get("OTEL_SERVICE_NAME") or "tether"
         settings = _validated(values)
         if settings.backend == "redis" and not settings.redis_url:
             raise SettingsError(
@@ -267,6 +275,24 @@ class Settings(BaseSettings):
             )
             settings = settings.with_overrides(api_keys=keys)
         return settings
+
+
+def otel_traces_wanted(environ: Mapping[str, str]) -> bool:
+    """Whether the standard OTEL_* variables ask for traces: an OTLP endpoint is named
+    (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``), and neither
+    ``OTEL_SDK_DISABLED=true``, ``OTEL_TRACES_EXPORTER=none`` nor
+    ``OTEL_TRACES_SAMPLER=always_off`` says no. Without an endpoint there is nowhere to send
+    spans, so none is made: the SDK's default of localhost:4318 is not guessed at."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    if environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() == "always_off":
+        return False
+    return bool(
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    )
 
 
 def _validated(values: Mapping[str, Any]) -> Settings:
@@ -296,10 +322,14 @@ def _variable(field_name: str | None) -> str:
 _NOT_SETTINGS_PREFIX = "TETHER_TEST_"
 
 
+# Settings that no TETHER_* variable sets: ``from_env`` takes them from OTEL_*.
+FROM_OTEL: Final = frozenset({"otel_traces", "otel_service_name"})
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """A line for each ``TETHER_*`` variable that names no setting (a typo would otherwise
     be silently ignored), with the closest setting's name when one is close."""
-    known = {_variable(name) for name in Settings.model_fields}
+    known = {_variable(name) for name in Settings.model_fields if name not in FROM_OTEL}
     lines = []
     for name in sorted(environ):
         if (

@@ -110,6 +110,9 @@ class TaskRecord:
     # Started as a Response (``POST /v1/responses``): its input and the fields a Response
     # echoes; None for a chat completion.
     response: dict[str, Any] | None = field(default=None, metadata=INTERNAL)
+    # With tracing on, the ``traceparent`` of the task's root span: a stop or a resume
+    # handled by another replica links its own span to the task's trace.
+    trace: str | None = field(default=None, metadata=INTERNAL)
 
     @property
     def active(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import httpx2
+from opentelemetry.sdk.trace import TracerProvider
 
 from server.auth import Authenticator
 from server.config import Settings, SettingsError, read_mcp_config
@@ -27,6 +28,7 @@ from server.tasks.backend import Backend
 from server.tasks.manager import TaskManager
 from server.tasks.memory import MemoryBackend
 from server.tasks.redis import redis_backend
+from server.tracing import Tracing, build_tracing
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Runtime:
     pipeline: ChatPipeline
     manager: TaskManager
     sessions: SessionRegistry
+    tracing: Tracing
 
 
 def _limits(settings: Settings, *, keepalive: int) -> httpx2.Limits:
@@ -65,9 +68,10 @@ def build_http_client(
     Timeouts here are outer bounds; each step also has its own deadline inside the task's
     cancel scope."""
     limits, timeout = _limits(settings, keepalive=keepalive), _timeout(settings)
+    traced = settings.otel_traces
     if pause is not None:
-        return paced_client(limits, timeout, pause)
-    return client_with_backend(TlsSafeBackend(), limits, timeout)
+        return paced_client(limits, timeout, pause, traced=traced)
+    return client_with_backend(TlsSafeBackend(), limits, timeout, traced=traced)
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -84,13 +88,20 @@ def build_backend(settings: Settings) -> Backend:
     return MemoryBackend()
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> Runtime:
+    """Everything the server holds. Traced (``settings.otel_traces``), spans go to
+    ``tracer_provider`` if given (a test's), else to the OTLP exporter the SDK configures
+    from OTEL_*."""
     # Two pools: model streams are long and go to one or two hosts, so their connections
     # are worth keeping; searches and page fetches are short and go everywhere. Apart,
     # neither pool's bookkeeping (httpcore walks its connection list on every request)
     # pays for the other's connections: under load, hundreds of open model streams would
     # otherwise be walked by every page fetch.
     load = LoadGauge()
+    if settings.otel_traces and tracer_provider is not None:
+        tracing = Tracing(tracer_provider)
+    else:
+        tracing = build_tracing(settings.otel_traces, settings.otel_service_name)
     http = build_http_client(settings, keepalive=50)
     # Page fetches (search results, fetch_url) go where outside text points: unless
     # allowed, they reach public addresses only, checked where they connect.
@@ -98,7 +109,10 @@ def build_runtime(settings: Settings) -> Runtime:
         http
         if settings.fetch_allow_private
         else client_with_backend(
-            PublicOnlyBackend(), _limits(settings, keepalive=50), _timeout(settings)
+            PublicOnlyBackend(),
+            _limits(settings, keepalive=50),
+            _timeout(settings),
+            traced=settings.otel_traces,
         )
     )
     model_http = build_http_client(
@@ -117,7 +131,7 @@ def build_runtime(settings: Settings) -> Runtime:
     pages = HttpPageReader(pages_http, settings)
     tools = ToolRegistry(build_tools(settings, pages), mcp, settings.mcp_max_result_chars)
     pipeline = ChatPipeline(settings, models, search, tools, pages)
-    manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics)
+    manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics, tracing)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(
         settings=settings,
@@ -134,4 +148,5 @@ def build_runtime(settings: Settings) -> Runtime:
         pipeline=pipeline,
         manager=manager,
         sessions=sessions,
+        tracing=tracing,
     )

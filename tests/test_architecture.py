@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"pipeline", "tasks"},
     {"providers"},
     {"auth"},
-    {"schemas", "config", "metrics", "load", "prompt_markers"},
+    {"schemas", "config", "metrics", "load", "prompt_markers", "tracing"},
     {"record", "events"},
     {"fastjson", "exception_groups", "library_internals"},
 ]

@@ -47,7 +47,7 @@ async def chat_completions() -> Response:
     rt = runtime()
     user = current_user()
     chat = await check_chat(rt, user, await read_json_body())
-    record = await rt.manager.spawn(user, chat)
+    record = await rt.manager.spawn(user, chat, trace_parent=request.headers.get("traceparent"))
     if record.mode != "background":
         # Bound to this connection however it ends (see app.bind_to_connection).
         on_connection_close(partial(rt.manager.cancel, record.id, "disconnect"))

@@ -7,6 +7,7 @@ from typing import Any, Literal, Protocol
 
 from server.events import DeltaData, SourceData, StatusData
 from server.record import Phase
+from server.tracing import Attributes
 
 
 class StepHandle(Protocol):
@@ -57,10 +58,12 @@ class Emitter(Protocol):
         kind: Literal["web_search", "page", "tool"],
         *,
         deadline_s: float | None = None,
+        attributes: Attributes | None = None,
     ) -> AbstractContextManager[StepHandle]:
         """Run the block as a step that a skip (or ``deadline_s``) may cut short: then the
         block ends without an exception and the handle's ``cut`` says why; the code
-        around it goes on with what the step produced. A stop goes through it as usual."""
+        around it goes on with what the step produced. A stop goes through it as usual.
+        ``attributes`` go on the step's span when traced."""
         ...
 
     def keep_usage(self, usage: dict[str, Any] | None) -> None:

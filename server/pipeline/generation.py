@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from opentelemetry.trace import Span
 
+from server import tracing
 from server.events import DeltaData, StatusData
 from server.pipeline.emit import Emitter
 from server.pipeline.usage import UsageMeter
@@ -61,8 +63,15 @@ async def stream_round(
     calls: dict[int, _PendingCall] = {}
     result = RoundResult()
     usage.begin_round(body["messages"])
+    # Traced: the span of this model call, until its first delta marks it (one check per
+    # delta; nothing when untraced).
+    awaiting_first: Span | None = None
 
     async def on_delta(delta: ModelDelta) -> None:
+        nonlocal awaiting_first
+        if awaiting_first is not None:
+            awaiting_first.add_event("first_token")
+            awaiting_first = None
         if delta.content or delta.reasoning or delta.logprobs:
             data: DeltaData = {"content": delta.content}
             if delta.reasoning:
@@ -95,7 +104,9 @@ async def stream_round(
             usage.report(delta.usage)
 
     try:
-        await model.stream_chat(body, on_delta)
+        with tracing.span("llm.stream", {"gen_ai.request.model": str(body["model"])}) as span:
+            awaiting_first = span
+            await model.stream_chat(body, on_delta)
     except ModelError as exc:
         if not usage.round_answered:
             usage.drop_round()
@@ -227,6 +238,16 @@ def _tool_status(spec: ToolSpec, call: _PendingCall, description: str, *, done: 
     return status
 
 
+def _tool_attributes(spec: ToolSpec, call: _PendingCall) -> tracing.Attributes:
+    """A tool call's span attributes: the name the model called, and for an MCP tool its
+    server and its name there."""
+    attributes = {"tether.tool": call.name, "tether.tool_call_id": call.id}
+    if spec.server is not None:
+        attributes["mcp.server"] = spec.server
+        attributes["mcp.tool"] = spec.remote_name or spec.name
+    return attributes
+
+
 def _tool_details(spec: ToolSpec) -> dict[str, Any]:
     """What the task's record keeps of a server tool call besides OpenAI's fields."""
     if spec.server is None:
@@ -265,7 +286,9 @@ async def _run_tools(
         output, failed = "", False
         # The call is a step: a skip, or the tools' deadline, ends it with a result that
         # says so, and the model goes on with it.
-        with emit.step(call.id, "tool", deadline_s=timeout) as step:
+        with emit.step(
+            call.id, "tool", deadline_s=timeout, attributes=_tool_attributes(tool.spec, call)
+        ) as step:
             output, failed = await run_tool_call(tool, call, math.inf, report)
         outcome = "failed" if failed else "done"
         if step.cut == "skipped":

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import trio
 
+from server import tracing
 from server.config import Settings
 from server.events import SourceData, StatusData
 from server.pipeline.emit import Emitter, StepHandle
@@ -206,13 +207,16 @@ async def _search(
     query_model_id: str,
 ) -> None:
     await emit.status(_status("queries", "Generating search queries", done=False))
-    queries = await generate_queries(
-        request,
-        query_model if settings.search_query_generation else None,
-        query_model_id,
-        emit,
-        settings.search_max_queries,
-    )
+    with tracing.span("search.queries", {"tether.query_model": query_model_id}) as span:
+        queries = await generate_queries(
+            request,
+            query_model if settings.search_query_generation else None,
+            query_model_id,
+            emit,
+            settings.search_max_queries,
+        )
+        if span is not None:
+            span.set_attribute("tether.queries", len(queries))
     if not queries:
         await emit.status(_status("queries", "Nothing to search for", done=True))
         found.results = []
@@ -223,7 +227,8 @@ async def _search(
 
     async def one_query(i: int, query: str) -> None:
         try:
-            found.per_query[i] = await search.search(query, settings.search_result_count)
+            with tracing.span("search", {"tether.query": query}):
+                found.per_query[i] = await search.search(query, settings.search_result_count)
         except SearchError as exc:
             await emit.status(
                 _status(
@@ -265,7 +270,7 @@ async def _search(
 
     async def one_page(i: int, result: SearchResult) -> None:
         step_id = "page:" + result.url
-        with emit.step(step_id, "page") as page_step:
+        with emit.step(step_id, "page", attributes={"url.full": result.url}) as page_step:
             try:
                 page = await pages.read(result.url)
             except PageError as exc:

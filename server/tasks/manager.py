@@ -20,7 +20,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -43,6 +43,7 @@ from server.tasks.backend import Backend, TaskStore, next_events
 from server.tasks.errors import BackendUnavailable, ShuttingDown, TooManyTasks
 from server.tasks.log import LogClosed
 from server.tasks.steps import Step, StepKind, Steps, StepState, state_in_log
+from server.tracing import Attributes, Tracing, now_ns
 
 log = logging.getLogger("tether.tasks")
 
@@ -165,12 +166,17 @@ class TaskEmitter:
             self._record.usage = cast(Usage, usage)
 
     def step(
-        self, step_id: str, kind: StepKind, *, deadline_s: float | None = None
+        self,
+        step_id: str,
+        kind: StepKind,
+        *,
+        deadline_s: float | None = None,
+        attributes: Attributes | None = None,
     ) -> AbstractContextManager[Step]:
         """Run a block as a step that a skip can cut, for ``deadline_s`` at most (see
         ``Steps.step``)."""
         deadline = math.inf if deadline_s is None else trio.current_time() + deadline_s
-        return self.steps.step(step_id, kind, deadline=deadline)
+        return self.steps.step(step_id, kind, deadline=deadline, attributes=attributes)
 
 
 Runner = Callable[[ChatRequest, TaskEmitter], Awaitable[None]]
@@ -190,6 +196,10 @@ class RunningTask:
     # When the stop was received (trio's clock), and the step it found running.
     stop_received: float | None = None
     cancel_step: dict[str, Any] | None = None
+    # Traced: the caller's ``traceparent``, and the admission's time (epoch ns), when the
+    # task's root span and its ``queued`` child begin.
+    trace_parent: str | None = None
+    admitted_ns: int = 0
 
 
 def new_task_id(prefix: str = "task_") -> str:
@@ -198,9 +208,15 @@ def new_task_id(prefix: str = "task_") -> str:
 
 class TaskManager:
     def __init__(
-        self, settings: Settings, backend: Backend, runner: Runner, metrics: Metrics
+        self,
+        settings: Settings,
+        backend: Backend,
+        runner: Runner,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing(None)
         # Readers use the store directly; sessions use the cluster.
         self.store = backend.store
         self.cluster = backend.cluster
@@ -291,10 +307,13 @@ class TaskManager:
             except Exception:
                 log.exception("follow listener failed for %s", task_id)
 
-    async def spawn(self, user: str, request: ChatRequest) -> TaskRecord:
+    async def spawn(
+        self, user: str, request: ChatRequest, *, trace_parent: str | None = None
+    ) -> TaskRecord:
         """Admit a task and start it; return a copy of its record. Awaits nothing but
         admission: ``TooManyTasks`` past the limits, ``ShuttingDown`` while shutting
         down, ``BackendUnavailable`` if the backend fails or does not answer in time.
+        Traced, the task's trace is a child of ``trace_parent`` (a W3C ``traceparent``).
 
         Admission (a place, then the record and its first event) is shielded: a caller
         cancelled meanwhile gets its task started all the same (and its own clean-up
@@ -324,7 +343,9 @@ class TaskManager:
         if not admitted:
             self.metrics.rejected.labels("too_many_tasks").inc()
             raise TooManyTasks("Too many active tasks; retry after some have ended.")
-        running = RunningTask(record=record, request=request)
+        running = RunningTask(record=record, request=request, trace_parent=trace_parent)
+        if self.tracing.enabled:
+            running.admitted_ns = now_ns()
         task_s = request.deadlines.get("task_s", self.settings.task_timeout_s)
         if task_s > 0:
             running.scope.relative_deadline = task_s
@@ -379,8 +400,22 @@ class TaskManager:
         )
         completed = False
         failure: BaseException | None = None
+        # The root span is begun and ended here, in the task's own trio task, and is the
+        # current span of everything the runner starts (trio copies the context).
+        task_span = self.tracing.start_task(
+            task_id=record.id,
+            user=record.user,
+            mode=record.mode,
+            model=record.model,
+            parent=running.trace_parent,
+            admitted_ns=running.admitted_ns,
+            stops=running,
+        )
+        if task_span is not None:
+            record.trace = task_span.traceparent
+        traced = task_span.activate() if task_span is not None else nullcontext()
         try:
-            with running.scope:
+            with traced, running.scope:
                 record.status = "running"
                 record.started_at = time.time()
                 log.info(
@@ -411,6 +446,14 @@ class TaskManager:
                     "task=%s: the terminal event was not written in %.1f s",
                     record.id,
                     self.settings.backend_timeout_s,
+                )
+            if task_span is not None:
+                task_span.end(
+                    status=record.status,
+                    cancel_reason=record.cancel_reason,
+                    finish_reason=record.finish_reason,
+                    stop_ms=record.stop_ms,
+                    error_type=record.error["type"] if record.error else None,
                 )
 
     async def _finish(
@@ -522,7 +565,17 @@ class TaskManager:
             return True
         with trio.CancelScope(shield=True) as step:
             step.relative_deadline = self.settings.backend_timeout_s
-            return await self.cluster.send_stop(task_id, reason)
+            if not self.tracing.enabled:
+                return await self.cluster.send_stop(task_id, reason)
+            # Traced: this replica's part of the stop is a span of its own, linked to the
+            # task's trace (its root span, as the task's record carries it).
+            record = await self.store.get(task_id)
+            with self.tracing.linked_span(
+                "tether.stop.send",
+                record.trace if record is not None else None,
+                {"tether.task.id": task_id, "tether.cancel_reason": reason},
+            ):
+                return await self.cluster.send_stop(task_id, reason)
         raise BackendUnavailable("The task store did not answer in time; retry.")
 
     async def wait_ended(self, task_id: str) -> TaskRecord | None:

@@ -19,8 +19,16 @@ from typing import Any, Literal
 
 import trio
 
+from server import tracing
+
 StepKind = Literal["web_search", "page", "tool"]
 StepState = Literal["running", "completed", "skipped", "deadline", "cancelled"]
+# A step's span is named for its kind; its id is the attribute ``tether.step``.
+_SPAN_NAMES: dict[StepKind, str] = {
+    "web_search": "web_search",
+    "page": "page.read",
+    "tool": "tool.call",
+}
 
 
 @dataclass(eq=False)
@@ -48,28 +56,42 @@ class Steps:
         self._ended: dict[str, StepState] = {}
 
     @contextmanager
-    def step(self, step_id: str, kind: StepKind, *, deadline: float = math.inf) -> Iterator[Step]:
+    def step(
+        self,
+        step_id: str,
+        kind: StepKind,
+        *,
+        deadline: float = math.inf,
+        attributes: tracing.Attributes | None = None,
+    ) -> Iterator[Step]:
         """Run the block as the step ``step_id``, until the absolute ``deadline`` (trio's
         clock) at most. A skip or the deadline ends the block without an exception (the
-        step's ``cut`` says which); a stop of the task goes through it as usual."""
+        step's ``cut`` says which); a stop of the task goes through it as usual. Traced,
+        the step is a span (``_SPAN_NAMES``) with ``attributes``; a cut marks it."""
         step = Step(step_id, kind)
         step.scope.deadline = deadline
         self._running[step_id] = step
-        try:
-            with step.scope:
-                yield step
-        except BaseException:
-            step.state = "cancelled"
-            raise
-        finally:
-            if self._running.get(step_id) is step:
-                del self._running[step_id]
-            if step.state == "running":
-                if step.scope.cancelled_caught:
-                    step.state = "skipped" if step.skipped_by is not None else "deadline"
-                else:
-                    step.state = "completed"
-            self._ended[step_id] = step.state
+        with tracing.span(
+            _SPAN_NAMES[kind], {"tether.step": step_id, **(attributes or {})}
+        ) as span:
+            try:
+                with step.scope:
+                    yield step
+            except BaseException:
+                step.state = "cancelled"
+                raise
+            finally:
+                if self._running.get(step_id) is step:
+                    del self._running[step_id]
+                if step.state == "running":
+                    if step.scope.cancelled_caught:
+                        step.state = "skipped" if step.skipped_by is not None else "deadline"
+                    else:
+                        step.state = "completed"
+                self._ended[step_id] = step.state
+                cut = step.cut
+                if span is not None and cut is not None:
+                    tracing.mark_cut(span, cut, step.skipped_by)
 
     def skip(self, step_id: str, by: str) -> tuple[StepState, bool] | None:
         """Cancel the step's scope (synchronous). Its state after, and whether it was

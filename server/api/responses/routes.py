@@ -177,7 +177,7 @@ async def create() -> Response:
             param="store",
         )
     chat = build_chat(rt, body, history, previous_response_id=body.previous_response_id)
-    record = await rt.manager.spawn(user, chat)
+    record = await rt.manager.spawn(user, chat, trace_parent=request.headers.get("traceparent"))
     if not body.background:
         on_connection_close(partial(rt.manager.cancel, record.id, "disconnect"))
     rt.metrics.time_to_task_id.labels("http").observe(time.perf_counter() - arrived)

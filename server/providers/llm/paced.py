@@ -175,7 +175,8 @@ class _PacedBackend(WrappingBackend):
 
 
 def paced_client(
-    limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause
+    limits: httpx2.Limits, timeout: httpx2.Timeout, pause: Pause, *, traced: bool = False
 ) -> httpx2.AsyncClient:
-    """An httpx2 client whose connections are ``PacedStream``s."""
-    return client_with_backend(_PacedBackend(pause), limits, timeout)
+    """An httpx2 client whose connections are ``PacedStream``s (``traced``: see
+    ``client_with_backend``)."""
+    return client_with_backend(_PacedBackend(pause), limits, timeout, traced=traced)

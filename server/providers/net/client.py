@@ -31,6 +31,7 @@ import httpx2
 import trio
 
 from server.library_internals import pool_connections, pool_in_flight, replace_pool
+from server.tracing import send_trace_context
 
 _CONNECTIONS_PER_POOL = 100
 _MAX_POOLS = 16
@@ -111,10 +112,15 @@ def _transport(
 
 
 def client_with_backend(
-    backend: httpcore2.AsyncNetworkBackend, limits: httpx2.Limits, timeout: httpx2.Timeout
+    backend: httpcore2.AsyncNetworkBackend,
+    limits: httpx2.Limits,
+    timeout: httpx2.Timeout,
+    *,
+    traced: bool = False,
 ) -> httpx2.AsyncClient:
     """A client (redirects followed, no environment proxies) over ``backend``, its
-    connection limits shared out between its pools."""
+    connection limits shared out between its pools. ``traced``: each request carries a
+    ``traceparent`` header for the span it is sent in (untraced, no hook at all)."""
     total, keepalive = limits.max_connections, limits.max_keepalive_connections
     pools = (
         1 if total is None else min(_MAX_POOLS, max(1, math.ceil(total / _CONNECTIONS_PER_POOL)))
@@ -134,5 +140,9 @@ def client_with_backend(
         transports[0] if pools == 1 else _PoolsFilledInOrder(transports, limits.keepalive_expiry)
     )
     return httpx2.AsyncClient(
-        transport=transport, timeout=timeout, follow_redirects=True, trust_env=False
+        transport=transport,
+        timeout=timeout,
+        follow_redirects=True,
+        trust_env=False,
+        event_hooks={"request": [send_trace_context]} if traced else None,
     )

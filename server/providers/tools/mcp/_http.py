@@ -13,6 +13,10 @@ out, it aborts that request's response stream: the read in flight is cancelled, 
 reader sees the stream end, and the connection is closed rather than returned to the pool.
 The notification is sent first, so that the server learns it is a cancel and not a broken
 connection.
+
+It also gives each POST the ``traceparent`` its JSON-RPC message carries in
+``params._meta`` (a traced task's tool call puts it there): the SDK sends each POST from a
+task of its session, outside the task's trace context, so an event hook could not know it.
 """
 
 from __future__ import annotations
@@ -90,6 +94,9 @@ class CancellingTransport(httpx2.AsyncBaseTransport):
         """Send the request. Cancelling it cancels the inner transport's request (which
         closes its connection)."""
         message = _jsonrpc_message(request)
+        traceparent = _traceparent(message)
+        if traceparent is not None:
+            request.headers["traceparent"] = traceparent
         cancelled_id = _cancelled_request_id(message)
         if cancelled_id is not None:
             try:
@@ -166,6 +173,13 @@ def _as_id(value: Any) -> RequestId | None:
 
 def _request_id(message: dict[str, Any]) -> RequestId | None:
     return _as_id(message.get("id")) if "method" in message else None
+
+
+def _traceparent(message: dict[str, Any]) -> str | None:
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    value = meta.get("traceparent") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _cancelled_request_id(message: dict[str, Any]) -> RequestId | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anyio
 import httpx2
@@ -41,6 +41,7 @@ from mcp_types import CONNECTION_CLOSED
 from server.config import McpHttpServer, McpServerConfig, McpStdioServer, Settings
 from server.exception_groups import first_leaf
 from server.providers.tools.mcp._http import CancellingTransport
+from server.tracing import trace_meta
 
 __all__ = ["McpConnection", "McpUnavailable"]
 
@@ -266,7 +267,15 @@ class McpConnection:
             session = await self._ready_session()
             abandoned = True
             try:
-                result = await session.call_tool(name, arguments, progress_callback=progress)
+                # Traced, the call carries its span's traceparent in ``_meta`` (MCP's
+                # place for trace context), and over HTTP in the POST's header.
+                meta = trace_meta()
+                result = await session.call_tool(
+                    name,
+                    arguments,
+                    progress_callback=progress,
+                    meta=cast(mcp_types.RequestParamsMeta, meta) if meta else None,
+                )
                 abandoned = False
             except MCPError as exc:
                 abandoned = False
