@@ -20,6 +20,7 @@ from server.access_log import close_access_log, log_access, open_access_log
 from server.api import chat, health, local_docs, models, openapi, page, skip, tasks, tools, ws
 from server.api.admission import refusal
 from server.api.binding import bind_to_connection, route_websocket
+from server.api.body_rate import BodyRateFloor
 from server.api.common import close_if_body_unread, error_response
 from server.api.responses import routes as responses
 from server.config import Settings
@@ -35,6 +36,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     429: "too_many_tasks",
     503: "shutting_down",
@@ -57,8 +59,13 @@ def create_app(
     hub = ws.WsHub(settings.ws_send_timeout_s)
     app.extensions["tether_ws"] = hub
 
+    # Outside bind_to_connection: a body that arrives too slowly is answered 408 and its
+    # connection closed at once, not drained (binding._draining_on_close) at its own pace.
+    body_floor = BodyRateFloor(
+        settings.request_body_min_rate, settings.request_body_window_s, runtime.metrics
+    )
     app.asgi_app = route_websocket(  # type: ignore[method-assign,assignment]
-        bind_to_connection(app.asgi_app), ws.PATH, partial(ws.serve, runtime, hub)
+        body_floor.wrap(bind_to_connection(app.asgi_app)), ws.PATH, partial(ws.serve, runtime, hub)
     )
     # TETHER_ACCESS_LOG: a file that cannot be opened stops the start (SettingsError).
     access_log = open_access_log(settings.access_log)
@@ -89,6 +96,7 @@ def create_app(
         await app.nursery.start(runtime.manager.run)
         await app.nursery.start(runtime.sessions.run)
         app.nursery.start_soon(hub.run)
+        await app.nursery.start(body_floor.run)
         app.nursery.start_soon(runtime.load.run)
         app.nursery.start_soon(_refresh_models, runtime)
 

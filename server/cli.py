@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import cast
 
 import trio
-from hypercorn.config import Config
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
+from server.api.connections import ConnectionGuard
 from server.api.ws import WsHub
 from server.app import create_app
 from server.config import FROM_OTEL, Settings, SettingsError, read_dotenv, unknown_variables
+from server.library_internals import WatchedConfig, watch_connections
 from server.runtime import Runtime
 
 log = logging.getLogger("tether")
@@ -34,14 +35,16 @@ class ListenError(Exception):
     """The server could not bind its address."""
 
 
-def hypercorn_config(settings: Settings) -> Config:
-    config = Config()
+def hypercorn_config(settings: Settings) -> WatchedConfig:
+    config = WatchedConfig()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.websocket_ping_interval = settings.ws_ping_interval_s or None
     # With several workers, each binds its own socket to the port (SO_REUSEPORT) and the
     # kernel spreads new connections over them.
     config.workers = max(1, settings.workers)
+    # Between two requests on a connection; the time a request head may take is
+    # TETHER_REQUEST_HEAD_TIMEOUT_S (api/connections.py), from the next request's first byte.
     config.keep_alive_timeout = 75
     # Tasks are stopped as soon as shutdown begins, so their streams end at once. What can
     # outlast that is hypercorn's WebSocket ping loop, which sleeps a whole ping interval
@@ -71,7 +74,10 @@ async def serve_app(
     """Serve the app with hypercorn's trio worker until ``shutdown_trigger`` returns.
     Cancelling it closes every connection (tasks end with reason ``shutdown``)."""
     config = hypercorn_config(settings)
-    manager = cast(Runtime, app.extensions["tether"]).manager
+    runtime = cast(Runtime, app.extensions["tether"])
+    manager = runtime.manager
+    guard = ConnectionGuard(settings, runtime.metrics)
+    watch_connections(config, guard)
     hub = cast(WsHub, app.extensions["tether_ws"])
 
     async def shutdown() -> None:
@@ -99,13 +105,16 @@ async def serve_app(
                 socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, dead_peer_timeout_ms(settings)
             )
         sock.listen(config.backlog)
-    await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, None),
-        config,
-        sockets=sockets,
-        shutdown_trigger=shutdown,
-        task_status=task_status,
-    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(guard.run)
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, None),
+            config,
+            sockets=sockets,
+            shutdown_trigger=shutdown,
+            task_status=task_status,
+        )
+        nursery.cancel_scope.cancel()
 
 
 async def _termination_signal() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import resource
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,26 @@ def _default_max_tasks() -> int:
     # Tasks are mostly waiting on sockets, so the limit is about memory and file
     # descriptors rather than cores: 2,000 per core fits comfortably in a few GiB.
     return 2000 * (os.cpu_count() or 1)
+
+
+def _open_files_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def _default_max_connections() -> int:
+    # Each client connection is one file descriptor, and the tasks it starts hold more
+    # (model, search and page connections, Redis): half of the process's open-file limit
+    # is left to those, so that past the cap a client gets a clean 503 rather than the
+    # listener failing to accept. No more than 5,000 per core: an idle WebSocket costs
+    # memory too (about 100 KB, see bench/ws_memory.py).
+    return max(16, min(_open_files_limit() // 2, 5000 * (os.cpu_count() or 1)))
+
+
+def _default_max_connections_per_client() -> int:
+    # One address may hold half of the process's connections: enough for a busy proxy or
+    # a load test, not enough for one client to lock everybody else out.
+    return max(1, _default_max_connections() // 2)
 
 
 def _parse_keys(raw: str, variable: str) -> dict[str, str]:
@@ -203,6 +224,20 @@ class Settings(BaseSettings):
     max_body_bytes: Int = 1_000_000
     sse_keepalive_s: Float = 15.0
     http_max_connections: Int = 1000
+    # Slow clients (slowloris): a request head must arrive whole within this (from the
+    # connection's opening, or from the first byte of a later request on a keep-alive
+    # connection), or it is answered 408 and closed. 0: no bound.
+    request_head_timeout_s: Float = 10.0
+    # A request body must keep up this many bytes a second, measured over windows of
+    # request_body_window_s: a window that ends short of rate x window bytes, with the body
+    # not finished, ends the request with 408 and closes the connection. 0: no floor.
+    request_body_min_rate: Int = 1024
+    request_body_window_s: Float = 5.0
+    # Open client connections (HTTP and WebSocket) per process, and per client address;
+    # past either, a new connection is answered 503 (with Retry-After) and closed. 0 for
+    # the per-client one: no per-client limit (behind a proxy every client has its address).
+    max_connections: Int = Field(default_factory=_default_max_connections)
+    max_connections_per_client: Int = Field(default_factory=_default_max_connections_per_client)
     # Where task state lives: "memory" (this process only) or "redis" (shared by every
     # process and replica that uses the same Redis and prefix).
     backend: str = "memory"

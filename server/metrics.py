@@ -59,5 +59,23 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.connections_open = Gauge(
+            "tether_connections_open",
+            "Client connections (HTTP and WebSocket) open now in this process",
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "tether_connections_refused",
+            "Client connections refused at opening, by the limit they met",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.request_timeouts = Counter(
+            "tether_request_timeouts",
+            "Requests ended because the client sent them too slowly, by part (head, body)",
+            ["part"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
