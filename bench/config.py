@@ -15,6 +15,7 @@ SCENARIOS = (
     "replicas",
     "responses",
     "steering",
+    "followers",
 )
 # Scale runs first so that its memory per task is measured from a server that has not yet
 # grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
@@ -29,6 +30,7 @@ RUN_ORDER = (
     "steering",
     "cancel_storm",
     "replicas",
+    "followers",
 )
 
 
@@ -80,6 +82,12 @@ class BenchConfig:
     # 9. steering: skips and deadlines
     steering_samples: int = 40  # per step kind and arm (skip, stop, deadline, floor)
     steering_deadline_s: float = 0.2  # deadlines.web_search_s and deadlines.tools_s
+    # 10. followers on replica B of tasks running on replica A
+    followers_tasks: int = 100  # streaming on A
+    followers_rate: float = 5.0  # tokens/s of each task
+    followers_tokens: int = 60  # 12 s at 5/s
+    followers_on_a: int = 1  # per task: A's own followers (the floor)
+    followers_on_b: tuple[int, ...] = (1, 10)  # per task, one level each: 100 and 1,000 on B
     # server settings the bench runs with (TETHER_* environment)
     server_env: dict[str, str] = field(default_factory=dict)
 
@@ -128,5 +136,8 @@ QUICK = BenchConfig(
     responses_cancel_samples=8,
     responses_resume_samples=40,
     steering_samples=12,
+    followers_tasks=50,
+    followers_tokens=40,
+    followers_on_b=(2, 10),  # 100 and 500 on B
     server_env=dict(_SERVER_ENV),
 )

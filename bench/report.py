@@ -895,6 +895,59 @@ def _steering(res: Results) -> list[str]:
     return out + [""]
 
 
+def _followers(res: Results) -> list[str]:
+    fig = res.figures.get("followers") or {}
+    levels = fig.get("levels") or []
+    if not levels:
+        return []
+    out = [
+        "## 10. Followers on another replica",
+        "",
+        f"{fig['tasks']} tasks stream on replica A ({fig['tokens']} tokens at "
+        f"{fig['rate']:g} tokens/s each); WebSocket followers (`?batch=1`, `subscribe` with "
+        f"`after` 0) on A ({fig['on_a_per_task']} per task: A's own followers, the floor) "
+        "and on B (per level), spread alike over the same client workers. B's Redis "
+        "connections: `CLIENT LIST` entries whose address is one of B's connections to "
+        "Redis (psutil, by pid), before the subscriptions / min-max every 0.5 s while the "
+        "tasks stream / after. Event lag: a token's arrival minus the fake model's schedule "
+        f"for it, tokens scheduled from {fig['lag_settle_s']:g} s after the subscriptions "
+        "(before: the replay of what was written before they came). p50 / p99 in ms.",
+        "",
+    ]
+    rows = []
+    for lv in levels:
+        rc, a, b = lv["redis_clients"], lv["a"], lv["b"]
+        cpu = lv["cpu_percent_window"]
+        rows.append(
+            [
+                f"{lv['followers_b']:,} on B, {lv['followers_a']:,} on A",
+                f"{rc['before']['b']} / {rc['during_b_min']}-{rc['during_b_max']} / "
+                f"{rc['after']['b']}",
+                _pair(a["lag"]["p50"], a["lag"]["p99"]),
+                _pair(b["lag"]["p50"], b["lag"]["p99"]),
+                f"**{_pair(lv['ratio']['p50'], lv['ratio']['p99'], _x)}**",
+                f"{lv['redis_counters']['xread']:,} / {lv['redis_counters']['xrange']:,}",
+                f"{cpu.get('replica_a', 0):.0f} / {cpu.get('replica_b', 0):.0f} / "
+                f"{cpu.get('redis', 0):.0f}",
+                f"{a['lost'] + a['out_of_order']} / {b['lost'] + b['out_of_order']}",
+            ]
+        )
+    out += _table(
+        [
+            "followers",
+            "B's Redis connections",
+            "lag on A ms",
+            "lag on B ms",
+            "**B / A**",
+            "XREAD / XRANGE calls",
+            "CPU % A / B / redis",
+            "lost or out of order A / B",
+        ],
+        rows,
+    )
+    return out + [""]
+
+
 def markdown(res: Results) -> str:
     data = res.to_json()
     m = data["machine"]
@@ -926,6 +979,7 @@ def markdown(res: Results) -> str:
         _replicas,
         _responses,
         _steering,
+        _followers,
     ):
         out += section(res)
     if res.checks:

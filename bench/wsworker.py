@@ -12,12 +12,18 @@ token.
 
 Commands, one JSON object per line on stdin, each answered by one JSON line on stdout:
 
-- ``{"cmd": "connect", "host", "port", "path", "n", "mode": "tether"|"floor"}``: open ``n``
-  connections (``path`` may carry ``?batch=1``), read each one's ``session`` message;
-  answers ``{"sessions": [...]}``.
+- ``{"cmd": "connect", "host", "port", "path", "n", "mode": "tether"|"floor", "label"}``:
+  open ``n`` connections (``path`` may carry ``?batch=1``; ``label``, default ``""``, tells
+  them apart in ``analyze``), read each one's ``session`` message; answers
+  ``{"sessions": [...]}``.
 - ``{"cmd": "chat", "bodies": [...]}``: send ``{"type": "chat", "request": body}`` on
   the i-th connection that has not sent one yet, for body i (the rest send nothing); answers
   ``{"sent_at": t}`` at once. A body's last user message is its marker.
+- ``{"cmd": "subscribe", "subs": [{"task_id", "marker", "after"}, ...]}``: follow task i
+  (a task started elsewhere, the model request of which carries ``marker``) on the i-th
+  connection that has neither chatted nor subscribed yet, with ``{"type": "subscribe",
+  "task_id", "after"}``; from then on the connection counts as one with a task, like a
+  chatting one. Answers ``{"sent_at": t, "sent": n}``.
 - ``{"cmd": "streaming", "deadline_s"}``: wait until every chatting connection has its first
   token (or its terminal event, or is closed), for at most ``deadline_s``; answers
   ``{"at": t}``, the moment the last of them got there (``null`` if some never did).
@@ -25,7 +31,9 @@ Commands, one JSON object per line on stdin, each answered by one JSON line on s
   has its terminal event (or is closed), or no event arrived for ``stall_s`` after
   ``started_at + hard_s``; answers ``{"complete", "pending": [task ids], "last_event_at"}``.
 - ``{"cmd": "analyze", "schedule": {marker: t0}, "rate", "tokens", "window": [t1, t2],
-  "records": {task_id: server record}}``: per-connection checks (see ``_Conn``) and the lags.
+  "records": {task_id: server record}, "label", "lag_from"}``: per-connection checks (see
+  ``_Conn``) and the lags; with ``label``, of the connections opened with that label only;
+  with ``lag_from``, lags only of the tokens the fake scheduled from that moment on.
 - ``{"cmd": "stop"}``: on every connection with a task, send ``{"type": "stop", "task_id"}``.
 - ``{"cmd": "close"}``: close every connection; ``{"cmd": "quit"}``: exit.
 
@@ -167,6 +175,7 @@ class _Conn:
     """One client: its connection, its task, and what arrived for it."""
 
     ws: Ws
+    label: str = ""
     session_id: str = ""
     marker: str = ""
     message_id: str = ""
@@ -276,7 +285,7 @@ class Worker:
                     try:
                         with trio.fail_after(30):
                             ws = await Ws.open(cmd["host"], int(cmd["port"]), cmd["path"])
-                            conn = _Conn(ws)
+                            conn = _Conn(ws, label=str(cmd.get("label", "")))
                             assert self.nursery is not None
                             self.nursery.start_soon(self._reader, conn)
                             await conn.session_ready.wait()
@@ -321,6 +330,21 @@ class Worker:
             except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 conn.errors.append(f"chat send: {exc}")
         return {"sent_at": sent_at, "sent": min(len(bodies), len(idle))}
+
+    async def subscribe(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        subs: list[dict[str, Any]] = cmd["subs"]
+        sent_at = time.monotonic()
+        idle = [c for c in self.conns if not c.chat_sent_at]
+        for conn, sub in zip(idle, subs, strict=False):
+            conn.marker = str(sub.get("marker", ""))
+            conn.task_id = str(sub["task_id"])
+            conn.chat_sent_at = time.monotonic()
+            message = {"type": "subscribe", "task_id": conn.task_id, "after": sub.get("after", 0)}
+            try:
+                await conn.ws.send_text(json.dumps(message))
+            except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                conn.errors.append(f"subscribe send: {exc}")
+        return {"sent_at": sent_at, "sent": min(len(subs), len(idle))}
 
     def _chatting(self) -> list[_Conn]:
         return [c for c in self.conns if c.chat_sent_at]
@@ -375,6 +399,8 @@ class Worker:
         records: dict[str, dict[str, Any]] = cmd.get("records") or {}
         rate, tokens = float(cmd["rate"]), int(cmd["tokens"])
         t1, t2 = cmd.get("window") or (0.0, 0.0)
+        label = cmd.get("label")
+        lag_from = float(cmd.get("lag_from") or 0.0)
         floor = self.mode == "floor"
         lost = out_of_order = undelivered = closed = not_completed = expired = 0
         in_window = delivered = messages = 0
@@ -384,6 +410,8 @@ class Worker:
         ttid: list[float] = []
         samples: list[str] = []
         for c in self._chatting():
+            if label is not None and c.label != label:
+                continue
             messages += c.messages
             terminals[c.terminal or "none"] = terminals.get(c.terminal or "none", 0) + 1
             if c.task_at and not floor:
@@ -418,7 +446,7 @@ class Worker:
             for index, at in c.tokens.items():
                 if t1 <= at < t2:
                     in_window += 1
-                if start is not None:
+                if start is not None and start + index / rate >= lag_from:
                     lags.append(round((at - (start + index / rate)) * 1000, 3))
         return {
             "lost": lost,
@@ -492,6 +520,8 @@ async def serve() -> None:
                     answer = await worker.connect(cmd)
                 elif name == "chat":
                     answer = await worker.chat(cmd)
+                elif name == "subscribe":
+                    answer = await worker.subscribe(cmd)
                 elif name == "streaming":
                     answer = await worker.streaming(cmd)
                 elif name == "wait":

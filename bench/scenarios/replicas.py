@@ -141,6 +141,21 @@ def redis_env(redis: Proc, prefix: str) -> dict[str, str]:
     }
 
 
+async def start_replicas(b: Bench, redis: Proc, started: dict[str, Proc]) -> Replicas:
+    """Replicas A and B (``replica_a``, ``replica_b``) on one task space (one Redis, one key
+    prefix), started side by side; each goes into ``started`` as soon as it is up, so that
+    the caller can end what did start if the other failed."""
+    env = redis_env(redis, prefix())
+
+    async def start(name: str) -> None:
+        started[name] = await b.start_tether(name, env)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start, "replica_a")
+        nursery.start_soon(start, "replica_b")
+    return Replicas(started["replica_a"], started["replica_b"])
+
+
 def end_tether(b: Bench, proc: Proc, exits: dict[str, int | None]) -> None:
     """End a Tether server of the scenario (SIGTERM, SIGKILL after ``SHUTDOWN_GRACE_S``) and
     note its exit status (-9: it had to be killed)."""
@@ -148,11 +163,11 @@ def end_tether(b: Bench, proc: Proc, exits: dict[str, int | None]) -> None:
     exits[proc.name] = proc.popen.returncode
 
 
-def _pids(proc: Proc) -> str:
+def pids(proc: Proc) -> str:
     return ", ".join(str(p.pid) for p in proc.processes())
 
 
-def _prefix() -> str:
+def prefix() -> str:
     return "bench-" + uuid.uuid4().hex[:8]
 
 
@@ -526,12 +541,12 @@ async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dic
     cores = b.results.machine.get("cores") or 1
     specs = [
         ("memory", "memory backend, 1 process", "tether_memory", {"TETHER_BACKEND": "memory"}, []),
-        ("redis", "Redis backend, 1 process", "tether_redis", redis_env(redis, _prefix()), []),
+        ("redis", "Redis backend, 1 process", "tether_redis", redis_env(redis, prefix()), []),
         (
             "redis_w2",
             "Redis backend, --workers 2",
             "tether_redis_w2",
-            redis_env(redis, _prefix()),
+            redis_env(redis, prefix()),
             ["--workers", "2"],
         ),
     ]
@@ -552,7 +567,7 @@ async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dic
             "servers up: "
             + ", ".join(
                 f"{configs[key].proc.name} :{configs[key].proc.port} "
-                f"(pids {_pids(configs[key].proc)})"
+                f"(pids {pids(configs[key].proc)})"
                 for key, *_ in specs
             )
         )
@@ -608,17 +623,9 @@ async def run(b: Bench) -> None:
     fig: dict[str, Any] = {}
     pair: dict[str, Proc] = {}
     exits: dict[str, int | None] = {}
-
-    async def start(name: str, env: dict[str, str]) -> None:
-        pair[name] = await b.start_tether(name, env)
-
     try:
-        env = redis_env(redis, _prefix())  # one task space for both
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(start, "replica_a", env)
-                nursery.start_soon(start, "replica_b", env)
-            reps = Replicas(pair["replica_a"], pair["replica_b"])
+            reps = await start_replicas(b, redis, pair)
             b.progress.step(
                 f"redis :{redis.port} (pid {redis.pid}); replica A :{reps.a.port}"
                 f" (pid {reps.a.pid}), B :{reps.b.port} (pid {reps.b.pid})"
