@@ -51,7 +51,7 @@ contract: uv
 
 # guidellm, pinned in its own environment (.tools/guidellm/), offline, against a running
 # server (`make run` in another shell; LOADTEST_TARGET, LOADTEST_MODEL, LOADTEST_TOKENIZER
-# point it elsewhere). The README's "Load testing with guidellm" says more.
+# point it elsewhere). docs/guidellm.md says more.
 guidellm: uv
 	UV="$(UV)" bash bench/guidellm/run.sh
 

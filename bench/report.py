@@ -1,4 +1,4 @@
-"""The run's outputs: ``<name>.json``, ``<name>.md`` (the table the README quotes) and charts."""
+"""The run's outputs: ``<name>.json``, ``<name>.md`` (quoted in docs/benchmarks.md) and charts."""
 
 from __future__ import annotations
 

@@ -176,7 +176,7 @@ def settings_help() -> str:
         else:
             shown = str(default)
         lines.append(f"  TETHER_{name.upper():<34} {shown}")
-    lines.append("Their meanings: README.md (Configuration) and API.md in the project.")
+    lines.append("Their meanings: docs/settings.md and API.md in the project.")
     return "\n".join(lines)
 
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Tether chat server. Settings are TETHER_* environment "
-        "variables (or a .env file); README.md and API.md in the project document them.",
+        "variables (or a .env file); docs/settings.md and API.md in the project document them.",
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

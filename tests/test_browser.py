@@ -8,8 +8,8 @@ to wait on what the fakes and the server saw. Waits are on conditions (Playwrigh
 ``expect``, the fakes' records), never fixed sleeps. The page is used only through its
 ``data-testid`` hooks and its visible controls, as a person or an automation would.
 
-Set ``TETHER_TEST_SCREENSHOT_DIR`` to keep the screenshots the tests take (the README's come
-from ``TETHER_TEST_SCREENSHOT_DIR=docs``); otherwise they go to the test's temporary folder.
+Set ``TETHER_TEST_SCREENSHOT_DIR`` to keep the screenshots the tests take (docs/chat-page.md's
+come from ``TETHER_TEST_SCREENSHOT_DIR=docs``); otherwise they go to the test's temporary folder.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The documentation stays inside the repository, and API.md names every route the server has."""
+"""The documentation stays inside the repository, the manual's index lists every page of docs/,
+and API.md names every route the server has."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from server.app import create_app
 from server.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "API.md", "bench/README.md")
+DOCS_DIR = ROOT / "docs"
+DOCS = (
+    "README.md",
+    "API.md",
+    "bench/README.md",
+    *sorted(str(page.relative_to(ROOT)) for page in DOCS_DIR.glob("*.md")),
+)
+NOT_SEARCHED = "<!-- not searched -->"
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.MULTILINE | re.DOTALL)
 _INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -63,6 +71,29 @@ def test_the_readme_links_to_no_web_page() -> None:
     """The README is read in a clone, perhaps offline: what it needs is in the repository."""
     web = [t for t in _links((ROOT / "README.md").read_text()) if _SCHEME.match(t)]
     assert not web, f"README.md links outside the repository: {web}"
+
+
+def test_the_docs_index_lists_every_page_of_docs() -> None:
+    index = DOCS_DIR / "README.md"
+    linked = {(index.parent / t.partition("#")[0]).resolve() for t in _links(index.read_text())}
+    pages = {page.resolve() for page in DOCS_DIR.glob("*.md")} - {index.resolve()}
+    unlisted = sorted(page.name for page in pages - linked)
+    assert not unlisted, f"docs/README.md does not list: {unlisted}"
+
+
+def test_the_docs_index_names_the_pages_that_are_not_searched() -> None:
+    """The index says which pages the ``local`` search leaves out; it must say it right."""
+    index = (DOCS_DIR / "README.md").read_text()
+    section = index[index.index("## The `local` search reads this folder") :]
+    section = section[: section.index("Adding a page")]
+    named = {t for t in _links(section) if t.endswith(".md")}
+    not_searched = {
+        page.name
+        for page in DOCS_DIR.glob("*.md")
+        if page.name != "README.md" and page.read_text().startswith(NOT_SEARCHED + "\n")
+    }
+    assert named == not_searched
+    assert index.startswith(NOT_SEARCHED + "\n")
 
 
 def _route_pattern(rule: str) -> str:

@@ -302,7 +302,7 @@ async def test_help_lists_every_setting_with_its_default_and_names_the_docs() ->
             continue
         assert f"TETHER_{name.upper()} " in out, name
     assert "TETHER_BACKEND" in out and "memory" in out
-    assert "README.md" in out and "API.md" in out
+    assert "docs/settings.md" in out and "API.md" in out
 
 
 async def test_a_busy_port_and_an_unknown_setting_are_each_one_clear_line() -> None:
