@@ -212,6 +212,18 @@ async def test_followers_of_remote_tasks_share_one_blocking_connection(
         assert woke == [True] * 30
         assert all(s == [2] for s in seen.values())
         assert len(await raw.client_list()) - before <= 3
+        # A follower marked by an event reads it from what the multiplexer read, with no
+        # round trip of its own.
+        reads = await _xrange_calls(raw)
+        for record in records:
+            (event,) = await reader.store.read(record.id, 1)
+            assert event.seq == 2 and event.data == {"content": "x"}
+        assert await _xrange_calls(raw) == reads
         for watch in watches:
             assert watch is not None
             watch.close()
+
+
+async def _xrange_calls(raw: Any) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))

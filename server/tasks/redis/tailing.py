@@ -20,6 +20,7 @@ Redis Cluster one ``XREAD`` can only cover one slot, and this multiplexer serves
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,10 @@ from server.tasks.redis.keys import decode_event
 log = logging.getLogger("tether.redis")
 
 _MAX_IDENTITIES = 10_000
+# The latest events the multiplexer read, kept per task (at most so many tasks and events
+# each): a follower marked by an event reads it from here, not with a round trip of its own.
+_RECENT_TASKS = 512
+_RECENT_EVENTS = 128
 # Entries taken per stream in one read, and how long one blocking read waits for any.
 _READ_COUNT = 256
 _BLOCK_MS = 5000
@@ -82,6 +87,7 @@ class Tailer:
         # chat_id and message_id of tasks read from Redis, which every event carries.
         self._identities: dict[str, tuple[str | None, str | None]] = {}
         self._followed: dict[str, _Followed] = {}
+        self._recent: OrderedDict[str, deque[Event]] = OrderedDict()
         self._wake = trio.Event()
         # The multiplexer's read in flight, cancelled when a new task is followed.
         self._reading: trio.CancelScope | None = None
@@ -90,6 +96,7 @@ class Tailer:
 
     def forget(self, task_id: str) -> None:
         self._identities.pop(task_id, None)
+        self._recent.pop(task_id, None)
 
     @property
     def followed(self) -> int:
@@ -97,6 +104,12 @@ class Tailer:
         return len(self._followed)
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
+        """The task's events past ``after``: from the multiplexer's latest ones when they
+        hold the next one (a follower it has just marked), else from Redis."""
+        recent = self._recent.get(task_id)
+        if recent and recent[0].seq <= after + 1 <= recent[-1].seq:
+            out = [e for e in recent if e.seq > after]
+            return out if limit is None else out[:limit]
         start = f"(0-{after}" if after > 0 else "-"
         with redis_errors():
             entries = await self._conn.commands.xrange(
@@ -234,6 +247,7 @@ class Tailer:
         ended = False
         for entry in entries:
             event = decode_event(task_id, chat_id, message_id, entry)
+            self._keep(event)
             followed.cursor = max(followed.cursor, event.seq)
             for watch in list(followed.watches):
                 if event.seq > watch.cursor and not watch.closed:
@@ -246,6 +260,21 @@ class Tailer:
             ended = ended or event.terminal
         if ended:
             self._end(task_id, followed)
+
+    def _keep(self, event: Event) -> None:
+        """Keep an event among the task's latest, which stay one run of seqs."""
+        recent = self._recent.get(event.task_id)
+        if recent is None:
+            recent = self._recent[event.task_id] = deque(maxlen=_RECENT_EVENTS)
+            if len(self._recent) > _RECENT_TASKS:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(event.task_id)
+        if recent and event.seq <= recent[-1].seq:
+            return  # read again for a follower from an earlier cursor
+        if recent and event.seq != recent[-1].seq + 1:
+            recent.clear()
+        recent.append(event)
 
     def _end(self, task_id: str, followed: _Followed) -> None:
         """The log has ended (or is gone): nothing more will come to its followers."""
