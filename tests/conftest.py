@@ -16,6 +16,7 @@ import trio
 
 from fakes.model import FakeModel
 from fakes.pages import FakePages
+from fakes.redis_cluster import RedisCluster
 from fakes.redis_server import RedisServer
 from fakes.scripted import Script, ScriptedServer
 from fakes.search import FakeSearxng
@@ -27,7 +28,9 @@ from server.tasks.backend import next_events
 from tests.scripted import Serve
 
 WAIT = 10.0  # generous upper bound for anything a test waits on
-BACKENDS = ("memory", "redis")
+BACKENDS = ("memory", "redis", "redis-cluster")
+# Kinds that run the core suites only (modules marked ``core_suite`` too), to keep CI short.
+CORE_ONLY = ("redis-cluster",)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,13 +38,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "both_backends: run the module's servers on the memory and on the Redis task backend",
     )
+    config.addinivalue_line(
+        "markers",
+        "core_suite: a both_backends module that also runs on the kinds of CORE_ONLY "
+        "(a Redis Cluster)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
         "both_backends"
     ):
-        metafunc.parametrize("backend_kind", BACKENDS, indirect=True)
+        core = metafunc.definition.get_closest_marker("core_suite") is not None
+        kinds = [k for k in BACKENDS if core or k not in CORE_ONLY]
+        metafunc.parametrize("backend_kind", kinds, indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +64,17 @@ def redis_server() -> Any:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Any:
+    """One real Redis Cluster (three primaries, three replicas) for the whole test session;
+    each server under test gets a key prefix of its own in it. Tests that break a cluster
+    (a failover, a slot moved) start one of their own."""
+    cluster = RedisCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def backend_kind(request: pytest.FixtureRequest) -> str:
     """The task backend of the servers a test starts: memory, unless the module is marked
@@ -64,10 +85,14 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def backend_settings(request: pytest.FixtureRequest, backend_kind: str) -> dict[str, Any]:
     """Settings for the chosen backend; Redis only starts when a test needs it."""
-    if backend_kind != "redis":
-        return {}
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return {"backend": "redis", "redis_url": server.url, "redis_prefix": "t" + secrets.token_hex(6)}
+    prefix = "t" + secrets.token_hex(6)
+    if backend_kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return {"backend": "redis", "redis_url": server.url, "redis_prefix": prefix}
+    if backend_kind == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return {"backend": "redis", "redis_url": cluster.url, "redis_prefix": prefix}
+    return {}
 
 
 @dataclass

@@ -42,11 +42,14 @@ def redis_backend(
     replica_ttl_s: float = 10.0,
     timeout_s: float = 5.0,
     max_connections: int = 1000,
+    mode: str = "auto",
 ) -> RedisBackend:
     """A task space in the Redis at ``url``, under ``prefix``; it connects when its
     cluster serves."""
     replica = replica_id or new_replica_id()
-    conn = RedisConnection(url, prefix=prefix, timeout_s=timeout_s, max_connections=max_connections)
+    conn = RedisConnection(
+        url, prefix=prefix, timeout_s=timeout_s, max_connections=max_connections, mode=mode
+    )
     admission = RedisAdmission(conn, replica)
     store = RedisStore(conn, admission, replica, retention_s=retention_s)
     cluster = RedisCluster(

@@ -21,12 +21,29 @@ Sessions: ``P:session:<id>``.
 
 from __future__ import annotations
 
+import binascii
 from dataclasses import dataclass
 from typing import Any, cast
 
 from server import fastjson
 from server.events import Event, EventType
 from server.record import STORED_FIELDS, TaskRecord
+
+SLOTS = 16384
+
+
+def hash_slot(key: str) -> int:
+    """The Redis Cluster slot of ``key``: CRC16 (the XMODEM variant, which is
+    ``binascii.crc_hqx`` from 0) of its hash tag (what stands between the first ``{`` and
+    the next ``}``, if that is not empty), else of the whole key, modulo 16384; as the
+    Redis Cluster specification defines it."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % SLOTS
 
 
 @dataclass(frozen=True, slots=True)

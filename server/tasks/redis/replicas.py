@@ -66,6 +66,10 @@ class RedisCluster:
         last terminal writes and the sign-off would have nothing to go through."""
         conn = self._conn
         failure: RedisError | None = None
+        try:
+            await conn.open()
+        except (RedisError, trio.TooSlowError) as exc:
+            raise BackendUnavailable(f"Redis at {conn.url} cannot be used: {exc}") from exc
         async with conn.commands, conn.waiting:
             try:
                 await self._heartbeat_once()
