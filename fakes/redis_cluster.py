@@ -172,6 +172,25 @@ class RedisCluster:
     def node_id(self, node: RedisServer) -> str:
         return str(command(node.port, "CLUSTER", "MYID"))
 
+    def move_slot(self, slot: int, target: RedisServer) -> int:
+        """Move ``slot`` to the primary ``target`` as ``redis-cli --cluster reshard``
+        does: IMPORTING on the target, MIGRATING on the source, MIGRATE its keys in
+        batches, then give the slot to the target on every primary. Returns the keys
+        moved. Blocking: call it from a thread in trio code."""
+        source = self.primary_of(slot)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while keys := command(source.port, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            command(source.port, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        primaries = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+        primaries = [n for n in primaries if info(n.port, "replication")["role"] == "master"]
+        for node in [target, source] + [n for n in primaries if n not in (target, source)]:
+            command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return moved
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,9 @@ from server.record import TaskRecord
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.tasks.backend import next_events
+from server.tasks.errors import BackendUnavailable
+
+log = logging.getLogger("tether.api")
 
 blueprint = Blueprint("tasks", __name__)
 
@@ -103,21 +107,26 @@ def _cursor() -> int:
 async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
     """Replay the log past ``after``, then follow it live until the terminal event.
 
-    Closing the connection ends only this reader; the task goes on.
+    Closing the connection ends only this reader; the task goes on. If the task store
+    fails meanwhile (beyond what it rides out), the stream ends where it is: the client
+    resumes from its last id (``Last-Event-ID``) once the store is back.
     """
     store = rt.manager.store
     cursor = after
-    with store.reading(task_id):
-        while (
-            events := await next_events(
-                store, task_id, cursor, limit=500, wait_s=rt.settings.sse_keepalive_s
-            )
-        ) is not None:
-            if not events:
-                yield sse.KEEPALIVE
-                continue
-            for event in events:
-                cursor = event.seq
-                yield sse.event(event.json, id=event.seq)
-                if event.terminal:
-                    return
+    try:
+        with store.reading(task_id):
+            while (
+                events := await next_events(
+                    store, task_id, cursor, limit=500, wait_s=rt.settings.sse_keepalive_s
+                )
+            ) is not None:
+                if not events:
+                    yield sse.KEEPALIVE
+                    continue
+                for event in events:
+                    cursor = event.seq
+                    yield sse.event(event.json, id=event.seq)
+                    if event.terminal:
+                        return
+    except BackendUnavailable as exc:
+        log.warning("task=%s: its event stream ended early: %s", task_id, exc)

@@ -75,9 +75,14 @@ class OneSlotScript:
         self.sha = self._script.sha
         self.calls = 0
 
-    async def __call__(self, *, keys: list[str], args: list[str]) -> Any:
+    def check(self, keys: list[str]) -> None:
+        """Count a call of the script with ``keys`` (sent here, or in a pipeline); raises
+        ``CrossSlot`` if they span hash slots."""
         one_slot(keys)
         self.calls += 1
+
+    async def __call__(self, *, keys: list[str], args: list[str]) -> Any:
+        self.check(keys)
         return await self._script(keys=keys, args=args)
 
 

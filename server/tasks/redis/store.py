@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, cast
 
 from server import fastjson
@@ -20,7 +21,7 @@ from server.tasks.errors import BackendUnavailable
 from server.tasks.memory import MemoryStore
 from server.tasks.redis.admission import RedisAdmission
 from server.tasks.redis.connection import RedisConnection
-from server.tasks.redis.errors import RedisError, redis_errors
+from server.tasks.redis.errors import RedisError, redis_errors, through_failover
 from server.tasks.redis.keys import decode_record, encode_fields
 from server.tasks.redis.tailing import Tailer
 from server.tasks.redis.writer import WriteBehind
@@ -75,19 +76,24 @@ class RedisStore:
     async def load(self, task_ids: list[str]) -> list[TaskRecord | None]:
         """The records as Redis holds them (None for a task it does not hold)."""
         with redis_errors():
-            async with self._conn.commands.pipeline(transaction=False) as pipe:
-                for task_id in task_ids:
-                    keys = self._keys.task(task_id)
-                    pipe.hgetall(keys.rec)
-                    pipe.get(keys.content)
-                    pipe.get(keys.reasoning)
-                    pipe.lrange(keys.sources, 0, -1)
-            results = list(pipe.results or ())
+            results = await through_failover(partial(self._load, task_ids), self._conn.timeout_s)
         out: list[TaskRecord | None] = []
         for i in range(len(task_ids)):
             raw, content, reasoning, sources = results[4 * i : 4 * i + 4]
             out.append(decode_record(cast(dict[str, str], raw), content, reasoning, sources))
         return out
+
+    async def _load(self, task_ids: list[str]) -> list[Any]:
+        # Not a transaction: on a cluster the tasks' keys live in many slots, and the
+        # pipeline sends each node the commands of its slots.
+        async with self._conn.commands.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                keys = self._keys.task(task_id)
+                pipe.hgetall(keys.rec)
+                pipe.get(keys.content)
+                pipe.get(keys.reasoning)
+                pipe.lrange(keys.sources, 0, -1)
+        return list(pipe.results or ())
 
     async def list_tasks(
         self,
@@ -146,9 +152,14 @@ class RedisStore:
         return await self._local.append(record, type_, data)
 
     async def finish(self, record: TaskRecord) -> Event | None:
-        await self.writer.flushed(record.id)  # the end goes after the task's last event
+        # The end goes after the task's last event. Both steps are bounded so that the
+        # local copy is ended within the manager's budget for the end (timeout_s) even
+        # when Redis is away.
+        await self.writer.flushed(record.id, self._conn.timeout_s / 2)
         try:
-            written = await self.end(record, self._replica_id)
+            written = await through_failover(
+                partial(self.end, record, self._replica_id), self._conn.timeout_s / 3
+            )
         except RedisError as exc:
             # Readers here still see the task end; the record in Redis waits for a reaper.
             await self._finish_locally(record)

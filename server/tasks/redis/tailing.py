@@ -14,7 +14,12 @@ replaces; arrivals meanwhile join the same restart). The new read returns at onc
 the new follower has not seen yet.
 
 The streams of one task share its hash tag, but the streams of many tasks do not: on a
-Redis Cluster one ``XREAD`` can only cover one slot, and this multiplexer serves one server.
+Redis Cluster one ``XREAD`` can only cover keys of one hash slot (a node refuses keys of two
+slots with CROSSSLOT even when it serves both). There the followed tasks are grouped by
+slot and each group has a read of its own (``_ReadGroup``), on a connection to the node
+that serves the slot: a follower still costs a slot in a table, and the connections held
+are one per slot that has followed tasks, not one per follower. On one server there is one
+group, and one read.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -30,7 +36,7 @@ import trio
 from server import fastjson
 from server.events import Event
 from server.tasks.redis.connection import RedisConnection
-from server.tasks.redis.errors import RedisError, redis_errors
+from server.tasks.redis.errors import RedisError, redis_errors, through_failover
 from server.tasks.redis.keys import decode_event
 
 log = logging.getLogger("tether.redis")
@@ -73,6 +79,7 @@ class _Followed:
     """A followed task: where the multiplexer reads its stream from, and who waits on it."""
 
     cursor: int
+    group: int | None
     watches: list[RemoteWatch] = field(default_factory=list)
     waiters: list[_Waiter] = field(default_factory=list)
 
@@ -81,17 +88,30 @@ class _Followed:
         return not self.watches and not self.waiters
 
 
+@dataclass(eq=False)
+class _ReadGroup:
+    """Followed tasks whose streams one ``XREAD`` may take together (all of them on one
+    server; those of one hash slot on a cluster), and the read that takes them."""
+
+    tasks: set[str] = field(default_factory=set)
+    # Set when the read must start again (a task joined, or a cursor moved back).
+    wake: trio.Event = field(default_factory=trio.Event)
+    # The read in flight, cancelled by a wake.
+    reading: trio.CancelScope | None = None
+    running: bool = False
+
+
 class Tailer:
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
         # chat_id and message_id of tasks read from Redis, which every event carries.
         self._identities: dict[str, tuple[str | None, str | None]] = {}
         self._followed: dict[str, _Followed] = {}
+        self._groups: dict[int | None, _ReadGroup] = {}
         self._recent: OrderedDict[str, deque[Event]] = OrderedDict()
-        self._wake = trio.Event()
-        # The multiplexer's read in flight, cancelled when a new task is followed.
-        self._reading: trio.CancelScope | None = None
-        # Where catch-up reads of new watches run: the cluster's nursery, while it serves.
+        # Where the groups' reads run, while the multiplexer runs.
+        self._readers: trio.Nursery | None = None
+        # Whether the cluster serves (watches are refused before and after).
         self.nursery: trio.Nursery | None = None
 
     def forget(self, task_id: str) -> None:
@@ -103,6 +123,12 @@ class Tailer:
         """Tasks the multiplexer reads now (for the bench and the metrics)."""
         return len(self._followed)
 
+    @property
+    def reads(self) -> int:
+        """Blocking reads the multiplexer holds now: one, or on a cluster one per hash
+        slot of the followed tasks."""
+        return sum(group.running for group in self._groups.values())
+
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
         """The task's events past ``after``: from the multiplexer's latest ones when they
         hold the next one (a follower it has just marked), else from Redis."""
@@ -111,13 +137,17 @@ class Tailer:
             out = [e for e in recent if e.seq > after]
             return out if limit is None else out[:limit]
         start = f"(0-{after}" if after > 0 else "-"
+        key = self._conn.keys.task(task_id).log
         with redis_errors():
-            entries = await self._conn.commands.xrange(
-                self._conn.keys.task(task_id).log, start, "+", count=limit
+            entries = await through_failover(
+                partial(self._conn.commands.xrange, key, start, "+", count=limit),
+                self._conn.timeout_s,
             )
             if not entries:
                 return []
-            chat_id, message_id = await self._identity(task_id)
+            chat_id, message_id = await through_failover(
+                partial(self._identity, task_id), self._conn.timeout_s
+            )
         return [decode_event(task_id, chat_id, message_id, e) for e in entries]
 
     async def _identity(self, task_id: str) -> tuple[str | None, str | None]:
@@ -147,31 +177,53 @@ class Tailer:
     def _follow(self, task_id: str, cursor: int) -> _Followed:
         followed = self._followed.get(task_id)
         if followed is None:
-            followed = self._followed[task_id] = _Followed(cursor)
-            self._restart()
+            group = self._conn.slot_group(self._conn.keys.task(task_id).log)
+            followed = self._followed[task_id] = _Followed(cursor, group)
+            self._group(group).tasks.add(task_id)
+            self._restart(group)
         elif cursor < followed.cursor:
             followed.cursor = cursor
-            self._restart()
+            self._restart(followed.group)
         return followed
 
-    def _restart(self) -> None:
-        """Have the multiplexer read the table anew (synchronous)."""
-        self._wake.set()
-        if self._reading is not None:
-            self._reading.cancel()
+    def _group(self, key: int | None) -> _ReadGroup:
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _ReadGroup()
+        return group
+
+    def _restart(self, key: int | None) -> None:
+        """Have the group's read take its table anew (synchronous): its read in flight is
+        cancelled, or a read is started for a new group."""
+        group = self._group(key)
+        group.wake.set()
+        if group.reading is not None:
+            group.reading.cancel()
+        if not group.running and self._readers is not None:
+            group.running = True
+            self._readers.start_soon(self._read_group, key, group)
+
+    def _unfollow(self, task_id: str, followed: _Followed) -> None:
+        if self._followed.get(task_id) is followed:
+            del self._followed[task_id]
+            group = self._groups.get(followed.group)
+            if group is not None:
+                group.tasks.discard(task_id)
 
     def _drop(self, watch: RemoteWatch) -> None:
         followed = self._followed.get(watch.task_id)
         if followed is not None and watch in followed.watches:
             followed.watches.remove(watch)
             if followed.idle:
-                del self._followed[watch.task_id]
+                self._unfollow(watch.task_id, followed)
 
     async def wait_beyond(self, task_id: str, after: int) -> bool:
         """See ``TaskStore.wait_beyond``: a slot in the multiplexer's table, no connection
         of its own. Cancelling it only stops the wait."""
         with redis_errors():
-            exists, closed, last = await self._log_state(task_id)
+            exists, closed, last = await through_failover(
+                partial(self._log_state, task_id), self._conn.timeout_s
+            )
         if last > after:
             return True
         if not exists or closed:
@@ -184,8 +236,8 @@ class Tailer:
         finally:
             if waiter in followed.waiters:
                 followed.waiters.remove(waiter)
-            if followed.idle and self._followed.get(task_id) is followed:
-                del self._followed[task_id]
+            if followed.idle:
+                self._unfollow(task_id, followed)
         return waiter.result
 
     def watch(
@@ -202,38 +254,51 @@ class Tailer:
     # -- the multiplexer -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Read every followed stream with one blocking read at a time, and hand out what
-        comes. Runs until cancelled (the cluster's end); a Redis failure is logged and the
-        reading goes on after a pause, every follower still waiting."""
-        while True:
-            if not self._followed:
-                await self._wake.wait()
-            self._wake = trio.Event()
+        """Read every followed stream, one blocking read per group at a time, and hand out
+        what comes. Runs until cancelled (the cluster's end); a Redis failure is logged and
+        the group's reading goes on after a pause, every follower still waiting."""
+        try:
+            async with trio.open_nursery() as readers:
+                self._readers = readers
+                for key in list(self._groups):
+                    self._restart(key)
+                await trio.sleep_forever()
+        finally:
+            self._readers = None
+            for group in self._groups.values():
+                group.running = False
+
+    async def _read_group(self, key: int | None, group: _ReadGroup) -> None:
+        """The reads of one group, until it has no task left (then it is dropped; a task
+        followed later starts it anew)."""
+        while group.tasks:
+            group.wake = trio.Event()
             try:
-                await self._read_once()
+                await self._read_once(group)
             except RedisError as exc:
                 log.warning("following remote tasks failed: %s", exc)
                 await trio.sleep(0.5)
+        group.running = False
+        if self._groups.get(key) is group:
+            del self._groups[key]
 
-    async def _read_once(self) -> None:
+    async def _read_once(self, group: _ReadGroup) -> None:
         keys = self._conn.keys
-        streams = {keys.task(t).log: f"0-{f.cursor}" for t, f in self._followed.items()}
-        if not streams:
-            return
-        for task_id in list(self._followed):
+        streams = {keys.task(t).log: f"0-{self._followed[t].cursor}" for t in group.tasks}
+        for task_id in list(group.tasks):
             await self._identity(task_id)
         found = None
         with trio.CancelScope() as reading:
-            self._reading = reading
-            if not self._wake.is_set():
+            group.reading = reading
+            if not group.wake.is_set():
                 found = await self._conn.waiting.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
-        self._reading = None
-        if reading.cancelled_caught or self._wake.is_set():
+        group.reading = None
+        if reading.cancelled_caught or group.wake.is_set():
             return  # a new task to follow: read again with it
         if not found:
-            await self._drop_ended()
+            await self._drop_ended(list(group.tasks))
             return
-        by_key = {keys.task(t).log: t for t in self._followed}
+        by_key = {keys.task(t).log: t for t in group.tasks}
         for key, entries in found.items():
             followed_id = by_key.get(str(key))
             if followed_id is not None:
@@ -282,13 +347,15 @@ class Tailer:
             watch.closed = True
         for waiter in followed.waiters:
             waiter.done.set()
-        if self._followed.get(task_id) is followed:
-            del self._followed[task_id]
+        self._unfollow(task_id, followed)
 
-    async def _drop_ended(self) -> None:
+    async def _drop_ended(self, task_ids: list[str]) -> None:
         """After a read that found nothing: the followed logs that ended or expired
         meanwhile end their followers."""
-        for task_id, followed in list(self._followed.items()):
+        for task_id in task_ids:
+            followed = self._followed.get(task_id)
+            if followed is None:
+                continue
             exists, closed, last = await self._log_state(task_id)
             if not exists or (closed and last <= followed.cursor):
                 self._end(task_id, followed)

@@ -15,6 +15,7 @@ from server.tasks.errors import BackendUnavailable
 from server.tasks.log import LogClosed
 from server.tasks.redis import scripts
 from server.tasks.redis.connection import RedisConnection
+from server.tasks.redis.errors import TRANSIENT
 
 log = logging.getLogger("tether.redis")
 
@@ -58,18 +59,20 @@ class WriteBehind:
             await self._room.wait()
 
     def queue(self, task_id: str, keys: list[str], args: list[str]) -> None:
-        """Queue an append script's call for the next pipeline. Synchronous."""
+        """Queue an append script's call for the next pipeline. Synchronous. Raises
+        ``CrossSlot`` if the keys span hash slots."""
+        self._conn.append.check(keys)
         write = _Write(task_id, keys, args)
         self._writes.append(write)
         self._last[task_id] = write
         self._wanted.set()
 
-    async def flushed(self, task_id: str) -> None:
-        """Wait until the task's queued writes have had Redis's answer (bounded), and
-        forget its refusal: the task is ending."""
+    async def flushed(self, task_id: str, within_s: float) -> None:
+        """Wait until the task's queued writes have had Redis's answer (at most
+        ``within_s``), and forget its refusal: the task is ending."""
         write = self._last.pop(task_id, None)
         if write is not None:
-            with trio.move_on_after(self._conn.timeout_s):
+            with trio.move_on_after(within_s):
                 await write.done.wait()
         self._failures.pop(task_id, None)
 
@@ -97,10 +100,7 @@ class WriteBehind:
             self._room.set()
             if not batch:
                 continue
-            try:
-                results = await self._send(batch)
-            except Exception as exc:  # noqa: BLE001 - every write of the batch failed
-                results = [exc] * len(batch)
+            results = await self._send(batch)
             for write, result in zip(batch, results, strict=True):
                 write.result = result
                 write.done.set()
@@ -109,6 +109,42 @@ class WriteBehind:
                     self._failures.setdefault(write.task_id, refusal)
 
     async def _send(self, batch: list[_Write]) -> list[Any]:
+        """Each write's answer (or what it failed with). Writes that failed in a way a
+        moment may cure (a Redis Cluster failing over or moving a slot, see
+        ``TRANSIENT``) are sent again, with every later write of their task, until they
+        are answered or ``timeout_s`` has passed: the task waits through a failover
+        rather than fail. Sending again is safe: the append script answers 2 for a write
+        it has made, and the writes of a task stay in order."""
+        results = await self._send_once(batch)
+        pause = 0.05
+        with trio.move_on_after(self._conn.timeout_s):
+            while again := self._to_send_again(batch, results):
+                await trio.sleep(pause)
+                pause = min(2 * pause, 0.5)
+                answers = await self._send_once([batch[i] for i in again])
+                for i, answer in zip(again, answers, strict=True):
+                    results[i] = answer
+        return results
+
+    @staticmethod
+    def _to_send_again(batch: list[_Write], results: list[Any]) -> list[int]:
+        """The writes to send again: from a task's first transient failure, all of its
+        writes (a later one was answered out of step, or failed the same way)."""
+        failed: set[str] = set()
+        out: list[int] = []
+        for i, (write, result) in enumerate(zip(batch, results, strict=True)):
+            if write.task_id in failed or isinstance(result, TRANSIENT):
+                failed.add(write.task_id)
+                out.append(i)
+        return out
+
+    async def _send_once(self, batch: list[_Write]) -> list[Any]:
+        try:
+            return await self._pipeline(batch)
+        except Exception as exc:  # noqa: BLE001 - every write of the batch failed
+            return [exc] * len(batch)
+
+    async def _pipeline(self, batch: list[_Write]) -> list[Any]:
         commands = self._conn.commands
         for attempt in (1, 2):
             async with commands.pipeline(transaction=False, raise_on_error=False) as pipe:
