@@ -21,6 +21,7 @@ import httpcore2
 import httpx2
 import hypercorn.trio.run
 import trio
+from coredis.cluster._layout import ClusterLayout
 from hypercorn.config import Config
 from hypercorn.events import Event as HypercornEvent
 from hypercorn.events import Updated
@@ -50,7 +51,10 @@ RECHECK: Mapping[str, str] = {
     "coredis": "that ConnectionPool.release still drops a dead connection without handing "
     "its slot back to ``_available_connections`` (coredis/pool/_basic.py), and "
     "ClusterConnectionPool.release the same with its node's queue from ``_node_pool`` "
-    "(coredis/pool/_cluster.py), for SlotKeepingPool and SlotKeepingClusterPool",
+    "(coredis/pool/_cluster.py), for SlotKeepingPool and SlotKeepingClusterPool; and that "
+    "a cluster pipeline still reports no connection failure to its ClusterLayout, which "
+    "refreshes after report_errors (coredis/cluster/_layout.py), for "
+    "report_cluster_failure",
     "pydantic-settings": "that EnvSettingsSource.__init__ still reads the environment "
     "through ``_load_env_vars`` (pydantic_settings/sources/providers/"
     "env.py), for MappingEnvSource",
@@ -119,8 +123,9 @@ def check_libraries() -> None:
     )
     _require(
         "coredis",
-        callable(getattr(coredis.ClusterConnectionPool, "_node_pool", None)),
-        "ClusterConnectionPool._node_pool",
+        callable(getattr(coredis.ClusterConnectionPool, "_node_pool", None))
+        and callable(getattr(ClusterLayout, "report_errors", None)),
+        "ClusterConnectionPool._node_pool and ClusterLayout.report_errors",
     )
     _require(
         "pydantic-settings",
@@ -203,6 +208,15 @@ class SlotKeepingClusterPool(coredis.ClusterConnectionPool):
         super().release(connection)
         if not connection.usable:
             self._node_pool(connection.location).put_nowait(None)
+
+
+def report_cluster_failure(client: coredis.RedisCluster[Any], failure: Exception) -> None:
+    """Count ``failure`` towards ``client``'s refresh of its cluster layout. coredis 6.9's
+    cluster client refreshes its map of slots to nodes only after a few failures reported
+    to the layout, and its pipelines report none but redirections: a primary that died is
+    then never replaced by its promoted replica for a client whose commands to that slot
+    all go through pipelines. No upstream issue found."""
+    client.connection_pool.cluster_layout.report_errors(None, failure)
 
 
 # pydantic-settings ------------------------------------------------------------------------

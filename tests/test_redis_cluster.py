@@ -269,3 +269,39 @@ async def test_a_primary_killed_mid_stream_fails_over_and_its_tasks_go_on_or_fai
     for tether in (a, b):
         assert (await tether.client.get("/api/tasks")).json()["tasks"] == []
     assert len(outcomes) == 2 * count
+
+
+async def test_an_end_redis_did_not_take_during_a_failover_is_written_once_it_is_back(
+    own_cluster: RedisCluster, start_tether: StartTether, fakes: Fakes
+) -> None:
+    """A stop while the task's primary is down, with a backend timeout shorter than the
+    failover: the terminal write fails, and A (alive, so never reaped) writes it once the
+    cluster is healthy, rather than leave the task running in Redis with no one on it."""
+    settings = {**on(own_cluster), "backend_timeout_s": 0.5}
+    a: Tether = await start_tether(**settings)
+    b: Tether = await start_tether(**settings)
+    fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+    task_id = await a.background(chat_body())
+
+    async def in_redis() -> bool:
+        record = await store_of(b).get(task_id)  # B reads it from Redis
+        return record is not None and record.content.startswith("w0 w1 w2 ")
+
+    await until(in_redis)
+    await trio.to_thread.run_sync(own_cluster.primary_of(slot_of(task_id)).kill)
+    stopped = await a.client.post(f"/api/tasks/{task_id}/stop")
+    assert stopped.json()["status"] == "cancelled"
+    await trio.to_thread.run_sync(own_cluster.wait_healthy)
+
+    async def ended_in_redis() -> bool:
+        response = await b.client.get(f"/api/tasks/{task_id}")
+        return response.status_code == 200 and response.json()["status"] == "cancelled"
+
+    await until(ended_in_redis)
+    events = await resumed_log(b, task_id)
+    terminal = assert_log_well_formed(events)
+    assert terminal["type"] == "task:cancelled"
+    streamed = "".join(e["data"]["content"] for e in events if e["type"] == "delta")
+    assert streamed.startswith("w0 ") and terminal["data"]["content"] == streamed
+    for tether in (a, b):
+        assert (await tether.client.get("/api/tasks")).json()["tasks"] == []

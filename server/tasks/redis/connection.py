@@ -3,18 +3,25 @@ shared by the store, admission and the cluster."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import coredis
 import trio
 from coredis.connection import TCPLocation
 
-from server.library_internals import SlotKeepingClusterPool, SlotKeepingPool
+from server.library_internals import (
+    SlotKeepingClusterPool,
+    SlotKeepingPool,
+    report_cluster_failure,
+)
 from server.tasks.redis import scripts
+from server.tasks.redis.errors import TRANSIENT
 from server.tasks.redis.keys import Keys, hash_slot
 
 Client = coredis.Redis[str] | coredis.RedisCluster[str]
+T = TypeVar("T")
 
 
 class CrossSlot(ValueError):
@@ -141,3 +148,31 @@ class RedisConnection:
         """Which keys one command may take together: on a cluster, those of one hash
         slot; on one server, all (None)."""
         return hash_slot(key) if self.clustered else None
+
+    def noticed(self, failure: BaseException) -> None:
+        """Tell the clients of a failure seen outside their own retries (a pipeline's),
+        so that a cluster client looks for a new primary (see report_cluster_failure)."""
+        if isinstance(failure, Exception):
+            for client in (self.commands, self.waiting):
+                if isinstance(client, coredis.RedisCluster):
+                    report_cluster_failure(client, failure)
+
+    async def through_failover(
+        self, call: Callable[[], Awaitable[T]], within_s: float | None = None
+    ) -> T:
+        """``call()``, made again after a pause (growing to 0.5 s) while it fails in a
+        way a moment may cure (``TRANSIENT``: a Redis Cluster failing over or moving a
+        slot), for at most ``within_s`` (``timeout_s`` if None); then its failure is
+        raised. For steps that are safe to repeat. Cancelling it cancels the call or the
+        pause."""
+        deadline = trio.current_time() + (self.timeout_s if within_s is None else within_s)
+        pause = 0.05
+        while True:
+            try:
+                return await call()
+            except TRANSIENT as exc:
+                self.noticed(exc)
+                if trio.current_time() + pause > deadline:
+                    raise
+            await trio.sleep(pause)
+            pause = min(2 * pause, 0.5)

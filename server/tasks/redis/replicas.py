@@ -114,6 +114,7 @@ class RedisCluster:
                 await self._heartbeat_once()
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+                self._conn.noticed(exc)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -218,6 +219,7 @@ class RedisCluster:
                     await self._conn.commands.xack(key, "owner", [e.identifier for e in entries])
             except RedisError as exc:
                 log.warning("reading the control stream failed: %s", exc)
+                self._conn.noticed(exc)
                 pending = True
                 try:
                     await self._ensure_control_group()
@@ -231,9 +233,11 @@ class RedisCluster:
         while True:
             await trio.sleep(self._ttl_s / 10)
             try:
+                await self._store.write_unwritten_ends()
                 await self.reap_dead_replicas()
             except (RedisError, BackendUnavailable) as exc:
                 log.warning("looking for dead replicas failed: %s", exc)
+                self._conn.noticed(exc)
 
     async def reap_dead_replicas(self) -> list[str]:
         """End the running tasks of replicas whose heartbeat has expired (``failed``,

@@ -8,6 +8,7 @@ behind (``WriteBehind``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -21,10 +22,12 @@ from server.tasks.errors import BackendUnavailable
 from server.tasks.memory import MemoryStore
 from server.tasks.redis.admission import RedisAdmission
 from server.tasks.redis.connection import RedisConnection
-from server.tasks.redis.errors import RedisError, redis_errors, through_failover
+from server.tasks.redis.errors import RedisError, redis_errors
 from server.tasks.redis.keys import decode_record, encode_fields
 from server.tasks.redis.tailing import Tailer
 from server.tasks.redis.writer import WriteBehind
+
+log = logging.getLogger("tether.redis")
 
 
 class RedisStore:
@@ -44,6 +47,10 @@ class RedisStore:
         self._local = MemoryStore()
         self.writer = WriteBehind(conn)
         self.tailer = Tailer(conn)
+        # Tasks that ended here while Redis did not take their terminal event: Redis shows
+        # them running under this live replica, which no reaper ends. Written again by
+        # ``write_unwritten_ends`` once Redis answers.
+        self._unwritten_ends: dict[str, TaskRecord] = {}
 
     async def create(self, record: TaskRecord) -> None:
         keys = self._keys.task(record.id)
@@ -76,7 +83,7 @@ class RedisStore:
     async def load(self, task_ids: list[str]) -> list[TaskRecord | None]:
         """The records as Redis holds them (None for a task it does not hold)."""
         with redis_errors():
-            results = await through_failover(partial(self._load, task_ids), self._conn.timeout_s)
+            results = await self._conn.through_failover(partial(self._load, task_ids))
         out: list[TaskRecord | None] = []
         for i in range(len(task_ids)):
             raw, content, reasoning, sources = results[4 * i : 4 * i + 4]
@@ -152,18 +159,27 @@ class RedisStore:
         return await self._local.append(record, type_, data)
 
     async def finish(self, record: TaskRecord) -> Event | None:
+        # Listed until Redis has the end: if Redis fails, or the manager's budget for the
+        # end runs out first, write_unwritten_ends writes it later.
+        self._unwritten_ends[record.id] = record
         # The end goes after the task's last event. Both steps are bounded so that the
         # local copy is ended within the manager's budget for the end (timeout_s) even
         # when Redis is away.
-        await self.writer.flushed(record.id, self._conn.timeout_s / 2)
         try:
-            written = await through_failover(
+            await self.writer.flushed(record.id, self._conn.timeout_s / 2)
+            written = await self._conn.through_failover(
                 partial(self.end, record, self._replica_id), self._conn.timeout_s / 3
             )
         except RedisError as exc:
-            # Readers here still see the task end; the record in Redis waits for a reaper.
+            # Readers here still see the task end; the end is written to Redis later.
             await self._finish_locally(record)
             raise BackendUnavailable(f"Redis failed: {exc}") from exc
+        except BaseException:
+            # Cancelled (the manager's budget for the end ran out): the same, and the
+            # local end has no checkpoint, so it is written even in a cancelled scope.
+            await self._finish_locally(record)
+            raise
+        self._unwritten_ends.pop(record.id, None)
         if written is None:
             # Ended elsewhere meanwhile (reaped while Redis could not hear from us): the
             # local copy ends as Redis says, so that readers here see that end too.
@@ -172,6 +188,23 @@ class RedisStore:
                 await self._finish_locally(ended)
             return None
         return await self._finish_locally(record) or written
+
+    async def write_unwritten_ends(self) -> list[str]:
+        """Write the terminal events Redis did not take when their tasks ended here (it
+        failed for longer than the backend timeout: a long failover, say). Returns the
+        tasks whose end it wrote. Raises ``RedisError``; a task whose log kept moving is
+        given up (and logged)."""
+        written: list[str] = []
+        for task_id, record in list(self._unwritten_ends.items()):
+            if self._local.has(task_id) and (await self._local.get(task_id) or record).active:
+                continue  # still ending here
+            try:
+                if await self.end(record, self._replica_id) is not None:
+                    written.append(task_id)
+            except BackendUnavailable as exc:
+                log.warning("task=%s: its end was not written: %s", task_id, exc)
+            del self._unwritten_ends[task_id]
+        return written
 
     async def end(self, record: TaskRecord, replica: str) -> Event | None:
         """Write the terminal event as ``record`` says, then free the task's place. If

@@ -36,7 +36,7 @@ import trio
 from server import fastjson
 from server.events import Event
 from server.tasks.redis.connection import RedisConnection
-from server.tasks.redis.errors import RedisError, redis_errors, through_failover
+from server.tasks.redis.errors import RedisError, redis_errors
 from server.tasks.redis.keys import decode_event
 
 log = logging.getLogger("tether.redis")
@@ -139,14 +139,13 @@ class Tailer:
         start = f"(0-{after}" if after > 0 else "-"
         key = self._conn.keys.task(task_id).log
         with redis_errors():
-            entries = await through_failover(
-                partial(self._conn.commands.xrange, key, start, "+", count=limit),
-                self._conn.timeout_s,
+            entries = await self._conn.through_failover(
+                partial(self._conn.commands.xrange, key, start, "+", count=limit)
             )
             if not entries:
                 return []
-            chat_id, message_id = await through_failover(
-                partial(self._identity, task_id), self._conn.timeout_s
+            chat_id, message_id = await self._conn.through_failover(
+                partial(self._identity, task_id)
             )
         return [decode_event(task_id, chat_id, message_id, e) for e in entries]
 
@@ -221,8 +220,8 @@ class Tailer:
         """See ``TaskStore.wait_beyond``: a slot in the multiplexer's table, no connection
         of its own. Cancelling it only stops the wait."""
         with redis_errors():
-            exists, closed, last = await through_failover(
-                partial(self._log_state, task_id), self._conn.timeout_s
+            exists, closed, last = await self._conn.through_failover(
+                partial(self._log_state, task_id)
             )
         if last > after:
             return True
@@ -277,6 +276,7 @@ class Tailer:
                 await self._read_once(group)
             except RedisError as exc:
                 log.warning("following remote tasks failed: %s", exc)
+                self._conn.noticed(exc)
                 await trio.sleep(0.5)
         group.running = False
         if self._groups.get(key) is group:

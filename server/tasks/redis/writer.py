@@ -119,6 +119,7 @@ class WriteBehind:
         pause = 0.05
         with trio.move_on_after(self._conn.timeout_s):
             while again := self._to_send_again(batch, results):
+                self._conn.noticed(results[again[0]])
                 await trio.sleep(pause)
                 pause = min(2 * pause, 0.5)
                 answers = await self._send_once([batch[i] for i in again])
