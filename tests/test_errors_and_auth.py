@@ -423,6 +423,7 @@ def test_a_dotenv_file_gives_its_tether_lines_in_any_case(tmp_path: Any) -> None
         ({"TETHER_API_KEYS": "k1=alice,nouser"}, "TETHER_API_KEYS: API key entry 'nouser'"),
         ({"TETHER_BACKEND": "disk"}, "TETHER_BACKEND='disk' is not memory or redis"),
         ({"TETHER_BACKEND": "redis"}, "TETHER_BACKEND=redis needs TETHER_REDIS_URL"),
+        ({"TETHER_REDIS_MODE": "sharded"}, "TETHER_REDIS_MODE='sharded' is not auto, single"),
     ],
 )
 def test_an_unusable_setting_is_one_line_naming_its_variable(
