@@ -82,7 +82,7 @@ async def task_events(task_id: str) -> Response:
     """The task's events as SSE. Closing the connection ends the reader only."""
     _, record = await _own_task(task_id)
     after = _cursor()
-    response = Response(_events(runtime(), record.id, after), headers=sse_headers(record.id))
+    response = Response(_events(runtime(), record, after), headers=sse_headers(record.id))
     response.timeout = None
     return response
 
@@ -100,14 +100,15 @@ def _cursor() -> int:
     return after
 
 
-async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
+async def _events(rt: Runtime, record: TaskRecord, after: int) -> AsyncIterator[str]:
     """Replay the log past ``after``, then follow it live until the terminal event.
 
     Closing the connection ends only this reader; the task goes on.
     """
     store = rt.manager.store
+    task_id = record.id
     cursor = after
-    with store.reading(task_id):
+    with rt.manager.resume_span(record, "sse", after), store.reading(task_id):
         while (
             events := await next_events(
                 store, task_id, cursor, limit=500, wait_s=rt.settings.sse_keepalive_s

@@ -57,6 +57,7 @@ from server.api.ws_delivery import (
     Wait,
 )
 from server.events import Event
+from server.record import TaskRecord
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.sessions import Session
@@ -383,11 +384,13 @@ class WsConnection:
                 case ChatCommand(request=request):
                     await self._chat(request)
                 case SubscribeCommand(task_id=task_id, after=after):
-                    self.follow(await self._own_task(task_id), after)
+                    record = await self._own_task(task_id)
+                    with self.rt.manager.resume_span(record, "ws", after):
+                        self.follow(task_id, after)
                 case UnsubscribeCommand(task_id=task_id):
-                    self.writer.delivery.unfollow(await self._own_task(task_id))
+                    self.writer.delivery.unfollow((await self._own_task(task_id)).id)
                 case StopCommand(task_id=task_id):
-                    await self._stop(await self._own_task(task_id))
+                    await self._stop((await self._own_task(task_id)).id)
                 case SkipCommand(task_id=task_id, step=step):
                     answer = await skip_step(self.rt, self.user, task_id, step)
                     await self.writer.reply({"type": "skip", **answer})
@@ -412,12 +415,13 @@ class WsConnection:
                 }
             )
 
-    async def _own_task(self, task_id: str) -> str:
-        """The task id, if it names a task of this connection's user; ``not_found`` (as
-        for an unknown id) otherwise."""
-        if await self.rt.manager.get(self.user, task_id) is None:
+    async def _own_task(self, task_id: str) -> TaskRecord:
+        """The task's record, if it names a task of this connection's user; ``not_found``
+        (as for an unknown id) otherwise."""
+        record = await self.rt.manager.get(self.user, task_id)
+        if record is None:
             raise RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
-        return task_id
+        return record
 
     async def _stop(self, task_id: str) -> None:
         """Stop a task anywhere; its terminal event reaches this connection. Cancelling it
