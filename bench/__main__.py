@@ -9,6 +9,7 @@ failed (events lost or out of order, tasks or connections left behind, errors).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import resource
 import signal
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run the server under pyinstrument; the text report goes to "
         "bench/results/<name>-profile.txt",
+    )
+    parser.add_argument(
+        "--max-workers", type=int, default=0, help="workers scenario: up to N (default: cores)"
     )
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     nofile = raise_fd_limit()
     cfg: BenchConfig = FULL if args.full else QUICK
+    if args.max_workers:
+        cfg = dataclasses.replace(cfg, workers_max=args.max_workers)
     name = args.name or cfg.mode
     scenarios = args.scenario or list(RUN_ORDER)
     progress = Progress(args.quiet)

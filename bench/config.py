@@ -16,10 +16,12 @@ SCENARIOS = (
     "responses",
     "steering",
     "followers",
+    "workers",
 )
 # Scale runs first so that its memory per task is measured from a server that has not yet
 # grown its heap (Python keeps freed memory for reuse, so RSS only shows a high-water mark).
 # Replicas runs last: it starts its own Redis and Tether processes and ends them after.
+# Workers (a server per worker count, up to every core) runs only when named (--scenario).
 RUN_ORDER = (
     "scale",
     "waiting",
@@ -88,6 +90,10 @@ class BenchConfig:
     followers_tokens: int = 60  # 12 s at 5/s
     followers_on_a: int = 1  # per task: A's own followers (the floor)
     followers_on_b: tuple[int, ...] = (1, 10)  # per task, one level each: 100 and 1,000 on B
+    # 11. workers: --workers N on Redis for N = 1, 2, ... up to the cores (or workers_max)
+    workers_streams: int = 100  # per worker, at scale_rate: the load grows with N
+    workers_tokens: int = 300  # 6 s at 50/s
+    workers_max: int = 0  # 0: os.cpu_count()
     # server settings the bench runs with (TETHER_* environment)
     server_env: dict[str, str] = field(default_factory=dict)
 

@@ -599,9 +599,6 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
     ]
     table = []
     for r in scale["levels"]:
-        window = r["cpu_percent_window"]
-        clients = sum(v for k, v in window.items() if k.startswith("client"))
-        servers = "+".join(f"{v:.0f}" for k, v in window.items() if k.split("/")[0] == r["server"])
         table.append(
             [
                 str(r["label"]),
@@ -611,8 +608,7 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
                 f"{r['lost']} / {r['out_of_order']} / {r['undelivered']} / "
                 f"{r['closed_connections']}",
                 _us(r["us_per_token"]),
-                f"{servers} / {r['redis_cpu_percent']:.0f} / {window.get('model', 0):.0f} / "
-                f"{clients:.0f} / {window.get('bench', 0):.0f}",
+                _servers_cpu(r),
                 f"{r['total_cpu_percent']:.0f} / {_us(r.get('machine_cpu_percent'))}",
             ]
         )
@@ -666,6 +662,19 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
             )
         out += [text, ""]
     return out
+
+
+def _servers_cpu(r: dict[str, Any]) -> str:
+    """CPU % server(s) / redis / model / clients / bench of a level on a server of the
+    replicas or workers scenario (a ``--workers`` server's as its supervisor's + each
+    worker's)."""
+    window = r["cpu_percent_window"]
+    clients = sum(v for k, v in window.items() if k.startswith("client"))
+    servers = "+".join(f"{v:.0f}" for k, v in window.items() if k.split("/")[0] == r["server"])
+    return (
+        f"{servers} / {r['redis_cpu_percent']:.0f} / {window.get('model', 0):.0f} / "
+        f"{clients:.0f} / {window.get('bench', 0):.0f}"
+    )
 
 
 def _responses(res: Results) -> list[str]:
@@ -948,6 +957,84 @@ def _followers(res: Results) -> list[str]:
     return out + [""]
 
 
+def _workers(res: Results) -> list[str]:
+    fig = res.figures.get("workers") or {}
+    if not fig.get("levels"):
+        return []
+    out = [
+        "## Workers: capacity per worker",
+        "",
+        f"`tether serve --workers N` on Redis, a fresh server per N, up to "
+        f"{fig['max_workers']} (this machine has {fig['cores']} cores, shared by every "
+        f"process). The same load per worker: {fig['streams_per_worker']} x N streams of "
+        f"{fig['tokens']} tokens at {fig['rate']:g} tokens/s, one WebSocket client each "
+        "(`?batch=1`). Delivered tokens/s: model tokens reaching clients per second over the "
+        "second half of the streaming. Per server CPU-second: tokens delivered per second of "
+        "the servers' CPU (supervisor and workers) over the whole level. Cores allowed: "
+        "what everything else (Redis, the fake model, the clients, the bench, and another "
+        "job: what the machine "
+        "was busy beyond all of this run's processes) left to the servers, in cores, at most "
+        "N. Held: event lag p99 under "
+        f"{fig['lag_limit_ms']:g} ms, time to task id within bounds, nothing lost.",
+        "",
+    ]
+    rows = []
+    for r in fig["levels"]:
+        rows.append(
+            [
+                str(r["workers"]),
+                f"{r['tasks']} x {fig['rate']:g}/s",
+                f"{r['delivered_tokens_per_s']} / {r['offered_tokens_per_s']}",
+                f"{r['delivered_per_worker']} (**{_x(r.get('per_worker_over_one'))}**)",
+                _x(r.get("delivered_over_one")),
+                f"{r['tokens_per_cpu_s']} ({_x(r.get('per_cpu_over_one'))})",
+                _pair(r["lag_p50"], r["lag_p99"]),
+                str(r["lost"]),
+                _servers_cpu(r),
+                f"{r['total_cpu_percent']:.0f} / {_us(r.get('machine_cpu_percent'))}",
+                f"{r['cores_allowed']:g}",
+                "yes" if r["held"] else "no",
+            ]
+        )
+    out += _table(
+        [
+            "workers",
+            "streams",
+            "tokens/s delivered / offered",
+            "delivered per worker (/ 1 worker)",
+            "delivered / 1 worker",
+            "tokens per server CPU-second (/ 1 worker)",
+            "event lag ms p50 / p99",
+            "lost",
+            "CPU % server(s) / redis / model / clients / bench",
+            "CPU % all / machine",
+            "cores allowed",
+            "held",
+        ],
+        rows,
+    )
+    out.append("")
+    for r in fig["levels"]:
+        foreign = (r.get("machine_cpu_percent") or 0) - r["total_cpu_percent"]
+        if foreign >= FOREIGN_CPU_WARNING:
+            out += [
+                f"**Beware**: at `--workers {r['workers']}` the machine was busy {foreign:.0f} % "
+                "of a core beyond this run's processes (another job shared the cores): the "
+                "servers got less CPU than the cores allowed, which lowers the tokens/s "
+                "delivered and raises the lag (and lowers the CPU per token: a lagging "
+                "server merges more tokens per message); compare only within a quiet run.",
+                "",
+            ]
+        model = r["cpu_percent_window"].get("model", 0)
+        if model >= 90:
+            out += [
+                f"**Beware**: at `--workers {r['workers']}` the fake model (one process) used "
+                f"{model:.0f} % of its core: the bench, not Tether, may have bounded the level.",
+                "",
+            ]
+    return out
+
+
 def markdown(res: Results) -> str:
     data = res.to_json()
     m = data["machine"]
@@ -980,6 +1067,7 @@ def markdown(res: Results) -> str:
         _responses,
         _steering,
         _followers,
+        _workers,
     ):
         out += section(res)
     if res.checks:

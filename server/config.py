@@ -62,7 +62,7 @@ def _default_max_connections() -> int:
     # (model, search and page connections, Redis): half of the process's open-file limit
     # is left to those, so that past the cap a client gets a clean 503 rather than the
     # listener failing to accept. No more than 5,000 per core: an idle WebSocket costs
-    # memory too (about 100 KB, see bench/ws_memory.py).
+    # memory too (about 30 KB of RSS, see bench/results/ws-memory-after.md).
     return max(16, min(_open_files_limit() // 2, 5000 * (os.cpu_count() or 1)))
 
 

@@ -324,7 +324,9 @@ class WatchedConnection(TCPServer):
         # request to answer, and a timed-out one is then closed without an answer.
         self.head_started = False
         self._dropping = False
-        self._dropped_to_eof = trio.Event()
+        # Made when the server starts closing the connection (``answer_and_close``), not
+        # with every connection: an idle one would hold it for nothing.
+        self._dropped_to_eof: trio.Event | None = None
         super().__init__(
             app, config, context, state, cast(Any, _ReadWatch(self) if hooks else stream)
         )
@@ -378,7 +380,8 @@ class WatchedConnection(TCPServer):
         return self._dropping
 
     def dropped_to_eof(self) -> None:
-        self._dropped_to_eof.set()
+        if self._dropped_to_eof is not None:
+            self._dropped_to_eof.set()
 
     async def answer_and_close(self, answer: bytes | None) -> None:
         """Write ``answer`` (if any), then close the connection, whatever hypercorn is doing
@@ -386,6 +389,7 @@ class WatchedConnection(TCPServer):
         ``LINGER_S``) is awaited so that it reads the answer rather than a reset. Cancelling
         it leaves the connection to hypercorn's own close."""
         self._dropping = True
+        dropped_to_eof = self._dropped_to_eof = trio.Event()
         stream = self.socket_stream
         try:
             async with self.send_lock:
@@ -394,7 +398,7 @@ class WatchedConnection(TCPServer):
                         await stream.send_all(answer)
                     await stream.send_eof()
             with trio.move_on_after(LINGER_S):
-                await self._dropped_to_eof.wait()
+                await dropped_to_eof.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             pass
         # hypercorn's read then fails, and it closes its side of the connection as for a

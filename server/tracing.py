@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import trio
 from opentelemetry import context as otel_context
@@ -44,6 +44,8 @@ from server.exception_groups import first_leaf
 log = logging.getLogger("tether.tracing")
 
 Attributes = Mapping[str, str | int | float | bool]
+# How a reader resumed a task: its SSE events, a Responses stream, a WebSocket subscribe.
+ResumeVia = Literal["sse", "responses", "ws"]
 
 # W3C trace context only (no baggage): Tether forwards where a span runs, nothing else.
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -114,12 +116,15 @@ class Tracing:
         self, name: str, task_trace: str | None, attributes: Attributes
     ) -> AbstractContextManager[Span | None]:
         """A span of this process's own about a task run elsewhere (a stop, a resume),
-        linked to that task's trace (its root span's ``traceparent``)."""
+        linked to that task's trace (its root span's ``traceparent``). It is not made the
+        current span: its block opens none of its own, and a block that is an async
+        generator's (a resumed stream) may be closed from another context than the one it
+        began in, where resetting a context variable would fail."""
         if self._tracer is None:
             return _NO_SPAN
         linked = _span_context(task_trace)
         links = [Link(linked)] if linked is not None else []
-        return _span(self._tracer, name, attributes, links=links, stops=None)
+        return _span(self._tracer, name, attributes, links=links, stops=None, current=False)
 
     async def aclose(self) -> None:
         """Export what is left and stop the exporter (in a thread: the exporter's HTTP is
@@ -227,22 +232,27 @@ def _span(
     *,
     links: list[Link] | tuple[()],
     stops: StopSource | None,
+    current: bool = True,
 ) -> Iterator[Span]:
-    current = tracer.start_span(name, attributes=attributes, links=links)
+    opened = tracer.start_span(name, attributes=attributes, links=links)
     try:
-        with trace.use_span(
-            current, end_on_exit=False, record_exception=False, set_status_on_exception=False
-        ):
-            yield current
-    except BaseException as exc:
-        if isinstance(first_leaf(exc), trio.Cancelled):
-            mark_cancelled(current, stops)
+        if current:
+            with trace.use_span(
+                opened, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
+                yield opened
         else:
-            current.record_exception(exc)
-            current.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            yield opened
+    except BaseException as exc:
+        # A generator closed before its end (a reader that left) is cut as a cancel is.
+        if isinstance(first_leaf(exc), (trio.Cancelled, GeneratorExit)):
+            mark_cancelled(opened, stops)
+        else:
+            opened.record_exception(exc)
+            opened.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         raise
     finally:
-        current.end()
+        opened.end()
 
 
 def mark_cancelled(span: Span, stops: StopSource | None = None) -> None:

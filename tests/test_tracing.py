@@ -33,6 +33,7 @@ from server.config import Settings, otel_traces_wanted
 from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether, base_settings
 from tests.helpers import chat_body, until
+from tests.test_ws import connect
 
 # A caller's trace context (W3C): the task's root span must be its child.
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -423,20 +424,26 @@ async def test_spans_are_exported_over_otlp_http_to_a_collector(
     assert [e.name for e in by_name["llm.stream"][1].events] == ["first_token"]
 
 
-async def test_a_stop_through_another_replica_is_a_span_linked_to_the_tasks_trace(
-    start_traced: Callable[..., Any],
-    fakes: Fakes,
-    exporter: InMemorySpanExporter,
-    request: pytest.FixtureRequest,
-) -> None:
+async def _two_replicas(
+    start_traced: Callable[..., Any], request: pytest.FixtureRequest
+) -> tuple[Tether, Tether]:
+    """Two traced servers sharing one task space on a real redis-server."""
     redis = request.getfixturevalue("redis_server")
     shared = {
         "backend": "redis",
         "redis_url": redis.url,
         "redis_prefix": "o" + secrets.token_hex(6),
     }
-    owner: Tether = await start_traced(**shared)
-    other: Tether = await start_traced(**shared)
+    return await start_traced(**shared), await start_traced(**shared)
+
+
+async def test_a_stop_through_another_replica_is_a_span_linked_to_the_tasks_trace(
+    start_traced: Callable[..., Any],
+    fakes: Fakes,
+    exporter: InMemorySpanExporter,
+    request: pytest.FixtureRequest,
+) -> None:
+    owner, other = await _two_replicas(start_traced, request)
     fakes.model.push(HangReply())
     task_id = await owner.background(chat_body())
     with trio.fail_after(WAIT):
@@ -446,8 +453,88 @@ async def test_a_stop_through_another_replica_is_a_span_linked_to_the_tasks_trac
 
     _assert_root(tree, task_id, status="cancelled", reason="stop")
     sent = next(s for s in exporter.get_finished_spans() if s.name == "tether.stop.send")
-    assert sent.context is not None and tree.root.context is not None
-    assert sent.context.trace_id != tree.root.context.trace_id  # the other replica's own
-    assert [link.context.span_id for link in sent.links] == [tree.root.context.span_id]
-    assert [link.context.trace_id for link in sent.links] == [tree.root.context.trace_id]
-    assert (sent.attributes or {})["tether.task.id"] == task_id
+    _assert_linked(sent, tree, task_id)
+
+
+def _assert_linked(span: ReadableSpan, tree: Tree, task_id: str) -> None:
+    """``span`` is another replica's own, about the task, linked to the task's root span."""
+    assert span.context is not None and tree.root.context is not None
+    root = tree.root.context
+    assert span.context.trace_id != root.trace_id
+    assert [(link.context.trace_id, link.context.span_id) for link in span.links] == [
+        (root.trace_id, root.span_id)
+    ]
+    assert (span.attributes or {})["tether.task.id"] == task_id
+
+
+async def test_a_resume_through_another_replica_is_a_span_linked_to_the_tasks_trace(
+    start_traced: Callable[..., Any],
+    fakes: Fakes,
+    exporter: InMemorySpanExporter,
+    request: pytest.FixtureRequest,
+) -> None:
+    owner, other = await _two_replicas(start_traced, request)
+    fakes.model.push(HangReply())
+    created = await owner.client.post(
+        "/v1/responses", json={"model": "fake-model", "input": "hi", "background": True}
+    )
+    assert created.status_code == 200, created.text
+    task_id = created.json()["id"]
+    with trio.fail_after(WAIT):
+        await fakes.model.wait_for_request("/v1/chat/completions")
+
+    # Four readers follow the running task: the SSE events, a Responses stream and a
+    # WebSocket subscribe on the other replica, and the SSE events on the owner.
+    terminals: dict[str, str] = {}
+
+    async def read_sse(tether: Tether, name: str, url: str, reading: trio.Event) -> None:
+        async with tether.client.stream("GET", url) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    reading.set()
+                    terminals[name] = json.loads(line[6:])["type"]
+
+    async def read_ws(reading: trio.Event) -> None:
+        async with connect(other) as client:
+            await client.send({"type": "subscribe", "task_id": task_id, "after": 0})
+            await client.events_until_terminal(task_id, stop_when=lambda _: True)
+            reading.set()
+            terminals["ws"] = (await client.events_until_terminal(task_id))[-1]["type"]
+
+    readers = {name: trio.Event() for name in ("sse", "responses", "ws", "owner")}
+    async with trio.open_nursery() as nursery:
+        events_url = f"/api/tasks/{task_id}/events?after=0"
+        nursery.start_soon(read_sse, other, "sse", events_url, readers["sse"])
+        responses_url = f"/v1/responses/{task_id}?stream=true&starting_after=0"
+        nursery.start_soon(read_sse, other, "responses", responses_url, readers["responses"])
+        nursery.start_soon(read_ws, readers["ws"])
+        nursery.start_soon(read_sse, owner, "owner", events_url, readers["owner"])
+        with trio.fail_after(WAIT):
+            for reading in readers.values():
+                await reading.wait()
+        await _stop(owner, task_id)
+    tree = await _task_trace(exporter, task_id)
+
+    _assert_root(tree, task_id, status="cancelled", reason="stop")
+    # Each reader followed the task to its end.
+    assert terminals == {
+        "sse": "task:cancelled",
+        "responses": "response.incomplete",
+        "ws": "task:cancelled",
+        "owner": "task:cancelled",
+    }
+
+    def resumes() -> list[ReadableSpan]:
+        return [s for s in exporter.get_finished_spans() if s.name == "tether.resume"]
+
+    async def three_resumes() -> bool:
+        return len(resumes()) >= 3
+
+    await until(three_resumes, timeout=WAIT)
+    # The other replica's three readers, each its own span linked to the task's root; the
+    # owner's reader is none (the task's own trace is the owner's).
+    for resumed in resumes():
+        _assert_linked(resumed, tree, task_id)
+    vias = sorted(str((s.attributes or {})["tether.resume.via"]) for s in resumes())
+    assert vias == ["responses", "sse", "ws"]

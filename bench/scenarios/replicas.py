@@ -456,7 +456,7 @@ class Config:
     rss_at_start_mb: float
 
 
-def _row(config: Config, row: dict[str, Any], cores: int) -> dict[str, Any]:
+def level_row(config: Config, row: dict[str, Any], cores: int) -> dict[str, Any]:
     """The figures of one level on one server, from ``run_level``'s row."""
     window = row.get("cpu_percent_window") or {}
     server = process_cpu(window, config.proc.name)
@@ -523,7 +523,7 @@ def _compare(rows: dict[str, dict[str, Any]], cores: int) -> dict[str, Any]:
     return out
 
 
-def _cpu_text(row: dict[str, Any], name: str) -> str:
+def servers_cpu_text(row: dict[str, Any], name: str) -> str:
     window = row["cpu_percent_window"]
     servers = [f"{v:.0f}" for k, v in window.items() if k == name or k.startswith(name + "/")]
     clients = sum(v for k, v in window.items() if k.startswith("client"))
@@ -586,7 +586,7 @@ async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dic
                 config = configs[key]
                 target = Target(config.proc, SCENARIO, config.rss_at_start_mb)
                 found = await run_level(b, pool, Spec(n, cfg.scale_rate, cfg.scale_tokens), target)
-                rows[key] = _row(config, found, cores)
+                rows[key] = level_row(config, found, cores)
                 levels.append(rows[key])
                 b.progress.step(
                     f"{config.label:>27} {n}x{cfg.scale_rate:g}/s: "
@@ -594,7 +594,7 @@ async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dic
                     f"(offered {rows[key]['offered_tokens_per_s']}), lag p50/p99 "
                     f"{rows[key]['lag_p50']}/{rows[key]['lag_p99']} ms, lost "
                     f"{rows[key]['lost']}, {rows[key]['us_per_token']} µs/token; CPU % "
-                    f"{_cpu_text(rows[key], config.proc.name)}"
+                    f"{servers_cpu_text(rows[key], config.proc.name)}"
                 )
             comparisons.append(_compare(rows, cores))
     finally:

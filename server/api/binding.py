@@ -50,11 +50,12 @@ def route_websocket(inner: ASGIApp, path: str, handler: ASGIApp) -> ASGIApp:
     """Serve WebSocket connections to ``path`` with ``handler``, below the framework;
     everything else goes to ``inner``."""
 
-    async def asgi(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    # A plain function handing back the chosen app's coroutine: a coroutine of its own
+    # here would hold a frame for every open WebSocket, for nothing.
+    def asgi(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> Awaitable[None]:
         if scope["type"] == "websocket" and scope["path"] == path:
-            await handler(scope, receive, send)
-        else:
-            await inner(scope, receive, send)
+            return handler(scope, receive, send)
+        return inner(scope, receive, send)
 
     return asgi
 

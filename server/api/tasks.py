@@ -86,7 +86,7 @@ async def task_events(task_id: str) -> Response:
     """The task's events as SSE. Closing the connection ends the reader only."""
     _, record = await _own_task(task_id)
     after = _cursor()
-    response = Response(_events(runtime(), record.id, after), headers=sse_headers(record.id))
+    response = Response(_events(runtime(), record, after), headers=sse_headers(record.id))
     response.timeout = None
     return response
 
@@ -104,7 +104,7 @@ def _cursor() -> int:
     return after
 
 
-async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
+async def _events(rt: Runtime, record: TaskRecord, after: int) -> AsyncIterator[str]:
     """Replay the log past ``after``, then follow it live until the terminal event.
 
     Closing the connection ends only this reader; the task goes on. If the task store
@@ -112,9 +112,10 @@ async def _events(rt: Runtime, task_id: str, after: int) -> AsyncIterator[str]:
     resumes from its last id (``Last-Event-ID``) once the store is back.
     """
     store = rt.manager.store
+    task_id = record.id
     cursor = after
     try:
-        with store.reading(task_id):
+        with rt.manager.resume_span(record, "sse", after), store.reading(task_id):
             while (
                 events := await next_events(
                     store, task_id, cursor, limit=500, wait_s=rt.settings.sse_keepalive_s

@@ -57,6 +57,7 @@ from server.api.ws_delivery import (
     Wait,
 )
 from server.events import Event
+from server.record import TaskRecord
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.sessions import Session
@@ -136,7 +137,8 @@ class WsWriter:
         self._ws = ws
         self._logs = logs
         self._wake = trio.Event()
-        self._reply_room = trio.Event()
+        # Made when a reply has to wait for room (rare), not with every connection.
+        self._reply_room: trio.Event | None = None
         self.delivery = Delivery(batch=batch, max_lag_events=max_lag_events, wake=self._set_wake)
         self.sending_since: float | None = None
 
@@ -165,8 +167,8 @@ class WsWriter:
         client that sends commands and does not read its answers). Cancelling it drops
         the reply."""
         while self.delivery.pending_replies >= _MAX_PENDING_REPLIES:
-            self._reply_room = trio.Event()
-            await self._reply_room.wait()
+            room = self._reply_room = trio.Event()
+            await room.wait()
         self.delivery.reply(json.dumps(message))
 
     async def run(self) -> None:
@@ -186,7 +188,9 @@ class WsWriter:
                     await self._wake.wait()
                     self._wake = trio.Event()
                 case Send(texts=texts, replies=True):
-                    self._reply_room.set()
+                    if self._reply_room is not None:
+                        self._reply_room.set()
+                        self._reply_room = None
                     await self._send(texts)
                     delivery.sent()
                 case _:
@@ -383,11 +387,13 @@ class WsConnection:
                 case ChatCommand(request=request):
                     await self._chat(request)
                 case SubscribeCommand(task_id=task_id, after=after):
-                    self.follow(await self._own_task(task_id), after)
+                    record = await self._own_task(task_id)
+                    with self.rt.manager.resume_span(record, "ws", after):
+                        self.follow(task_id, after)
                 case UnsubscribeCommand(task_id=task_id):
-                    self.writer.delivery.unfollow(await self._own_task(task_id))
+                    self.writer.delivery.unfollow((await self._own_task(task_id)).id)
                 case StopCommand(task_id=task_id):
-                    await self._stop(await self._own_task(task_id))
+                    await self._stop((await self._own_task(task_id)).id)
                 case SkipCommand(task_id=task_id, step=step):
                     answer = await skip_step(self.rt, self.user, task_id, step)
                     await self.writer.reply({"type": "skip", **answer})
@@ -412,12 +418,13 @@ class WsConnection:
                 }
             )
 
-    async def _own_task(self, task_id: str) -> str:
-        """The task id, if it names a task of this connection's user; ``not_found`` (as
-        for an unknown id) otherwise."""
-        if await self.rt.manager.get(self.user, task_id) is None:
+    async def _own_task(self, task_id: str) -> TaskRecord:
+        """The task's record, if it names a task of this connection's user; ``not_found``
+        (as for an unknown id) otherwise."""
+        record = await self.rt.manager.get(self.user, task_id)
+        if record is None:
             raise RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
-        return task_id
+        return record
 
     async def _stop(self, task_id: str) -> None:
         """Stop a task anywhere; its terminal event reaches this connection. Cancelling it
@@ -477,22 +484,16 @@ async def serve(
     period then decides its tasks' fate."""
     if (await receive())["type"] != "websocket.connect":
         return
-    headers = {
-        name.decode("latin-1").lower(): value.decode("latin-1")
-        for name, value in cast(Any, scope)["headers"]
-    }
-    args = dict(parse_qsl(cast(Any, scope)["query_string"].decode("latin-1")))
     try:
-        check_origin(headers.get("origin"), headers.get("host"), rt.settings.ws_allowed_origins)
-        user = rt.auth.user_for(headers.get("authorization"), args.get("token"))
+        user, batch, session_id = _upgrade(rt, scope)
     except RequestError as exc:
         await _refuse(scope, send, exc)
         return
     await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
     ws = AsgiWebSocket(receive, send)
-    conn = WsConnection(rt, user, ws, batch=args.get("batch", "") in ("1", "true"))
+    conn = WsConnection(rt, user, ws, batch=batch)
     try:
-        session = await rt.sessions.attach(user, args.get("session_id"), conn)
+        session = await rt.sessions.attach(user, session_id, conn)
     except TaskRefused as failure:
         refused = refusal(failure)
         await ws.send(
@@ -510,6 +511,20 @@ async def serve(
         return
     conn.session = session
     await conn.run(hub)
+
+
+def _upgrade(rt: Runtime, scope: Scope) -> tuple[str, bool, str | None]:
+    """The upgrade's user, whether it asked for batches, and its ``session_id``; raises
+    ``RequestError`` for a refused origin or key. The headers and query, read into dicts
+    here, are dropped on return rather than held for the connection's lifetime."""
+    headers = {
+        name.decode("latin-1").lower(): value.decode("latin-1")
+        for name, value in cast(Any, scope)["headers"]
+    }
+    args = dict(parse_qsl(cast(Any, scope)["query_string"].decode("latin-1")))
+    check_origin(headers.get("origin"), headers.get("host"), rt.settings.ws_allowed_origins)
+    user = rt.auth.user_for(headers.get("authorization"), args.get("token"))
+    return user, args.get("batch", "") in ("1", "true"), args.get("session_id")
 
 
 async def _refuse(scope: Scope, send: ASGISendCallable, exc: RequestError) -> None:

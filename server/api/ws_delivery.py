@@ -37,7 +37,6 @@ Invariants it relies on (the caller keeps them):
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -160,7 +159,9 @@ class Delivery:
         # those whose log just ended, served first.
         self._ready: dict[str, None] = {}
         self._ended: dict[str, None] = {}
-        self._replies: deque[str] = deque()
+        # A list, not a deque: it is emptied whole, and an empty deque keeps a block of
+        # 64 slots (about 0.7 KiB) for every idle connection.
+        self._replies: list[str] = []
         self._turn: _Turn | None = None
         # The kind of step handed out whose outcome is due (one at a time).
         self._due: type[Send] | type[ReadLog] | type[FindTask] | None = None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import trio
+from opentelemetry.trace import Span
 
 from server.config import Settings
 from server.events import (
@@ -43,7 +44,7 @@ from server.tasks.backend import Backend, TaskStore, next_events
 from server.tasks.errors import BackendUnavailable, ShuttingDown, TooManyTasks
 from server.tasks.log import LogClosed
 from server.tasks.steps import Step, StepKind, Steps, StepState, state_in_log
-from server.tracing import Attributes, Tracing, now_ns
+from server.tracing import Attributes, ResumeVia, Tracing, now_ns
 
 log = logging.getLogger("tether.tasks")
 
@@ -577,6 +578,21 @@ class TaskManager:
             ):
                 return await self.cluster.send_stop(task_id, reason)
         raise BackendUnavailable("The task store did not answer in time; retry.")
+
+    def resume_span(
+        self, record: TaskRecord, via: ResumeVia, after: int
+    ) -> AbstractContextManager[Span | None]:
+        """With tracing on, a span for a reader resuming a task that this process does not
+        run (an SSE events stream, a Responses stream, a WebSocket subscribe), linked to the
+        task's trace as a stop sent from here is; nothing for a task run here, whose own
+        trace is this process's."""
+        if not self.tracing.enabled or record.id in self._running:
+            return nullcontext()
+        return self.tracing.linked_span(
+            "tether.resume",
+            record.trace,
+            {"tether.task.id": record.id, "tether.resume.via": via, "tether.resume.after": after},
+        )
 
     async def wait_ended(self, task_id: str) -> TaskRecord | None:
         """Wait until the task has ended and return its record as it ended (None if it is

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -200,17 +201,19 @@ def _sse(stream: AsyncIterator[str], task_id: str) -> Response:
 
 
 async def _stream(
-    rt: Runtime, record: TaskRecord, starting_after: int | None
+    rt: Runtime, record: TaskRecord, starting_after: int | None, *, resume: bool = False
 ) -> AsyncIterator[str]:
     """The response's stream events past ``starting_after``: the log replayed through the
     translator from its start (the events up to the cursor are translated, not sent),
     then followed live until the terminal event. Closing the connection ends this reader;
-    a stream bound to its response (not background) also stops the response."""
+    a stream bound to its response (not background) also stops the response. ``resume``:
+    a reader coming back (``GET``), traced as one (``TaskManager.resume_span``)."""
     store = rt.manager.store
     translation = translator(record)
     after = -1 if starting_after is None else starting_after
     cursor = 0
-    with store.reading(record.id):
+    resumed = rt.manager.resume_span(record, "responses", after) if resume else nullcontext()
+    with resumed, store.reading(record.id):
         while (
             events := await next_events(
                 store, record.id, cursor, wait_s=rt.settings.sse_keepalive_s
@@ -256,7 +259,7 @@ async def retrieve(response_id: str) -> Response:
                     "'starting_after' must be >= -1.",
                     param="starting_after",
                 )
-        return _sse(_stream(rt, record, starting_after), record.id)
+        return _sse(_stream(rt, record, starting_after, resume=True), record.id)
     return json_response(await current_response(rt, record), 200, headers)
 
 
