@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from fakes.redis_cluster import RedisCluster
 from fakes.redis_server import RedisServer
 from server.record import TaskRecord
 from server.tasks.log import LogClosed
@@ -47,7 +48,7 @@ class _NoControl:
 
 
 def _backends(
-    server: RedisServer, count: int, prefix: str | None = None, **options: Any
+    server: RedisServer | RedisCluster, count: int, prefix: str | None = None, **options: Any
 ) -> list[RedisBackend]:
     prefix = prefix or "b" + secrets.token_hex(6)
     return [redis_backend(server.url, prefix=prefix, **options) for _ in range(count)]
@@ -117,12 +118,14 @@ async def test_two_survivors_reaping_a_dead_replica_write_one_terminal_event(
         assert await b.admission.counts() == (0, {})
 
 
+@pytest.mark.parametrize("redis", ["redis_server", "redis_cluster"])
 async def test_cancelled_blocking_reads_do_not_use_up_the_connection_pool(
-    redis_server: RedisServer,
+    redis: str, request: pytest.FixtureRequest
 ) -> None:
     """Waiting on a log written elsewhere is a blocking read; each cancelled one costs its
-    connection. The pool of waiting reads must make new ones rather than run dry."""
-    owner, reader = _backends(redis_server, 2, max_connections=3)
+    connection. The pool of waiting reads must make new ones rather than run dry (on a
+    cluster, the pool of the node that serves the task's slot)."""
+    owner, reader = _backends(request.getfixturevalue(redis), 2, max_connections=3)
     record = _record()
     async with serving(owner, reader):
         assert await _admit(owner, record)

@@ -68,9 +68,10 @@ class RedisStore:
         # move it back.
         index = fields.index("last_seq")
         del fields[index : index + 2]
+        mapping = dict(zip(fields[::2], fields[1::2], strict=True))
         with redis_errors():
-            await self._conn.commands.hset(
-                self._keys.task(record.id).rec, dict(zip(fields[::2], fields[1::2], strict=True))
+            await self._conn.through_failover(
+                partial(self._conn.commands.hset, self._keys.task(record.id).rec, mapping)
             )
         await self._local.save(record)
 
