@@ -243,13 +243,17 @@ async def test_a_primary_killed_mid_stream_fails_over_and_its_tasks_go_on_or_fai
             events = logs[i, task_id]
             terminal = assert_log_well_formed(events)
             streamed = "".join(e["data"]["content"] for e in events if e["type"] == "delta")
-            assert terminal["data"]["content"] == streamed
             if terminal["type"] == "task:completed":
-                assert streamed == "".join(tokens)
+                assert streamed == terminal["data"]["content"] == "".join(tokens)
             else:
                 assert terminal["type"] == "task:failed", terminal
                 assert terminal["data"]["error"]["type"] == "backend_unavailable"
-                assert "".join(tokens).startswith(streamed)
+                assert "".join(tokens).startswith(terminal["data"]["content"])
+                # The partial content is Redis's. A's own readers may have seen deltas the
+                # promoted replica never got (replication is asynchronous: issue 21's item
+                # 5 closes that window); B's readers read Redis's log, which agrees.
+                if i == 1:
+                    assert terminal["data"]["content"] == streamed
             outcomes.append(terminal["type"])
         # Whatever happened, both servers say the same: the task ended, and how; a task
         # that went on has the same log on both.
