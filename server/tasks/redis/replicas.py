@@ -58,7 +58,8 @@ class RedisCluster:
     ) -> None:
         """Connect, announce this replica, and run its background work until ``done``:
         the append pipeline, the watches of logs written elsewhere, the heartbeat, the
-        control stream and the reaping of dead replicas; then sign off. Raises
+        control stream, the reaping of dead replicas and the ends Redis did not answer
+        (``RedisStore.settle``); then sign off. Raises
         ``BackendUnavailable`` if Redis cannot be used at start.
 
         The client's connections live in a task group inside this call, so it ends on
@@ -80,10 +81,12 @@ class RedisCluster:
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._control_loop, control)
                     nursery.start_soon(self._reap_loop)
+                    nursery.start_soon(self._store.settle, self._ttl_s / 5)
                     task_status.started()
                     await done.wait()
                     self._store.tailer.nursery = None
                     nursery.cancel_scope.cancel()
+                await self._store.close_unsettled()
                 with trio.move_on_after(conn.timeout_s):
                     try:
                         await conn.commands.delete([self._keys.heartbeat(self.replica_id)])

@@ -36,11 +36,14 @@ return 1
 """
 
 # KEYS: rec, log, content, reasoning, sources. ARGV: seq, type, data, content, reasoning,
-# source. 1 written; 2 written before (a retried call); 0 the log is closed; -1 the task
-# is gone (expired, or Redis lost it); -2 a seq out of step.
+# source, the writing replica. 1 written; 2 written before (a retried call); 0 the log is
+# closed; -1 the task is gone (expired, or Redis lost it); -2 a seq out of step; -3 the
+# writer does not own the task. The fence: a replica reaped while Redis could not hear
+# it (its log closed by the reaper) has its late appends refused, not added after the end.
 APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'closed') == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[7] then return -3 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
 local seq = tonumber(ARGV[1])
 if seq <= last then return 2 end

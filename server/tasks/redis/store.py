@@ -1,22 +1,26 @@
 """Records and logs in Redis, with a local copy of the tasks this process runs.
 
 The tasks this process runs are also kept in a local in-memory store: their readers and
-watchers here are served from memory as soon as an event is appended, with no round trip,
-and only readers of tasks run elsewhere read Redis (``Tailer``). Appends are written
-behind (``WriteBehind``).
+watchers here are served from memory, with no round trip of their own, as soon as Redis
+has taken an event (not before: see ``RedisStore.append``), and only readers of tasks run
+elsewhere read Redis (``Tailer``). Appends are written behind (``WriteBehind``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
+
+import trio
 
 from server import fastjson
 from server.events import Event, EventType, record_changes, terminal_type
 from server.record import TaskRecord
 from server.tasks.backend import LogWatch
 from server.tasks.errors import BackendUnavailable
+from server.tasks.log import LogClosed
 from server.tasks.memory import MemoryStore
 from server.tasks.redis.admission import RedisAdmission
 from server.tasks.redis.connection import RedisConnection
@@ -24,6 +28,22 @@ from server.tasks.redis.errors import RedisError, redis_errors
 from server.tasks.redis.keys import decode_record, encode_fields
 from server.tasks.redis.tailing import Tailer
 from server.tasks.redis.writer import WriteBehind
+
+log = logging.getLogger("tether.redis")
+
+# What a task ended elsewhere takes from the end in the log.
+_ENDING_FIELDS = (
+    "status",
+    "phase",
+    "error",
+    "cancel_reason",
+    "finish_reason",
+    "ended_at",
+    "last_seq",
+    "content",
+    "reasoning",
+    "sources",
+)
 
 
 class RedisStore:
@@ -42,6 +62,8 @@ class RedisStore:
         self._retention_ms = max(1, int(retention_s * 1000))
         self._local = MemoryStore()
         self.writer = WriteBehind(conn)
+        # Tasks ended here whose end Redis did not answer: ``settle`` writes it later.
+        self._unsettled: dict[str, TaskRecord] = {}
         self.tailer = Tailer(conn)
 
     async def create(self, record: TaskRecord) -> None:
@@ -119,48 +141,114 @@ class RedisStore:
     # -- the log -----------------------------------------------------------------------------
 
     async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]) -> Event:
-        """Append to the local copy at once (readers here see the event as they would on
-        the memory backend) and queue the write to Redis for the next pipeline; the task
+        """Queue the write to Redis for the next pipeline and return the event; the task
         does not wait for Redis's answer. Each task's writes go out in order. A write that
-        Redis refused (the log closed elsewhere, the task lost in a restart, Redis down)
-        fails the task's next append, so the task ends at once; readers here may then have
-        seen one event that Redis never got. Waits only while Redis is too far behind;
-        cancelled then, it writes nothing."""
+        Redis refused (the log closed elsewhere, the task no longer ours, the task lost in
+        a restart, Redis down) fails the task's next append, so the task ends at once.
+        Waits only while Redis is too far behind; cancelled then, it writes nothing.
+
+        Readers here see the event once Redis has taken it, never before (``_written``):
+        a replica cut off from Redis and reaped meanwhile has shown its readers nothing
+        that the log every replica reads lacks, and the reaper's terminal event, which
+        follows the last event Redis took, reaches them through ``finish``. The cost is
+        one pipelined round trip of delay for readers here."""
         failure = self.writer.failure(record.id)
         if failure is not None:
             raise failure
+        if self._local.open_end(record.id) is None:
+            raise LogClosed(f"task {record.id} already ended; {type_} not written")
         await self.writer.wait_for_room()
+        seq = record.last_seq + 1
         content, reasoning, source = record_changes(type_, data)
         self.writer.queue(
             record.id,
             self._keys.task(record.id).all(),
             [
-                str(record.last_seq + 1),
+                str(seq),
                 type_,
                 fastjson.dumps(data),
                 content,
                 reasoning,
                 "" if source is None else fastjson.dumps(source),
+                self._replica_id,
             ],
+            lambda: self._written(record.id, seq, type_, data),
         )
-        return await self._local.append(record, type_, data)
+        record.last_seq = seq
+        return Event(record.id, record.chat_id, record.message_id, seq, type_, data)
+
+    def _written(self, task_id: str, seq: int, type_: EventType, data: dict[str, Any]) -> None:
+        """Redis took the event: show it here, if the local copy is in step (a copy
+        that missed an answer, or was closed, is brought to Redis's log by ``finish``)."""
+        if self._local.open_end(task_id) == seq - 1:
+            self._local.apply(task_id, type_, data)
 
     async def finish(self, record: TaskRecord) -> Event | None:
+        """Write the terminal event, then bring the local copy to Redis's log, so that
+        readers here see the end every replica reads, whoever wrote it (this replica, or
+        a reaper that ended the task while Redis could not hear from us: ``record`` then
+        takes the end Redis holds). If Redis does not answer (or the call is cancelled),
+        the end is left to ``settle``: readers here wait for it."""
         await self.writer.flushed(record.id)  # the end goes after the task's last event
+        settled = False
         try:
             written = await self.end(record, self._replica_id)
+            if written is not None:
+                record.last_seq = written.seq
+            await self._mirror(record, written)
+            settled = True
         except RedisError as exc:
-            # Readers here still see the task end; the record in Redis waits for a reaper.
-            await self._finish_locally(record)
             raise BackendUnavailable(f"Redis failed: {exc}") from exc
-        if written is None:
-            # Ended elsewhere meanwhile (reaped while Redis could not hear from us): the
-            # local copy ends as Redis says, so that readers here see that end too.
-            ended = (await self.load([record.id]))[0]
-            if ended is not None and not ended.active:
-                await self._finish_locally(ended)
-            return None
-        return await self._finish_locally(record) or written
+        finally:
+            if not settled and self._local.open_end(record.id) is not None:
+                self._unsettled[record.id] = record.copy()
+        return written
+
+    async def _mirror(self, record: TaskRecord, written: Event | None) -> None:
+        """Bring the local copy up to Redis's log and end it as Redis did; ``record``
+        takes the record as it ended there. Raises ``RedisError`` or
+        ``BackendUnavailable``."""
+        after = self._local.open_end(record.id)
+        if after is None:
+            return
+        if written is not None and written.seq == after + 1:
+            events = [written]  # the usual end: every event before it is here already
+        else:
+            events = await self.tailer.read(record.id, after)
+        for event in events:
+            if self._local.open_end(record.id) == event.seq - 1:
+                self._local.apply(record.id, event.type, event.data)
+        if self._local.open_end(record.id) is not None:
+            # Redis lost the task (a restart) and the end was written anew after a gap:
+            # the local copy ends with the record as the task knows it.
+            await self._local.finish(record)
+        ended = await self._local.get(record.id) if written is None else None
+        if ended is not None:  # ended elsewhere: the task ends as the log says
+            for name in _ENDING_FIELDS:
+                setattr(record, name, getattr(ended, name))
+
+    async def settle(self, interval_s: float) -> None:
+        """Every ``interval_s``, try again to end the tasks whose end Redis did not
+        answer, and bring their local copies to Redis's log (the end may be a reaper's
+        by then). Runs until cancelled."""
+        while True:
+            await trio.sleep(interval_s)
+            for task_id, record in list(self._unsettled.items()):
+                with trio.move_on_after(self._conn.timeout_s):
+                    try:
+                        await self._mirror(record, await self.end(record, self._replica_id))
+                    except (RedisError, BackendUnavailable) as exc:
+                        log.warning("task=%s: its end is still not written: %s", task_id, exc)
+                        continue
+                    del self._unsettled[task_id]
+
+    async def close_unsettled(self) -> None:
+        """The process is leaving: end the local copies of tasks whose end Redis never
+        answered as their records say, so that no reader here waits for ever (the
+        records in Redis wait for a reaper)."""
+        unsettled, self._unsettled = self._unsettled, {}
+        for record in unsettled.values():
+            await self._finish_locally(record)
 
     async def end(self, record: TaskRecord, replica: str) -> Event | None:
         """Write the terminal event as ``record`` says, then free the task's place. If
