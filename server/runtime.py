@@ -82,6 +82,7 @@ def build_backend(settings: Settings) -> Backend:
             settings.redis_url,
             prefix=settings.redis_prefix,
             retention_s=settings.task_retention_s,
+            max_retained=settings.max_retained_tasks,
             replica_ttl_s=settings.replica_ttl_s,
             timeout_s=settings.backend_timeout_s,
         )

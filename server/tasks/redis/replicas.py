@@ -248,7 +248,7 @@ class RedisCluster:
             for task_id in await commands.hkeys(self._keys.adm(f"owned:{replica}")):
                 record = (await self._store.load([task_id]))[0]
                 if record is None or not record.active:
-                    await self._admission.release_place(task_id, replica)
+                    await self._store.release_place(task_id, replica)
                     continue
                 record.status = "failed"
                 record.ended_at = time.time()

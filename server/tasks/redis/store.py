@@ -119,14 +119,14 @@ class RedisStore:
         session_id: str | None = None,
         include_finished: bool = False,
     ) -> list[TaskRecord]:
-        index = self._keys.adm(f"user:{user}")
+        index = self._keys.user_tasks(user)
         with redis_errors():
-            task_ids = sorted(await self._conn.commands.smembers(index))
+            task_ids = [str(t) for t in await self._conn.commands.zrange(index, 0, -1)]
         records = await self.load(task_ids) if task_ids else []
         gone = [t for t, r in zip(task_ids, records, strict=True) if r is None]
         if gone:
             with redis_errors():
-                await self._conn.commands.srem(index, gone)
+                await self._conn.commands.zrem(index, gone)
         found = [
             r
             for r in records
@@ -282,11 +282,22 @@ class RedisStore:
                     record.content, record.reasoning = current.content, current.reasoning
                     record.sources = current.sources
                 continue
-            await self._admission.release_place(record.id, replica)
+            await self.release_place(record.id, replica)
             if result != 1:
                 return None
             return Event(record.id, record.chat_id, record.message_id, seq, type_, data)
         raise BackendUnavailable(f"could not end task {record.id}: its log kept moving")
+
+    async def release_place(self, task_id: str, replica: str) -> None:
+        """Free the place ``replica`` held for the ended task, and delete the retained
+        tasks past ``TETHER_MAX_RETAINED_TASKS`` (oldest first) that it pushed out. A
+        failure is logged: what was not deleted expires with its retention."""
+        for evicted in await self._admission.release_place(task_id, replica):
+            try:
+                await self._conn.commands.delete(self._keys.task(evicted).all())
+            except RedisError as exc:
+                log.warning("task=%s: not deleted past the retained tasks: %s", evicted, exc)
+            self.tailer.forget(evicted)
 
     async def _finish_locally(self, record: TaskRecord) -> Event | None:
         if not self._local.has(record.id):
@@ -321,7 +332,7 @@ class RedisStore:
     async def delete(self, record: TaskRecord) -> None:
         with redis_errors():
             await self._conn.commands.delete(self._keys.task(record.id).all())
-            await self._conn.commands.srem(self._keys.adm(f"user:{record.user}"), [record.id])
+            await self._conn.commands.zrem(self._keys.user_tasks(record.user), [record.id])
         await self._local.delete(record)
         self.tailer.forget(record.id)
 
