@@ -225,8 +225,42 @@ async def test_followers_of_remote_tasks_share_one_blocking_connection(
 
 
 async def _xrange_calls(raw: Any) -> int:
+    return await _calls(raw, "xrange")
+
+
+async def _calls(raw: Any, command: str) -> int:
     stats = await raw.info("commandstats")
-    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_followers_checking_a_remote_task_read_no_records(
+    redis_server: RedisServer,
+) -> None:
+    """A subscriber's owner check and a follower's look at where the log is read a few
+    fields, not the record: a crowd subscribing to a task followed here costs one small
+    read. A session's listing reads the whole records of its own tasks only."""
+    owner, reader = _backends(redis_server, 2)
+    record = _record()
+    mine = _record()
+    mine.session_id = "sess_mine"
+    raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
+    async with raw, serving(owner, reader):
+        assert await _admit(owner, record) and await _admit(owner, mine)
+        watch = reader.store.watch(record.id, lambda event: None)
+        assert watch is not None
+        records_read, small_reads = await _calls(raw, "hgetall"), await _calls(raw, "hmget")
+        for _ in range(20):
+            assert await reader.store.user_of(record.id) == "u"
+        position = await reader.store.position(record.id)
+        assert position is not None and (position.active, position.last_seq) == (True, 1)
+        assert await reader.store.user_of("task_unknown") is None
+        assert await reader.store.position("task_unknown") is None
+        assert await _calls(raw, "hgetall") == records_read
+        assert await _calls(raw, "hmget") - small_reads <= 4
+        listed = await reader.store.list_tasks("u", session_id="sess_mine")
+        assert [r.id for r in listed] == [mine.id]
+        assert await _calls(raw, "hgetall") == records_read + 1
+        watch.close()
 
 
 async def test_an_ended_task_expires_whole_with_its_retention_index_entries_included(

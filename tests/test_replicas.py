@@ -208,7 +208,8 @@ async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_reade
             task_id = await a.background(chat_body())
             on_a: list[dict[str, Any]] = []
             on_b: list[dict[str, Any]] = []
-            with trio.fail_after(WAIT):
+            # Bounded as a whole: the reaping alone takes up to the TTL after the pause.
+            with trio.fail_after(2 * WAIT):
                 model_request = await fakes.model.wait_for_request("/v1/chat/completions")
                 async with trio.open_nursery() as readers:
                     readers.start_soon(_follow_to_end, a, task_id, on_a, trio.Event())

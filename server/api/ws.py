@@ -123,7 +123,7 @@ class EventSource(Protocol):
         self, task_id: str, after: int, limit: int | None = None
     ) -> Sequence[LogEvent]: ...
 
-    async def get(self, task_id: str) -> _LogPosition | None: ...
+    async def position(self, task_id: str) -> _LogPosition | None: ...
 
 
 class WsWriter:
@@ -204,9 +204,9 @@ class WsWriter:
             case ReadLog(task_id=task_id, after=after, limit=limit):
                 self.delivery.receive_events(await self._logs.read(task_id, after, limit))
             case FindTask(task_id=task_id):
-                record = await self._logs.get(task_id)
+                position = await self._logs.position(task_id)
                 self.delivery.receive_log_state(
-                    None if record is None else LogState(record.active, record.last_seq)
+                    None if position is None else LogState(position.active, position.last_seq)
                 )
             case Send(texts=texts):
                 await self._send(texts)
@@ -268,6 +268,10 @@ class WsConnection:
             ws, rt.manager.store, batch=batch, max_lag_events=rt.settings.ws_max_lag_events
         )
         self.session: Session | None = None
+        # Whether the client named its session (``?session_id=``): a session made for
+        # this connection has no tasks yet, and listing them would cost a read of every
+        # task of the user on a shared store.
+        self.named_session = False
         self._running = False
         # While this connection's own chat is being admitted, tasks started in the session
         # wait here: its own must be answered (``task``) before its events, and another's
@@ -346,6 +350,8 @@ class WsConnection:
         logs are: a connection re-attaching with ``?session_id=`` resubscribes to each with
         the ``after`` it last saw (tasks already running are not followed on their own)."""
         assert self.session is not None
+        if not self.named_session:
+            return []
         records = await self.rt.manager.store.list_tasks(
             self.user, session_id=self.session.id, include_finished=True
         )
@@ -415,7 +421,7 @@ class WsConnection:
     async def _own_task(self, task_id: str) -> str:
         """The task id, if it names a task of this connection's user; ``not_found`` (as
         for an unknown id) otherwise."""
-        if await self.rt.manager.get(self.user, task_id) is None:
+        if not await self.rt.manager.owns(self.user, task_id):
             raise RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
         return task_id
 
@@ -491,6 +497,7 @@ async def serve(
     await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
     ws = AsgiWebSocket(receive, send)
     conn = WsConnection(rt, user, ws, batch=args.get("batch", "") in ("1", "true"))
+    conn.named_session = "session_id" in args
     try:
         session = await rt.sessions.attach(user, args.get("session_id"), conn)
     except TaskRefused as failure:

@@ -596,6 +596,10 @@ class TaskManager:
             cursor = events[-1].seq if events else cursor
         return await self.store.get(task_id)
 
+    async def owns(self, user: str, task_id: str) -> bool:
+        """Whether the task exists and belongs to ``user`` (its record is not read)."""
+        return await self.store.user_of(task_id) == user
+
     async def get(self, user: str, task_id: str) -> TaskRecord | None:
         """The task if it exists and belongs to ``user``; another user's task is unknown."""
         record = await self.store.get(task_id)

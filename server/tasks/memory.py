@@ -16,7 +16,7 @@ import trio
 
 from server.events import Event, EventType, record_changes, terminal_type
 from server.record import PUBLIC_FIELDS, CancelReason, TaskRecord
-from server.tasks.backend import Control, new_replica_id
+from server.tasks.backend import Control, LogPosition, new_replica_id
 from server.tasks.log import EventLog
 
 
@@ -67,6 +67,14 @@ class MemoryStore:
     async def get(self, task_id: str) -> TaskRecord | None:
         record = self._records.get(task_id)
         return None if record is None else record.copy()
+
+    async def user_of(self, task_id: str) -> str | None:
+        record = self._records.get(task_id)
+        return None if record is None else record.user
+
+    async def position(self, task_id: str) -> LogPosition | None:
+        record = self._records.get(task_id)
+        return None if record is None else LogPosition(record.active, record.last_seq)
 
     async def list_tasks(
         self,

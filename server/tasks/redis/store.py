@@ -17,8 +17,8 @@ import trio
 
 from server import fastjson
 from server.events import Event, EventType, record_changes, terminal_type
-from server.record import TaskRecord
-from server.tasks.backend import LogWatch
+from server.record import ACTIVE_STATUSES, TaskRecord
+from server.tasks.backend import LogPosition, LogWatch
 from server.tasks.errors import BackendUnavailable
 from server.tasks.log import LogClosed
 from server.tasks.memory import MemoryStore
@@ -94,6 +94,16 @@ class RedisStore:
             return local
         return (await self.load([task_id]))[0]
 
+    async def user_of(self, task_id: str) -> str | None:
+        if self._local.has(task_id):
+            return await self._local.user_of(task_id)
+        return await self.tailer.user_of(task_id)
+
+    async def position(self, task_id: str) -> LogPosition | None:
+        if self._local.has(task_id):
+            return await self._local.position(task_id)
+        return await self.tailer.position(task_id)
+
     async def load(self, task_ids: list[str]) -> list[TaskRecord | None]:
         """The records as Redis holds them (None for a task it does not hold)."""
         with redis_errors():
@@ -122,11 +132,11 @@ class RedisStore:
         index = self._keys.user_tasks(user)
         with redis_errors():
             task_ids = [str(t) for t in await self._conn.commands.zrange(index, 0, -1)]
-        records = await self.load(task_ids) if task_ids else []
-        gone = [t for t, r in zip(task_ids, records, strict=True) if r is None]
+        chosen, gone = await self._choose(task_ids, chat_id, session_id, include_finished)
         if gone:
             with redis_errors():
                 await self._conn.commands.zrem(index, gone)
+        records = await self.load(chosen) if chosen else []
         found = [
             r
             for r in records
@@ -137,6 +147,39 @@ class RedisStore:
             and (session_id is None or r.session_id == session_id)
         ]
         return sorted(found, key=lambda r: r.created_at)
+
+    async def _choose(
+        self,
+        task_ids: list[str],
+        chat_id: str | None,
+        session_id: str | None,
+        include_finished: bool,
+    ) -> tuple[list[str], list[str]]:
+        """The tasks among ``task_ids`` that a listing wants, told by the few fields that
+        choose (a user may have thousands, and a session's listing wants few of them:
+        their whole records are read after), and those Redis no longer holds."""
+        wanted = {"chat_id": chat_id, "session_id": session_id}
+        fields = ["id", "status", *(name for name, value in wanted.items() if value is not None)]
+        with redis_errors():
+            async with self._conn.commands.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    pipe.hmget(self._keys.task(task_id).rec, fields)
+            rows = list(pipe.results or ())
+        chosen: list[str] = []
+        gone: list[str] = []
+        for task_id, row in zip(task_ids, rows, strict=True):
+            values = dict(zip(fields, cast(list[str | None], row), strict=True))
+            if values["id"] is None:
+                gone.append(task_id)
+            elif (
+                include_finished or fastjson.loads(values["status"] or "null") in ACTIVE_STATUSES
+            ) and all(
+                fastjson.loads(values[name] or "null") == value
+                for name, value in wanted.items()
+                if value is not None
+            ):
+                chosen.append(task_id)
+        return chosen, gone
 
     # -- the log -----------------------------------------------------------------------------
 
