@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="run the server under pyinstrument; the text report goes to "
-        "bench/results/<name>-profile.txt",
+        help="run the server (and replica B of the replicas and followers scenarios) under "
+        "pyinstrument; the text reports go to bench/results/<name>-profile*.txt",
     )
     parser.add_argument(
         "--max-workers", type=int, default=0, help="workers scenario: up to N (default: cores)"

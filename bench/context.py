@@ -156,20 +156,25 @@ class Bench:
         path.write_text(json.dumps(self.mcp_config, indent=2))
         self.mcp_config_path = str(path)
 
+    def profiled(self, args: list[str], path: str) -> list[str]:
+        """``args`` of a Tether server run under pyinstrument, its text report to ``path``
+        (written when the process gets SIGINT: spawn it with ``interrupt_first``)."""
+        return [
+            "-m",
+            "pyinstrument",
+            "-o",
+            path,
+            "-r",
+            "text",
+            f"--show-regex={PROFILE_SHOW}",
+            *args,
+        ]
+
     async def _start_server(self) -> None:
         port = free_port()
         args = ["-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
         if self.profile_path:
-            args = [
-                "-m",
-                "pyinstrument",
-                "-o",
-                self.profile_path,
-                "-r",
-                "text",
-                f"--show-regex={PROFILE_SHOW}",
-                *args,
-            ]
+            args = self.profiled(args, self.profile_path)
         proc = self.procs.spawn(
             "tether", args, self.main_server_env(), interrupt_first=bool(self.profile_path)
         )
@@ -178,17 +183,29 @@ class Bench:
         await self._wait_healthz(proc)
 
     async def start_tether(
-        self, name: str, env: dict[str, str], args: list[str] | None = None, *, replicas: int = 1
+        self,
+        name: str,
+        env: dict[str, str],
+        args: list[str] | None = None,
+        *,
+        replicas: int = 1,
+        profile: bool = False,
     ) -> Proc:
         """Start another Tether server than the bench's own (the replicas scenario's): the
         bench's settings plus ``env``, on a free port, with ``args`` after ``serve``; wait
         until ``/readyz`` has answered from ``replicas`` different replicas (the workers of
-        ``--workers N`` share the port, and each new connection reaches one of them)."""
+        ``--workers N`` share the port, and each new connection reaches one of them).
+        ``profile`` under ``--profile``: run it under pyinstrument, its report beside the
+        bench's (``<name>-profile-<server name>.txt``)."""
         port = free_port()
+        command = ["-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        command += args or []
+        profiled = profile and self.profile_path is not None
+        if profiled:
+            path = str(self.profile_path).removesuffix(".txt") + f"-{name}.txt"
+            command = self.profiled(command, path)
         proc = self.procs.spawn(
-            name,
-            ["-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *(args or [])],
-            {**self.server_env(), **env},
+            name, command, {**self.server_env(), **env}, interrupt_first=profiled
         )
         proc.port = port
         proc.forks = replicas > 1

@@ -83,6 +83,7 @@ def build_backend(settings: Settings) -> Backend:
             prefix=settings.redis_prefix,
             mode=settings.redis_mode,
             retention_s=settings.task_retention_s,
+            max_retained=settings.max_retained_tasks,
             replica_ttl_s=settings.replica_ttl_s,
             timeout_s=settings.backend_timeout_s,
         )

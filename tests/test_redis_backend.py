@@ -228,5 +228,88 @@ async def test_followers_of_remote_tasks_share_one_blocking_connection(
 
 
 async def _xrange_calls(raw: Any) -> int:
+    return await _calls(raw, "xrange")
+
+
+async def _calls(raw: Any, command: str) -> int:
     stats = await raw.info("commandstats")
-    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_followers_checking_a_remote_task_read_no_records(
+    redis_server: RedisServer,
+) -> None:
+    """A subscriber's owner check and a follower's look at where the log is read a few
+    fields, not the record: a crowd subscribing to a task followed here costs one small
+    read. A session's listing reads the whole records of its own tasks only."""
+    owner, reader = _backends(redis_server, 2)
+    record = _record()
+    mine = _record()
+    mine.session_id = "sess_mine"
+    raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
+    async with raw, serving(owner, reader):
+        assert await _admit(owner, record) and await _admit(owner, mine)
+        watch = reader.store.watch(record.id, lambda event: None)
+        assert watch is not None
+        records_read, small_reads = await _calls(raw, "hgetall"), await _calls(raw, "hmget")
+        for _ in range(20):
+            assert await reader.store.user_of(record.id) == "u"
+        position = await reader.store.position(record.id)
+        assert position is not None and (position.active, position.last_seq) == (True, 1)
+        assert await reader.store.user_of("task_unknown") is None
+        assert await reader.store.position("task_unknown") is None
+        assert await _calls(raw, "hgetall") == records_read
+        assert await _calls(raw, "hmget") - small_reads <= 4
+        listed = await reader.store.list_tasks("u", session_id="sess_mine")
+        assert [r.id for r in listed] == [mine.id]
+        assert await _calls(raw, "hgetall") == records_read + 1
+        watch.close()
+
+
+async def test_an_ended_task_expires_whole_with_its_retention_index_entries_included(
+    redis_server: RedisServer,
+) -> None:
+    """Every key of an ended task, and its entries in its user's task index and in the
+    retained tasks, expire with the retention, counted from the end."""
+    prefix = "b" + secrets.token_hex(6)
+    (backend,) = _backends(redis_server, 1, prefix, retention_s=1.0)
+    record = _record(user="expiring")
+    async with serving(backend):
+        assert await _admit(backend, record)
+        await backend.store.append(record, "source", {"url": "https://a.example", "title": "A"})
+        await backend.store.append(record, "delta", {"content": "kept a while"})
+        record.status = "completed"
+        assert await backend.store.finish(record) is not None
+        task_keys = backend.store._keys.task(record.id).all()
+        index = f"{prefix}:{{adm}}:tasks:expiring"
+        every_key = [*task_keys, index, f"{prefix}:{{adm}}:ended"]
+        raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
+        async with raw:
+            present = [k for k in every_key if await raw.exists([k])]
+            assert len(present) == len(every_key) - 1  # no reasoning: no key for it
+            for key in present:
+                assert 0 < await raw.pttl(key) <= 1000, key
+            # The index entry's score is when the task expires, and the index goes with it.
+            expires_at = round((await raw.pexpiretime(index)).timestamp() * 1000)
+            assert await raw.zscore(index, record.id) == expires_at
+            assert [r.id for r in await backend.store.list_tasks("expiring", include_finished=True)]
+            with trio.fail_after(WAIT):
+                while await raw.exists(every_key):  # noqa: ASYNC110 - Redis expires them
+                    await trio.sleep(0.05)
+        assert await backend.store.list_tasks("expiring", include_finished=True) == []
+
+
+async def test_past_the_max_retained_tasks_the_oldest_ended_task_is_deleted(
+    redis_server: RedisServer,
+) -> None:
+    (backend,) = _backends(redis_server, 1, max_retained=2)
+    records = [_record() for _ in range(3)]
+    async with serving(backend):
+        for record in records:
+            assert await _admit(backend, record)
+            record.status = "completed"
+            assert await backend.store.finish(record) is not None
+        oldest, *kept = await backend.store.load([r.id for r in records])
+        assert oldest is None and all(r is not None and r.status == "completed" for r in kept)
+        listed = await backend.store.list_tasks("u", include_finished=True)
+        assert [r.id for r in listed] == [r.id for r in records[1:]]

@@ -20,6 +20,7 @@ from fakes.redis_server import RedisServer
 from server.config import Settings
 from tests.conftest import WAIT, Fakes, base_settings
 from tests.helpers import assert_log_well_formed, chat_body
+from tests.pausing_proxy import PausingProxy
 from tests.replicas import ROOT, Replica
 from tests.test_ws import connect
 
@@ -172,6 +173,68 @@ async def test_a_replica_killed_mid_answer_fails_its_task_replica_lost_within_th
     # The place the lost task held is free again.
     response = await b.client.get("/api/tasks")
     assert response.json()["tasks"] == []
+
+
+async def _follow_to_end(
+    replica: Replica, task_id: str, seen: list[dict[str, Any]], ended: trio.Event
+) -> None:
+    """Follow the task's events on ``replica`` from the start to its end, into ``seen``;
+    ``ended`` is set at the end."""
+    async with replica.client.stream("GET", f"/api/tasks/{task_id}/events") as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+    ended.set()
+
+
+async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_readers_agree(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    """A partition: A's link to Redis goes silent (nothing closed) while its task streams
+    to readers on A and on B. B reaps A after the TTL; when the link comes back, A's late
+    appends are refused (the log is closed), its task stops at the model, and its readers
+    get the reaper's end: every reader has the same log, with one terminal event."""
+    settings = replica_settings(fakes, redis_server.url)
+    proxy = PausingProxy(redis_server.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        a = Replica(settings.with_overrides(redis_url=proxy.url), name="A")
+        b = Replica(settings, name="B")
+        try:
+            await a.start()
+            await b.start()
+            fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+            task_id = await a.background(chat_body())
+            on_a: list[dict[str, Any]] = []
+            on_b: list[dict[str, Any]] = []
+            # Bounded as a whole: the reaping alone takes up to the TTL after the pause.
+            with trio.fail_after(2 * WAIT):
+                model_request = await fakes.model.wait_for_request("/v1/chat/completions")
+                async with trio.open_nursery() as readers:
+                    readers.start_soon(_follow_to_end, a, task_id, on_a, trio.Event())
+                    b_ended = trio.Event()
+                    readers.start_soon(_follow_to_end, b, task_id, on_b, b_ended)
+                    await _deltas_seen(b, task_id, 3)
+                    proxy.pause()
+                    paused_at = len(on_a)
+                    await b_ended.wait()  # B reaped A's task
+                    # A's readers saw nothing Redis lacks while cut off.
+                    assert len(on_a) <= len(on_b) - 1 and on_a == on_b[: len(on_a)]
+                    assert len(on_a) >= paused_at
+                    proxy.resume()
+                closed = await fakes.model.wait_connection_closed(model_request.conn_id)
+            assert closed.closed_at is not None
+            assert on_a == on_b
+            terminal = assert_log_well_formed(on_a)
+            assert terminal["data"]["error"]["type"] == "replica_lost"
+            streamed = "".join(e["data"]["content"] for e in on_a if e["type"] == "delta")
+            assert streamed.startswith("w0 w1 w2 ") and terminal["data"]["content"] == streamed
+            assert await _events(a, task_id) == on_a == await _events(b, task_id)
+        finally:
+            await a.close()
+            await b.close()
+            nursery.cancel_scope.cancel()
 
 
 async def test_the_admission_limit_holds_across_both_replicas(

@@ -4,12 +4,14 @@ the skipped step's connection closed, the others open. On both task backends."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
 
 from fakes.model import TextReply, ToolCallReply
+from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import assert_log_well_formed, chat_body
 
@@ -99,11 +101,13 @@ async def test_skipping_one_of_two_tool_calls_gives_the_model_a_result_that_says
     with trio.fail_after(WAIT):
         first = await fakes.pages.wait_for_request("/slow/30")
         second = await fakes.pages.wait_for_request("/slow/31")
-    calls = {
-        s["arguments"]: s["tool_call_id"]
-        for s in _statuses(await _events_so_far(tether, task_id), action="tool_call", done=False)
-        if "arguments" in s
-    }
+
+    def calls_in(events: list[dict[str, Any]]) -> dict[str, str]:
+        statuses = _statuses(events, action="tool_call", done=False)
+        return {s["arguments"]: s["tool_call_id"] for s in statuses if "arguments" in s}
+
+    with trio.fail_after(WAIT):
+        calls = calls_in(await _events_until(tether, task_id, lambda e: len(calls_in(e)) == 2))
     first_call = next(call for args, call in calls.items() if "/slow/30" in args)
     second_call = next(call for args, call in calls.items() if "/slow/31" in args)
     assert (await _skip(tether, task_id, first_call)).status_code == 200
@@ -121,10 +125,18 @@ async def test_skipping_one_of_two_tool_calls_gives_the_model_a_result_that_says
     assert results[first_call] == "The user skipped this call of fetch_url: no result."
 
 
-async def _events_so_far(tether: Tether, task_id: str) -> list[dict[str, Any]]:
-    """The events in the task's log now (the task still runs)."""
+async def _events_until(
+    tether: Tether, task_id: str, enough: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    """The task's events read as they come until ``enough`` holds of them (the task
+    still runs; on Redis, an event is readable once Redis has taken it)."""
     store = tether.runtime.manager.store
-    return [e.to_dict() for e in await store.read(task_id, 0)]
+    events: list[dict[str, Any]] = []
+    while not enough(events):
+        more = await next_events(store, task_id, events[-1]["seq"] if events else 0)
+        assert more is not None, "the log ended first"
+        events += [e.to_dict() for e in more]
+    return events
 
 
 async def test_a_step_that_never_ran_is_404_and_another_users_task_is_404(

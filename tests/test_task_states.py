@@ -99,6 +99,8 @@ async def test_a_task_goes_queued_running_completed_with_one_terminal_event(
         assert record.status == "queued" and record.last_seq == 1
         with trio.fail_after(WAIT):
             await script.running.wait()
+            # Readable once the store has taken it (on Redis, once Redis has).
+            assert await manager.store.wait_beyond(record.id, 2)
         running = await manager.store.get(record.id)
         assert running is not None
         assert (running.status, running.phase, running.content) == ("running", "generating", "part")

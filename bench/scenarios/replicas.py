@@ -148,7 +148,8 @@ async def start_replicas(b: Bench, redis: Proc, started: dict[str, Proc]) -> Rep
     env = redis_env(redis, prefix())
 
     async def start(name: str) -> None:
-        started[name] = await b.start_tether(name, env)
+        # Under --profile, B: the replica that reads what the other writes.
+        started[name] = await b.start_tether(name, env, profile=name == "replica_b")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(start, "replica_a")

@@ -57,7 +57,6 @@ from server.api.ws_delivery import (
     Wait,
 )
 from server.events import Event
-from server.record import TaskRecord
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.sessions import Session
@@ -124,7 +123,7 @@ class EventSource(Protocol):
         self, task_id: str, after: int, limit: int | None = None
     ) -> Sequence[LogEvent]: ...
 
-    async def get(self, task_id: str) -> _LogPosition | None: ...
+    async def position(self, task_id: str) -> _LogPosition | None: ...
 
 
 class WsWriter:
@@ -208,9 +207,9 @@ class WsWriter:
             case ReadLog(task_id=task_id, after=after, limit=limit):
                 self.delivery.receive_events(await self._logs.read(task_id, after, limit))
             case FindTask(task_id=task_id):
-                record = await self._logs.get(task_id)
+                position = await self._logs.position(task_id)
                 self.delivery.receive_log_state(
-                    None if record is None else LogState(record.active, record.last_seq)
+                    None if position is None else LogState(position.active, position.last_seq)
                 )
             case Send(texts=texts):
                 await self._send(texts)
@@ -272,6 +271,10 @@ class WsConnection:
             ws, rt.manager.store, batch=batch, max_lag_events=rt.settings.ws_max_lag_events
         )
         self.session: Session | None = None
+        # Whether the client named its session (``?session_id=``): a session made for
+        # this connection has no tasks yet, and listing them would cost a read of every
+        # task of the user on a shared store.
+        self.named_session = False
         self._running = False
         # While this connection's own chat is being admitted, tasks started in the session
         # wait here: its own must be answered (``task``) before its events, and another's
@@ -350,6 +353,8 @@ class WsConnection:
         logs are: a connection re-attaching with ``?session_id=`` resubscribes to each with
         the ``after`` it last saw (tasks already running are not followed on their own)."""
         assert self.session is not None
+        if not self.named_session:
+            return []
         records = await self.rt.manager.store.list_tasks(
             self.user, session_id=self.session.id, include_finished=True
         )
@@ -387,13 +392,13 @@ class WsConnection:
                 case ChatCommand(request=request):
                     await self._chat(request)
                 case SubscribeCommand(task_id=task_id, after=after):
-                    record = await self._own_task(task_id)
-                    with self.rt.manager.resume_span(record, "ws", after):
+                    await self._own_task(task_id)
+                    with await self.rt.manager.resume_span_of(task_id, "ws", after):
                         self.follow(task_id, after)
                 case UnsubscribeCommand(task_id=task_id):
-                    self.writer.delivery.unfollow((await self._own_task(task_id)).id)
+                    self.writer.delivery.unfollow(await self._own_task(task_id))
                 case StopCommand(task_id=task_id):
-                    await self._stop((await self._own_task(task_id)).id)
+                    await self._stop(await self._own_task(task_id))
                 case SkipCommand(task_id=task_id, step=step):
                     answer = await skip_step(self.rt, self.user, task_id, step)
                     await self.writer.reply({"type": "skip", **answer})
@@ -418,13 +423,12 @@ class WsConnection:
                 }
             )
 
-    async def _own_task(self, task_id: str) -> TaskRecord:
-        """The task's record, if it names a task of this connection's user; ``not_found``
-        (as for an unknown id) otherwise."""
-        record = await self.rt.manager.get(self.user, task_id)
-        if record is None:
+    async def _own_task(self, task_id: str) -> str:
+        """The task id, if it names a task of this connection's user; ``not_found`` (as
+        for an unknown id) otherwise."""
+        if not await self.rt.manager.owns(self.user, task_id):
             raise RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
-        return record
+        return task_id
 
     async def _stop(self, task_id: str) -> None:
         """Stop a task anywhere; its terminal event reaches this connection. Cancelling it
@@ -492,6 +496,7 @@ async def serve(
     await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
     ws = AsgiWebSocket(receive, send)
     conn = WsConnection(rt, user, ws, batch=batch)
+    conn.named_session = session_id is not None
     try:
         session = await rt.sessions.attach(user, session_id, conn)
     except TaskRefused as failure:

@@ -24,6 +24,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -49,6 +50,14 @@ class Control(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    """Where a task's log is: whether the task is still active, and its last seq."""
+
+    active: bool
+    last_seq: int
+
+
 class LogWatch(Protocol):
     def close(self) -> None:
         """Stop the calls; idempotent."""
@@ -71,6 +80,16 @@ class TaskStore(Protocol):
         ...
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
+
+    async def user_of(self, task_id: str) -> str | None:
+        """The user the task belongs to, without the rest of its record (a follower's
+        check); None if it is unknown or expired."""
+        ...
+
+    async def position(self, task_id: str) -> LogPosition | None:
+        """Where the task's log is, without the rest of its record (a follower's check of
+        whether more will come); None if it is unknown or expired."""
+        ...
 
     async def list_tasks(
         self,

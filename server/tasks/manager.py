@@ -594,6 +594,16 @@ class TaskManager:
             {"tether.task.id": record.id, "tether.resume.via": via, "tether.resume.after": after},
         )
 
+    async def resume_span_of(
+        self, task_id: str, via: ResumeVia, after: int
+    ) -> AbstractContextManager[Span | None]:
+        """``resume_span`` for a task known by its id: its record is read only when there
+        is a span to make (tracing on, the task run elsewhere)."""
+        if not self.tracing.enabled or task_id in self._running:
+            return nullcontext()
+        record = await self.store.get(task_id)
+        return nullcontext() if record is None else self.resume_span(record, via, after)
+
     async def wait_ended(self, task_id: str) -> TaskRecord | None:
         """Wait until the task has ended and return its record as it ended (None if it is
         unknown or expired). Cancelling it only stops the wait; the task goes on."""
@@ -611,6 +621,10 @@ class TaskManager:
                 return TaskRecord.from_dict(events[-1].data, session_bound=record.session_bound)
             cursor = events[-1].seq if events else cursor
         return await self.store.get(task_id)
+
+    async def owns(self, user: str, task_id: str) -> bool:
+        """Whether the task exists and belongs to ``user`` (its record is not read)."""
+        return await self.store.user_of(task_id) == user
 
     async def get(self, user: str, task_id: str) -> TaskRecord | None:
         """The task if it exists and belongs to ``user``; another user's task is unknown."""

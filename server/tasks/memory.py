@@ -15,8 +15,8 @@ from typing import Any
 import trio
 
 from server.events import Event, EventType, record_changes, terminal_type
-from server.record import CancelReason, TaskRecord
-from server.tasks.backend import Control, new_replica_id
+from server.record import PUBLIC_FIELDS, CancelReason, TaskRecord
+from server.tasks.backend import Control, LogPosition, new_replica_id
 from server.tasks.log import EventLog
 
 
@@ -59,9 +59,22 @@ class MemoryStore:
         """Whether the task's record and log are here (created and not yet expired)."""
         return task_id in self._logs
 
+    def open_end(self, task_id: str) -> int | None:
+        """The last seq of the task's log while it is open (None: closed, or not here)."""
+        log = self._logs.get(task_id)
+        return None if log is None or log.closed else log.last_seq
+
     async def get(self, task_id: str) -> TaskRecord | None:
         record = self._records.get(task_id)
         return None if record is None else record.copy()
+
+    async def user_of(self, task_id: str) -> str | None:
+        record = self._records.get(task_id)
+        return None if record is None else record.user
+
+    async def position(self, task_id: str) -> LogPosition | None:
+        record = self._records.get(task_id)
+        return None if record is None else LogPosition(record.active, record.last_seq)
 
     async def list_tasks(
         self,
@@ -94,14 +107,27 @@ class MemoryStore:
         return log
 
     async def append(self, record: TaskRecord, type_: EventType, data: dict[str, Any]) -> Event:
-        event = self._log(record.id).append(type_, data)
-        stored = self._records[record.id]
+        event = self.apply(record.id, type_, data)
+        record.last_seq = event.seq
+        return event
+
+    def apply(self, task_id: str, type_: EventType, data: dict[str, Any]) -> Event:
+        """Append an event to the task's log and its stored record, as it stands in a log
+        kept elsewhere (a terminal event's data is the record as it ended). Synchronous."""
+        event = self._log(task_id).append(type_, data)
+        stored = self._records[task_id]
+        if event.terminal:  # the public fields as it ended; the internal ones as kept
+            ended = TaskRecord.from_dict(data)
+            self._records[task_id] = replace(
+                stored, **{name: getattr(ended, name) for name in PUBLIC_FIELDS}
+            )
+            return event
         content, reasoning, source = record_changes(type_, data)
         stored.content += content
         stored.reasoning += reasoning
         if source is not None:
             stored.sources.append(source)
-        stored.last_seq = record.last_seq = event.seq
+        stored.last_seq = event.seq
         return event
 
     async def finish(self, record: TaskRecord) -> Event | None:

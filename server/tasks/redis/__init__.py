@@ -39,6 +39,7 @@ def redis_backend(
     prefix: str = "tether",
     replica_id: str | None = None,
     retention_s: float = 600.0,
+    max_retained: int = 20_000,
     replica_ttl_s: float = 10.0,
     timeout_s: float = 5.0,
     max_connections: int = 1000,
@@ -50,7 +51,7 @@ def redis_backend(
     conn = RedisConnection(
         url, prefix=prefix, timeout_s=timeout_s, max_connections=max_connections, mode=mode
     )
-    admission = RedisAdmission(conn, replica)
+    admission = RedisAdmission(conn, replica, retention_s=retention_s, max_retained=max_retained)
     store = RedisStore(conn, admission, replica, retention_s=retention_s)
     cluster = RedisCluster(
         conn, store, admission, replica, replica_ttl_s=replica_ttl_s, retention_s=retention_s

@@ -17,9 +17,13 @@ log = logging.getLogger("tether.redis")
 
 
 class RedisAdmission:
-    def __init__(self, conn: RedisConnection, replica_id: str) -> None:
+    def __init__(
+        self, conn: RedisConnection, replica_id: str, *, retention_s: float, max_retained: int
+    ) -> None:
         self._conn = conn
         self._replica_id = replica_id
+        self._retention_ms = max(1, int(retention_s * 1000))
+        self._max_retained = max_retained
 
     async def reserve(self, record: TaskRecord, *, max_total: int, max_per_user: int) -> bool:
         keys = self._conn.keys
@@ -28,7 +32,7 @@ class RedisAdmission:
                 keys=[
                     keys.adm("counts"),
                     keys.adm(f"owned:{self._replica_id}"),
-                    keys.adm(f"user:{record.user}"),
+                    keys.user_tasks(record.user),
                     keys.adm("replicas"),
                 ],
                 args=[record.id, record.user, str(max_total), str(max_per_user), self._replica_id],
@@ -38,16 +42,26 @@ class RedisAdmission:
     async def release(self, record: TaskRecord) -> None:
         await self.release_place(record.id, self._replica_id)
 
-    async def release_place(self, task_id: str, replica: str) -> None:
-        """Free the place ``replica`` holds for the task (a dead replica's, when reaped).
-        A failure is logged: the place waits for the next release or reaping."""
+    async def release_place(self, task_id: str, replica: str) -> list[str]:
+        """Free the place ``replica`` holds for the task (a dead replica's, when reaped),
+        and start the task's retention in the indexes. Returns the retained tasks past
+        ``TETHER_MAX_RETAINED_TASKS``, oldest first, for the caller to delete. A failure is
+        logged: the place waits for the next release or reaping."""
         keys = self._conn.keys
         try:
-            await self._conn.release(
-                keys=[keys.adm("counts"), keys.adm(f"owned:{replica}")], args=[task_id]
+            evicted: Any = await self._conn.release(
+                keys=[keys.adm("counts"), keys.adm(f"owned:{replica}"), keys.adm("ended")],
+                args=[
+                    task_id,
+                    str(self._retention_ms),
+                    str(self._max_retained),
+                    keys.user_tasks(),
+                ],
             )
         except RedisError as exc:
             log.warning("could not release the place of %s: %s", task_id, exc)
+            return []
+        return [str(t) for t in evicted or ()]
 
     async def counts(self) -> tuple[int, dict[str, int]]:
         with redis_errors():

@@ -12,11 +12,13 @@ so that the scripts that touch them are cluster-safe:
   script.
 
 Admission is global: ``P:{adm}:counts`` holds the active tasks in all and per user,
-``P:{adm}:owned:<replica>`` the tasks each replica holds a place for (and whose), and
-``P:{adm}:user:<user>`` every task of a user (for listing; expired ones are pruned as they
-are met). Replicas: ``P:replica:<id>`` lives while its replica heartbeats;
-``P:{adm}:replicas`` lists them; ``P:control:<replica>`` is each one's control stream.
-Sessions: ``P:session:<id>``.
+``P:{adm}:owned:<replica>`` the tasks each replica holds a place for (and whose),
+``P:{adm}:tasks:<user>`` every task of a user (for listing: a sorted set scored by when
+each task expires, a running one never; it expires with its last task, and entries past
+their time are dropped as they are met), and ``P:{adm}:ended`` the retained tasks, scored
+the same way (for ``TETHER_MAX_RETAINED_TASKS``). Replicas: ``P:replica:<id>`` lives
+while its replica heartbeats; ``P:{adm}:replicas`` lists them; ``P:control:<replica>``
+is each one's control stream. Sessions: ``P:session:<id>``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class Keys:
 
     def adm(self, name: str) -> str:
         return f"{self.prefix}:{{adm}}:{name}"
+
+    def user_tasks(self, user: str = "") -> str:
+        """The user's tasks (a sorted set scored by expiry); with no user, the prefix."""
+        return self.adm(f"tasks:{user}")
 
     def heartbeat(self, replica: str) -> str:
         return f"{self.prefix}:replica:{replica}"

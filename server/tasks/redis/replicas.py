@@ -58,7 +58,8 @@ class RedisCluster:
     ) -> None:
         """Connect, announce this replica, and run its background work until ``done``:
         the append pipeline, the watches of logs written elsewhere, the heartbeat, the
-        control stream and the reaping of dead replicas; then sign off. Raises
+        control stream, the reaping of dead replicas and the ends Redis did not answer
+        (``RedisStore.settle``); then sign off. Raises
         ``BackendUnavailable`` if Redis cannot be used at start.
 
         The client's connections live in a task group inside this call, so it ends on
@@ -84,10 +85,12 @@ class RedisCluster:
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._control_loop, control)
                     nursery.start_soon(self._reap_loop)
+                    nursery.start_soon(self._store.settle, self._ttl_s / 5)
                     task_status.started()
                     await done.wait()
                     self._store.tailer.nursery = None
                     nursery.cancel_scope.cancel()
+                await self._store.close_unsettled()
                 with trio.move_on_after(conn.timeout_s):
                     try:
                         await conn.commands.delete([self._keys.heartbeat(self.replica_id)])
@@ -233,7 +236,6 @@ class RedisCluster:
         while True:
             await trio.sleep(self._ttl_s / 10)
             try:
-                await self._store.write_unwritten_ends()
                 await self.reap_dead_replicas()
             except (RedisError, BackendUnavailable) as exc:
                 log.warning("looking for dead replicas failed: %s", exc)
@@ -253,7 +255,7 @@ class RedisCluster:
             for task_id in await commands.hkeys(self._keys.adm(f"owned:{replica}")):
                 record = (await self._store.load([task_id]))[0]
                 if record is None or not record.active:
-                    await self._admission.release_place(task_id, replica)
+                    await self._store.release_place(task_id, replica)
                     continue
                 record.status = "failed"
                 record.ended_at = time.time()

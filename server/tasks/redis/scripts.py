@@ -1,8 +1,9 @@
 """The Lua scripts: each is one step on keys of one hash slot (a task's ``{<id>}`` keys, or
 admission's ``{adm}``), so that it runs whole on a Redis Cluster too."""
 
-# KEYS: counts, owned (task -> user, of this replica), the user's index, replicas.
-# ARGV: task, user, max total, max per user, replica. Idempotent: 1 once reserved.
+# KEYS: counts, owned (task -> user, of this replica), the user's tasks, replicas.
+# ARGV: task, user, max total, max per user, replica. Idempotent: 1 once reserved. The
+# user's tasks are a sorted set scored by when each expires: a running one never.
 RESERVE = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 1 end
 local total = tonumber(redis.call('HGET', KEYS[1], '*') or '0')
@@ -11,20 +12,44 @@ if total >= tonumber(ARGV[3]) or mine >= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], '*', 1)
 redis.call('HINCRBY', KEYS[1], 'u:' .. ARGV[2], 1)
-redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[3], 'inf', ARGV[1])
+redis.call('PERSIST', KEYS[3])
 redis.call('SADD', KEYS[4], ARGV[5])
 return 1
 """
 
-# KEYS: counts, owned. ARGV: task. Idempotent: 0 if the place was freed already.
+# KEYS: counts, owned, ended (the retained tasks, scored by when they expire). ARGV: task,
+# retention ms, max retained, the prefix of the users' task keys. Frees the task's place,
+# gives its entry in its user's tasks the task's expiry (the set lives as long as its
+# last entry), and returns the retained tasks past the max retained, oldest first, taken
+# out of ``ended`` for the caller to delete (their users' entries go when next listed).
+# Idempotent: {} if the place was freed
+# already. (The user's key is named here, from the user the place was held for: it
+# shares the {adm} slot.)
 RELEASE = """
 local user = redis.call('HGET', KEYS[2], ARGV[1])
-if not user then return 0 end
+if not user then return {} end
 redis.call('HDEL', KEYS[2], ARGV[1])
 if redis.call('HINCRBY', KEYS[1], '*', -1) <= 0 then redis.call('HDEL', KEYS[1], '*') end
 local u = 'u:' .. user
 if redis.call('HINCRBY', KEYS[1], u, -1) <= 0 then redis.call('HDEL', KEYS[1], u) end
-return 1
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local expires = now + tonumber(ARGV[2])
+local tasks = ARGV[4] .. user
+redis.call('ZADD', tasks, expires, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', tasks, '-inf', now)
+local last = redis.call('ZRANGE', tasks, -1, -1, 'WITHSCORES')
+if last[2] and last[2] ~= 'inf' then redis.call('PEXPIREAT', tasks, last[2]) end
+redis.call('ZADD', KEYS[3], expires, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('PEXPIREAT', KEYS[3], expires)
+local excess = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[3])
+if excess <= 0 then return {} end
+local evicted = {}
+local popped = redis.call('ZPOPMIN', KEYS[3], excess)
+for i = 1, #popped, 2 do evicted[#evicted + 1] = popped[i] end
+return evicted
 """
 
 # KEYS: rec, log. ARGV: queued event data, then field/value pairs of the record.
@@ -36,11 +61,14 @@ return 1
 """
 
 # KEYS: rec, log, content, reasoning, sources. ARGV: seq, type, data, content, reasoning,
-# source. 1 written; 2 written before (a retried call); 0 the log is closed; -1 the task
-# is gone (expired, or Redis lost it); -2 a seq out of step.
+# source, the writing replica. 1 written; 2 written before (a retried call); 0 the log is
+# closed; -1 the task is gone (expired, or Redis lost it); -2 a seq out of step; -3 the
+# writer does not own the task. The fence: a replica reaped while Redis could not hear
+# it (its log closed by the reaper) has its late appends refused, not added after the end.
 APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'closed') == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[7] then return -3 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
 local seq = tonumber(ARGV[1])
 if seq <= last then return 2 end

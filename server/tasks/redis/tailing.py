@@ -35,6 +35,7 @@ import trio
 
 from server import fastjson
 from server.events import Event
+from server.tasks.backend import LogPosition
 from server.tasks.redis.connection import RedisConnection
 from server.tasks.redis.errors import RedisError, redis_errors
 from server.tasks.redis.keys import decode_event
@@ -106,6 +107,7 @@ class Tailer:
         self._conn = conn
         # chat_id and message_id of tasks read from Redis, which every event carries.
         self._identities: dict[str, tuple[str | None, str | None]] = {}
+        self._users: dict[str, str] = {}  # the users of tasks followed (``user_of``)
         self._followed: dict[str, _Followed] = {}
         self._groups: dict[int | None, _ReadGroup] = {}
         self._recent: OrderedDict[str, deque[Event]] = OrderedDict()
@@ -116,7 +118,39 @@ class Tailer:
 
     def forget(self, task_id: str) -> None:
         self._identities.pop(task_id, None)
+        self._users.pop(task_id, None)
         self._recent.pop(task_id, None)
+
+    async def user_of(self, task_id: str) -> str | None:
+        """The user of a task run elsewhere (None: unknown or expired). A task the
+        multiplexer follows exists (it stops following a log that ends), so its user,
+        once read, is not read again: a crowd of followers subscribing to one task costs
+        one small read, not a record each. Raises ``BackendUnavailable``."""
+        if task_id in self._followed and (known := self._users.get(task_id)) is not None:
+            return known
+        with redis_errors():
+            raw = await self._conn.commands.hmget(
+                self._conn.keys.task(task_id).rec, ["user", "chat_id", "message_id"]
+            )
+        if raw[0] is None:
+            return None
+        user = str(fastjson.loads(raw[0]))
+        if len(self._users) > _MAX_IDENTITIES:
+            self._users.clear()
+        self._users[task_id] = user
+        self._remember(task_id, raw[1], raw[2])
+        return user
+
+    async def position(self, task_id: str) -> LogPosition | None:
+        """Where the log of a task run elsewhere is (None: unknown or expired), read
+        without its record; for a task the multiplexer follows, where it has read to.
+        Raises ``BackendUnavailable``."""
+        followed = self._followed.get(task_id)
+        if followed is not None:  # open, as far as the multiplexer has read it
+            return LogPosition(True, followed.cursor)
+        with redis_errors():
+            exists, closed, last = await self._log_state(task_id)
+        return LogPosition(not closed, last) if exists else None
 
     @property
     def followed(self) -> int:
@@ -131,11 +165,18 @@ class Tailer:
 
     async def read(self, task_id: str, after: int, limit: int | None = None) -> list[Event]:
         """The task's events past ``after``: from the multiplexer's latest ones when they
-        hold the next one (a follower it has just marked), else from Redis."""
+        hold the next one (a follower it has just marked), none when ``after`` is where
+        the multiplexer has read to (the next come through it), else from Redis."""
         recent = self._recent.get(task_id)
         if recent and recent[0].seq <= after + 1 <= recent[-1].seq:
             out = [e for e in recent if e.seq > after]
             return out if limit is None else out[:limit]
+        followed = self._followed.get(task_id)
+        if followed is not None and after >= followed.cursor:
+            # A follower that has all the multiplexer has read: what comes next, the
+            # multiplexer hands out. Read from Redis, it would run ahead of the multiplexer
+            # and miss its latest events from then on, a round trip per event.
+            return []
         start = f"(0-{after}" if after > 0 else "-"
         key = self._conn.keys.task(task_id).log
         with redis_errors():
@@ -155,13 +196,19 @@ class Tailer:
             raw = await self._conn.commands.hmget(
                 self._conn.keys.task(task_id).rec, ["chat_id", "message_id"]
             )
-            known = (
-                fastjson.loads(raw[0]) if raw[0] else None,
-                fastjson.loads(raw[1]) if raw[1] else None,
-            )
-            if len(self._identities) > _MAX_IDENTITIES:
-                self._identities.clear()
-            self._identities[task_id] = known
+            known = self._remember(task_id, raw[0], raw[1])
+        return known
+
+    def _remember(
+        self, task_id: str, chat_id: str | None, message_id: str | None
+    ) -> tuple[str | None, str | None]:
+        known = (
+            fastjson.loads(chat_id) if chat_id else None,
+            fastjson.loads(message_id) if message_id else None,
+        )
+        if len(self._identities) > _MAX_IDENTITIES:
+            self._identities.clear()
+        self._identities[task_id] = known
         return known
 
     async def _log_state(self, task_id: str) -> tuple[bool, bool, int]:
@@ -219,14 +266,20 @@ class Tailer:
     async def wait_beyond(self, task_id: str, after: int) -> bool:
         """See ``TaskStore.wait_beyond``: a slot in the multiplexer's table, no connection
         of its own. Cancelling it only stops the wait."""
-        with redis_errors():
-            exists, closed, last = await self._conn.through_failover(
-                partial(self._log_state, task_id)
-            )
-        if last > after:
+        followed = self._followed.get(task_id)
+        if followed is not None and followed.cursor > after:
             return True
-        if not exists or closed:
-            return False
+        if followed is None:
+            # Not followed yet: what Redis holds decides. (A followed log is open as far
+            # as the multiplexer has read, and the multiplexer wakes the waiter.)
+            with redis_errors():
+                exists, closed, last = await self._conn.through_failover(
+                    partial(self._log_state, task_id)
+                )
+            if last > after:
+                return True
+            if not exists or closed:
+                return False
         waiter = _Waiter(after)
         followed = self._follow(task_id, after)
         followed.waiters.append(waiter)

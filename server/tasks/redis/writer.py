@@ -1,10 +1,12 @@
 """Appends written behind: from every task of the process they go out together, one
 pipeline per round trip, and a task does not wait for Redis to answer; its end waits for
-its writes."""
+its writes. Each write's ``on_written`` runs once Redis has taken it (the store shows the
+event to readers here then, never before)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ class _Write:
     task_id: str
     keys: list[str]
     args: list[str]
+    on_written: Callable[[], None]
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
 
@@ -58,11 +61,14 @@ class WriteBehind:
                 self._room = trio.Event()
             await self._room.wait()
 
-    def queue(self, task_id: str, keys: list[str], args: list[str]) -> None:
-        """Queue an append script's call for the next pipeline. Synchronous. Raises
-        ``CrossSlot`` if the keys span hash slots."""
+    def queue(
+        self, task_id: str, keys: list[str], args: list[str], on_written: Callable[[], None]
+    ) -> None:
+        """Queue an append script's call for the next pipeline; ``on_written`` is called
+        when Redis has taken it. Synchronous. Raises ``CrossSlot`` if the keys span hash
+        slots."""
         self._conn.append.check(keys)
-        write = _Write(task_id, keys, args)
+        write = _Write(task_id, keys, args, on_written)
         self._writes.append(write)
         self._last[task_id] = write
         self._wanted.set()
@@ -87,6 +93,8 @@ class WriteBehind:
             return BackendUnavailable(f"Redis no longer holds task {task_id}")
         if result == -2:
             return BackendUnavailable(f"the log of task {task_id} moved on without it")
+        if result == -3:
+            return LogClosed(f"task {task_id} is no longer this replica's")
         return BackendUnavailable(f"Redis failed: {result}")
 
     async def run(self) -> None:
@@ -105,7 +113,9 @@ class WriteBehind:
                 write.result = result
                 write.done.set()
                 refusal = self._refused(write.task_id, result)
-                if refusal is not None:
+                if refusal is None:
+                    write.on_written()
+                elif write.task_id in self._last:  # still running: its next append fails
                     self._failures.setdefault(write.task_id, refusal)
 
     async def _send(self, batch: list[_Write]) -> list[Any]:
