@@ -389,7 +389,9 @@ class WatchedConnection(TCPServer):
         ``LINGER_S``) is awaited so that it reads the answer rather than a reset. Cancelling
         it leaves the connection to hypercorn's own close."""
         self._dropping = True
-        dropped_to_eof = self._dropped_to_eof = trio.Event()
+        if self._dropped_to_eof is None:
+            self._dropped_to_eof = trio.Event()
+        dropped_to_eof = self._dropped_to_eof
         stream = self.socket_stream
         try:
             async with self.send_lock:
