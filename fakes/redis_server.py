@@ -43,11 +43,15 @@ def _answers_ping(port: int) -> bool:
 
 class RedisServer:
     """One redis-server process: ``start()``, ``kill()`` (SIGKILL, as a crash),
-    ``restart()`` on the same port, ``stop()``."""
+    ``restart()`` on the same port, ``stop()``. ``config``: the text of a configuration
+    file it is started with (written in its own directory, where a sentinel rewrites it);
+    ``args``: more command-line options (``--sentinel``, ``--replicaof host port``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, config: str | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self._dir = tempfile.mkdtemp(prefix="tether-redis-")
+        self._config = config
+        self._args = args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,9 +59,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
+        config: list[str] = []
+        if self._config is not None:
+            path = Path(self._dir) / "redis.conf"
+            path.write_text(self._config)
+            config.append(str(path))
         self.process = subprocess.Popen(
             [
                 redis_binary(),
+                *config,
+                *self._args,
                 "--port",
                 str(self.port),
                 "--bind",

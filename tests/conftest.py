@@ -16,6 +16,7 @@ import trio
 
 from fakes.model import FakeModel
 from fakes.pages import FakePages
+from fakes.redis_sentinel import SentinelSet
 from fakes.redis_server import RedisServer
 from fakes.scripted import Script, ScriptedServer
 from fakes.search import FakeSearxng
@@ -28,6 +29,10 @@ from tests.scripted import Serve
 
 WAIT = 10.0  # generous upper bound for anything a test waits on
 BACKENDS = ("memory", "redis")
+# The core suites (cancellation, WebSocket, chat modes) also run on Redis behind Sentinel;
+# the other both_backends modules would add their Redis time again for nothing that
+# Sentinel changes (it only finds the primary).
+ALL_BACKENDS = (*BACKENDS, "redis-sentinel")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,12 +40,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "both_backends: run the module's servers on the memory and on the Redis task backend",
     )
+    config.addinivalue_line(
+        "markers",
+        "all_backends: as both_backends, and on Redis behind Sentinel too",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
-        "both_backends"
-    ):
+    if "backend_kind" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("all_backends"):
+        metafunc.parametrize("backend_kind", ALL_BACKENDS, indirect=True)
+    elif metafunc.definition.get_closest_marker("both_backends"):
         metafunc.parametrize("backend_kind", BACKENDS, indirect=True)
 
 
@@ -54,6 +65,16 @@ def redis_server() -> Any:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_sentinels() -> Any:
+    """One real Sentinel set-up (a primary, its replica, three sentinels) for the whole test
+    session, never failed over; each server under test gets a key prefix of its own."""
+    sentinels = SentinelSet()
+    sentinels.start(agree=False)
+    yield sentinels
+    sentinels.stop()
+
+
 @pytest.fixture
 def backend_kind(request: pytest.FixtureRequest) -> str:
     """The task backend of the servers a test starts: memory, unless the module is marked
@@ -64,10 +85,14 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def backend_settings(request: pytest.FixtureRequest, backend_kind: str) -> dict[str, Any]:
     """Settings for the chosen backend; Redis only starts when a test needs it."""
-    if backend_kind != "redis":
-        return {}
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return {"backend": "redis", "redis_url": server.url, "redis_prefix": "t" + secrets.token_hex(6)}
+    prefix = "t" + secrets.token_hex(6)
+    if backend_kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return {"backend": "redis", "redis_url": server.url, "redis_prefix": prefix}
+    if backend_kind == "redis-sentinel":
+        sentinels: SentinelSet = request.getfixturevalue("redis_sentinels")
+        return {**sentinels.settings(), "redis_prefix": prefix}
+    return {}
 
 
 @dataclass

@@ -18,7 +18,7 @@ from server.tasks.backend import next_events
 from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import assert_log_well_formed, chat_body
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.all_backends
 
 
 async def _stop_and_check(

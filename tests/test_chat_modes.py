@@ -12,7 +12,7 @@ from fakes.model import TextReply
 from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import assert_log_well_formed, chat_body
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.all_backends
 
 
 async def test_background_request_answers_202_with_task_id(tether: Tether) -> None:

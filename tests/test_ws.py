@@ -15,7 +15,7 @@ from fakes.model import HangReply, TextReply
 from tests.conftest import WAIT, Fakes, Tether
 from tests.helpers import TERMINAL, assert_log_well_formed, chat_body
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.all_backends
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 

@@ -66,7 +66,7 @@ class RedisCluster:
         last terminal writes and the sign-off would have nothing to go through."""
         conn = self._conn
         failure: RedisError | None = None
-        async with conn.commands, conn.waiting:
+        async with conn:
             try:
                 await self._heartbeat_once()
                 await self._ensure_control_group()
