@@ -3,21 +3,35 @@ a URL, or the primary that Redis Sentinel names."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import coredis
 import coredis.exceptions
+import trio
 from coredis.connection import TCPLocation
 
+from server.exception_groups import first_leaf
 from server.library_internals import SlotKeepingPool, SlotKeepingSentinelPool
 from server.tasks.redis import scripts
 from server.tasks.redis.keys import Keys
 
+log = logging.getLogger("tether.redis")
+
+# How often the sentinels are asked where the primary is.
+PRIMARY_CHECK_S = 0.5
 # What a primary that Sentinel demoted (or a new connection that reached a replica) answers.
 PRIMARY_MOVED = (coredis.exceptions.ReadOnlyError, coredis.exceptions.StalePrimaryError)
+# What says that Redis could not take a command now (a failover under way), rather than
+# refused it; and the pause before such a command is sent again.
+LOST = (coredis.exceptions.ConnectionError, TimeoutError, *PRIMARY_MOVED)
+RESEND_PAUSE_S = 0.1
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,44 @@ class RedisConnection:
     def url(self) -> str:
         """Where the Redis is, for messages (no password)."""
         return str(self.target)
+
+    async def follow_primary(self) -> None:
+        """With sentinels: ask them where the primary is every ``PRIMARY_CHECK_S``, and
+        drop the connections to the old one as soon as they name another. A primary the
+        sentinels replaced while it was up (a forced failover, a partition that healed)
+        goes on answering as one until they demote it, seconds later, and what is written
+        there meanwhile is lost then; its READONLY once demoted is only the last resort.
+        Without sentinels, returns at once; otherwise runs until cancelled."""
+        pools = [
+            client.connection_pool
+            for client in (self.commands, self.waiting)
+            if isinstance(client.connection_pool, coredis.SentinelConnectionPool)
+        ]
+        if not pools:
+            return
+        while True:
+            await trio.sleep(PRIMARY_CHECK_S)
+            for pool in pools:
+                try:
+                    await pool.get_primary_location()  # drops the pool's connections if moved
+                except coredis.exceptions.RedisError as exc:
+                    log.warning("asking the sentinels for the primary failed: %s", exc)
+
+    async def through_failover(self, send: Callable[[], Awaitable[T]]) -> T:
+        """``send()``, made again while Redis cannot be reached or a demoted primary
+        refuses it (a failover under way), for ``timeout_s`` at most; for commands that
+        may be sent twice. Raises what the last one raised."""
+        deadline = trio.current_time() + self.timeout_s
+        while True:
+            try:
+                return await send()
+            except Exception as exc:  # coredis may wrap what it raises in a group
+                leaf = first_leaf(exc)
+                if not isinstance(leaf, LOST) or trio.current_time() >= deadline:
+                    raise
+                if isinstance(leaf, PRIMARY_MOVED):
+                    self.primary_moved()
+            await trio.sleep(RESEND_PAUSE_S)
 
     def primary_moved(self) -> None:
         """A write was refused as by a replica: drop every connection, so that the next

@@ -76,6 +76,8 @@ class RedisCluster:
                 async with trio.open_nursery() as nursery:
                     self._store.tailer.nursery = nursery
                     nursery.start_soon(self._store.writer.run)
+                    nursery.start_soon(self._store.write_unwritten_ends)
+                    nursery.start_soon(conn.follow_primary)
                     nursery.start_soon(self._store.tailer.run)
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._control_loop, control)
@@ -84,10 +86,17 @@ class RedisCluster:
                     await done.wait()
                     self._store.tailer.nursery = None
                     nursery.cancel_scope.cancel()
+                # A terminal event still unwritten is tried once more; if it stays so, the
+                # replica stays listed (its heartbeat gone), so that a survivor reaps the
+                # task rather than leave it running with no owner.
+                unwritten = 1
+                with trio.move_on_after(conn.timeout_s):
+                    unwritten = await self._store.write_unwritten_ends_once()
                 with trio.move_on_after(conn.timeout_s):
                     try:
                         await conn.commands.delete([self._keys.heartbeat(self.replica_id)])
-                        await conn.commands.srem(self._keys.adm("replicas"), [self.replica_id])
+                        if not unwritten:
+                            await conn.commands.srem(self._keys.adm("replicas"), [self.replica_id])
                     except RedisError:
                         log.warning("could not sign replica %s off", self.replica_id)
         if failure is not None:

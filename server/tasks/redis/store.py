@@ -8,9 +8,12 @@ behind (``WriteBehind``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
+
+import trio
 
 from server import fastjson
 from server.events import Event, EventType, record_changes, terminal_type
@@ -24,6 +27,11 @@ from server.tasks.redis.errors import RedisError, redis_errors
 from server.tasks.redis.keys import decode_record, encode_fields
 from server.tasks.redis.tailing import Tailer
 from server.tasks.redis.writer import WriteBehind
+
+log = logging.getLogger("tether.redis")
+
+# The pause between two tries of the terminal events Redis did not take.
+_END_RETRY_PAUSE_S = 0.25
 
 
 class RedisStore:
@@ -40,6 +48,11 @@ class RedisStore:
         self._admission = admission
         self._replica_id = replica_id
         self._retention_ms = max(1, int(retention_s * 1000))
+        self._retention_s = retention_s
+        # Terminal events Redis did not take yet: the record as it ended, and when to give
+        # up on it.
+        self._unwritten: dict[str, tuple[TaskRecord, float]] = {}
+        self._unwritten_added = trio.Event()
         self._local = MemoryStore()
         self.writer = WriteBehind(conn)
         self.tailer = Tailer(conn)
@@ -60,10 +73,12 @@ class RedisStore:
         # move it back.
         index = fields.index("last_seq")
         del fields[index : index + 2]
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        rec = self._keys.task(record.id).rec
         with redis_errors():
-            await self._conn.commands.hset(
-                self._keys.task(record.id).rec, dict(zip(fields[::2], fields[1::2], strict=True))
-            )
+            # A phase change or the result, at the end of an answer: through a failover,
+            # as the appends go.
+            await self._conn.through_failover(lambda: self._conn.commands.hset(rec, values))
         await self._local.save(record)
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -146,13 +161,26 @@ class RedisStore:
         return await self._local.append(record, type_, data)
 
     async def finish(self, record: TaskRecord) -> Event | None:
-        await self.writer.flushed(record.id)  # the end goes after the task's last event
+        """Write the terminal event. If Redis does not take it (it cannot be reached, a
+        failover is under way) or the caller's deadline cuts the write, it is written
+        later (``write_unwritten_ends``) and the local copy ends now, so that readers
+        here see the end at once."""
+        unwritten: TaskRecord | None = record.copy()
+        written: Event | None = None
         try:
+            await self.writer.flushed(record.id)  # the end goes after the task's last event
             written = await self.end(record, self._replica_id)
-        except RedisError as exc:
-            # Readers here still see the task end; the record in Redis waits for a reaper.
-            await self._finish_locally(record)
-            raise BackendUnavailable(f"Redis failed: {exc}") from exc
+            unwritten = None
+        except (RedisError, BackendUnavailable) as exc:
+            log.warning("task=%s: the terminal event waits for Redis: %s", record.id, exc)
+        finally:
+            if unwritten is not None:
+                self._end_later(unwritten)
+                # The local end does not wait (no checkpoint): it is made even when the
+                # caller's deadline has passed.
+                local = await self._finish_locally(record)
+        if unwritten is not None:
+            return local
         if written is None:
             # Ended elsewhere meanwhile (reaped while Redis could not hear from us): the
             # local copy ends as Redis says, so that readers here see that end too.
@@ -199,6 +227,42 @@ class RedisStore:
                 return None
             return Event(record.id, record.chat_id, record.message_id, seq, type_, data)
         raise BackendUnavailable(f"could not end task {record.id}: its log kept moving")
+
+    def _end_later(self, record: TaskRecord) -> None:
+        """Have ``write_unwritten_ends`` write the task's terminal event. Synchronous."""
+        self._unwritten[record.id] = (record, trio.current_time() + self._retention_s)
+        self._unwritten_added.set()
+
+    async def write_unwritten_ends(self) -> None:
+        """Write the terminal events that Redis did not take when their tasks ended, until
+        it answers again, each for the retention time at most (by then it would have
+        expired): so a task this process ran never stays ``running`` in Redis. The
+        terminal script writes once, whoever calls it: a task reaped meanwhile keeps the
+        reaper's end. Runs until cancelled."""
+        while True:
+            if not self._unwritten:
+                await self._unwritten_added.wait()
+                self._unwritten_added = trio.Event()
+            await self.write_unwritten_ends_once()
+            if self._unwritten:
+                await trio.sleep(_END_RETRY_PAUSE_S)
+
+    async def write_unwritten_ends_once(self) -> int:
+        """Try each unwritten terminal event once (bounded); returns how many are left."""
+        for task_id, (record, give_up_at) in list(self._unwritten.items()):
+            if trio.current_time() >= give_up_at:
+                del self._unwritten[task_id]
+                log.error("task=%s: its terminal event was never written to Redis", task_id)
+                continue
+            with trio.move_on_after(self._conn.timeout_s):
+                try:
+                    await self.end(record, self._replica_id)
+                except Exception as exc:  # noqa: BLE001 - tried again after a pause
+                    log.debug("task=%s: the terminal event still waits: %s", task_id, exc)
+                    continue
+                del self._unwritten[task_id]
+                log.info("task=%s: its terminal event was written once Redis answered", task_id)
+        return len(self._unwritten)
 
     async def _finish_locally(self, record: TaskRecord) -> Event | None:
         if not self._local.has(record.id):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import coredis.exceptions
@@ -14,7 +15,7 @@ import trio
 from server.tasks.errors import BackendUnavailable
 from server.tasks.log import LogClosed
 from server.tasks.redis import scripts
-from server.tasks.redis.connection import RedisConnection
+from server.tasks.redis.connection import LOST, PRIMARY_MOVED, RESEND_PAUSE_S, RedisConnection
 
 log = logging.getLogger("tether.redis")
 
@@ -109,18 +110,30 @@ class WriteBehind:
                     self._failures.setdefault(write.task_id, refusal)
 
     async def _send(self, batch: list[_Write]) -> list[Any]:
-        commands = self._conn.commands
-        for attempt in (1, 2):
-            async with commands.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for write in batch:
-                    pipe.evalsha(self._conn.append.sha, keys=write.keys, args=write.args)
-            results = list(pipe.results or ())
-            if attempt == 1 and any(
-                isinstance(r, coredis.exceptions.NoScriptError) for r in results
-            ):
-                # Redis restarted and forgot the script: load it and send again (the
-                # script is idempotent: a write already made answers 2).
-                await commands.script_load(scripts.APPEND)
+        """Send the batch; while Redis cannot be reached, or a demoted primary refuses the
+        writes (a failover under way), send it again, for ``timeout_s`` at most: the
+        tasks go on through a short failover. Each task's later writes wait behind it, so
+        their order holds. Raises what the last send raised once that time is up."""
+        deadline = trio.current_time() + self._conn.timeout_s
+        loaded = False
+        while True:
+            results = await self._conn.through_failover(partial(self._pipeline, batch))
+            if not loaded and any(isinstance(r, coredis.exceptions.NoScriptError) for r in results):
+                # Redis restarted (or a replica took over) and does not know the script:
+                # load it and send again (the script is idempotent: a write already made
+                # answers 2).
+                await self._conn.commands.script_load(scripts.APPEND)
+                loaded = True
+                continue
+            if any(isinstance(r, PRIMARY_MOVED) for r in results):
+                self._conn.primary_moved()
+            if trio.current_time() < deadline and any(isinstance(r, LOST) for r in results):
+                await trio.sleep(RESEND_PAUSE_S)
                 continue
             return results
-        return results
+
+    async def _pipeline(self, batch: list[_Write]) -> list[Any]:
+        async with self._conn.commands.pipeline(transaction=False, raise_on_error=False) as pipe:
+            for write in batch:
+                pipe.evalsha(self._conn.append.sha, keys=write.keys, args=write.args)
+        return list(pipe.results or ())
