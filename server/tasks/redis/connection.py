@@ -18,6 +18,7 @@ from coredis.connection import TCPLocation
 from server.exception_groups import first_leaf
 from server.library_internals import SlotKeepingPool, SlotKeepingSentinelPool
 from server.tasks.redis import scripts
+from server.tasks.redis.errors import TRANSIENT
 from server.tasks.redis.keys import Keys
 
 log = logging.getLogger("tether.redis")
@@ -26,9 +27,7 @@ log = logging.getLogger("tether.redis")
 PRIMARY_CHECK_S = 0.5
 # What a primary that Sentinel demoted (or a new connection that reached a replica) answers.
 PRIMARY_MOVED = (coredis.exceptions.ReadOnlyError, coredis.exceptions.StalePrimaryError)
-# What says that Redis could not take a command now (a failover under way), rather than
-# refused it; and the pause before such a command is sent again.
-LOST = (coredis.exceptions.ConnectionError, TimeoutError, *PRIMARY_MOVED)
+# The pause before a command that Redis could not take (``TRANSIENT``) is sent again.
 RESEND_PAUSE_S = 0.1
 
 T = TypeVar("T")
@@ -160,7 +159,7 @@ class RedisConnection:
                 return await send()
             except Exception as exc:  # coredis may wrap what it raises in a group
                 leaf = first_leaf(exc)
-                if not isinstance(leaf, LOST) or trio.current_time() >= deadline:
+                if not isinstance(leaf, TRANSIENT) or trio.current_time() >= deadline:
                     raise
                 if isinstance(leaf, PRIMARY_MOVED):
                     self.primary_moved()

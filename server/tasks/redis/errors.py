@@ -12,6 +12,16 @@ from server.tasks.errors import BackendUnavailable
 
 RedisError = coredis.exceptions.RedisError
 
+# Failures that a moment's wait may cure, rather than refusals: a connection lost, and a
+# primary that Sentinel replaced (READONLY from a demoted one, a new connection that
+# reached a replica).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    coredis.exceptions.ConnectionError,
+    TimeoutError,
+    coredis.exceptions.ReadOnlyError,
+    coredis.exceptions.StalePrimaryError,
+)
+
 
 @contextmanager
 def redis_errors() -> Iterator[None]:

@@ -15,7 +15,8 @@ import trio
 from server.tasks.errors import BackendUnavailable
 from server.tasks.log import LogClosed
 from server.tasks.redis import scripts
-from server.tasks.redis.connection import LOST, PRIMARY_MOVED, RESEND_PAUSE_S, RedisConnection
+from server.tasks.redis.connection import PRIMARY_MOVED, RESEND_PAUSE_S, RedisConnection
+from server.tasks.redis.errors import TRANSIENT
 
 log = logging.getLogger("tether.redis")
 
@@ -127,7 +128,7 @@ class WriteBehind:
                 continue
             if any(isinstance(r, PRIMARY_MOVED) for r in results):
                 self._conn.primary_moved()
-            if trio.current_time() < deadline and any(isinstance(r, LOST) for r in results):
+            if trio.current_time() < deadline and any(isinstance(r, TRANSIENT) for r in results):
                 await trio.sleep(RESEND_PAUSE_S)
                 continue
             return results
