@@ -38,7 +38,7 @@ async def fresh_sentinels() -> AsyncIterator[SentinelSet]:
     try:
         yield sentinels
     finally:
-        sentinels.stop()
+        await trio.to_thread.run_sync(sentinels.stop)
 
 
 async def _log(replica: Replica, task_id: str) -> list[dict[str, Any]]:
