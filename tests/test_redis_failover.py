@@ -21,7 +21,7 @@ from server.config import Settings, SettingsError
 from server.runtime import redis_target
 from server.tasks.redis.connection import RedisConnection
 from tests.conftest import WAIT, Fakes, StartTether, base_settings
-from tests.helpers import TERMINAL, assert_log_well_formed, chat_body
+from tests.helpers import TERMINAL, assert_log_well_formed, chat_body, until
 from tests.replicas import Replica
 
 TASKS = 50
@@ -126,14 +126,28 @@ async def test_a_primary_killed_while_50_tasks_stream_loses_no_task(
         await b.close()
 
 
+def _tether_clients(port: int, held: int) -> int:
+    """Connections to the Redis on ``port`` other than the sentinels', the test's own
+    (client id ``held``) and this listing's."""
+    listing = str(ask(port, "CLIENT", "LIST"))
+    return sum(
+        1
+        for line in listing.splitlines()
+        if "name=sentinel-" not in line
+        and not line.startswith(f"id={held} ")
+        and "cmd=client" not in line
+    )
+
+
 async def test_a_demoted_primary_answering_readonly_sends_writes_to_the_new_one(
     fakes: Fakes, fresh_sentinels: SentinelSet, start_tether: StartTether
 ) -> None:
-    """``SENTINEL FAILOVER`` replaces a live primary, which the sentinels demote to a
-    replica when they see it again; open connections to it then get READONLY for every
-    write. A client that still holds one (here a connection of Tether's own, that does not
-    ask the sentinels meanwhile) sends the write again to the new primary; Tether's tasks
-    are written there too, and read back from another Tether."""
+    """``SENTINEL FAILOVER`` replaces a live primary, which goes on answering as one until
+    the sentinels demote it to a replica, seconds later: the Tethers drop their
+    connections to it as soon as the sentinels name the new one. Once demoted, it answers
+    READONLY to every write: a client that still holds a connection to it (here one of
+    Tether's own, that does not ask the sentinels meanwhile) sends the write again to the
+    new primary. Tether's tasks are written there, and read back from another Tether."""
     target = redis_target(Settings(**fresh_sentinels.settings()))
     overrides = {**fresh_sentinels.settings(), "redis_prefix": "d" + secrets.token_hex(6)}
     a = await start_tether(**overrides)
@@ -141,9 +155,14 @@ async def test_a_demoted_primary_answering_readonly_sends_writes_to_the_new_one(
     old = fresh_sentinels.first_primary.port
     async with RedisConnection(target, prefix="", timeout_s=WAIT, max_connections=1) as held:
         assert await held.commands.set("written", "before")
+        mine = await held.commands.client_id()
+        assert _tether_clients(old, mine) > 0
 
         assert ask(fresh_sentinels.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE) == "OK"
         new = await trio.to_thread.run_sync(fresh_sentinels.wait_for_failover)
+        # The old primary still answers as one (the sentinels demote it seconds later), and
+        # the Tethers leave it as soon as the sentinels name the new one.
+        await until(lambda: trio.to_thread.run_sync(lambda: _tether_clients(old, mine) == 0))
         # What the sentinels do to the old primary when they see it next, done at once.
         assert ask(old, "REPLICAOF", "127.0.0.1", str(new)) == "OK"
 
