@@ -11,6 +11,7 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+import coredis
 import pytest
 import trio
 
@@ -261,3 +262,23 @@ def test_sentinel_settings_that_cannot_work_are_a_clear_error(
 ) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({"TETHER_BACKEND": "redis", **environ})
+
+
+async def test_the_sentinel_db_setting_puts_the_tasks_in_that_database(
+    fakes: Fakes, redis_sentinels: SentinelSet, start_tether: StartTether
+) -> None:
+    tether = await start_tether(
+        **redis_sentinels.settings(),
+        redis_prefix="db" + secrets.token_hex(6),
+        redis_sentinel_db=3,
+    )
+    fakes.model.push(TextReply(["in ", "three"]))
+    task_id = await tether.background(chat_body())
+    with trio.fail_after(WAIT):
+        events = await tether.events(task_id)
+    assert assert_log_well_formed(events)["data"]["content"] == "in three"
+    primary = redis_sentinels.first_primary.port
+    async with coredis.Redis("127.0.0.1", primary, db=3, decode_responses=True) as three:
+        assert await three.keys(f"*{task_id}*")
+    async with coredis.Redis("127.0.0.1", primary, db=0, decode_responses=True) as zero:
+        assert not await zero.keys(f"*{task_id}*")
