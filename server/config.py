@@ -27,6 +27,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -102,6 +103,23 @@ def _parse_origins(raw: str) -> tuple[str, ...]:
             )
         origins.append(origin)
     return tuple(origins)
+
+
+def _parse_sentinels(raw: str) -> tuple[str, ...]:
+    """Comma-separated ``host:port`` addresses of Redis Sentinels."""
+    out = []
+    for item in raw.split(","):
+        address = item.strip()
+        if not address:
+            continue
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(
+                f"TETHER_REDIS_SENTINELS entry {address!r} is not host:port "
+                "(for example 127.0.0.1:26379)"
+            )
+        out.append(f"{host}:{int(port)}")
+    return tuple(out)
 
 
 def _keys_from_env(raw: str) -> dict[str, str]:
@@ -246,6 +264,13 @@ class Settings(BaseSettings):
     # What TETHER_REDIS_URL names: "single" (one redis-server), "cluster" (any node of a
     # Redis Cluster) or "auto" (asked of the server at start: INFO cluster).
     redis_mode: str = "auto"
+    # Instead of TETHER_REDIS_URL: the primary that these Redis Sentinels (host:port,...)
+    # name for the service, followed through a failover; the sentinels' own password, and
+    # the database on the primary.
+    redis_sentinels: Annotated[tuple[str, ...], _text_or(_parse_sentinels)] = ()
+    redis_sentinel_service: str | None = None
+    redis_sentinel_password: str | None = Field(default=None, repr=False)
+    redis_sentinel_db: Int = 0
     # A replica that has not renewed its heartbeat for this long is taken for dead: its
     # running tasks end failed (replica_lost).
     replica_ttl_s: Float = 10.0
@@ -283,6 +308,23 @@ class Settings(BaseSettings):
             raise SettingsError(f"TETHER_REDIS_MODE={value!r} is not auto, single or cluster")
         return value
 
+    @model_validator(mode="after")
+    def _sentinels_and_service(self) -> Settings:
+        if self.redis_sentinels and not self.redis_sentinel_service:
+            raise SettingsError(
+                "TETHER_REDIS_SENTINELS needs TETHER_REDIS_SENTINEL_SERVICE, the name the "
+                "sentinels monitor the primary by (sentinel monitor <name> ...)"
+            )
+        if self.redis_sentinel_service and not self.redis_sentinels:
+            raise SettingsError(
+                "TETHER_REDIS_SENTINEL_SERVICE needs TETHER_REDIS_SENTINELS (host:port,...)"
+            )
+        if self.redis_sentinels and self.redis_url:
+            raise SettingsError(
+                "TETHER_REDIS_URL and TETHER_REDIS_SENTINELS both name a Redis: set one"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -309,9 +351,10 @@ class Settings(BaseSettings):
         values["otel_traces"] = otel_traces_wanted(environ)
         values["otel_service_name"] = environ.get("OTEL_SERVICE_NAME") or "tether"
         settings = _validated(values)
-        if settings.backend == "redis" and not settings.redis_url:
+        if settings.backend == "redis" and not (settings.redis_url or settings.redis_sentinels):
             raise SettingsError(
-                "TETHER_BACKEND=redis needs TETHER_REDIS_URL (for example redis://127.0.0.1:6379/0)"
+                "TETHER_BACKEND=redis needs TETHER_REDIS_URL (for example "
+                "redis://127.0.0.1:6379/0) or TETHER_REDIS_SENTINELS"
             )
         if settings.api_keys_file:
             keys = dict(settings.api_keys)

@@ -49,12 +49,13 @@ RECHECK: Mapping[str, str] = {
     "(httpcore2/_async/connection_pool.py), for pool_in_flight and "
     "pool_connections",
     "coredis": "that ConnectionPool.release still drops a dead connection without handing "
-    "its slot back to ``_available_connections`` (coredis/pool/_basic.py), and "
-    "ClusterConnectionPool.release the same with its node's queue from ``_node_pool`` "
-    "(coredis/pool/_cluster.py), for SlotKeepingPool and SlotKeepingClusterPool; and that "
-    "a cluster pipeline still reports no connection failure to its ClusterLayout, which "
-    "refreshes after report_errors (coredis/cluster/_layout.py), for "
-    "report_cluster_failure",
+    "its slot back to ``_available_connections`` (coredis/pool/_basic.py), that "
+    "SentinelConnectionPool (coredis/pool/_sentinel.py) still inherits that release, and "
+    "that ClusterConnectionPool.release does the same with its node's queue from "
+    "``_node_pool`` (coredis/pool/_cluster.py), for SlotKeepingPool, SlotKeepingSentinelPool "
+    "and SlotKeepingClusterPool; and that a cluster pipeline still reports no connection "
+    "failure to its ClusterLayout, which refreshes after report_errors "
+    "(coredis/cluster/_layout.py), for report_cluster_failure",
     "pydantic-settings": "that EnvSettingsSource.__init__ still reads the environment "
     "through ``_load_env_vars`` (pydantic_settings/sources/providers/"
     "env.py), for MappingEnvSource",
@@ -195,8 +196,21 @@ class SlotKeepingPool(coredis.ConnectionPool):  # type: ignore[type-arg]
 
     def release(self, connection: Any) -> None:
         super().release(connection)
-        if not connection.usable:
-            self._available_connections.put_nowait(None)
+        _keep_slot(self, connection)
+
+
+class SlotKeepingSentinelPool(coredis.SentinelConnectionPool):
+    """coredis's pool of a primary found through Sentinel, which loses a slot as the plain
+    pool does (see SlotKeepingPool); a failover kills every leased connection at once."""
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        _keep_slot(self, connection)
+
+
+def _keep_slot(pool: coredis.ConnectionPool[Any], connection: Any) -> None:
+    if not connection.usable:
+        pool._available_connections.put_nowait(cast(Any, None))
 
 
 class SlotKeepingClusterPool(coredis.ClusterConnectionPool):

@@ -27,7 +27,7 @@ from server.sessions import SessionRegistry
 from server.tasks.backend import Backend
 from server.tasks.manager import TaskManager
 from server.tasks.memory import MemoryBackend
-from server.tasks.redis import redis_backend
+from server.tasks.redis import RedisTarget, Sentinels, redis_backend
 from server.tracing import Tracing, build_tracing
 
 
@@ -74,12 +74,28 @@ def build_http_client(
     return client_with_backend(TlsSafeBackend(), limits, timeout, traced=traced)
 
 
+def redis_target(settings: Settings) -> RedisTarget:
+    """Where the settings say Redis is: a URL, or the primary that sentinels name."""
+    if settings.redis_sentinels and settings.redis_sentinel_service:
+        addresses = []
+        for address in settings.redis_sentinels:
+            host, _, port = address.rpartition(":")
+            addresses.append((host, int(port)))
+        return Sentinels(
+            tuple(addresses),
+            settings.redis_sentinel_service,
+            password=settings.redis_sentinel_password,
+            db=settings.redis_sentinel_db,
+        )
+    if not settings.redis_url:
+        raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL or TETHER_REDIS_SENTINELS")
+    return settings.redis_url
+
+
 def build_backend(settings: Settings) -> Backend:
     if settings.backend == "redis":
-        if not settings.redis_url:
-            raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL")
         return redis_backend(
-            settings.redis_url,
+            redis_target(settings),
             prefix=settings.redis_prefix,
             mode=settings.redis_mode,
             retention_s=settings.task_retention_s,

@@ -17,6 +17,7 @@ import trio
 from fakes.model import FakeModel
 from fakes.pages import FakePages
 from fakes.redis_cluster import RedisCluster
+from fakes.redis_sentinel import SentinelSet
 from fakes.redis_server import RedisServer
 from fakes.scripted import Script, ScriptedServer
 from fakes.search import FakeSearxng
@@ -28,9 +29,11 @@ from server.tasks.backend import next_events
 from tests.scripted import Serve
 
 WAIT = 10.0  # generous upper bound for anything a test waits on
-BACKENDS = ("memory", "redis", "redis-cluster")
-# Kinds that run the core suites only (modules marked ``core_suite`` too), to keep CI short.
-CORE_ONLY = ("redis-cluster",)
+BACKENDS = ("memory", "redis", "redis-cluster", "redis-sentinel")
+# Kinds that run the core suites only (modules marked ``core_suite`` too), to keep CI short:
+# the other both_backends modules would add their Redis time again for little that a
+# cluster or Sentinel changes.
+CORE_ONLY = ("redis-cluster", "redis-sentinel")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,7 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "core_suite: a both_backends module that also runs on the kinds of CORE_ONLY "
-        "(a Redis Cluster)",
+        "(a Redis Cluster, Redis behind Sentinel)",
     )
 
 
@@ -75,6 +78,16 @@ def redis_cluster() -> Any:
     cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_sentinels() -> Any:
+    """One real Sentinel set-up (a primary, its replica, three sentinels) for the whole test
+    session, never failed over; each server under test gets a key prefix of its own."""
+    sentinels = SentinelSet()
+    sentinels.start(agree=False)
+    yield sentinels
+    sentinels.stop()
+
+
 @pytest.fixture
 def backend_kind(request: pytest.FixtureRequest) -> str:
     """The task backend of the servers a test starts: memory, unless the module is marked
@@ -92,6 +105,9 @@ def backend_settings(request: pytest.FixtureRequest, backend_kind: str) -> dict[
     if backend_kind == "redis-cluster":
         cluster: RedisCluster = request.getfixturevalue("redis_cluster")
         return {"backend": "redis", "redis_url": cluster.url, "redis_prefix": prefix}
+    if backend_kind == "redis-sentinel":
+        sentinels: SentinelSet = request.getfixturevalue("redis_sentinels")
+        return {**sentinels.settings(), "redis_prefix": prefix}
     return {}
 
 

@@ -40,6 +40,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, Mapping):
             value = ",".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, tuple):
+            value = ",".join(str(item) for item in value)
         elif isinstance(value, bool):
             value = "true" if value else "false"
         env["TETHER_" + name.upper()] = str(value)

@@ -23,7 +23,8 @@ workers too); the bench's own memory-backend server is left alone. Three parts:
 3. **Scale, one process against two workers.** The scale scenario's levels (its
    ``run_level``, its client worker processes; N streams at ``scale_rate`` tokens/s of
    ``scale_tokens`` tokens) against a memory-backend process (the reference: what the Redis
-   backend must keep), a Redis-backend process, and ``serve --workers 2`` on Redis, all three
+   backend must keep), a Redis-backend process, ``serve --workers 2`` on Redis, and a
+   process that finds the same Redis through one Sentinel (its cost over the URL), all four
    started fresh (each warmed up by ``WARM_UP``, not reported) and idle while another runs.
    Per level and server: delivered tokens/s
    (over the scale scenario's CPU window, against the offered N x rate), event lag,
@@ -131,6 +132,42 @@ async def start_redis(b: Bench) -> Proc:
             raise ProcessError(f"redis-server did not answer PING:\n{proc.log_tail()}")
         await trio.sleep(0.02)
     return proc
+
+
+SENTINEL_SERVICE = "tether"
+
+
+async def start_sentinel(b: Bench, redis: Proc) -> Proc:
+    """One Redis Sentinel (quorum 1) on a free loopback port, monitoring ``redis``: enough to
+    find the primary through Sentinel, as a Sentinel set-up's clients do (no failover)."""
+    from fakes.redis_server import redis_binary
+
+    directory = b.procs.log_dir / "sentinel"
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "sentinel.conf"
+    config.write_text(f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {redis.port} 1\n")
+    port = free_port()
+    proc = b.procs.spawn(
+        "sentinel",
+        [str(config), "--sentinel", "--port", str(port), "--bind", "127.0.0.1"],
+        program=redis_binary(),
+    )
+    proc.port = port
+    deadline = time.monotonic() + 15
+    while not await _redis_answers(port):
+        if not proc.alive() or time.monotonic() > deadline:
+            raise ProcessError(f"redis-server --sentinel did not answer PING:\n{proc.log_tail()}")
+        await trio.sleep(0.02)
+    return proc
+
+
+def sentinel_env(sentinel: Proc, prefix: str) -> dict[str, str]:
+    return {
+        "TETHER_BACKEND": "redis",
+        "TETHER_REDIS_SENTINELS": f"127.0.0.1:{sentinel.port}",
+        "TETHER_REDIS_SENTINEL_SERVICE": SENTINEL_SERVICE,
+        "TETHER_REDIS_PREFIX": prefix,
+    }
 
 
 def redis_env(redis: Proc, prefix: str) -> dict[str, str]:
@@ -521,6 +558,11 @@ def _compare(rows: dict[str, dict[str, Any]], cores: int) -> dict[str, Any]:
         out["redis_over_memory"] = {
             key: ratio(one[key], mem[key]) for key in ("us_per_token", "lag_p99")
         }
+    sentinel = rows.get("redis_sentinel")
+    if sentinel is not None:
+        out["sentinel_over_url"] = {
+            key: ratio(sentinel[key], one[key]) for key in ("us_per_token", "lag_p99")
+        }
     return out
 
 
@@ -535,9 +577,12 @@ def servers_cpu_text(row: dict[str, Any], name: str) -> str:
     )
 
 
-async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dict[str, Any]:
-    """Part 3: the scale levels on a memory-backend process, a Redis-backend process and
-    ``--workers 2`` on Redis (their exit statuses go to ``exits``)."""
+async def scale_part(
+    b: Bench, redis: Proc, sentinel: Proc, exits: dict[str, int | None]
+) -> dict[str, Any]:
+    """Part 3: the scale levels on a memory-backend process, a Redis-backend process,
+    ``--workers 2`` on Redis, and a process that finds the same Redis through Sentinel
+    (their exit statuses go to ``exits``)."""
     cfg = b.cfg
     cores = b.results.machine.get("cores") or 1
     specs = [
@@ -549,6 +594,13 @@ async def scale_part(b: Bench, redis: Proc, exits: dict[str, int | None]) -> dic
             "tether_redis_w2",
             redis_env(redis, prefix()),
             ["--workers", "2"],
+        ),
+        (
+            "redis_sentinel",
+            "Redis via Sentinel, 1 process",
+            "tether_sentinel",
+            sentinel_env(sentinel, prefix()),
+            [],
         ),
     ]
     configs: dict[str, Config] = {}
@@ -645,7 +697,11 @@ async def run(b: Bench) -> None:
         finally:
             for proc in pair.values():
                 end_tether(b, proc, exits)
-        fig["scale"] = await scale_part(b, redis, exits)
+        sentinel = await start_sentinel(b, redis)
+        try:
+            fig["scale"] = await scale_part(b, redis, sentinel, exits)
+        finally:
+            b.procs.end(sentinel)
     finally:
         fig["exit_codes"] = exits
         res.figures[SCENARIO] = fig

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import coredis
 import trio
 
 from server.exception_groups import first_leaf
 from server.tasks.backend import new_replica_id
 from server.tasks.redis.admission import RedisAdmission
-from server.tasks.redis.connection import RedisConnection
+from server.tasks.redis.connection import RedisConnection, RedisTarget, Sentinels
 from server.tasks.redis.replicas import RedisCluster
 from server.tasks.redis.store import RedisStore
 
@@ -34,7 +33,7 @@ class RedisBackend:
 
 
 def redis_backend(
-    url: str,
+    target: RedisTarget,
     *,
     prefix: str = "tether",
     replica_id: str | None = None,
@@ -45,11 +44,11 @@ def redis_backend(
     max_connections: int = 1000,
     mode: str = "auto",
 ) -> RedisBackend:
-    """A task space in the Redis at ``url``, under ``prefix``; it connects when its
-    cluster serves."""
+    """A task space in the Redis at ``target`` (a URL, or the primary that sentinels
+    name), under ``prefix``; it connects when its cluster serves."""
     replica = replica_id or new_replica_id()
     conn = RedisConnection(
-        url, prefix=prefix, timeout_s=timeout_s, max_connections=max_connections, mode=mode
+        target, prefix=prefix, timeout_s=timeout_s, max_connections=max_connections, mode=mode
     )
     admission = RedisAdmission(conn, replica, retention_s=retention_s, max_retained=max_retained)
     store = RedisStore(conn, admission, replica, retention_s=retention_s)
@@ -59,16 +58,20 @@ def redis_backend(
     return RedisBackend(store=store, admission=admission, cluster=cluster)
 
 
-async def ping(url: str, timeout_s: float = 5.0) -> str | None:
-    """Why Redis at ``url`` cannot be used, or None if it answers a PING."""
+async def ping(target: RedisTarget, timeout_s: float = 5.0) -> str | None:
+    """Why the Redis at ``target`` cannot be used, or None if it answers a PING."""
     try:
-        client = coredis.Redis.from_url(url, decode_responses=True)
         with trio.fail_after(timeout_s):
-            async with client:
-                await client.ping()
+            async with RedisConnection(
+                target, prefix="", timeout_s=timeout_s, max_connections=1
+            ) as conn:
+                await conn.commands.ping()
     except trio.TooSlowError:
         return f"no answer in {timeout_s:.0f} s"
     except Exception as exc:  # noqa: BLE001 - coredis wraps what it raises in groups
         leaf = first_leaf(exc)
         return str(leaf) or type(leaf).__name__
     return None
+
+
+__all__ = ["RedisBackend", "RedisTarget", "Sentinels", "ping", "redis_backend"]

@@ -12,9 +12,10 @@ from server.tasks.errors import BackendUnavailable
 
 RedisError = coredis.exceptions.RedisError
 
-# Failures that a moment's wait may cure: a connection lost, a Redis Cluster moving a slot
-# (MOVED, ASK, TRYAGAIN) or failing over (CLUSTERDOWN, READONLY from a demoted primary),
-# or coredis giving up its own redirections ("Maximum retries exhausted").
+# Failures that a moment's wait may cure, rather than refusals: a connection lost, a Redis
+# Cluster moving a slot (MOVED, ASK, TRYAGAIN) or failing over (CLUSTERDOWN), coredis
+# giving up its own redirections ("Maximum retries exhausted"), and a primary replaced
+# (READONLY from a demoted one, a new connection that reached a replica: Sentinel).
 TRANSIENT: tuple[type[BaseException], ...] = (
     coredis.exceptions.ConnectionError,
     TimeoutError,
@@ -23,6 +24,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     coredis.exceptions.AskError,
     coredis.exceptions.TryAgainError,
     coredis.exceptions.ReadOnlyError,
+    coredis.exceptions.StalePrimaryError,
 )
 
 

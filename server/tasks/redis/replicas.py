@@ -27,6 +27,9 @@ from server.tasks.redis.store import RedisStore
 
 log = logging.getLogger("tether.redis")
 
+# The pause between two tries of the terminal events Redis did not answer.
+SETTLE_PAUSE_S = 0.25
+
 
 class RedisCluster:
     def __init__(
@@ -71,7 +74,7 @@ class RedisCluster:
             await conn.open()
         except (RedisError, trio.TooSlowError) as exc:
             raise BackendUnavailable(f"Redis at {conn.url} cannot be used: {exc}") from exc
-        async with conn.commands, conn.waiting:
+        async with conn:
             try:
                 await self._heartbeat_once()
                 await self._ensure_control_group()
@@ -81,20 +84,29 @@ class RedisCluster:
                 async with trio.open_nursery() as nursery:
                     self._store.tailer.nursery = nursery
                     nursery.start_soon(self._store.writer.run)
+                    nursery.start_soon(conn.follow_primary)
                     nursery.start_soon(self._store.tailer.run)
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._control_loop, control)
                     nursery.start_soon(self._reap_loop)
-                    nursery.start_soon(self._store.settle, self._ttl_s / 5)
+                    nursery.start_soon(self._store.settle, SETTLE_PAUSE_S)
                     task_status.started()
                     await done.wait()
                     self._store.tailer.nursery = None
                     nursery.cancel_scope.cancel()
+                # The ends Redis did not answer are tried once more; if some stay so, the
+                # replica stays listed (its heartbeat gone), so that a survivor reaps those
+                # tasks rather than leave them running with no owner. Readers here are
+                # given the ends as this process knows them.
+                unwritten = 1
+                with trio.move_on_after(conn.timeout_s):
+                    unwritten = await self._store.settle_once()
                 await self._store.close_unsettled()
                 with trio.move_on_after(conn.timeout_s):
                     try:
                         await conn.commands.delete([self._keys.heartbeat(self.replica_id)])
-                        await conn.commands.srem(self._keys.adm("replicas"), [self.replica_id])
+                        if not unwritten:
+                            await conn.commands.srem(self._keys.adm("replicas"), [self.replica_id])
                     except RedisError:
                         log.warning("could not sign replica %s off", self.replica_id)
         if failure is not None:

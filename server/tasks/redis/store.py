@@ -284,18 +284,25 @@ class RedisStore:
     async def settle(self, interval_s: float) -> None:
         """Every ``interval_s``, try again to end the tasks whose end Redis did not
         answer, and bring their local copies to Redis's log (the end may be a reaper's
-        by then). Runs until cancelled."""
+        by then): readers here wait for that end. Runs until cancelled."""
         while True:
             await trio.sleep(interval_s)
-            for task_id, record in list(self._unsettled.items()):
-                with trio.move_on_after(self._conn.timeout_s):
-                    try:
-                        await self._mirror(record, await self.end(record, self._replica_id))
-                    except Exception as exc:  # noqa: BLE001 - tried again until Redis answers
-                        self._conn.noticed(exc)
-                        log.warning("task=%s: its end is still not written: %s", task_id, exc)
-                        continue
-                    del self._unsettled[task_id]
+            await self.settle_once()
+
+    async def settle_once(self) -> int:
+        """Try each end Redis did not answer once (each try bounded); returns how many
+        are still not written."""
+        for task_id, record in list(self._unsettled.items()):
+            with trio.move_on_after(self._conn.timeout_s):
+                try:
+                    await self._mirror(record, await self.end(record, self._replica_id))
+                except Exception as exc:  # noqa: BLE001 - tried again until Redis answers
+                    self._conn.noticed(exc)
+                    log.warning("task=%s: its end is still not written: %s", task_id, exc)
+                    continue
+                del self._unsettled[task_id]
+                log.info("task=%s: its end was written once Redis answered", task_id)
+        return len(self._unsettled)
 
     async def close_unsettled(self) -> None:
         """The process is leaving: end the local copies of tasks whose end Redis never

@@ -1,0 +1,185 @@
+"""A real Redis Sentinel set-up for the tests, on loopback: a primary, one replica of it
+(``--replicaof``) and three sentinels (``redis-server <conf> --sentinel``) that monitor it
+with a quorum of two, and fail it over half a second after it stops answering. Every
+process is a ``RedisServer`` (the same binary), stopped by pid.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+from fakes.redis_server import RedisServer
+
+SERVICE = "tether"
+# How long the sentinels wait for an unanswering primary before they agree it is down,
+# and how long a failover may take before they try again.
+DOWN_AFTER_MS = 500
+FAILOVER_TIMEOUT_MS = 3000
+
+
+def ask(port: int, *words: str, timeout: float = 2.0) -> object:
+    """One command to the Redis (or sentinel) on ``port``, its reply parsed (an error reply
+    is returned as a ``RuntimeError``, not raised)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        command = f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
+        sock.sendall(command.encode())
+        return _Reply(sock).read()
+
+
+class _Reply:
+    """The RESP2 replies a sentinel and INFO give: simple strings, errors, integers, bulk
+    strings and arrays."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            self._more()
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def _more(self) -> None:
+        data = self._sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection mid-reply")
+        self._buffer += data
+
+    def read(self) -> object:
+        line = self._line()
+        kind, rest = line[:1], line[1:].decode()
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return RuntimeError(rest)
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self._buffer) < size + 2:
+                self._more()
+            data, self._buffer = self._buffer[:size], self._buffer[size + 2 :]
+            return data.decode()
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self.read() for _ in range(size)]
+        raise ValueError(f"not a RESP reply: {line!r}")
+
+
+def _sentinel_config(primary_port: int) -> str:
+    return (
+        f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
+        f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+        f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+        f"sentinel parallel-syncs {SERVICE} 1\n"
+    )
+
+
+class SentinelSet:
+    """A primary, its replica and three sentinels: ``start()``, ``kill_primary()`` (SIGKILL,
+    as a crash), ``wait_for_failover()``, ``stop()``."""
+
+    def __init__(self) -> None:
+        self.first_primary = RedisServer()
+        self.first_replica = RedisServer(
+            args=("--replicaof", "127.0.0.1", str(self.first_primary.port))
+        )
+        self.sentinels = [
+            RedisServer(config=_sentinel_config(self.first_primary.port), args=("--sentinel",))
+            for _ in range(3)
+        ]
+
+    @property
+    def addresses(self) -> str:
+        """The sentinels, as ``TETHER_REDIS_SENTINELS`` names them."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def settings(self) -> dict[str, object]:
+        """Tether's settings for this set (without a key prefix)."""
+        return {
+            "backend": "redis",
+            "redis_sentinels": self.addresses,
+            "redis_sentinel_service": SERVICE,
+        }
+
+    def start(self, *, agree: bool = True, timeout: float = 30.0) -> None:
+        """Start every process. With ``agree``, return once the replica copies the
+        primary and every sentinel knows the replica and the two other sentinels (they
+        find each other through the primary, every two seconds: about 5 s), as a failover
+        needs; without, as soon as they answer (enough to find the primary)."""
+        try:
+            self.first_primary.start()
+            self.first_replica.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            if agree:
+                self._wait(self._agreed, timeout, "the sentinels did not agree on the set")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _agreed(self) -> bool:
+        info = ask(self.first_replica.port, "INFO", "replication")
+        if not isinstance(info, str) or "master_link_status:up" not in info:
+            return False
+        for sentinel in self.sentinels:
+            others = ask(sentinel.port, "SENTINEL", "SENTINELS", SERVICE)
+            replicas = ask(sentinel.port, "SENTINEL", "REPLICAS", SERVICE)
+            if not isinstance(others, list) or len(others) != 2:
+                return False
+            if not isinstance(replicas, list) or len(replicas) != 1:
+                return False
+        return True
+
+    def primary_port(self) -> int | None:
+        """The primary's port, as the first sentinel that answers says."""
+        for sentinel in self.sentinels:
+            try:
+                reply = ask(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+            except OSError:
+                continue
+            if isinstance(reply, list) and len(reply) == 2:
+                return int(str(reply[1]))
+        return None
+
+    def kill_primary(self) -> None:
+        """SIGKILL the first primary, as a crash."""
+        self.first_primary.kill()
+
+    def wait_for_failover(self, timeout: float = 30.0) -> int:
+        """Wait until every sentinel names the replica as the primary and it answers as
+        one; returns its port."""
+        new = self.first_replica.port
+
+        def promoted() -> bool:
+            for sentinel in self.sentinels:
+                reply = ask(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+                if not isinstance(reply, list) or int(str(reply[1])) != new:
+                    return False
+            role = ask(new, "ROLE")
+            return isinstance(role, list) and role[0] == "master"
+
+        self._wait(promoted, timeout, "the sentinels did not fail the primary over")
+        return new
+
+    @staticmethod
+    def _wait(condition: Callable[[], bool], timeout: float, failure: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if condition():
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(failure)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.first_replica, self.first_primary):
+            server.stop()
