@@ -204,6 +204,7 @@ class RedisConnection:
             sentinel_manager(target, timeout_s) if isinstance(target, Sentinels) else None
         )
         self._entered: AsyncExitStack | None = None
+        self._opened = False
 
     @property
     def url(self) -> str:
@@ -229,6 +230,7 @@ class RedisConnection:
         self.append = OneSlotScript(self.commands, scripts.APPEND)
         self.finish = OneSlotScript(self.commands, scripts.FINISH)
         self.session = OneSlotScript(self.commands, scripts.SESSION)
+        self._opened = True
 
     def slot_group(self, key: str) -> int | None:
         """Which keys one command may take together: on a cluster, those of one hash
@@ -298,6 +300,8 @@ class RedisConnection:
                     log.warning("asking the sentinels for the primary failed: %s", exc)
 
     async def __aenter__(self) -> RedisConnection:
+        if not self._opened:
+            await self.open()
         async with AsyncExitStack() as stack:
             if self._sentinel is not None:
                 await stack.enter_async_context(self._sentinel)
