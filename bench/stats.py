@@ -49,3 +49,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b <= 0 or math.isnan(a) or math.isnan(b):
         return None
     return round(a / b, 2)
+
+
+class Samples:
+    """Latency samples (seconds) and failures, by key."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+        self.failures: dict[str, list[str]] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.values.setdefault(key, []).append(seconds)
+
+    def fail(self, key: str, detail: str) -> None:
+        self.failures.setdefault(key, []).append(detail)
+
+    def summary(self, key: str) -> dict[str, Any]:
+        """``summarize`` of the key's samples (ms), with its count of failures."""
+        return {**summarize(self.values.get(key, [])), "failures": len(self.failures.get(key, []))}

@@ -18,25 +18,13 @@ import trio
 
 from bench.context import Bench
 from bench.httpclient import HttpConnection
-from bench.stats import ratio
+from bench.stats import Samples, ratio
 from bench.wsclient import ws_client
 
 SCENARIO = "time_to_task_id"
 
 Op = Callable[[], Awaitable[None]]
 SEQUENTIAL_GAP_S = 0.01
-
-
-class Samples:
-    def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
-        self.failures: dict[str, list[str]] = {}
-
-    def add(self, key: str, seconds: float) -> None:
-        self.values.setdefault(key, []).append(seconds)
-
-    def fail(self, key: str, detail: str) -> None:
-        self.failures.setdefault(key, []).append(detail)
 
 
 async def timed_chat_post(
