@@ -28,12 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]
 import trio
 
 from bench.httpclient import HttpConnection, HttpError, sse_events
-from bench.scenarios.time_to_task_id import Op, interleaved_rounds
-from bench.stats import Samples, percentile, ratio, summarize
+from bench.stats import Op, Samples, interleaved_rounds, percentile, ratio, summarize
 
 # The floor candidates, in the order tried: Tether's and vLLM's health routes, LiteLLM's
 # cheap liveness probe (its ``/health`` calls every model), then the model list.
@@ -308,13 +306,17 @@ def first_token_rows(samples: Samples, name: str) -> list[dict[str, Any]]:
 # -- levels ---------------------------------------------------------------------------------
 
 
-def process_tree(pid: int) -> list[psutil.Process]:
+def process_tree(pid: int) -> list[Any]:
+    import psutil  # type: ignore[import-untyped]  # the bench group's; the tests run without
+
     main = psutil.Process(pid)
     return [main, *main.children(recursive=True)]
 
 
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds (user + system) so far of these processes and all their children."""
+    import psutil
+
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
@@ -328,6 +330,8 @@ def cpu_seconds(pids: list[int]) -> float:
 def listener_pid(port: int) -> int | None:
     """The pid of the process listening on 127.0.0.1:``port`` (or any address), if this
     user may see it: a loopback target's server, for its CPU figures."""
+    import psutil
+
     with contextlib.suppress(psutil.Error, OSError):
         for c in psutil.net_connections(kind="tcp"):
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:

@@ -1,10 +1,16 @@
-"""Summaries of latency samples: n, p50, p90, p99, max (milliseconds)."""
+"""Latency samples: taken interleaved with their floor, summarized as n, p50, p90, p99, max
+(milliseconds)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+import trio
+
+Op = Callable[[], Awaitable[None]]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -67,3 +73,16 @@ class Samples:
     def summary(self, key: str) -> dict[str, Any]:
         """``summarize`` of the key's samples (ms), with its count of failures."""
         return {**summarize(self.values.get(key, [])), "failures": len(self.failures.get(key, []))}
+
+
+async def interleaved_rounds(
+    ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0
+) -> None:
+    """Run every op once per round, in a random order each round, ``gap_s`` after each."""
+    for _ in range(rounds):
+        order = list(ops)
+        rng.shuffle(order)
+        for op in order:
+            await op()
+            if gap_s:
+                await trio.sleep(gap_s)

@@ -14,6 +14,7 @@ the scenarios that apply; the report lists the others, each with why it was skip
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -35,8 +36,7 @@ from bench.remote import (
     run_level,
 )
 from bench.results import Results
-from bench.scenarios.time_to_task_id import interleaved_rounds
-from bench.stats import Samples, ratio
+from bench.stats import Samples, interleaved_rounds, ratio
 
 SCENARIO = "target"
 # What is asked: short, so that the first-token samples measure the server, not a long answer.
@@ -163,7 +163,7 @@ async def _time_to_task_id(
         await tasks.stop(side, task_id)  # not timed: keeps the target's load flat
 
     try:
-        await interleaved_rounds([floor_op, post_op], cfg.ttid_rounds, 11)
+        await interleaved_rounds([floor_op, post_op], cfg.ttid_rounds, random.Random(11))
     finally:
         await conn.aclose()
         await side.aclose()
@@ -210,7 +210,7 @@ async def _stop(tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samp
             control.abort()
 
     try:
-        await interleaved_rounds([floor_op, stop_op], cfg.stop_samples, 12)
+        await interleaved_rounds([floor_op, stop_op], cfg.stop_samples, random.Random(12))
     finally:
         await conn.aclose()
         await control.aclose()
@@ -268,7 +268,7 @@ async def _resume(tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Sa
             reader.abort()
 
     try:
-        await interleaved_rounds([floor_op, resume_op], cfg.resume_rounds, 13)
+        await interleaved_rounds([floor_op, resume_op], cfg.resume_rounds, random.Random(13))
     finally:
         await conn.aclose()
         await reader.aclose()
