@@ -312,7 +312,7 @@ async def run_peers(
     await model.configure(
         default_reply={"kind": "text", "tokens": cfg.level_tokens, "rate": cfg.level_rate}
     )
-    fig["levels"] = await _levels(targets, cfg, progress)
+    fig["levels"] = await _levels(targets, cfg, progress, fake_proc.pid)
 
     progress.section("peers: client disconnect")
     await model.configure(default_reply=LONG_REPLY)
@@ -329,7 +329,7 @@ async def run_peers(
 
 
 async def _levels(
-    targets: list[Target], cfg: PeerConfig, progress: Progress
+    targets: list[Target], cfg: PeerConfig, progress: Progress, fake_pid: int
 ) -> dict[str, list[dict[str, Any]]]:
     rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
     profiles: dict[str, list[tuple[float, int]]] = {}
@@ -347,6 +347,7 @@ async def _levels(
                 [t.proc.pid],
                 timeout,
                 lambda content: content.count("tok"),
+                {"fake model": fake_pid},
             )
             profiles.setdefault(t.name, level.profile)
             row = level.row()
@@ -354,7 +355,8 @@ async def _levels(
             progress.step(
                 f"{t.label:<32} {streams:>4} streams: {row['completed']} done, "
                 f"{row['errors']} errors, lag p99 {row['lag_p99']} ms, "
-                f"{row['cpu_us_per_token']} µs CPU/token, {'held' if row['held'] else 'NOT held'}"
+                f"{row['cpu_us_per_token']} µs CPU/token, {'held' if row['held'] else 'NOT held'}; "
+                f"CPU % {row['cpu_pct']}"
             )
     return rows
 
@@ -447,6 +449,11 @@ def summary_rows(fig: dict[str, Any]) -> list[dict[str, Any]]:
                 {n: r["cpu_us_per_token"] for n, r in by.items() if r},
             )
             add(f"{streams} streams: lag p99", "ms", {n: r["lag_p99"] for n, r in by.items() if r})
+            add(
+                f"{streams} streams: time to first token p99",
+                "ms",
+                {n: r["ttft_p99"] for n, r in by.items() if r},
+            )
         add(
             f"most streams held (of {top}; lag p99 ≤ 100 ms, no error)",
             "streams",

@@ -12,9 +12,9 @@ interleaved with the samples: the cheapest route the server has (``/healthz``,
 
 A *level* is N streams sent at once; each streamed piece of content is timed on arrival and
 set against a lone stream of the same answer at the same server (level 1, the floor): a
-piece's *lag* is how much later, after the stream's first token, it arrives than the same
-piece of the lone stream did. A level *holds* when every stream ends without an error and
-the lag p99 is under ``LAG_HELD_MS``.
+piece's *lag* is how much later, counted from sending its request, it arrives than the same
+piece of the lone stream did (a wait for the first token counts). A level *holds* when
+every stream ends without an error and the lag p99 is under ``LAG_HELD_MS``.
 """
 
 from __future__ import annotations
@@ -351,6 +351,10 @@ class LevelResult:
     wall_s: float = 0.0
     tokens: int | None = None  # when the answer's tokens can be counted (the fake's)
     cpu_s: float | None = None
+    # CPU % over the level of the other processes that share the machine (the bench client,
+    # the fake model): one near 100 %, or a sum near cores x 100 %, means the level
+    # measured the machine, not only the server.
+    cpu_pct: dict[str, float] = field(default_factory=dict)
     profile: list[tuple[float, int]] = field(default_factory=list)  # a lone stream's
 
     def row(self) -> dict[str, Any]:
@@ -372,6 +376,7 @@ class LevelResult:
             "wall_s": round(self.wall_s, 2),
             "pieces_per_s": round(self.pieces / self.wall_s, 1) if self.wall_s else None,
             "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 3),
+            "cpu_pct": self.cpu_pct,
             "cpu_us_per_token": (
                 round(self.cpu_s / tokens * 1e6, 1) if self.cpu_s is not None and tokens else None
             ),
@@ -385,20 +390,22 @@ class LevelResult:
         }
 
 
-def piece_lags(pieces: list[tuple[float, int]], profile: list[tuple[float, int]]) -> list[float]:
-    """Each piece's lag (seconds) behind the lone stream's ``profile`` of the same answer:
-    (its arrival - the stream's first arrival) - (when the profile had reached the same
-    content offset - the profile's first arrival). A piece past the profile's end is set
-    against the profile's end."""
+def piece_lags(
+    sent_at: float, pieces: list[tuple[float, int]], profile: list[tuple[float, int]]
+) -> list[float]:
+    """Each piece's lag (seconds) behind the lone stream's ``profile`` of the same answer
+    (``(seconds after its request was sent, content offset)`` per piece): the piece's time
+    after its own request was sent, minus the time after which the lone stream had reached
+    the same content offset. A wait for the first token counts. A piece past the
+    profile's end is set against the profile's end."""
     if not pieces or not profile:
         return []
-    t0, p0 = pieces[0][0], profile[0][0]
     out: list[float] = []
     j = 0
     for at, end in pieces:
         while j < len(profile) - 1 and profile[j][1] < end:
             j += 1
-        out.append(max(0.0, (at - t0) - (profile[j][0] - p0)))
+        out.append(max(0.0, (at - sent_at) - profile[j][0]))
     return out
 
 
@@ -410,6 +417,7 @@ async def run_level(
     cpu_pids: list[int],
     timeout_s: float,
     count_tokens: Callable[[str], int] | None = None,
+    watch: dict[str, int] | None = None,
 ) -> LevelResult:
     """``streams`` streaming chats sent at once, each on its own connection, read to their
     end; with no ``profile`` (level 1) the one stream becomes the profile."""
@@ -429,6 +437,9 @@ async def run_level(
 
     go = trio.Event()
     cpu0 = cpu_seconds(cpu_pids) if cpu_pids else None
+    others = {"server": cpu_pids, **{k: [v] for k, v in (watch or {}).items()}}
+    others0 = {k: cpu_seconds(v) for k, v in others.items() if v}
+    client0 = time.process_time()
     started = time.monotonic()
     with trio.move_on_after(timeout_s) as scope:
         async with trio.open_nursery() as nursery:
@@ -438,11 +449,16 @@ async def run_level(
     result.wall_s = time.monotonic() - started
     if cpu0 is not None:
         result.cpu_s = cpu_seconds(cpu_pids) - cpu0
+    wall = max(result.wall_s, 1e-9)
+    result.cpu_pct = {"bench client": round((time.process_time() - client0) / wall * 100, 1)}
+    for name, before in others0.items():
+        result.cpu_pct[name] = round((cpu_seconds(others[name]) - before) / wall * 100, 1)
     if scope.cancelled_caught:
         result.errors.append(f"{streams - len(timings)} streams not ended after {timeout_s} s")
     result.ok = len(timings)
     if profile is None and timings:
-        profile = timings[0].pieces
+        lone = timings[0]
+        profile = [(at - lone.sent_at, end) for at, end in lone.pieces]
     result.profile = profile or []
     for timing in timings:
         if timing.first_token is not None:
@@ -452,7 +468,7 @@ async def run_level(
         tokens = count_tokens(timing.content) if count_tokens else timing.completion_tokens
         if tokens is not None:
             result.tokens = (result.tokens or 0) + tokens
-        result.lags += piece_lags(timing.pieces, result.profile)
+        result.lags += piece_lags(timing.sent_at, timing.pieces, result.profile)
     return result
 
 

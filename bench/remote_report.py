@@ -43,6 +43,7 @@ def _levels_table(rows: list[dict[str, Any]]) -> list[str]:
             "lag p50 / p99 ms",
             "pieces/s",
             "server CPU µs/token",
+            "CPU %",
             "held",
         ],
         [
@@ -54,6 +55,7 @@ def _levels_table(rows: list[dict[str, Any]]) -> list[str]:
                 f"{_ms(r['lag_p50'])} / {_ms(r['lag_p99'])}",
                 "–" if r["pieces_per_s"] is None else f"{r['pieces_per_s']:.0f}",
                 "–" if r["cpu_us_per_token"] is None else f"{r['cpu_us_per_token']:.0f}",
+                ", ".join(f"{k} {v:.0f}" for k, v in (r.get("cpu_pct") or {}).items()),
                 "yes" if r["held"] else "**no**",
             ]
             for r in rows
@@ -62,10 +64,14 @@ def _levels_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 LEVELS_TEXT = (
-    f"A level is N streaming chats sent at once. A piece's *lag* is how much later, after "
-    f"its stream's first token, it arrives than the same piece of the answer did in the lone "
-    f"stream of level 1 at the same server (so level 1 is the floor, lag 0). A level holds "
-    f"when every stream ends without an error and the lag p99 is at most {LAG_HELD_MS:g} ms."
+    f"A level is N streaming chats sent at once. A piece's *lag* is how much later, counted "
+    f"from sending its request, it arrives than the same piece of the answer did in the lone "
+    f"stream of level 1 at the same server (so level 1 is the floor, lag 0; a wait for the "
+    f"first token counts). A level holds "
+    f"when every stream ends without an error and the lag p99 is at most {LAG_HELD_MS:g} ms. "
+    "CPU %: of each process over the level (where it can be read), the bench client's too; "
+    "on 2 cores a process near 100 %, or a sum near 200 %, means the level measured the "
+    "machine, not only the server."
 )
 
 
