@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,7 @@ async def run_peers(
         marker_body,
         cfg.first_token_rounds,
         seed=20,
+        on_round=partial(progress.bar, "rounds", total=cfg.first_token_rounds),
     )
     fig["first_token"] = {t.name: first_token_rows(samples, t.name) for t in targets}
     for key, values in samples.values.items():
@@ -368,7 +370,8 @@ async def _disconnect(
     rng = random.Random(22)
     values: dict[tuple[str, str], list[float]] = {}
     still_open: dict[tuple[str, str], int] = {}
-    for _ in range(cfg.disconnect_samples):
+    for n in range(1, cfg.disconnect_samples + 1):
+        progress.bar("rounds", n - 1, cfg.disconnect_samples)
         ops = [(t, stream) for t in targets for stream in (True, False)]
         rng.shuffle(ops)
         for t, stream in ops:
@@ -388,6 +391,7 @@ async def _disconnect(
                 values.setdefault(key, []).append(float(record["closed_at"]) - closed_at)
             else:
                 still_open[key] = still_open.get(key, 0) + 1
+    progress.bar("rounds", cfg.disconnect_samples, cfg.disconnect_samples)
     for t in targets:
         for mode in ("stream", "sync"):
             key = (t.name, mode)

@@ -211,6 +211,7 @@ async def first_token_rounds(
     make_body: Callable[[str, bool], dict[str, Any]],
     rounds: int,
     seed: int,
+    on_round: Callable[[int], None] | None = None,
 ) -> Samples:
     """Per target (name -> endpoint, floor route, model): its floor, a streaming chat and a
     sync chat, every op of every target in a random order each round, each target on its own
@@ -229,7 +230,7 @@ async def first_token_rounds(
         await interleaved_rounds(ops, 3, random.Random(seed))  # warm-up: connections, pools, caches
         samples.values.clear()
         samples.failures.clear()
-        await interleaved_rounds(ops, rounds, random.Random(seed + 1))
+        await interleaved_rounds(ops, rounds, random.Random(seed + 1), on_round=on_round)
     finally:
         for conn in conns:
             await conn.aclose()
@@ -425,17 +426,26 @@ async def run_level(
     conns = [ep.conn() for _ in range(streams)]
     timings: list[ChatTiming] = []
 
-    async def one(conn: HttpConnection) -> None:
+    async def connect(conn: HttpConnection) -> None:
         try:
             await conn.connect()
-            await go.wait()
+        except OSError as exc:
+            result.errors.append(f"connect: {exc}")
+
+    async def one(conn: HttpConnection) -> None:
+        try:
             timings.append(await timed_chat(ep, conn, make_body(), keep_pieces=True))
         except (ChatError, OSError, HttpError, trio.BrokenResourceError) as exc:
             result.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             conn.abort()
 
-    go = trio.Event()
+    # Every connection is open before the first request goes: the level times the server's
+    # streams, not its accept queue.
+    with trio.move_on_after(timeout_s):
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(connect, conn)
     cpu0 = cpu_seconds(cpu_pids) if cpu_pids else None
     others = {"server": cpu_pids, **{k: [v] for k, v in (watch or {}).items()}}
     others0 = {k: cpu_seconds(v) for k, v in others.items() if v}
@@ -445,7 +455,6 @@ async def run_level(
         async with trio.open_nursery() as nursery:
             for conn in conns:
                 nursery.start_soon(one, conn)
-            go.set()
     result.wall_s = time.monotonic() - started
     if cpu0 is not None:
         result.cpu_s = cpu_seconds(cpu_pids) - cpu0

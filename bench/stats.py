@@ -76,13 +76,20 @@ class Samples:
 
 
 async def interleaved_rounds(
-    ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0
+    ops: list[Op],
+    rounds: int,
+    rng: random.Random,
+    gap_s: float = 0.0,
+    on_round: Callable[[int], None] | None = None,
 ) -> None:
-    """Run every op once per round, in a random order each round, ``gap_s`` after each."""
-    for _ in range(rounds):
+    """Run every op once per round, in a random order each round, ``gap_s`` after each;
+    ``on_round(n)`` after round n (1-based)."""
+    for n in range(1, rounds + 1):
         order = list(ops)
         rng.shuffle(order)
         for op in order:
             await op()
             if gap_s:
                 await trio.sleep(gap_s)
+        if on_round is not None:
+            on_round(n)

@@ -17,7 +17,9 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -146,8 +148,11 @@ class TetherTasks:
             raise ChatError(f"events of {task_id}: {status}")
 
 
+OnRound = Callable[[int], None]
+
+
 async def _time_to_task_id(
-    tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samples
+    tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samples, on_round: OnRound
 ) -> None:
     conn, side = tasks.ep.conn(), tasks.ep.conn()
 
@@ -163,7 +168,9 @@ async def _time_to_task_id(
         await tasks.stop(side, task_id)  # not timed: keeps the target's load flat
 
     try:
-        await interleaved_rounds([floor_op, post_op], cfg.ttid_rounds, random.Random(11))
+        await interleaved_rounds(
+            [floor_op, post_op], cfg.ttid_rounds, random.Random(11), on_round=on_round
+        )
     finally:
         await conn.aclose()
         await side.aclose()
@@ -196,7 +203,9 @@ async def _stop_one(tasks: TetherTasks, control: HttpConnection, samples: Sample
         await events.aclose()
 
 
-async def _stop(tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samples) -> None:
+async def _stop(
+    tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samples, on_round: OnRound
+) -> None:
     conn, control = tasks.ep.conn(), tasks.ep.conn()
 
     floor_op = floor_sample(tasks.ep, conn, floor, samples, "stop/floor")
@@ -210,7 +219,9 @@ async def _stop(tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samp
             control.abort()
 
     try:
-        await interleaved_rounds([floor_op, stop_op], cfg.stop_samples, random.Random(12))
+        await interleaved_rounds(
+            [floor_op, stop_op], cfg.stop_samples, random.Random(12), on_round=on_round
+        )
     finally:
         await conn.aclose()
         await control.aclose()
@@ -237,7 +248,9 @@ async def _completed_task(tasks: TetherTasks) -> tuple[str, int]:
         await conn.aclose()
 
 
-async def _resume(tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samples) -> None:
+async def _resume(
+    tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Samples, on_round: OnRound
+) -> None:
     """``GET /api/tasks/{id}/events?after=N`` of a completed task, N ten events before its
     end, timed to its first event (and read to its end), against the floor."""
     task_id, last_seq = await _completed_task(tasks)
@@ -268,7 +281,9 @@ async def _resume(tasks: TetherTasks, floor: str, cfg: TargetConfig, samples: Sa
             reader.abort()
 
     try:
-        await interleaved_rounds([floor_op, resume_op], cfg.resume_rounds, random.Random(13))
+        await interleaved_rounds(
+            [floor_op, resume_op], cfg.resume_rounds, random.Random(13), on_round=on_round
+        )
     finally:
         await conn.aclose()
         await reader.aclose()
@@ -325,6 +340,7 @@ async def run_target(
         lambda m, stream: chat_body(m, PROMPT, stream=stream),
         cfg.first_token_rounds,
         seed=10,
+        on_round=partial(progress.bar, "rounds", total=cfg.first_token_rounds),
     )
     fig["first_token"] = first_token_rows(samples, "target")
     _record(results, samples, "first_token")
@@ -342,14 +358,32 @@ async def run_target(
     tasks = TetherTasks(ep, model)
     samples = Samples()
     steps = (
-        ("time_to_task_id", _time_to_task_id, "time to task id (background POST)", "ttid/tether"),
-        ("stop", _stop, "stop -> task:cancelled on the events stream", "stop/cancelled"),
-        ("resume", _resume, "resume (events?after=last-10) -> first event", "resume/first"),
+        (
+            "time_to_task_id",
+            _time_to_task_id,
+            "time to task id (background POST)",
+            "ttid/tether",
+            cfg.ttid_rounds,
+        ),
+        (
+            "stop",
+            _stop,
+            "stop -> task:cancelled on the events stream",
+            "stop/cancelled",
+            cfg.stop_samples,
+        ),
+        (
+            "resume",
+            _resume,
+            "resume (events?after=last-10) -> first event",
+            "resume/first",
+            cfg.resume_rounds,
+        ),
     )
-    for name, step, label, key in steps:
+    for name, step, label, key, rounds in steps:
         progress.section(f"target: {name}")
         try:
-            await step(tasks, floor, cfg, samples)
+            await step(tasks, floor, cfg, samples, partial(progress.bar, "rounds", total=rounds))
         except (ChatError, OSError, HttpError, ValueError, KeyError) as exc:
             results.errors.append(f"target {name}: {type(exc).__name__}: {exc}")
             continue
