@@ -43,6 +43,7 @@ from bench.procs import REPO_ROOT, Proc, ProcessError, ProcessSet, free_port
 from bench.progress import Progress
 from bench.remote import (
     CHAT_PATH,
+    ChatError,
     Endpoint,
     abort_when,
     chat_body,
@@ -62,9 +63,10 @@ VENV = REPO_ROOT / ".tools" / "litellm"
 MASTER_KEY = "sk-bench-peer"  # LiteLLM refuses to start without one
 UPSTREAM_KEY = "bench-key"  # what the gateways send to the fake model
 SHORT_REPLY: dict[str, Any] = {"kind": "text", "chunks": ["Hello", " from", " the", " fake."]}
-# A long slow answer, for the client that walks away: 30 s, so that an upstream call that
-# runs on after its client left ends by itself within the run.
-LONG_REPLY: dict[str, Any] = {"kind": "text", "tokens": 600, "rate": 20}
+# A long slow answer, for the client that walks away: 10 s, twice the wait for the close,
+# so that an upstream call that runs on after its client left ends by itself soon after.
+LONG_REPLY: dict[str, Any] = {"kind": "text", "tokens": 200, "rate": 20}
+LONG_REPLY_S = 10.0
 DISCONNECT_WAIT_S = 5.0
 # LiteLLM's switches for lists it would otherwise fetch from the internet, and its banners.
 LITELLM_ENV = {
@@ -85,7 +87,7 @@ class PeerConfig:
     levels: tuple[int, ...] = (1, 10, 30, 100, 300)
     level_tokens: int = 200
     level_rate: float = 50.0
-    level_timeout_s: float = 120.0
+    level_timeout_s: float = 240.0  # a level not ended by then has not held
     disconnect_samples: int = 20  # per target and client kind
 
 
@@ -310,15 +312,23 @@ async def run_peers(
             f"{t.label}: streaming first token p50 {row['p50']} ms ({row['ratio_p50']}x its floor)"
         )
 
+    # Disconnects before the levels: a level that a server could not hold leaves it busy.
+    progress.section("peers: client disconnect")
+    await model.configure(default_reply=LONG_REPLY)
+    fig["disconnect"] = await _disconnect(targets, model, cfg, progress)
+    for key, d in fig["disconnect"].items():
+        if d["failed"]:
+            results.errors.append(
+                f"peers disconnect {key}: {d['failed']} samples failed, e.g. {d['failure_example']}"
+            )
+    progress.step(f"letting upstream calls left running end ({LONG_REPLY_S:g} s)")
+    await trio.sleep(LONG_REPLY_S)
+
     progress.section("peers: levels")
     await model.configure(
         default_reply={"kind": "text", "tokens": cfg.level_tokens, "rate": cfg.level_rate}
     )
     fig["levels"] = await _levels(targets, cfg, progress, fake_proc.pid)
-
-    progress.section("peers: client disconnect")
-    await model.configure(default_reply=LONG_REPLY)
-    fig["disconnect"] = await _disconnect(targets, model, cfg, progress)
 
     conns = await model.connections()
     slow = [c for c in conns if not c.get("nodelay")]
@@ -370,6 +380,7 @@ async def _disconnect(
     rng = random.Random(22)
     values: dict[tuple[str, str], list[float]] = {}
     still_open: dict[tuple[str, str], int] = {}
+    failed: dict[tuple[str, str], list[str]] = {}
     for n in range(1, cfg.disconnect_samples + 1):
         progress.bar("rounds", n - 1, cfg.disconnect_samples)
         ops = [(t, stream) for t in targets for stream in (True, False)]
@@ -379,12 +390,16 @@ async def _disconnect(
             seen = len(await model.requests(CHAT_PATH))
 
             async def ready(seen: int = seen, stream: bool = stream) -> None:
-                if await model.wait_request(CHAT_PATH, seen + 1, timeout=10) is None:
+                if await model.wait_request(CHAT_PATH, seen + 1, timeout=30) is None:
                     raise ProcessError("the fake model saw no request")
                 if not stream:
                     await trio.sleep(0.2)  # a few tokens into the answer
 
-            closed_at = await abort_when(t.ep, marker_body(t.model, stream), ready)
+            try:
+                closed_at = await abort_when(t.ep, marker_body(t.model, stream), ready)
+            except ChatError as exc:
+                failed.setdefault(key, []).append(str(exc))
+                continue
             mine = (await model.requests(CHAT_PATH))[seen]
             record = await model.wait_closed(int(mine["conn_id"]), timeout=DISCONNECT_WAIT_S)
             if record is not None and record.get("closed_at") is not None:
@@ -400,6 +415,8 @@ async def _disconnect(
                 **s,
                 "samples": cfg.disconnect_samples,
                 "still_open": still_open.get(key, 0),
+                "failed": len(failed.get(key, [])),
+                "failure_example": (failed.get(key) or [None])[0],
             }
             progress.step(
                 f"{t.label:<32} {mode:<6}: upstream closed in {s['n']} of "

@@ -32,7 +32,7 @@ class Progress:
             line = f"[{self.elapsed():6.1f}s]    [{'#' * filled}{'.' * (30 - filled)}]"
             end = "\n" if done >= total else ""
             print(f"\r{line} {done}/{total} {label}", end=end, file=sys.stderr, flush=True)
-        elif done == total or (4 * done // total) != (4 * (done - 1) // total):
+        elif done > 0 and (4 * done // total) != (4 * (done - 1) // total):
             self.step(f"{label}: {done}/{total}")
 
     def warn(self, message: str) -> None:

@@ -491,7 +491,8 @@ async def abort_when(
 ) -> float:
     """Send a chat on a fresh connection, read its answer until ``ready()`` returns (or the
     first content, for a stream, whichever is later), then close the socket: a client
-    walking away. Returns the monotonic time just before the close."""
+    walking away. Returns the monotonic time just before the close; raises ``ChatError``
+    when ``ready()`` failed or no content came within 30 s."""
     conn = ep.conn()
     first = trio.Event()
 
@@ -512,11 +513,17 @@ async def abort_when(
                 async for _ in conn.body_chunks():
                     pass
 
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client)
-        await ready()
-        if body.get("stream"):
-            with trio.fail_after(10):
-                await first.wait()
+        try:
+            await ready()
+            if body.get("stream"):
+                with trio.fail_after(30):
+                    await first.wait()
+        except Exception as exc:  # the sample failed: still close the socket, then say so
+            failure = exc
         closed_at = conn.abort()
+    if failure is not None:
+        raise ChatError(f"{type(failure).__name__}: {failure}") from failure
     return closed_at

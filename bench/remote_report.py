@@ -179,7 +179,7 @@ def peers_section(res: Results) -> list[str]:
             "",
         ]
         out += _table(
-            ["server", "client", "closed", "p50 ms", "p99 ms", "max ms", "still open"],
+            ["server", "client", "closed", "p50 ms", "p99 ms", "max ms", "still open", "failed"],
             [
                 [
                     labels[key.split("/")[0]],
@@ -189,6 +189,7 @@ def peers_section(res: Results) -> list[str]:
                     _ms(d["p99"]),
                     _ms(d["max"]),
                     str(d["still_open"]),
+                    str(d.get("failed", 0)),
                 ]
                 for key, d in disc.items()
             ],
