@@ -330,9 +330,12 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def listener_pid(port: int) -> int | None:
     """The pid of the process listening on 127.0.0.1:``port`` (or any address), if this
-    user may see it: a loopback target's server, for its CPU figures."""
-    import psutil
-
+    user may see it, and psutil (the bench group's) is there: a loopback target's server,
+    for its CPU figures."""
+    try:
+        import psutil
+    except ImportError:
+        return None
     with contextlib.suppress(psutil.Error, OSError):
         for c in psutil.net_connections(kind="tcp"):
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
