@@ -328,6 +328,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has been busy (every core, every process, this run's or
+    not), from ``/proc/stat``: all but idle and iowait (guest time is already inside user
+    time); None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    times = psutil.cpu_times()._asdict()
+    idle = ("idle", "iowait", "guest", "guest_nice")
+    return float(sum(v for k, v in times.items() if k not in idle))
+
+
 def listener_pid(port: int) -> int | None:
     """The pid of the process listening on 127.0.0.1:``port`` (or any address), if this
     user may see it, and psutil (the bench group's) is there: a loopback target's server,
@@ -453,6 +466,7 @@ async def run_level(
     others = {"server": cpu_pids, **{k: [v] for k, v in (watch or {}).items()}}
     others0 = {k: cpu_seconds(v) for k, v in others.items() if v}
     client0 = time.process_time()
+    machine0 = machine_busy_s()
     started = time.monotonic()
     with trio.move_on_after(timeout_s) as scope:
         async with trio.open_nursery() as nursery:
@@ -463,6 +477,10 @@ async def run_level(
         result.cpu_s = cpu_seconds(cpu_pids) - cpu0
     wall = max(result.wall_s, 1e-9)
     result.cpu_pct = {"bench client": round((time.process_time() - client0) / wall * 100, 1)}
+    machine1 = machine_busy_s()
+    if machine0 is not None and machine1 is not None:
+        # Everything the machine ran, this run's processes and any other job's.
+        result.cpu_pct["machine"] = round((machine1 - machine0) / wall * 100, 1)
     for name, before in others0.items():
         result.cpu_pct[name] = round((cpu_seconds(others[name]) - before) / wall * 100, 1)
     if scope.cancelled_caught:

@@ -69,9 +69,10 @@ LEVELS_TEXT = (
     f"stream of level 1 at the same server (so level 1 is the floor, lag 0; a wait for the "
     f"first token counts). A level holds "
     f"when every stream ends without an error and the lag p99 is at most {LAG_HELD_MS:g} ms. "
-    "CPU %: of each process over the level (where it can be read), the bench client's too; "
-    "on 2 cores a process near 100 %, or a sum near 200 %, means the level measured the "
-    "machine, not only the server."
+    "CPU %: of each process over the level (where it can be read), the bench client's too, "
+    "and the whole machine's (every process, this run's or another job's); on 2 cores a "
+    "process near 100 %, or a machine near 200 %, means the level measured the machine, not "
+    "only the server."
 )
 
 

@@ -54,6 +54,7 @@ async def test_target_runs_every_scenario_against_tether(tether: Tether, fakes: 
         (1, 1, 0),
         (3, 3, 0),
     ]
+    assert all(r["tokens"] == r["completed"] * 20 for r in fig["levels"])  # from `usage`
     # The stopped tasks ended cancelled with the part of the answer they had, and their
     # model streams were closed at the fake.
     answer = await tether.client.get("/api/tasks?include_finished=true")
