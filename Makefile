@@ -9,7 +9,8 @@ UV := $(shell command -v uv 2>/dev/null || (python3 -m uv --version >/dev/null 2
 SYNC := $(UV) sync --frozen --inexact
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: run test test-valkey lint contract bench-quick bench-full uv wheel-check guidellm guidellm-check \
+.PHONY: run test test-valkey lint contract bench-quick bench-full bench-peers uv wheel-check guidellm \
+	guidellm-check \
 	other-pythons
 
 uv:
@@ -47,6 +48,12 @@ bench-quick: uv
 bench-full: uv
 	$(SYNC) --group bench
 	$(RUN) python -m bench --full
+
+# LiteLLM's proxy (pinned, in its own environment .tools/litellm/) beside Tether, both in front
+# of the bench's fake model, offline: bench/results/peers.{json,md}. bench/README.md says more.
+bench-peers: uv
+	$(SYNC) --group bench
+	UV="$(UV)" $(RUN) python -m bench --peer litellm --full --name peers
 
 # CI: the built wheel, installed in a fresh environment, serves a web-search answer.
 wheel-check: uv

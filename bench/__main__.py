@@ -1,4 +1,5 @@
-"""``python -m bench --quick | --full [--scenario NAME ...] [--name NAME] [--profile]``.
+"""``python -m bench --quick | --full [--scenario NAME ...] [--name NAME] [--profile]``,
+``python -m bench --target URL [--api-key KEY] [--model NAME]`` or ``--peer litellm``.
 
 Starts the fakes, the Tether server and the payload-first baseline as separate processes on
 127.0.0.1, runs the scenarios, writes ``bench/results/<name>.json``, ``<name>.md`` and one PNG
@@ -16,6 +17,8 @@ import signal
 import sys
 import tempfile
 import traceback
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -24,6 +27,7 @@ from bench.config import FULL, QUICK, RUN_ORDER, SCENARIOS, BenchConfig
 from bench.context import Bench
 from bench.procs import ProcessSet
 from bench.progress import Progress
+from bench.remote_run import PEERS, RemoteRun
 from bench.results import RESULTS_DIR, Results
 
 
@@ -53,43 +57,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    # Measuring another deployment, or a peer gateway beside Tether (bench/remote_run.py).
+    parser.add_argument(
+        "--target",
+        metavar="URL",
+        help="measure this deployment (the scenarios that need no fake upstream) instead",
+    )
+    parser.add_argument("--api-key", help="with --target: sent as Authorization: Bearer")
+    parser.add_argument("--model", help="with --target: the model to ask (default: its first)")
+    parser.add_argument(
+        "--peer",
+        choices=PEERS,
+        help="install this gateway pinned under .tools/ and measure it beside Tether",
+    )
     return parser.parse_args(argv)
 
 
-async def run_all(b: Bench, scenarios: list[str]) -> None:
+async def until_signal(
+    results: Results, progress: Progress, body: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``body``, cancelled by SIGTERM or SIGHUP (recorded as an error)."""
     async with trio.open_nursery() as nursery:
 
         async def on_sigterm() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
                 async for signum in signals:
-                    b.results.errors.append(f"interrupted by signal {signum}")
-                    b.progress.warn("interrupted: stopping")
+                    results.errors.append(f"interrupted by signal {signum}")
+                    progress.warn("interrupted: stopping")
                     nursery.cancel_scope.cancel()
                     return
 
         nursery.start_soon(on_sigterm)
-        b.progress.section("start-up")
-        await b.start()
-        b.results.settings["server_env"] = b.main_server_env()
-        if b.mcp_config is not None:
-            b.results.settings["mcp_config"] = b.mcp_config
-        b.results.settings["model_id"] = b.model_id
-        b.results.settings["websocket"] = b.ws_available
-        b.results.settings["server_rss_at_start_mb"] = round(b.rss_at_start_mb, 1)
-        for name in scenarios:
-            b.progress.section(name)
-            module = importlib.import_module(f"bench.scenarios.{name}")
-            try:
-                await module.run(b)
-            except Exception as exc:
-                b.results.errors.append(f"{name} crashed: {type(exc).__name__}: {exc}")
-                b.progress.warn(f"{name} crashed: {exc!r}")
-                traceback.print_exc()
-            if not b.tether.alive():
-                b.results.errors.append(f"the server exited during {name}:\n{b.tether.log_tail()}")
-                break
-            b.results.write_json()
+        await body()
         nursery.cancel_scope.cancel()
+
+
+async def run_all(b: Bench, scenarios: list[str]) -> None:
+    await until_signal(b.results, b.progress, partial(run_scenarios, b, scenarios))
+
+
+async def run_scenarios(b: Bench, scenarios: list[str]) -> None:
+    b.progress.section("start-up")
+    await b.start()
+    b.results.settings["server_env"] = b.main_server_env()
+    if b.mcp_config is not None:
+        b.results.settings["mcp_config"] = b.mcp_config
+    b.results.settings["model_id"] = b.model_id
+    b.results.settings["websocket"] = b.ws_available
+    b.results.settings["server_rss_at_start_mb"] = round(b.rss_at_start_mb, 1)
+    for name in scenarios:
+        b.progress.section(name)
+        module = importlib.import_module(f"bench.scenarios.{name}")
+        try:
+            await module.run(b)
+        except Exception as exc:
+            b.results.errors.append(f"{name} crashed: {type(exc).__name__}: {exc}")
+            b.progress.warn(f"{name} crashed: {exc!r}")
+            traceback.print_exc()
+        if not b.tether.alive():
+            b.results.errors.append(f"the server exited during {name}:\n{b.tether.log_tail()}")
+            break
+        b.results.write_json()
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -108,6 +136,15 @@ def raise_fd_limit() -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     nofile = raise_fd_limit()
+    if args.target or args.peer:
+        remote = RemoteRun.prepare(args, nofile)
+        return finish(
+            partial(until_signal, remote.results, remote.progress, remote.run),
+            remote.results,
+            remote.progress,
+            remote.procs,
+            charts=not args.no_charts,
+        )
     cfg: BenchConfig = FULL if args.full else QUICK
     if args.max_workers:
         cfg = dataclasses.replace(cfg, workers_max=args.max_workers)
@@ -126,8 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         b.profile_path = str(RESULTS_DIR / f"{name}-profile.txt")
     progress.step(f"{cfg.mode} run {name!r}: {', '.join(scenarios)}; process logs in {log_dir}")
+    return finish(partial(run_all, b, scenarios), results, progress, procs, not args.no_charts)
+
+
+def finish(
+    runner: Callable[[], Awaitable[None]],
+    results: Results,
+    progress: Progress,
+    procs: ProcessSet,
+    charts: bool,
+) -> int:
+    """Run, end every process the run started, write the outputs; the exit status."""
     try:
-        trio.run(run_all, b, scenarios)
+        trio.run(runner)
     except BaseException as exc:  # report whatever broke, then clean up below
         interrupted = isinstance(exc, KeyboardInterrupt) or (
             isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
@@ -143,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.kill_all()
     from bench.report import write_outputs
 
-    paths = write_outputs(results, charts=not args.no_charts)
+    paths = write_outputs(results, charts=charts)
     for path in paths:
         progress.step(f"wrote {path}")
     for check in results.checks:

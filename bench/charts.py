@@ -272,6 +272,81 @@ def _replicas(res: Results) -> Figure | None:
     return fig
 
 
+def _target(res: Results) -> Figure | None:
+    """``--target``: each measure against the target's floor; the levels' lag."""
+    fig_data = res.figures.get("target") or {}
+    rows = [*(fig_data.get("first_token") or []), *(fig_data.get("tether") or [])]
+    if not rows:
+        return None
+    levels = fig_data.get("levels") or []
+    fig, axes = plt.subplots(1, 2 if levels else 1, figsize=(13 if levels else 8, 5))
+    left = axes[0] if levels else axes
+    _bars(
+        left,
+        [str(r["measure"]).replace(" -> ", "\n→ ").replace(": ", ":\n") for r in rows],
+        {
+            "floor": ([_num(r["floor_p50"]) for r in rows], [_num(r["floor_p99"]) for r in rows]),
+            "target": ([_num(r["p50"]) for r in rows], [_num(r["p99"]) for r in rows]),
+        },
+        "ms (log)",
+        log=True,
+    )
+    left.set_title(f"{fig_data.get('url')} against its floor {fig_data.get('floor')}")
+    if levels:
+        right = axes[1]
+        xs = [str(r["streams"]) for r in levels]
+        right.plot(xs, [_num(r["lag_p99"]) for r in levels], marker="o", label="lag p99")
+        right.plot(xs, [_num(r["ttft_p99"]) for r in levels], marker="s", label="first token p99")
+        right.set_xlabel("streams at once")
+        right.set_ylabel("ms")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=7)
+        right.set_title("load levels")
+    fig.tight_layout()
+    return fig
+
+
+def _peers(res: Results) -> Figure | None:
+    """``--peer``: first token, CPU per token and lag by level, one series per server."""
+    data = res.figures.get("peers") or {}
+    targets = data.get("targets") or []
+    first = data.get("first_token") or {}
+    if not targets or not first:
+        return None
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 5))
+    labels = [str(r["measure"]).replace(": ", ":\n") for r in first[targets[0]["name"]]]
+    _bars(
+        left,
+        labels,
+        {
+            t["label"]: (
+                [_num(r["p50"]) for r in first[t["name"]]],
+                [_num(r["p99"]) for r in first[t["name"]]],
+            )
+            for t in targets
+        },
+        "ms",
+    )
+    left.set_title("first byte and first token")
+    levels = data.get("levels") or {}
+    for t in targets:
+        rows = [r for r in levels.get(t["name"], []) if r["streams"] > 1]
+        xs = [str(r["streams"]) for r in rows]
+        mid.plot(xs, [_num(r["cpu_us_per_token"]) for r in rows], marker="o", label=t["label"])
+        right.plot(xs, [_num(r["lag_p99"]) for r in rows], marker="o", label=t["label"])
+    mid.set_title("server CPU per streamed token")
+    mid.set_ylabel("µs")
+    right.set_title("lag p99 behind a lone stream")
+    right.set_ylabel("ms (symlog)")
+    right.set_yscale("symlog", linthresh=1.0)
+    for ax in (mid, right):
+        ax.set_xlabel("streams at once")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 DRAWERS: dict[str, Drawer] = {
     "time_to_task_id": _time_to_task_id,
     "stop_latency": _stop_latency,
@@ -279,6 +354,8 @@ DRAWERS: dict[str, Drawer] = {
     "scale": _scale,
     "cancel_storm": _cancel_storm,
     "replicas": _replicas,
+    "target": _target,
+    "peers": _peers,
 }
 
 

@@ -20,6 +20,7 @@ from bench.httpclient import HttpConnection, HttpError, get_json
 from bench.mcp_fake import McpFakeControl, start_mcp_fake
 from bench.procs import REPO_ROOT, Proc, ProcessError, ProcessSet, free_port
 from bench.progress import Progress
+from bench.remote import machine_busy_s
 from bench.results import Results
 from bench.wsclient import ws_client
 
@@ -442,12 +443,10 @@ class Bench:
 
     @staticmethod
     def machine_busy_s() -> float:
-        """CPU seconds the whole machine has been busy (every core, every process, this
-        run's or not), from ``/proc/stat``: all but idle and iowait (guest time is already
-        inside user time)."""
-        times = psutil.cpu_times()._asdict()
-        idle = ("idle", "iowait", "guest", "guest_nice")
-        return float(sum(v for k, v in times.items() if k not in idle))
+        """CPU seconds the whole machine has been busy (``bench.remote.machine_busy_s``)."""
+        busy = machine_busy_s()
+        assert busy is not None  # psutil is imported above
+        return busy
 
     def cpu_by_process(self) -> dict[str, float]:
         """CPU seconds (user + system) so far of every process of the run, the bench too.

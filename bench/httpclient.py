@@ -9,6 +9,7 @@ socket at a chosen moment (disconnect scenarios). Every request is timed on
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,12 +42,14 @@ class Response:
 
 
 class HttpConnection:
-    """One keep-alive connection to ``host:port``, reconnecting when the server closes it."""
+    """One keep-alive connection to ``host:port``, reconnecting when the server closes it;
+    over TLS with ``tls`` (a deployment measured with ``--target https://...``)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, tls: bool = False) -> None:
         self.host = host
         self.port = port
-        self._stream: trio.SocketStream | None = None
+        self.tls = tls
+        self._stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
         self._h11 = h11.Connection(h11.CLIENT)
         # When the last request's bytes went out (monotonic): a stream's start, for
         # ``open_stream``, whose answer is read later.
@@ -54,7 +57,13 @@ class HttpConnection:
 
     async def connect(self) -> None:
         if self._stream is None:
-            self._stream = await trio.open_tcp_stream(self.host, self.port)
+            if self.tls:
+                context = ssl.create_default_context()
+                self._stream = await trio.open_ssl_over_tcp_stream(
+                    self.host, self.port, ssl_context=context, https_compatible=True
+                )
+            else:
+                self._stream = await trio.open_tcp_stream(self.host, self.port)
             self._h11 = h11.Connection(h11.CLIENT)
 
     async def aclose(self) -> None:
@@ -67,6 +76,8 @@ class HttpConnection:
         just before the close."""
         stream, self._stream = self._stream, None
         closed_at = time.monotonic()
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
         if stream is not None:
             stream.socket.close()
         return closed_at

@@ -1076,6 +1076,9 @@ def markdown(res: Results) -> str:
         _workers,
     ):
         out += section(res)
+    from bench.remote_report import sections as remote_sections  # imports this module
+
+    out += remote_sections(res)
     if res.checks:
         out += ["## Checks", ""]
         out += [f"- {'✅' if c.ok else '❌'} {c.name}: {c.detail}" for c in res.checks]

@@ -1,10 +1,16 @@
-"""Summaries of latency samples: n, p50, p90, p99, max (milliseconds)."""
+"""Latency samples: taken interleaved with their floor, summarized as n, p50, p90, p99, max
+(milliseconds)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+import trio
+
+Op = Callable[[], Awaitable[None]]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -49,3 +55,41 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b <= 0 or math.isnan(a) or math.isnan(b):
         return None
     return round(a / b, 2)
+
+
+class Samples:
+    """Latency samples (seconds) and failures, by key."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+        self.failures: dict[str, list[str]] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.values.setdefault(key, []).append(seconds)
+
+    def fail(self, key: str, detail: str) -> None:
+        self.failures.setdefault(key, []).append(detail)
+
+    def summary(self, key: str) -> dict[str, Any]:
+        """``summarize`` of the key's samples (ms), with its count of failures."""
+        return {**summarize(self.values.get(key, [])), "failures": len(self.failures.get(key, []))}
+
+
+async def interleaved_rounds(
+    ops: list[Op],
+    rounds: int,
+    rng: random.Random,
+    gap_s: float = 0.0,
+    on_round: Callable[[int], None] | None = None,
+) -> None:
+    """Run every op once per round, in a random order each round, ``gap_s`` after each;
+    ``on_round(n)`` after round n (1-based)."""
+    for n in range(1, rounds + 1):
+        order = list(ops)
+        rng.shuffle(order)
+        for op in order:
+            await op()
+            if gap_s:
+                await trio.sleep(gap_s)
+        if on_round is not None:
+            on_round(n)

@@ -66,6 +66,10 @@ class ConnRecord:
     control: bool = False
     peer: str = ""
     control_requests: int = 0
+    # TCP_NODELAY on the fake's end: without it a peer that writes its request in two
+    # packets (head, then body) waits about 40 ms on Nagle's algorithm and delayed ACKs,
+    # and the bench would measure the fake, not the peer.
+    nodelay: bool = False
 
     @property
     def is_open(self) -> bool:
@@ -494,9 +498,15 @@ class FakeServer:
         try:
             host, port = stream.socket.getpeername()[:2]
             peer = f"{host}:{port}"
+            # trio's SocketStream sets it already; set here so that no change there or
+            # here can lose it, and recorded so that the bench can check it.
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            nodelay = bool(stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         except OSError:
-            peer = ""
-        record = ConnRecord(id=self._next_conn_id, opened_at=time.monotonic(), peer=peer)
+            peer, nodelay = "", False
+        record = ConnRecord(
+            id=self._next_conn_id, opened_at=time.monotonic(), peer=peer, nodelay=nodelay
+        )
         self._next_conn_id += 1
         self._all_connections.append(record)
         self._notify()

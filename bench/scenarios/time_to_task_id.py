@@ -12,31 +12,17 @@ samples are sent concurrently while Tether is measured. The WebSocket path (``ch
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
 
 import trio
 
 from bench.context import Bench
 from bench.httpclient import HttpConnection
-from bench.stats import ratio
+from bench.stats import Op, Samples, interleaved_rounds, ratio
 from bench.wsclient import ws_client
 
 SCENARIO = "time_to_task_id"
 
-Op = Callable[[], Awaitable[None]]
 SEQUENTIAL_GAP_S = 0.01
-
-
-class Samples:
-    def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
-        self.failures: dict[str, list[str]] = {}
-
-    def add(self, key: str, seconds: float) -> None:
-        self.values.setdefault(key, []).append(seconds)
-
-    def fail(self, key: str, detail: str) -> None:
-        self.failures.setdefault(key, []).append(detail)
 
 
 async def timed_chat_post(
@@ -79,19 +65,6 @@ def _client_ops(
     if with_pf_post:
         ops.append(lambda: timed_chat_post(pf, body(), samples, f"payload_first/{mode}"))
     return ops
-
-
-async def interleaved_rounds(
-    ops: list[Op], rounds: int, rng: random.Random, gap_s: float = 0.0
-) -> None:
-    """Run every op once per round, in a random order each round, ``gap_s`` after each."""
-    for _ in range(rounds):
-        order = list(ops)
-        rng.shuffle(order)
-        for op in order:
-            await op()
-            if gap_s:
-                await trio.sleep(gap_s)
 
 
 async def _sequential(b: Bench, samples: Samples, chat_id: str, delay: float) -> None:
