@@ -264,6 +264,10 @@ class Settings(BaseSettings):
     # What TETHER_REDIS_URL names: "single" (one redis-server), "cluster" (any node of a
     # Redis Cluster) or "auto" (asked of the server at start: INFO cluster).
     redis_mode: str = "auto"
+    # On a Redis Cluster, the blocking reads that follow tasks run elsewhere (one per hash
+    # slot of the followed tasks) held at once by a process: past it, the slots take turns
+    # with short reads, so that Redis connections stay bounded however many are followed.
+    redis_follow_reads: Int = 32
     # Instead of TETHER_REDIS_URL: the primary that these Redis Sentinels (host:port,...)
     # name for the service, followed through a failover; the sentinels' own password, and
     # the database on the primary.

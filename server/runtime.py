@@ -98,6 +98,7 @@ def build_backend(settings: Settings) -> Backend:
             redis_target(settings),
             prefix=settings.redis_prefix,
             mode=settings.redis_mode,
+            follow_reads=settings.redis_follow_reads,
             retention_s=settings.task_retention_s,
             max_retained=settings.max_retained_tasks,
             replica_ttl_s=settings.replica_ttl_s,

@@ -97,11 +97,17 @@ async def logs_of(tethers: list[Tether], task_ids: list[str]) -> dict[tuple[int,
 
 
 async def streaming_pair(
-    cluster: RedisCluster, start_tether: StartTether, fakes: Fakes, tokens: list[str], count: int
+    cluster: RedisCluster,
+    start_tether: StartTether,
+    fakes: Fakes,
+    tokens: list[str],
+    count: int,
+    **overrides: Any,
 ) -> tuple[Tether, Tether, list[str]]:
-    """Two servers on ``cluster`` sharing a task space, and ``count`` tasks started on the
-    first, each streaming ``tokens`` 10 ms apart."""
-    settings = on(cluster)
+    """Two servers on ``cluster`` sharing a task space (with ``overrides`` of their
+    settings), and ``count`` tasks started on the first, each streaming ``tokens`` 10 ms
+    apart."""
+    settings = {**on(cluster), **overrides}
     a: Tether = await start_tether(**settings)
     b: Tether = await start_tether(**settings)
     for _ in range(count):
@@ -168,14 +174,20 @@ async def test_every_script_runs_on_the_cluster_through_the_one_slot_check(
     assert_log_well_formed(await b.events(task_id))
 
 
+@pytest.mark.parametrize("follow_reads", [32, 2])
 async def test_followers_on_b_of_tasks_in_many_slots_share_one_read_per_slot(
-    redis_cluster: RedisCluster, start_tether: StartTether, fakes: Fakes
+    redis_cluster: RedisCluster, start_tether: StartTether, fakes: Fakes, follow_reads: int
 ) -> None:
+    """One blocking read per hash slot of the followed tasks; with more slots than
+    ``TETHER_REDIS_FOLLOW_READS``, the slots take turns and no more reads than that are
+    ever held at once, and every follower still gets every event."""
     tokens = [f"w{i} " for i in range(100)]
     count = 8
-    a, b, task_ids = await streaming_pair(redis_cluster, start_tether, fakes, tokens, count)
+    a, b, task_ids = await streaming_pair(
+        redis_cluster, start_tether, fakes, tokens, count, redis_follow_reads=follow_reads
+    )
     slots = {slot_of(t) for t in task_ids}
-    assert len(slots) > 1
+    assert len(slots) > 2
     watched: dict[str, list[Event]] = {t: [] for t in task_ids}
     ended = {t: trio.Event() for t in task_ids}
 
@@ -199,6 +211,7 @@ async def test_followers_on_b_of_tasks_in_many_slots_share_one_read_per_slot(
         assert terminal["type"] == "task:completed"
         assert terminal["data"]["content"] == "".join(tokens)
     assert (tailer.followed, tailer.reads) == (0, 0)
+    assert 1 <= tailer.peak_blocking <= min(follow_reads, len(slots))
 
 
 async def test_a_slot_moved_while_its_task_streams_loses_and_doubles_no_event(

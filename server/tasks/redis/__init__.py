@@ -43,12 +43,18 @@ def redis_backend(
     timeout_s: float = 5.0,
     max_connections: int = 1000,
     mode: str = "auto",
+    follow_reads: int = 32,
 ) -> RedisBackend:
     """A task space in the Redis at ``target`` (a URL, or the primary that sentinels
     name), under ``prefix``; it connects when its cluster serves."""
     replica = replica_id or new_replica_id()
     conn = RedisConnection(
-        target, prefix=prefix, timeout_s=timeout_s, max_connections=max_connections, mode=mode
+        target,
+        prefix=prefix,
+        timeout_s=timeout_s,
+        max_connections=max_connections,
+        mode=mode,
+        follow_reads=follow_reads,
     )
     admission = RedisAdmission(conn, replica, retention_s=retention_s, max_retained=max_retained)
     store = RedisStore(conn, admission, replica, retention_s=retention_s)

@@ -193,8 +193,11 @@ class RedisConnection:
         timeout_s: float,
         max_connections: int,
         mode: str = "auto",
+        follow_reads: int = 32,
     ) -> None:
         self.target = target
+        # On a cluster: the blocking reads of followed tasks held at once (``Tailer``).
+        self.follow_reads = max(1, follow_reads)
         self.keys = Keys(prefix)
         self.timeout_s = timeout_s
         # Behind sentinels, one server (the primary): never a cluster.

@@ -50,6 +50,8 @@ _RECENT_EVENTS = 128
 # Entries taken per stream in one read, and how long one blocking read waits for any.
 _READ_COUNT = 256
 _BLOCK_MS = 5000
+# How long a group's read waits while more groups than ``follow_reads`` take turns.
+_TURN_BLOCK_MS = 50
 
 
 @dataclass(eq=False)
@@ -100,6 +102,8 @@ class _ReadGroup:
     # The read in flight, cancelled by a wake.
     reading: trio.CancelScope | None = None
     running: bool = False
+    # When its followed logs were last checked for an end that no read showed.
+    checked: float = float("-inf")
 
 
 class Tailer:
@@ -113,6 +117,11 @@ class Tailer:
         self._recent: OrderedDict[str, deque[Event]] = OrderedDict()
         # Where the groups' reads run, while the multiplexer runs.
         self._readers: trio.Nursery | None = None
+        # The blocking reads held at once (on a cluster, more groups than this take turns),
+        # those in flight now, and the most there ever were (for the tests and the bench).
+        self._read_places = trio.CapacityLimiter(conn.follow_reads)
+        self.blocking = 0
+        self.peak_blocking = 0
         # Whether the cluster serves (watches are refused before and after).
         self.nursery: trio.Nursery | None = None
 
@@ -225,12 +234,25 @@ class Tailer:
         if followed is None:
             group = self._conn.slot_group(self._conn.keys.task(task_id).log)
             followed = self._followed[task_id] = _Followed(cursor, group)
+            new_group = group not in self._groups
             self._group(group).tasks.add(task_id)
             self._restart(group)
+            if new_group and self._taking_turns:
+                # Past the places: every long read in flight gives way, to read again
+                # with short waits and let the other groups have their turns.
+                for key, other in self._groups.items():
+                    if key != group and other.reading is not None:
+                        other.wake.set()
+                        other.reading.cancel()
         elif cursor < followed.cursor:
             followed.cursor = cursor
             self._restart(followed.group)
         return followed
+
+    @property
+    def _taking_turns(self) -> bool:
+        """Whether there are more groups than blocking reads may be held at once."""
+        return len(self._groups) > self._conn.follow_reads
 
     def _group(self, key: int | None) -> _ReadGroup:
         group = self._groups.get(key)
@@ -341,15 +363,29 @@ class Tailer:
         for task_id in list(group.tasks):
             await self._identity(task_id)
         found = None
-        with trio.CancelScope() as reading:
-            group.reading = reading
-            if not group.wake.is_set():
-                found = await self._conn.waiting.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
-        group.reading = None
+        async with self._read_places:
+            with trio.CancelScope() as reading:
+                group.reading = reading
+                if not group.wake.is_set():
+                    block = _TURN_BLOCK_MS if self._taking_turns else _BLOCK_MS
+                    self.blocking += 1
+                    self.peak_blocking = max(self.peak_blocking, self.blocking)
+                    try:
+                        found = await self._conn.waiting.xread(
+                            streams, count=_READ_COUNT, block=block
+                        )
+                    finally:
+                        self.blocking -= 1
+            group.reading = None
         if reading.cancelled_caught or group.wake.is_set():
             return  # a new task to follow: read again with it
         if not found:
-            await self._drop_ended(list(group.tasks))
+            # Nothing came for a whole long wait: see whether a log ended or expired
+            # meanwhile (taking turns, a wait is short: so at most once a long wait).
+            now = trio.current_time()
+            if now - group.checked >= _BLOCK_MS / 1000:
+                group.checked = now
+                await self._drop_ended(list(group.tasks))
             return
         by_key = {keys.task(t).log: t for t in group.tasks}
         for key, entries in found.items():
