@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fakes.redis_server import RedisServer, free_port
+from fakes.redis_server import RedisServer
 
 SLOTS = 16384
 NODE_TIMEOUT_MS = 1000
@@ -86,11 +86,10 @@ class RedisCluster:
         for _ in range(2 * primaries):
             self.nodes.append(
                 RedisServer(
+                    cluster=True,
                     args=[
                         "--cluster-enabled",
                         "yes",
-                        "--cluster-port",
-                        str(free_port()),
                         "--cluster-config-file",
                         "nodes.conf",
                         "--cluster-node-timeout",
@@ -98,7 +97,7 @@ class RedisCluster:
                         # A replica syncs at once (the default waits 5 s for others).
                         "--repl-diskless-sync-delay",
                         "0",
-                    ]
+                    ],
                 )
             )
         self.primaries = primaries
@@ -197,7 +196,8 @@ class RedisCluster:
 
 
 def node_cluster_port(node: RedisServer) -> int:
-    return int(node.args[node.args.index("--cluster-port") + 1])
+    assert node.cluster_port is not None, "not a cluster node"
+    return node.cluster_port
 
 
 def cluster_info(port: int) -> dict[str, str]:

@@ -86,11 +86,13 @@ class SentinelSet:
 
     def __init__(self) -> None:
         self.first_primary = RedisServer()
+        # Their options name the primary's port when they start: it is sure only then.
+        primary = self.first_primary
         self.first_replica = RedisServer(
-            args=("--replicaof", "127.0.0.1", str(self.first_primary.port))
+            args=lambda: ("--replicaof", "127.0.0.1", str(primary.port))
         )
         self.sentinels = [
-            RedisServer(config=_sentinel_config(self.first_primary.port), args=("--sentinel",))
+            RedisServer(config=lambda: _sentinel_config(primary.port), args=("--sentinel",))
             for _ in range(3)
         ]
 

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -53,30 +53,71 @@ class RedisServer:
     """One redis-server process: ``start()``, ``kill()`` (SIGKILL, as a crash),
     ``restart()`` on the same port, ``stop()``. ``config``: the text of a configuration
     file it is started with (written in its own directory, where a sentinel rewrites it);
-    ``args``: more command-line options (``--sentinel``, ``--replicaof host port``)."""
+    ``args``: more command-line options (``--sentinel``, ``--replicaof host port``), or a
+    function giving them when the server starts (a replica names its primary's port, which
+    is only sure once the primary runs). ``cluster``: a cluster node, with a bus port of its
+    own (``cluster_port``).
 
-    def __init__(self, *, config: str | None = None, args: Sequence[str] = ()) -> None:
+    A port is chosen free, but another process may take it before the server binds it: a
+    first start that fails on a port in use is tried again on fresh ports, a few times.
+    The server logs to a file in its directory, and a failed start says what it logged."""
+
+    def __init__(
+        self,
+        *,
+        config: str | Callable[[], str] | None = None,
+        args: Sequence[str] | Callable[[], Sequence[str]] = (),
+        cluster: bool = False,
+    ) -> None:
         self.port = free_port()
+        self.cluster_port = free_port() if cluster else None
         self._dir = tempfile.mkdtemp(prefix="tether-redis-")
         self._config = config
-        self.args = tuple(args)
+        self._args = args
+        self._started_once = False
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The command-line options it was given (besides port, directory and logging)."""
+        return tuple(self._args() if callable(self._args) else self._args)
+
+    @property
+    def _log(self) -> Path:
+        return Path(self._dir) / "redis.log"
+
     def start(self, timeout: float = 10.0) -> None:
+        attempts = 1 if self._started_once else 5
+        for attempt in range(attempts):
+            failure = self._start_once(timeout)
+            if failure is None:
+                self._started_once = True
+                return
+            if "already in use" not in failure or attempt == attempts - 1:
+                raise RuntimeError(f"redis-server exited: {failure}")
+            self.port = free_port()
+            if self.cluster_port is not None:
+                self.cluster_port = free_port()
+
+    def _start_once(self, timeout: float) -> str | None:
+        """Start the process and wait for PING; what it logged if it exited first."""
         config: list[str] = []
         if self._config is not None:
             path = Path(self._dir) / "redis.conf"
-            path.write_text(self._config)
+            path.write_text(self._config() if callable(self._config) else self._config)
             config.append(str(path))
+        cluster = [] if self.cluster_port is None else ["--cluster-port", str(self.cluster_port)]
+        self._log.unlink(missing_ok=True)
         self.process = subprocess.Popen(
             [
                 redis_binary(),
                 *config,
                 *self.args,
+                *cluster,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -91,6 +132,8 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                "--logfile",
+                str(self._log),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -98,12 +141,17 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while not _answers_ping(self.port):
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"redis-server exited: {err}")
+                err = ""
+                if self.process.stderr is not None:
+                    err = self.process.stderr.read().decode()
+                    self.process.stderr.close()
+                logged = self._log.read_text(errors="replace") if self._log.exists() else ""
+                return (err + logged).strip() or f"exit status {self.process.returncode}"
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("redis-server did not answer PING")
             time.sleep(0.02)
+        return None
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
