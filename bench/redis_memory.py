@@ -22,7 +22,7 @@ import trio
 
 from fakes.redis_server import RedisServer
 from server.record import TaskRecord
-from server.tasks.backend import Control
+from server.tasks.backend import Control, NoControl
 from server.tasks.redis import RedisBackend, redis_backend
 
 RESULTS = Path(__file__).resolve().parent / "results" / "redis-memory.md"
@@ -30,17 +30,6 @@ TOKENS = 500
 SOURCES = 5
 # Tokens as a model streams them: a word or a piece of one, with its space.
 WORDS = ("The", " server", " runs", " every", " request", " as", " a", " task", ",", " and")
-
-
-class _NoControl:
-    def cancel(self, task_id: str, reason: str) -> None:
-        return None
-
-    def follow(self, session_id: str, task_id: str) -> None:
-        return None
-
-    def skip(self, task_id: str, step: str, by: str) -> None:
-        return None
 
 
 async def write_task(backend: RedisBackend, user: str) -> TaskRecord:
@@ -100,7 +89,7 @@ async def measure(tasks: int) -> str:
         backend = redis_backend(server.url, prefix=prefix)
         raw = coredis.Redis.from_url(server.url, decode_responses=True)
         done = trio.Event()
-        control: Control = _NoControl()
+        control: Control = NoControl()
         per_key: dict[str, list[int]] = {}
         async with raw, trio.open_nursery() as nursery:
             await nursery.start(backend.cluster.serve, control, done)

@@ -18,6 +18,7 @@ import trio.testing
 from fakes.redis_cluster import RedisCluster
 from fakes.redis_server import RedisServer
 from server.record import TaskRecord
+from server.tasks.backend import NoControl
 from server.tasks.log import LogClosed
 from server.tasks.redis import RedisBackend, redis_backend
 from tests.conftest import WAIT
@@ -32,19 +33,11 @@ async def serving(*backends: RedisBackend) -> AsyncIterator[None]:
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         for backend in backends:
-            await nursery.start(backend.cluster.serve, _NoControl(), done)
+            await nursery.start(backend.cluster.serve, NoControl(), done)
         try:
             yield
         finally:
             done.set()
-
-
-class _NoControl:
-    def cancel(self, task_id: str, reason: str) -> None:
-        return None
-
-    def follow(self, session_id: str, task_id: str) -> None:
-        return None
 
 
 def _backends(
@@ -249,11 +242,16 @@ async def test_followers_checking_a_remote_task_read_no_records(
     raw = coredis.Redis.from_url(redis_server.url, decode_responses=True)
     async with raw, serving(owner, reader):
         assert await _admit(owner, record) and await _admit(owner, mine)
-        watch = reader.store.watch(record.id, lambda event: None)
+        queued = trio.Event()
+        watch = reader.store.watch(record.id, lambda event: queued.set())
         assert watch is not None
         records_read, small_reads = await _calls(raw, "hgetall"), await _calls(raw, "hmget")
         for _ in range(20):
             assert await reader.store.user_of(record.id) == "u"
+        # A followed task's position is where the multiplexer has read to: its first
+        # read, of task:queued, is waited for.
+        with trio.fail_after(WAIT):
+            await queued.wait()
         position = await reader.store.position(record.id)
         assert position is not None and (position.active, position.last_seq) == (True, 1)
         assert await reader.store.user_of("task_unknown") is None

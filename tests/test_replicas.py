@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from fakes.model import HangReply, TextReply
+from fakes.model import HangReply, TextReply, ToolCallReply
 from fakes.redis_server import RedisServer
 from server.config import Settings
 from tests.conftest import WAIT, Fakes, base_settings
@@ -231,6 +231,57 @@ async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_reade
             streamed = "".join(e["data"]["content"] for e in on_a if e["type"] == "delta")
             assert streamed.startswith("w0 w1 w2 ") and terminal["data"]["content"] == streamed
             assert await _events(a, task_id) == on_a == await _events(b, task_id)
+        finally:
+            await a.close()
+            await b.close()
+            nursery.cancel_scope.cancel()
+
+
+async def _readiness_becomes(replica: Replica, status: int) -> dict[str, Any]:
+    """Ask ``replica``'s ``/readyz`` until it answers ``status``; its body."""
+    while True:
+        answer = await replica.client.get("/readyz")
+        if answer.status_code == status:
+            return cast(dict[str, Any], answer.json())
+        await trio.sleep(0.05)  # readiness changes with time: asked again
+
+
+async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_heard_again(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    """A partition while A's task waits on a page read (nothing to append, and no
+    timeout of its own for minutes): A says it is not ready once its heartbeat may have
+    lapsed, and B reaps the task. When the link comes back, A's heartbeat finds that it
+    had lapsed and A stops the task at once: the page read's connection is closed,
+    though the task never appended again; A is ready again, and both agree on the log."""
+    settings = replica_settings(fakes, redis_server.url, page_timeout_s=600, tool_timeout_s=600)
+    proxy = PausingProxy(redis_server.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        a = Replica(settings.with_overrides(redis_url=proxy.url), name="A")
+        b = Replica(settings, name="B")
+        try:
+            await a.start()
+            await b.start()
+            hang = fakes.pages.base_url + "/hang"
+            fakes.model.push(ToolCallReply([("fetch_url", {"url": hang})]))
+            task_id = await a.background(chat_body("read it", tool_ids=["fetch_url"]))
+            with trio.fail_after(2 * WAIT):
+                page = await fakes.pages.wait_for_request("/hang")
+                assert (await a.client.get("/readyz")).status_code == 200
+                proxy.pause()
+                refused = await _readiness_becomes(a, 503)
+                assert refused["error"]["code"] == "backend_unavailable"
+                on_b = await _events(b, task_id)  # ends when B has reaped A's task
+                assert on_b[-1]["type"] == "task:failed"
+                assert on_b[-1]["data"]["error"]["type"] == "replica_lost"
+                held = [c for c in fakes.pages.connections if c.id == page.conn_id]
+                assert held[0].is_open  # A's task still waits on it
+                proxy.resume()
+                closed = await fakes.pages.wait_connection_closed(page.conn_id)
+                await _readiness_becomes(a, 200)
+            assert closed.closed_at is not None
+            assert await _events(a, task_id) == on_b
         finally:
             await a.close()
             await b.close()

@@ -22,6 +22,15 @@ async def readyz() -> Response:
     manager = rt.manager
     if not manager.accepting:
         return error_response(RequestError(503, "shutting_down", "The server is shutting down."))
+    if not manager.cluster.reachable:
+        return error_response(
+            RequestError(
+                503,
+                "backend_unavailable",
+                "This replica cannot reach its task store: its tasks may be taken over by "
+                "another replica. Retry elsewhere.",
+            )
+        )
     ready: dict[str, object] = {
         "status": "ready",
         "active_tasks": manager.running_count,

@@ -49,6 +49,35 @@ class Control(Protocol):
         """Skip one step of a task run here (as a local skip would)."""
         ...
 
+    def running_here(self) -> list[str]:
+        """The tasks this process runs."""
+        ...
+
+    def lost(self, task_id: str, why: str) -> object:
+        """A task run here was ended by another process (this one could not be heard, and
+        was taken for dead): stop it at once, writing nothing more."""
+        ...
+
+
+class NoControl:
+    """A ``Control`` that runs no task: for a backend served without a task manager (the
+    bench's and the tests' direct uses of a store)."""
+
+    def cancel(self, task_id: str, reason: CancelReason) -> None:
+        return None
+
+    def follow(self, session_id: str, task_id: str) -> None:
+        return None
+
+    def skip(self, task_id: str, step: str, by: str) -> None:
+        return None
+
+    def running_here(self) -> list[str]:
+        return []
+
+    def lost(self, task_id: str, why: str) -> None:
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class LogPosition:
@@ -170,6 +199,12 @@ class Admission(Protocol):
 
 class Cluster(Protocol):
     replica_id: str
+
+    @property
+    def reachable(self) -> bool:
+        """Whether this process is sure that the others can hear it (its heartbeat is
+        current): while not, it is not ready, and its tasks may be taken for dead."""
+        ...
 
     async def claim_session(self, session_id: str, user: str) -> bool:
         """Make an unknown session ``user``'s; False if it is another user's."""

@@ -201,6 +201,9 @@ class RunningTask:
     # task's root span and its ``queued`` child begin.
     trace_parent: str | None = None
     admitted_ns: int = 0
+    # Ended by another process, which took this one for dead (``TaskManager.lost``): the
+    # task stops with this failure and writes nothing more.
+    lost: LogClosed | None = None
 
 
 def new_task_id(prefix: str = "task_") -> str:
@@ -433,10 +436,16 @@ class TaskManager:
         except Exception as exc:  # caught here: escaping, it would close the task nursery
             failure = exc
         finally:
+            if running.lost is not None and not completed:
+                failure = running.lost
             # The task's scope has exited; what is left is the terminal write. It is
             # shielded, so that a shutdown cancelling the nursery meanwhile cannot cut it,
             # and bounded, so that a backend that does not answer cannot hold it.
-            timed_out = running.scope.cancelled_caught and running.cancel_reason is None
+            timed_out = (
+                running.scope.cancelled_caught
+                and running.cancel_reason is None
+                and running.lost is None
+            )
             with trio.CancelScope(shield=True) as step:
                 step.relative_deadline = self.settings.backend_timeout_s
                 await self._finish(
@@ -537,6 +546,23 @@ class TaskManager:
         """``Control``'s skip: one sent from another process for a task run here."""
         running = self._running.get(task_id)
         return None if running is None else running.steps.skip(step, by)
+
+    def running_here(self) -> list[str]:
+        """``Control``'s: the tasks this process runs."""
+        return list(self._running)
+
+    def lost(self, task_id: str, why: str) -> bool:
+        """``Control``'s: another process ended a task run here, taking this one for dead
+        (its heartbeat lapsed). Its scope is cancelled at once, whatever it waits on, and
+        it ends ``failed`` (``ended_elsewhere``) here; the store keeps the other's end."""
+        running = self._running.get(task_id)
+        if running is None:
+            return False
+        if running.lost is None:
+            log.warning("task=%s was ended elsewhere: %s", task_id, why)
+            running.lost = LogClosed(why)
+        running.scope.cancel()
+        return True
 
     async def skip_step(self, task_id: str, step_id: str, by: str) -> tuple[StepState, bool] | None:
         """Skip a step of a task wherever it runs: its state after and whether it was

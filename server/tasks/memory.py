@@ -241,6 +241,10 @@ class SingleProcess:
     def __init__(self) -> None:
         self.replica_id = new_replica_id()
 
+    @property
+    def reachable(self) -> bool:
+        return True
+
     async def claim_session(self, session_id: str, user: str) -> bool:
         return True
 

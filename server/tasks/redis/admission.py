@@ -40,9 +40,9 @@ class RedisAdmission:
         return bool(reserved)
 
     async def release(self, record: TaskRecord) -> None:
-        await self.release_place(record.id, self._replica_id)
+        await self.release_place(record.id, record.user, self._replica_id)
 
-    async def release_place(self, task_id: str, replica: str) -> list[str]:
+    async def release_place(self, task_id: str, user: str, replica: str) -> list[str]:
         """Free the place ``replica`` holds for the task (a dead replica's, when reaped),
         and start the task's retention in the indexes. Returns the retained tasks past
         ``TETHER_MAX_RETAINED_TASKS``, oldest first, for the caller to delete. A failure is
@@ -50,13 +50,13 @@ class RedisAdmission:
         keys = self._conn.keys
         try:
             evicted: Any = await self._conn.release(
-                keys=[keys.adm("counts"), keys.adm(f"owned:{replica}"), keys.adm("ended")],
-                args=[
-                    task_id,
-                    str(self._retention_ms),
-                    str(self._max_retained),
-                    keys.user_tasks(),
+                keys=[
+                    keys.adm("counts"),
+                    keys.adm(f"owned:{replica}"),
+                    keys.adm("ended"),
+                    keys.user_tasks(user),
                 ],
+                args=[task_id, str(self._retention_ms), str(self._max_retained), user],
             )
         except RedisError as exc:
             log.warning("could not release the place of %s: %s", task_id, exc)

@@ -49,6 +49,15 @@ class RedisCluster:
         self._admission = admission
         self._ttl_s = replica_ttl_s
         self._retention_ms = max(1, int(retention_s * 1000))
+        # When the heartbeat was last written (trio's clock), and whether it ever was.
+        self._heard_at = 0.0
+        self._heard = False
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the heartbeat is surely still in Redis (it lives 0.8 TTL from when it
+        was written): past that, a survivor may take this replica for dead."""
+        return self._heard and trio.current_time() - self._heard_at < self._ttl_s * 0.8
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -86,7 +95,7 @@ class RedisCluster:
                     nursery.start_soon(self._store.writer.run)
                     nursery.start_soon(conn.follow_primary)
                     nursery.start_soon(self._store.tailer.run)
-                    nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._heartbeat_loop, control)
                     nursery.start_soon(self._control_loop, control)
                     nursery.start_soon(self._reap_loop)
                     nursery.start_soon(self._store.settle, SETTLE_PAUSE_S)
@@ -112,24 +121,52 @@ class RedisCluster:
         if failure is not None:
             raise BackendUnavailable(f"Redis at {conn.url} cannot be used: {failure}")
 
-    async def _heartbeat_once(self) -> None:
-        # The replica list is renewed too: a Redis that restarted has forgotten it.
+    async def _heartbeat_once(self) -> bool:
+        """Write the heartbeat; whether it had lapsed since the last one (never the first
+        time). The replica list is renewed too: a Redis that restarted has forgotten it."""
         async with self._conn.commands.pipeline(transaction=False) as pipe:
             pipe.set(
-                self._keys.heartbeat(self.replica_id), str(time.time()), px=int(self._ttl_s * 800)
+                self._keys.heartbeat(self.replica_id),
+                str(time.time()),
+                px=int(self._ttl_s * 800),
+                get=True,
             )
             pipe.sadd(self._keys.adm("replicas"), [self.replica_id])
+        lapsed = self._heard and (pipe.results or (None,))[0] is None
+        self._heard, self._heard_at = True, trio.current_time()
+        return lapsed
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, control: Control) -> None:
         # The key lives 0.8 TTL and is renewed four times in that: a replica that stops
         # is gone from Redis within 0.8 TTL, and noticed within the TTL.
         while True:
             await trio.sleep(self._ttl_s / 5)
             try:
-                await self._heartbeat_once()
+                if await self._heartbeat_once():
+                    log.warning("heartbeat lapsed: looking for tasks ended elsewhere")
+                    await self._stop_tasks_ended_elsewhere(control)
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 self._conn.noticed(exc)
+
+    async def _stop_tasks_ended_elsewhere(self, control: Control) -> None:
+        """After a lapse of the heartbeat, a survivor may have reaped this replica: the
+        tasks it runs that Redis shows ended, or owned by another, are stopped at once,
+        rather than at their next append (which the fence would refuse). A task whose
+        record Redis lost (a restart) is left to its own end, which writes it anew."""
+        running = control.running_here()
+        if not running:
+            return
+        async with self._conn.commands.pipeline(transaction=False) as pipe:
+            for task_id in running:
+                pipe.hmget(self._keys.task(task_id).rec, ["owner", "closed"])
+        for task_id, (owner, closed) in zip(running, pipe.results or (), strict=True):
+            if owner is not None and (closed is not None or owner != self.replica_id):
+                control.lost(
+                    task_id,
+                    f"task {task_id} was ended by another replica while this one "
+                    f"({self.replica_id}) could not reach Redis",
+                )
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -264,10 +301,11 @@ class RedisCluster:
                 continue
             if await commands.exists([self._keys.heartbeat(replica)]):
                 continue
-            for task_id in await commands.hkeys(self._keys.adm(f"owned:{replica}")):
+            owned = await commands.hgetall(self._keys.adm(f"owned:{replica}"))
+            for task_id, user in owned.items():
                 record = (await self._store.load([task_id]))[0]
                 if record is None or not record.active:
-                    await self._store.release_place(task_id, replica)
+                    await self._store.release_place(task_id, user, replica)
                     continue
                 record.status = "failed"
                 record.ended_at = time.time()

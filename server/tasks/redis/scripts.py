@@ -18,17 +18,15 @@ redis.call('SADD', KEYS[4], ARGV[5])
 return 1
 """
 
-# KEYS: counts, owned, ended (the retained tasks, scored by when they expire). ARGV: task,
-# retention ms, max retained, the prefix of the users' task keys. Frees the task's place,
-# gives its entry in its user's tasks the task's expiry (the set lives as long as its
-# last entry), and returns the retained tasks past the max retained, oldest first, taken
-# out of ``ended`` for the caller to delete (their users' entries go when next listed).
-# Idempotent: {} if the place was freed
-# already. (The user's key is named here, from the user the place was held for: it
-# shares the {adm} slot.)
+# KEYS: counts, owned, ended (the retained tasks, scored by when they expire), the user's
+# tasks. ARGV: task, retention ms, max retained, user. Frees the task's place, gives its
+# entry in its user's tasks the task's expiry (the set lives as long as its last entry),
+# and returns the retained tasks past the max retained, oldest first, taken out of
+# ``ended`` for the caller to delete (their users' entries go when next listed).
+# Idempotent: {} if the place was freed already.
 RELEASE = """
-local user = redis.call('HGET', KEYS[2], ARGV[1])
-if not user then return {} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {} end
+local user = ARGV[4]
 redis.call('HDEL', KEYS[2], ARGV[1])
 if redis.call('HINCRBY', KEYS[1], '*', -1) <= 0 then redis.call('HDEL', KEYS[1], '*') end
 local u = 'u:' .. user
@@ -36,7 +34,7 @@ if redis.call('HINCRBY', KEYS[1], u, -1) <= 0 then redis.call('HDEL', KEYS[1], u
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local expires = now + tonumber(ARGV[2])
-local tasks = ARGV[4] .. user
+local tasks = KEYS[4]
 redis.call('ZADD', tasks, expires, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', tasks, '-inf', now)
 local last = redis.call('ZRANGE', tasks, -1, -1, 'WITHSCORES')

@@ -344,17 +344,17 @@ class RedisStore:
                     record.content, record.reasoning = current.content, current.reasoning
                     record.sources = current.sources
                 continue
-            await self.release_place(record.id, replica)
+            await self.release_place(record.id, record.user, replica)
             if result != 1:
                 return None
             return Event(record.id, record.chat_id, record.message_id, seq, type_, data)
         raise BackendUnavailable(f"could not end task {record.id}: its log kept moving")
 
-    async def release_place(self, task_id: str, replica: str) -> None:
+    async def release_place(self, task_id: str, user: str, replica: str) -> None:
         """Free the place ``replica`` held for the ended task, and delete the retained
         tasks past ``TETHER_MAX_RETAINED_TASKS`` (oldest first) that it pushed out. A
         failure is logged: what was not deleted expires with its retention."""
-        for evicted in await self._admission.release_place(task_id, replica):
+        for evicted in await self._admission.release_place(task_id, user, replica):
             try:
                 await self._conn.commands.delete(self._keys.task(evicted).all())
             except RedisError as exc:
