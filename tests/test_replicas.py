@@ -8,6 +8,7 @@ import secrets
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import httpx2
@@ -188,14 +189,12 @@ async def _follow_to_end(
     ended.set()
 
 
-async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_readers_agree(
-    fakes: Fakes, redis_server: RedisServer
-) -> None:
-    """A partition: A's link to Redis goes silent (nothing closed) while its task streams
-    to readers on A and on B. B reaps A after the TTL; when the link comes back, A's late
-    appends are refused (the log is closed), its task stops at the model, and its readers
-    get the reaper's end: every reader has the same log, with one terminal event."""
-    settings = replica_settings(fakes, redis_server.url)
+@asynccontextmanager
+async def _a_behind_a_pausing_proxy(
+    settings: Settings, redis_server: RedisServer
+) -> AsyncIterator[tuple[PausingProxy, Replica, Replica]]:
+    """Replica A reaching Redis through a ``PausingProxy``, and B reaching it directly,
+    both started; stopped after."""
     proxy = PausingProxy(redis_server.port)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
@@ -204,37 +203,49 @@ async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_reade
         try:
             await a.start()
             await b.start()
-            fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
-            task_id = await a.background(chat_body())
-            on_a: list[dict[str, Any]] = []
-            on_b: list[dict[str, Any]] = []
-            # Bounded as a whole: the reaping alone takes up to the TTL after the pause.
-            with trio.fail_after(2 * WAIT):
-                model_request = await fakes.model.wait_for_request("/v1/chat/completions")
-                async with trio.open_nursery() as readers:
-                    readers.start_soon(_follow_to_end, a, task_id, on_a, trio.Event())
-                    b_ended = trio.Event()
-                    readers.start_soon(_follow_to_end, b, task_id, on_b, b_ended)
-                    await _deltas_seen(b, task_id, 3)
-                    proxy.pause()
-                    paused_at = len(on_a)
-                    await b_ended.wait()  # B reaped A's task
-                    # A's readers saw nothing Redis lacks while cut off.
-                    assert len(on_a) <= len(on_b) - 1 and on_a == on_b[: len(on_a)]
-                    assert len(on_a) >= paused_at
-                    proxy.resume()
-                closed = await fakes.model.wait_connection_closed(model_request.conn_id)
-            assert closed.closed_at is not None
-            assert on_a == on_b
-            terminal = assert_log_well_formed(on_a)
-            assert terminal["data"]["error"]["type"] == "replica_lost"
-            streamed = "".join(e["data"]["content"] for e in on_a if e["type"] == "delta")
-            assert streamed.startswith("w0 w1 w2 ") and terminal["data"]["content"] == streamed
-            assert await _events(a, task_id) == on_a == await _events(b, task_id)
+            yield proxy, a, b
         finally:
             await a.close()
             await b.close()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_readers_agree(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    """A partition: A's link to Redis goes silent (nothing closed) while its task streams
+    to readers on A and on B. B reaps A after the TTL; when the link comes back, A's late
+    appends are refused (the log is closed), its task stops at the model, and its readers
+    get the reaper's end: every reader has the same log, with one terminal event."""
+    settings = replica_settings(fakes, redis_server.url)
+    async with _a_behind_a_pausing_proxy(settings, redis_server) as (proxy, a, b):
+        fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+        task_id = await a.background(chat_body())
+        on_a: list[dict[str, Any]] = []
+        on_b: list[dict[str, Any]] = []
+        # Bounded as a whole: the reaping alone takes up to the TTL after the pause.
+        with trio.fail_after(2 * WAIT):
+            model_request = await fakes.model.wait_for_request("/v1/chat/completions")
+            async with trio.open_nursery() as readers:
+                readers.start_soon(_follow_to_end, a, task_id, on_a, trio.Event())
+                b_ended = trio.Event()
+                readers.start_soon(_follow_to_end, b, task_id, on_b, b_ended)
+                await _deltas_seen(b, task_id, 3)
+                proxy.pause()
+                paused_at = len(on_a)
+                await b_ended.wait()  # B reaped A's task
+                # A's readers saw nothing Redis lacks while cut off.
+                assert len(on_a) <= len(on_b) - 1 and on_a == on_b[: len(on_a)]
+                assert len(on_a) >= paused_at
+                proxy.resume()
+            closed = await fakes.model.wait_connection_closed(model_request.conn_id)
+        assert closed.closed_at is not None
+        assert on_a == on_b
+        terminal = assert_log_well_formed(on_a)
+        assert terminal["data"]["error"]["type"] == "replica_lost"
+        streamed = "".join(e["data"]["content"] for e in on_a if e["type"] == "delta")
+        assert streamed.startswith("w0 w1 w2 ") and terminal["data"]["content"] == streamed
+        assert await _events(a, task_id) == on_a == await _events(b, task_id)
 
 
 async def _readiness_becomes(replica: Replica, status: int) -> dict[str, Any]:
@@ -255,37 +266,26 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
     had lapsed and A stops the task at once: the page read's connection is closed,
     though the task never appended again; A is ready again, and both agree on the log."""
     settings = replica_settings(fakes, redis_server.url, page_timeout_s=600, tool_timeout_s=600)
-    proxy = PausingProxy(redis_server.port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve)
-        a = Replica(settings.with_overrides(redis_url=proxy.url), name="A")
-        b = Replica(settings, name="B")
-        try:
-            await a.start()
-            await b.start()
-            hang = fakes.pages.base_url + "/hang"
-            fakes.model.push(ToolCallReply([("fetch_url", {"url": hang})]))
-            task_id = await a.background(chat_body("read it", tool_ids=["fetch_url"]))
-            with trio.fail_after(2 * WAIT):
-                page = await fakes.pages.wait_for_request("/hang")
-                assert (await a.client.get("/readyz")).status_code == 200
-                proxy.pause()
-                refused = await _readiness_becomes(a, 503)
-                assert refused["error"]["code"] == "backend_unavailable"
-                on_b = await _events(b, task_id)  # ends when B has reaped A's task
-                assert on_b[-1]["type"] == "task:failed"
-                assert on_b[-1]["data"]["error"]["type"] == "replica_lost"
-                held = [c for c in fakes.pages.connections if c.id == page.conn_id]
-                assert held[0].is_open  # A's task still waits on it
-                proxy.resume()
-                closed = await fakes.pages.wait_connection_closed(page.conn_id)
-                await _readiness_becomes(a, 200)
-            assert closed.closed_at is not None
-            assert await _events(a, task_id) == on_b
-        finally:
-            await a.close()
-            await b.close()
-            nursery.cancel_scope.cancel()
+    async with _a_behind_a_pausing_proxy(settings, redis_server) as (proxy, a, b):
+        hang = fakes.pages.base_url + "/hang"
+        fakes.model.push(ToolCallReply([("fetch_url", {"url": hang})]))
+        task_id = await a.background(chat_body("read it", tool_ids=["fetch_url"]))
+        with trio.fail_after(2 * WAIT):
+            page = await fakes.pages.wait_for_request("/hang")
+            assert (await a.client.get("/readyz")).status_code == 200
+            proxy.pause()
+            refused = await _readiness_becomes(a, 503)
+            assert refused["error"]["code"] == "backend_unavailable"
+            on_b = await _events(b, task_id)  # ends when B has reaped A's task
+            assert on_b[-1]["type"] == "task:failed"
+            assert on_b[-1]["data"]["error"]["type"] == "replica_lost"
+            held = [c for c in fakes.pages.connections if c.id == page.conn_id]
+            assert held[0].is_open  # A's task still waits on it
+            proxy.resume()
+            closed = await fakes.pages.wait_connection_closed(page.conn_id)
+            await _readiness_becomes(a, 200)
+        assert closed.closed_at is not None
+        assert await _events(a, task_id) == on_b
 
 
 async def test_the_admission_limit_holds_across_both_replicas(
