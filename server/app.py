@@ -58,6 +58,7 @@ def create_app(
     app.extensions["tether"] = runtime
     hub = ws.WsHub(settings.ws_send_timeout_s)
     app.extensions["tether_ws"] = hub
+    runtime.manager.add_reach_listener(hub.reach_changed)
 
     # Outside bind_to_connection: a body that arrives too slowly is answered 408 and its
     # connection closed at once, not drained (binding._draining_on_close) at its own pace.

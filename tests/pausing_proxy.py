@@ -28,6 +28,10 @@ class PausingProxy:
         if self._flowing.is_set():
             self._flowing = trio.Event()
 
+    @property
+    def paused(self) -> bool:
+        return not self._flowing.is_set()
+
     def resume(self) -> None:
         self._flowing.set()
 

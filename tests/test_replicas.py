@@ -214,9 +214,11 @@ async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_reade
     fakes: Fakes, redis_server: RedisServer
 ) -> None:
     """A partition: A's link to Redis goes silent (nothing closed) while its task streams
-    to readers on A and on B. B reaps A after the TTL; when the link comes back, A's late
-    appends are refused (the log is closed), its task stops at the model, and its readers
-    get the reaper's end: every reader has the same log, with one terminal event."""
+    to readers on A and on B. A's reader is let go once A's heartbeat may have lapsed (its
+    stream ends, with nothing Redis lacks); B reaps A after the TTL. When the link comes
+    back, A's late appends are refused (the log is closed) and its task stops at the
+    model; the reader resumes on A from its last id and gets the reaper's end: every
+    reader has the same log, with one terminal event."""
     settings = replica_settings(fakes, redis_server.url)
     async with _a_behind_a_pausing_proxy(settings, redis_server) as (proxy, a, b):
         fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
@@ -227,18 +229,22 @@ async def test_a_replica_cut_off_from_redis_past_its_ttl_is_fenced_and_all_reade
         with trio.fail_after(2 * WAIT):
             model_request = await fakes.model.wait_for_request("/v1/chat/completions")
             async with trio.open_nursery() as readers:
-                readers.start_soon(_follow_to_end, a, task_id, on_a, trio.Event())
+                a_let_go = trio.Event()
+                readers.start_soon(_follow_to_end, a, task_id, on_a, a_let_go)
                 b_ended = trio.Event()
                 readers.start_soon(_follow_to_end, b, task_id, on_b, b_ended)
                 await _deltas_seen(b, task_id, 3)
                 proxy.pause()
                 paused_at = len(on_a)
+                await a_let_go.wait()
                 await b_ended.wait()  # B reaped A's task
-                # A's readers saw nothing Redis lacks while cut off.
+                # A's reader saw nothing Redis lacks while cut off, and no end.
                 assert len(on_a) <= len(on_b) - 1 and on_a == on_b[: len(on_a)]
                 assert len(on_a) >= paused_at
                 proxy.resume()
             closed = await fakes.model.wait_connection_closed(model_request.conn_id)
+            await _readiness_becomes(a, 200)
+            on_a += await _events(a, task_id, after=on_a[-1]["seq"] if on_a else 0)
         assert closed.closed_at is not None
         assert on_a == on_b
         terminal = assert_log_well_formed(on_a)
@@ -261,10 +267,11 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
     fakes: Fakes, redis_server: RedisServer
 ) -> None:
     """A partition while A's task waits on a page read (nothing to append, and no
-    timeout of its own for minutes): A says it is not ready once its heartbeat may have
-    lapsed, and B reaps the task. When the link comes back, A's heartbeat finds that it
-    had lapsed and A stops the task at once: the page read's connection is closed,
-    though the task never appended again; A is ready again, and both agree on the log."""
+    timeout of its own for minutes): once its heartbeat may have lapsed, A closes its
+    WebSockets with 1013 and says it is not ready, and B reaps the task. When the link
+    comes back, A's heartbeat finds that it had lapsed and A stops the task at once: the
+    page read's connection is closed, though the task never appended again; A is ready
+    again, and both agree on the log."""
     settings = replica_settings(fakes, redis_server.url, page_timeout_s=600, tool_timeout_s=600)
     async with _a_behind_a_pausing_proxy(settings, redis_server) as (proxy, a, b):
         hang = fakes.pages.base_url + "/hang"
@@ -273,7 +280,15 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
         with trio.fail_after(2 * WAIT):
             page = await fakes.pages.wait_for_request("/hang")
             assert (await a.client.get("/readyz")).status_code == 200
-            proxy.pause()
+            async with connect(cast(Any, a)) as on_ws:
+                await on_ws.send({"type": "subscribe", "task_id": task_id, "after": 0})
+                await on_ws.recv_type("event")
+                proxy.pause()
+                # Cut off, A lets its WebSocket go with "try again later".
+                with pytest.raises(ConnectionClosed) as let_go:
+                    while True:
+                        await on_ws.ws.get_message()
+            assert let_go.value.reason is not None and let_go.value.reason.code == 1013
             refused = await _readiness_becomes(a, 503)
             assert refused["error"]["code"] == "backend_unavailable"
             on_b = await _events(b, task_id)  # ends when B has reaped A's task
@@ -286,6 +301,75 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
             await _readiness_becomes(a, 200)
         assert closed.closed_at is not None
         assert await _events(a, task_id) == on_b
+
+
+async def _stream_into(
+    replica: Replica, path: str, body: dict[str, Any], lines: list[str], flowing: trio.Event
+) -> str:
+    """POST a streamed request to ``replica``: each ``data:`` line into ``lines`` to the
+    stream's end, ``flowing`` set at the third; returns the task's id."""
+    async with replica.client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+                if len(lines) == 3:
+                    flowing.set()
+        return str(response.headers["X-Task-Id"])
+
+
+async def test_streams_on_a_cut_off_replica_end_and_the_response_resumes_elsewhere(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    """A streamed chat and a streamed response on A, whose link to Redis goes silent: once
+    A's heartbeat may have lapsed, the chat's stream ends with a ``backend_unavailable``
+    error naming its task, then ``[DONE]``, and the response's stream ends where it is, not
+    a wait as long as the partition. What they streamed is what Redis holds: the response
+    resumes on B from its last ``sequence_number`` to the reaper's end. When the link comes
+    back, both tasks stop at the model."""
+    settings = replica_settings(fakes, redis_server.url)
+    async with _a_behind_a_pausing_proxy(settings, redis_server) as (proxy, a, b):
+        for _ in range(2):
+            fakes.model.push(TextReply([f"w{i} " for i in range(5000)], interval=0.01))
+        chat: list[str] = []
+        streamed: list[str] = []
+        ids: dict[str, str] = {}
+        with trio.fail_after(2 * WAIT):
+            async with trio.open_nursery() as streams:
+                chat_flowing, response_flowing = trio.Event(), trio.Event()
+
+                async def run(name: str, path: str, body: dict[str, Any], *into: Any) -> None:
+                    ids[name] = await _stream_into(a, path, body, *into)
+
+                streams.start_soon(
+                    run, "chat", "/api/chat/completions", chat_body(stream=True), chat, chat_flowing
+                )
+                body = {"model": "fake-model", "input": "hi", "stream": True}
+                streams.start_soon(
+                    run, "response", "/v1/responses", body, streamed, response_flowing
+                )
+                await chat_flowing.wait()
+                await response_flowing.wait()
+                proxy.pause()
+            await fakes.model.wait_for_request("/v1/chat/completions", count=2)
+            proxy.resume()
+            for request in fakes.model.requests_for("/v1/chat/completions"):
+                await fakes.model.wait_connection_closed(request.conn_id)
+            seen = [json.loads(line) for line in streamed]
+            rest = await _response_events(
+                b, seen[0]["response"]["id"], after=seen[-1]["sequence_number"]
+            )
+        assert chat[-1] == "[DONE]"
+        error = json.loads(chat[-2])
+        assert (error["error"]["code"], error["task_id"]) == ("backend_unavailable", ids["chat"])
+        text = "".join(json.loads(c)["choices"][0]["delta"].get("content", "") for c in chat[:-2])
+        held = await _events(b, ids["chat"])
+        assert "".join(e["data"]["content"] for e in held if e["type"] == "delta").startswith(text)
+        ends = {"response.completed", "response.incomplete", "response.failed"}
+        assert not ends & {e["type"] for e in seen}
+        whole = await _response_events(b, seen[0]["response"]["id"])
+        assert seen + rest == whole
+        assert whole[-1]["type"] == "response.failed"
 
 
 async def test_the_admission_limit_holds_across_both_replicas(

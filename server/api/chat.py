@@ -8,6 +8,7 @@ task with reason ``disconnect`` (``stop`` is synchronous, so nothing needs shiel
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -32,6 +33,9 @@ from server.record import OtherChoice, TaskRecord, Usage
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.tasks.backend import next_events
+from server.tasks.errors import BackendUnavailable
+
+log = logging.getLogger("tether.api")
 
 blueprint = Blueprint("chat", __name__)
 
@@ -197,43 +201,53 @@ async def _stream(
     other_roles_sent: set[int] = set()
     with store.reading(record.id):
         yield sse.comment("task " + record.id)
-        while (events := await next_events(store, record.id, cursor, wait_s=keepalive)) is not None:
-            if not events:
-                yield sse.KEEPALIVE
-                continue
-            # Whatever piled up since the last write goes out in one write.
-            parts: list[str] = []
-            for event in events:
-                cursor = event.seq
-                if event.type == "delta":
-                    data = event.data
-                    index = data.get("index", 0)
-                    delta: dict[str, Any] = {}
-                    if index == 0:
-                        if not role_sent:
+        try:
+            while (
+                events := await next_events(store, record.id, cursor, wait_s=keepalive)
+            ) is not None:
+                if not events:
+                    yield sse.KEEPALIVE
+                    continue
+                # Whatever piled up since the last write goes out in one write.
+                parts: list[str] = []
+                for event in events:
+                    cursor = event.seq
+                    if event.type == "delta":
+                        data = event.data
+                        index = data.get("index", 0)
+                        delta: dict[str, Any] = {}
+                        if index == 0:
+                            if not role_sent:
+                                delta["role"] = "assistant"
+                                role_sent = True
+                        elif index not in other_roles_sent:
                             delta["role"] = "assistant"
-                            role_sent = True
-                    elif index not in other_roles_sent:
-                        delta["role"] = "assistant"
-                        other_roles_sent.add(index)
-                    delta["content"] = data.get("content", "")
-                    if "reasoning" in data:
-                        delta["reasoning_content"] = data["reasoning"]
-                    if "tool_calls" in data:
-                        delta["tool_calls"] = [
-                            {"index": i, **call} for i, call in enumerate(data["tool_calls"])
-                        ]
-                    parts.append(_chunk(record, delta, index, data.get("logprobs")))
-                elif event.type == "status":
-                    parts.append(sse.comment(str(event.data.get("description", ""))))
-                elif event.terminal:
-                    # The terminal event carries the task as it ended.
-                    ended = TaskRecord.from_dict(event.data)
-                    parts.extend(_stream_end(ended, include_usage, openai))
+                            other_roles_sent.add(index)
+                        delta["content"] = data.get("content", "")
+                        if "reasoning" in data:
+                            delta["reasoning_content"] = data["reasoning"]
+                        if "tool_calls" in data:
+                            delta["tool_calls"] = [
+                                {"index": i, **call} for i, call in enumerate(data["tool_calls"])
+                            ]
+                        parts.append(_chunk(record, delta, index, data.get("logprobs")))
+                    elif event.type == "status":
+                        parts.append(sse.comment(str(event.data.get("description", ""))))
+                    elif event.terminal:
+                        # The terminal event carries the task as it ended.
+                        ended = TaskRecord.from_dict(event.data)
+                        parts.extend(_stream_end(ended, include_usage, openai))
+                        yield "".join(parts)
+                        return
+                if parts:
                     yield "".join(parts)
-                    return
-            if parts:
-                yield "".join(parts)
+        except BackendUnavailable as exc:
+            # The task store cannot be heard (this replica is cut off from it): the
+            # stream ends with the error, as a failed task's does; the task itself may
+            # go on elsewhere (its id is in the payload).
+            log.warning("task=%s: its stream ended early: %s", record.id, exc)
+            error = RequestError(503, "backend_unavailable", exc.message)
+            yield sse.event(fastjson.dumps({**error.body(), "task_id": record.id})) + sse.DONE
 
 
 def _stream_end(record: TaskRecord, include_usage: bool, openai: bool) -> list[str]:

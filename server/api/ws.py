@@ -70,6 +70,7 @@ CLOSE_RESTART = 1012
 # RFC 6455's "try again later": the shared task store did not answer.
 CLOSE_TRY_LATER = 1013
 CLOSE_NOT_FOUND = 4404
+_RESTART_CLOSE = (CLOSE_RESTART, "server restarting: reconnect with session_id")
 # Replies waiting for the pump before the receive loop stops reading more commands.
 _MAX_PENDING_REPLIES = 64
 PATH = "/ws"
@@ -239,6 +240,9 @@ class WsHub:
         # The writers of the live connections: what the watchdog watches.
         self.writers: set[WsWriter] = set()
         self._send_timeout_s = send_timeout_s
+        # How a connection told to restart closes: the server's restart, or (while the
+        # task store cannot hear this process) a try-again-later.
+        self.restart_close = _RESTART_CLOSE
 
     async def run(self) -> None:
         """Sweep until cancelled (the app's shutdown); cancelling it just ends the sweeps.
@@ -258,6 +262,22 @@ class WsHub:
         """The server is shutting down: every connection sends what is ready for it (the
         terminal events of its tasks, stopped by now) and closes with 1012, which tells
         the client to reconnect, to another replica if there is one."""
+        self.restart_close = _RESTART_CLOSE
+        for writer in self.writers:
+            writer.restart()
+
+    def reach_changed(self, reachable: bool) -> None:
+        """The task store's news (``TaskManager.add_reach_listener``). Cut off from it,
+        this process's connections would wait for events it cannot have: each sends
+        what is ready and closes with 1013, and its client reconnects (to a replica that
+        can reach the store, as readiness sends it) and resumes from its cursors."""
+        if reachable:
+            self.restart_close = _RESTART_CLOSE
+            return
+        self.restart_close = (
+            CLOSE_TRY_LATER,
+            "this replica cannot reach its task store: reconnect with session_id",
+        )
         for writer in self.writers:
             writer.restart()
 
@@ -338,7 +358,7 @@ class WsConnection:
             if self.session is not None:
                 self.rt.sessions.detach(self.session, self)
         if self.writer.restarting and not self.writer.too_slow:
-            await self._ws.close(CLOSE_RESTART, "server restarting: reconnect with session_id")
+            await self._ws.close(*hub.restart_close)
         elif self.writer.too_slow:
             # The close frame queues behind what the kernel already holds for the client:
             # a slow reader gets it after those messages; a dead one is dropped by

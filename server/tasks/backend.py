@@ -58,6 +58,11 @@ class Control(Protocol):
         was taken for dead): stop it at once, writing nothing more."""
         ...
 
+    def reach_changed(self, reachable: bool) -> None:
+        """This process was cut off from the task store (False: the store has let its
+        readers go, and the process lets its other connections go), or is back (True)."""
+        ...
+
 
 class NoControl:
     """A ``Control`` that runs no task: for a backend served without a task manager (the
@@ -76,6 +81,9 @@ class NoControl:
         return []
 
     def lost(self, task_id: str, why: str) -> None:
+        return None
+
+    def reach_changed(self, reachable: bool) -> None:
         return None
 
 

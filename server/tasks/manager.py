@@ -231,6 +231,7 @@ class TaskManager:
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
         self._spawn_listeners: list[SpawnListener] = []
+        self._reach_listeners: list[Callable[[bool], None]] = []
         self._follow_listeners: list[FollowListener] = []
         self.accepting = False
 
@@ -297,6 +298,19 @@ class TaskManager:
     def add_spawn_listener(self, listener: SpawnListener) -> None:
         """Called synchronously with each new task's record (WebSocket sessions use it)."""
         self._spawn_listeners.append(listener)
+
+    def add_reach_listener(self, listener: Callable[[bool], None]) -> None:
+        """Called with False when the backend finds this process cut off from the task
+        store (its readers are let go), and with True when it is back."""
+        self._reach_listeners.append(listener)
+
+    def reach_changed(self, reachable: bool) -> None:
+        """``Control``'s: the backend's news of this process's reach to the task store."""
+        for listener in self._reach_listeners:
+            try:
+                listener(reachable)
+            except Exception:
+                log.exception("reach listener failed")
 
     def add_follow_listener(self, listener: FollowListener) -> None:
         """Called with ``(session_id, task_id)`` for each task of a session that another

@@ -11,6 +11,7 @@ The translation of the log is ``translate.ResponseTranslator``'s.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
@@ -30,6 +31,9 @@ from server.record import TaskRecord
 from server.runtime import Runtime
 from server.schemas import RequestError
 from server.tasks.backend import next_events
+from server.tasks.errors import BackendUnavailable
+
+log = logging.getLogger("tether.api")
 
 blueprint = Blueprint("responses", __name__)
 
@@ -214,24 +218,29 @@ async def _stream(
     cursor = 0
     resumed = rt.manager.resume_span(record, "responses", after) if resume else nullcontext()
     with resumed, store.reading(record.id):
-        while (
-            events := await next_events(
-                store, record.id, cursor, wait_s=rt.settings.sse_keepalive_s
-            )
-        ) is not None:
-            if not events:
-                yield sse.KEEPALIVE
-                continue
-            parts: list[str] = []
-            for event in events:
-                cursor = event.seq
-                for out in translation.feed(event):
-                    if out["sequence_number"] > after:
-                        parts.append(f"event: {out['type']}\n" + sse.event(fastjson.dumps(out)))
-            if parts:
-                yield "".join(parts)
-            if translation.ended:
-                return
+        try:
+            while (
+                events := await next_events(
+                    store, record.id, cursor, wait_s=rt.settings.sse_keepalive_s
+                )
+            ) is not None:
+                if not events:
+                    yield sse.KEEPALIVE
+                    continue
+                parts: list[str] = []
+                for event in events:
+                    cursor = event.seq
+                    for out in translation.feed(event):
+                        if out["sequence_number"] > after:
+                            parts.append(f"event: {out['type']}\n" + sse.event(fastjson.dumps(out)))
+                if parts:
+                    yield "".join(parts)
+                if translation.ended:
+                    return
+        except BackendUnavailable as exc:
+            # Cut off from the task store: the stream ends where it is, and the client
+            # resumes (``starting_after``) from another replica.
+            log.warning("task=%s: its response stream ended early: %s", record.id, exc)
 
 
 @blueprint.get("/v1/responses/<response_id>")

@@ -52,6 +52,8 @@ class RedisCluster:
         # When the heartbeat was last written (trio's clock), and whether it ever was.
         self._heard_at = 0.0
         self._heard = False
+        # Whether the readers here were let go (``_reach``).
+        self._cut_off = False
 
     @property
     def reachable(self) -> bool:
@@ -96,6 +98,7 @@ class RedisCluster:
                     nursery.start_soon(conn.follow_primary)
                     nursery.start_soon(self._store.tailer.run)
                     nursery.start_soon(self._heartbeat_loop, control)
+                    nursery.start_soon(self._watch_reach, control)
                     nursery.start_soon(self._control_loop, control)
                     nursery.start_soon(self._reap_loop)
                     nursery.start_soon(self._store.settle, SETTLE_PAUSE_S)
@@ -142,12 +145,35 @@ class RedisCluster:
         while True:
             await trio.sleep(self._ttl_s / 5)
             try:
-                if await self._heartbeat_once():
+                lapsed = await self._heartbeat_once()
+                self._reach(control, True)
+                if lapsed:
                     log.warning("heartbeat lapsed: looking for tasks ended elsewhere")
                     await self._stop_tasks_ended_elsewhere(control)
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 self._conn.noticed(exc)
+
+    async def _watch_reach(self, control: Control) -> None:
+        """Notice, within TTL / 10, that the heartbeat may have lapsed (it is not written
+        while Redis cannot be reached, and a write may hang as long as a partition does):
+        the readers here are let go, and the process told. The heartbeat tells the
+        return (``_reach``), as soon as it is written."""
+        while True:
+            await trio.sleep(self._ttl_s / 10)
+            if self._cut_off is False and not self.reachable:
+                self._reach(control, False)
+
+    def _reach(self, control: Control, reachable: bool) -> None:
+        if self._cut_off is (not reachable):
+            return
+        self._cut_off = not reachable
+        if reachable:
+            log.warning("replica %s reaches Redis again", self.replica_id)
+        else:
+            log.warning("replica %s cannot reach Redis: letting its readers go", self.replica_id)
+        self._store.let_readers_go(not reachable)
+        control.reach_changed(reachable)
 
     async def _stop_tasks_ended_elsewhere(self, control: Control) -> None:
         """After a lapse of the heartbeat, a survivor may have reaped this replica: the

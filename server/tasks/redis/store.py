@@ -32,6 +32,8 @@ from server.tasks.redis.writer import WriteBehind
 
 log = logging.getLogger("tether.redis")
 
+CUT_OFF = "This replica cannot reach Redis: resume from another one."
+
 # What a task ended elsewhere takes from the end in the log.
 _ENDING_FIELDS = (
     "status",
@@ -66,6 +68,9 @@ class RedisStore:
         # Tasks ended here whose end Redis did not answer: ``settle`` writes it later.
         self._unsettled: dict[str, TaskRecord] = {}
         self.tailer = Tailer(conn)
+        # Cut off from Redis (``let_readers_go``), and the waits it would end.
+        self._cut_off = False
+        self._waiting: set[trio.CancelScope] = set()
 
     async def create(self, record: TaskRecord) -> None:
         keys = self._keys.task(record.id)
@@ -372,9 +377,29 @@ class RedisStore:
         return await self.tailer.read(task_id, after, limit)
 
     async def wait_beyond(self, task_id: str, after: int) -> bool:
-        if self._local.has(task_id):
-            return await self._local.wait_beyond(task_id, after)
-        return await self.tailer.wait_beyond(task_id, after)
+        """See ``TaskStore.wait_beyond``. Raises ``BackendUnavailable`` while this replica
+        is cut off from Redis (``let_readers_go``): nothing it could wait for would come."""
+        if self._cut_off:
+            raise BackendUnavailable(CUT_OFF)
+        with trio.CancelScope() as scope:
+            self._waiting.add(scope)
+            try:
+                if self._local.has(task_id):
+                    return await self._local.wait_beyond(task_id, after)
+                return await self.tailer.wait_beyond(task_id, after)
+            finally:
+                self._waiting.discard(scope)
+        raise BackendUnavailable(CUT_OFF)
+
+    def let_readers_go(self, cut_off: bool) -> None:
+        """This replica is cut off from Redis (its heartbeat may have lapsed, and a
+        survivor may end its tasks): every reader waiting for a log's next events gets
+        ``BackendUnavailable``, and so does every reader that comes to wait, until it is
+        back (False). Its readers' clients resume elsewhere, where Redis can be heard."""
+        self._cut_off = cut_off
+        if cut_off:
+            for scope in self._waiting:
+                scope.cancel()
 
     @contextmanager
     def reading(self, task_id: str) -> Iterator[None]:
