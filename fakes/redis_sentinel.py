@@ -19,13 +19,23 @@ DOWN_AFTER_MS = 500
 FAILOVER_TIMEOUT_MS = 3000
 
 
-def ask(port: int, *words: str, timeout: float = 2.0) -> object:
-    """One command to the Redis (or sentinel) on ``port``, its reply parsed (an error reply
-    is returned as a ``RuntimeError``, not raised)."""
+def ask(port: int, *words: str, timeout: float = 2.0, password: str | None = None) -> object:
+    """One command to the Redis (or sentinel) on ``port``, after ``AUTH password`` if
+    given; its reply parsed (an error reply is returned as a ``RuntimeError``, not raised)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        command = f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
-        sock.sendall(command.encode())
-        return _Reply(sock).read()
+        reply = _Reply(sock)
+        if password is not None:
+            sock.sendall(_command("AUTH", password))
+            if isinstance(authed := reply.read(), RuntimeError):
+                return authed
+        sock.sendall(_command(*words))
+        return reply.read()
+
+
+def _command(*words: str) -> bytes:
+    return (
+        f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
+    ).encode()
 
 
 class _Reply:
@@ -71,28 +81,43 @@ class _Reply:
         raise ValueError(f"not a RESP reply: {line!r}")
 
 
-def _sentinel_config(primary_port: int) -> str:
-    return (
+def _sentinel_config(primary_port: int, password: str | None, sentinel_password: str | None) -> str:
+    config = (
         f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
         f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
         f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
         f"sentinel parallel-syncs {SERVICE} 1\n"
     )
+    if password is not None:  # the primary's and its replica's
+        config += f"sentinel auth-pass {SERVICE} {password}\n"
+    if sentinel_password is not None:  # the sentinels' own, which they use among themselves
+        config += f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n"
+    return config
 
 
 class SentinelSet:
     """A primary, its replica and three sentinels: ``start()``, ``kill_primary()`` (SIGKILL,
     as a crash), ``wait_for_failover()``, ``stop()``."""
 
-    def __init__(self) -> None:
-        self.first_primary = RedisServer()
+    def __init__(
+        self, *, password: str | None = None, sentinel_password: str | None = None
+    ) -> None:
+        """``password``: the primary's and its replica's (``requirepass``, and
+        ``masterauth`` to copy a primary); ``sentinel_password``: the sentinels' own."""
+        self.password = password
+        self.sentinel_password = sentinel_password
+        auth = () if password is None else ("--requirepass", password, "--masterauth", password)
+        self.first_primary = RedisServer(args=auth)
         # Their options name the primary's port when they start: it is sure only then.
         primary = self.first_primary
         self.first_replica = RedisServer(
-            args=lambda: ("--replicaof", "127.0.0.1", str(primary.port))
+            args=lambda: ("--replicaof", "127.0.0.1", str(primary.port), *auth)
         )
         self.sentinels = [
-            RedisServer(config=lambda: _sentinel_config(primary.port), args=("--sentinel",))
+            RedisServer(
+                config=lambda: _sentinel_config(primary.port, password, sentinel_password),
+                args=("--sentinel",),
+            )
             for _ in range(3)
         ]
 
@@ -107,6 +132,8 @@ class SentinelSet:
             "backend": "redis",
             "redis_sentinels": self.addresses,
             "redis_sentinel_service": SERVICE,
+            "redis_sentinel_password": self.sentinel_password,
+            "redis_password": self.password,
         }
 
     def start(self, *, agree: bool = True, timeout: float = 30.0) -> None:
@@ -126,23 +153,28 @@ class SentinelSet:
             raise
 
     def _agreed(self) -> bool:
-        info = ask(self.first_replica.port, "INFO", "replication")
+        info = ask(self.first_replica.port, "INFO", "replication", password=self.password)
         if not isinstance(info, str) or "master_link_status:up" not in info:
             return False
         for sentinel in self.sentinels:
-            others = ask(sentinel.port, "SENTINEL", "SENTINELS", SERVICE)
-            replicas = ask(sentinel.port, "SENTINEL", "REPLICAS", SERVICE)
+            others = self._ask_sentinel(sentinel.port, "SENTINEL", "SENTINELS", SERVICE)
+            replicas = self._ask_sentinel(sentinel.port, "SENTINEL", "REPLICAS", SERVICE)
             if not isinstance(others, list) or len(others) != 2:
                 return False
             if not isinstance(replicas, list) or len(replicas) != 1:
                 return False
         return True
 
+    def _ask_sentinel(self, port: int, *words: str) -> object:
+        return ask(port, *words, password=self.sentinel_password)
+
     def primary_port(self) -> int | None:
         """The primary's port, as the first sentinel that answers says."""
         for sentinel in self.sentinels:
             try:
-                reply = ask(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+                reply = self._ask_sentinel(
+                    sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
+                )
             except OSError:
                 continue
             if isinstance(reply, list) and len(reply) == 2:
@@ -160,10 +192,12 @@ class SentinelSet:
 
         def promoted() -> bool:
             for sentinel in self.sentinels:
-                reply = ask(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+                reply = self._ask_sentinel(
+                    sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
+                )
                 if not isinstance(reply, list) or int(str(reply[1])) != new:
                     return False
-            role = ask(new, "ROLE")
+            role = ask(new, "ROLE", password=self.password)
             return isinstance(role, list) and role[0] == "master"
 
         self._wait(promoted, timeout, "the sentinels did not fail the primary over")

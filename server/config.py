@@ -275,6 +275,10 @@ class Settings(BaseSettings):
     redis_sentinel_service: str | None = None
     redis_sentinel_password: str | None = Field(default=None, repr=False)
     redis_sentinel_db: Int = 0
+    # Behind sentinels: the password (and the ACL user, if not "default") of the primary
+    # and its replicas. With TETHER_REDIS_URL, they go in the URL instead.
+    redis_password: str | None = Field(default=None, repr=False)
+    redis_username: str | None = None
     # A replica that has not renewed its heartbeat for this long is taken for dead: its
     # running tasks end failed (replica_lost).
     replica_ttl_s: Float = 10.0
@@ -326,6 +330,12 @@ class Settings(BaseSettings):
         if self.redis_sentinels and self.redis_url:
             raise SettingsError(
                 "TETHER_REDIS_URL and TETHER_REDIS_SENTINELS both name a Redis: set one"
+            )
+        if (self.redis_password or self.redis_username) and not self.redis_sentinels:
+            raise SettingsError(
+                "TETHER_REDIS_PASSWORD and TETHER_REDIS_USERNAME are for the Redis behind "
+                "TETHER_REDIS_SENTINELS; with TETHER_REDIS_URL, put them in the URL "
+                "(redis://user:password@host:port/db)"
             )
         return self
 

@@ -86,6 +86,8 @@ def redis_target(settings: Settings) -> RedisTarget:
             settings.redis_sentinel_service,
             password=settings.redis_sentinel_password,
             db=settings.redis_sentinel_db,
+            primary_password=settings.redis_password,
+            primary_username=settings.redis_username,
         )
     if not settings.redis_url:
         raise SettingsError("TETHER_BACKEND=redis needs TETHER_REDIS_URL or TETHER_REDIS_SENTINELS")

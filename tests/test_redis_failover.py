@@ -19,6 +19,7 @@ from fakes.model import TextReply
 from fakes.redis_sentinel import SERVICE, SentinelSet, ask
 from fakes.redis_server import RedisServer
 from server.config import Settings, SettingsError
+from server.exception_groups import first_leaf
 from server.runtime import redis_target
 from server.tasks.redis.connection import RedisConnection
 from tests.conftest import WAIT, Fakes, StartTether, base_settings
@@ -256,6 +257,10 @@ async def test_a_terminal_write_redis_did_not_take_is_written_once_it_answers(
             },
             "TETHER_REDIS_URL and TETHER_REDIS_SENTINELS both name a Redis",
         ),
+        (
+            {"TETHER_REDIS_URL": "redis://127.0.0.1:6379/0", "TETHER_REDIS_PASSWORD": "p"},
+            "with TETHER_REDIS_URL, put them in the URL",
+        ),
     ],
 )
 def test_sentinel_settings_that_cannot_work_are_a_clear_error(
@@ -283,3 +288,36 @@ async def test_the_sentinel_db_setting_puts_the_tasks_in_that_database(
         assert await three.keys(f"*{task_id}*")
     async with coredis.Redis("127.0.0.1", primary, db=0, decode_responses=True) as zero:
         assert not await zero.keys(f"*{task_id}*")
+
+
+async def test_sentinels_and_a_primary_with_passwords_are_reached_with_them(
+    fakes: Fakes, start_tether: StartTether
+) -> None:
+    """Sentinels with a password of their own (``requirepass``, used among them too) in
+    front of a primary and replica with another: Tether, given both
+    (``TETHER_REDIS_SENTINEL_PASSWORD``, ``TETHER_REDIS_PASSWORD``), runs a task whose keys
+    are on the primary; a client missing either password is refused."""
+    sentinels = SentinelSet(password="primary-secret", sentinel_password="sentinel-secret")
+    await trio.to_thread.run_sync(sentinels.start)
+    try:
+        tether = await start_tether(
+            **sentinels.settings(), redis_prefix="pw" + secrets.token_hex(6)
+        )
+        fakes.model.push(TextReply(["behind ", "passwords"]))
+        task_id = await tether.background(chat_body())
+        with trio.fail_after(WAIT):
+            events = await tether.events(task_id)
+        assert assert_log_well_formed(events)["data"]["content"] == "behind passwords"
+        primary = sentinels.first_primary.port
+        assert isinstance(ask(primary, "KEYS", "*"), RuntimeError)  # NOAUTH
+        assert ask(primary, "KEYS", f"*{task_id}*", password="primary-secret")
+        for missing in ("redis_sentinel_password", "redis_password"):
+            target = redis_target(Settings(**{**sentinels.settings(), missing: None}))
+            connection = RedisConnection(target, prefix="", timeout_s=WAIT, max_connections=1)
+            with trio.fail_after(WAIT), pytest.raises(Exception) as refused:
+                async with connection:
+                    await connection.commands.ping()
+            leaf = first_leaf(refused.value)
+            assert "auth" in str(leaf).lower(), leaf
+    finally:
+        await trio.to_thread.run_sync(sentinels.stop)

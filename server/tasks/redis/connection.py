@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -87,12 +87,15 @@ class OneSlotScript:
 @dataclass(frozen=True)
 class Sentinels:
     """A primary found through Redis Sentinel: the sentinels' addresses, the name they
-    monitor it by, their own password (if any), and the database on the primary."""
+    monitor it by, their own password (if any), the database on the primary, and the
+    primary's password and ACL user (if any)."""
 
     addresses: tuple[tuple[str, int], ...]
     service: str
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     db: int = 0
+    primary_password: str | None = field(default=None, repr=False)
+    primary_username: str | None = None
 
     def __str__(self) -> str:
         where = ",".join(f"{host}:{port}" for host, port in self.addresses)
@@ -130,6 +133,8 @@ def sentinel_manager(target: Sentinels, timeout_s: float) -> coredis.Sentinel[st
         },
         decode_responses=True,
         db=target.db,
+        password=target.primary_password,
+        username=target.primary_username,
     )
 
 
