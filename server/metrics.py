@@ -52,6 +52,12 @@ class Metrics:
             "Pause between two reads of a model stream (0 unless the loop is busy)",
             registry=self.registry,
         )
+        self.store_reachable = Gauge(
+            "tether_task_store_reachable",
+            "1 while this process is sure the shared task store hears it (its heartbeat is "
+            "current; always 1 on the memory backend), else 0: not ready, readers let go",
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "tether_tasks_rejected",
             "Requests refused by admission",

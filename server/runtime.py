@@ -153,6 +153,8 @@ def build_runtime(settings: Settings, *, tracer_provider: TracerProvider | None 
     tools = ToolRegistry(build_tools(settings, pages), mcp, settings.mcp_max_result_chars)
     pipeline = ChatPipeline(settings, models, search, tools, pages)
     manager = TaskManager(settings, build_backend(settings), pipeline.run_chat, metrics, tracing)
+    cluster = manager.cluster
+    metrics.store_reachable.set_function(lambda: 1.0 if cluster.reachable else 0.0)
     sessions = SessionRegistry(manager, settings.ws_reconnect_grace_s)
     return Runtime(
         settings=settings,

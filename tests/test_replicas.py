@@ -263,6 +263,12 @@ async def _readiness_becomes(replica: Replica, status: int) -> dict[str, Any]:
         await trio.sleep(0.05)  # readiness changes with time: asked again
 
 
+async def _reachable_metric(replica: Replica) -> float:
+    text = (await replica.client.get("/metrics")).text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("tether_task_store_reachable ")]
+    return float(line.split()[1])
+
+
 async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_heard_again(
     fakes: Fakes, redis_server: RedisServer
 ) -> None:
@@ -291,6 +297,7 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
             assert let_go.value.reason is not None and let_go.value.reason.code == 1013
             refused = await _readiness_becomes(a, 503)
             assert refused["error"]["code"] == "backend_unavailable"
+            assert await _reachable_metric(a) == 0
             on_b = await _events(b, task_id)  # ends when B has reaped A's task
             assert on_b[-1]["type"] == "task:failed"
             assert on_b[-1]["data"]["error"]["type"] == "replica_lost"
@@ -299,6 +306,7 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
             proxy.resume()
             closed = await fakes.pages.wait_connection_closed(page.conn_id)
             await _readiness_becomes(a, 200)
+            assert await _reachable_metric(a) == 1
         assert closed.closed_at is not None
         assert await _events(a, task_id) == on_b
 
