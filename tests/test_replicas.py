@@ -334,7 +334,7 @@ async def test_streams_on_a_cut_off_replica_end_and_the_response_resumes_elsewhe
     error naming its task, then ``[DONE]``, and the response's stream ends where it is, not
     a wait as long as the partition. What they streamed is what Redis holds: the response
     resumes on B from its last ``sequence_number`` to the reaper's end. When the link comes
-    back, both tasks stop at the model."""
+    back (after B reaped both), both tasks stop at the model."""
     settings = replica_settings(fakes, redis_server.url)
     async with _a_behind_a_pausing_proxy(settings, redis_server) as (proxy, a, b):
         for _ in range(2):
@@ -360,6 +360,10 @@ async def test_streams_on_a_cut_off_replica_end_and_the_response_resumes_elsewhe
                 await response_flowing.wait()
                 proxy.pause()
             await fakes.model.wait_for_request("/v1/chat/completions", count=2)
+            # B reaps both tasks before the link comes back (their logs end on B): A's own
+            # late ends (its streams' connections closed) are then refused by the fence.
+            for task_id in ids.values():
+                await _events(b, task_id)
             proxy.resume()
             for request in fakes.model.requests_for("/v1/chat/completions"):
                 await fakes.model.wait_connection_closed(request.conn_id)
