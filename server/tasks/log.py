@@ -38,6 +38,8 @@ class EventLog:
         # one. Made only when someone waits, so that an append nobody waits on (most of
         # them: WebSocket followers use ``watchers``) allocates nothing.
         self._changed: trio.Event | None = None
+        # The last event set by ``wake`` rather than by an append.
+        self._woken: trio.Event | None = None
 
     @property
     def last_seq(self) -> int:
@@ -88,13 +90,26 @@ class EventLog:
         )
 
     async def wait_beyond(self, after: int) -> bool:
-        """Wait for an event with ``seq > after``: True once one exists, False if none ever
-        will (the log is closed before it). Cancelling it just stops the wait.
+        """Wait for an event with ``seq > after``: True once one exists (or on ``wake``:
+        read again), False if none ever will (the log is closed before it). Cancelling it
+        just stops the wait.
         """
         while self.last_seq <= after:
             if self.closed:
                 return False
             if self._changed is None:
                 self._changed = trio.Event()
-            await self._changed.wait()
+            changed = self._changed
+            await changed.wait()
+            if self._woken is changed:
+                return True
         return True
+
+    def wake(self) -> None:
+        """Let every waiter go (``wait_beyond`` returns True, with or without a new event):
+        the store that holds the log has news for its readers (see
+        ``RedisStore.let_readers_go``)."""
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            self._woken = changed
+            changed.set()

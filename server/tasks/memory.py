@@ -148,6 +148,11 @@ class MemoryStore:
             return False
         return await log.wait_beyond(after)
 
+    def wake_all(self) -> None:
+        """Let every waiter of every log go (see ``EventLog.wake``)."""
+        for log in self._logs.values():
+            log.wake()
+
     @contextmanager
     def reading(self, task_id: str) -> Iterator[None]:
         log = self._logs.get(task_id)

@@ -430,6 +430,14 @@ class Tailer:
             recent.clear()
         recent.append(event)
 
+    def wake_all(self) -> None:
+        """Let every waiter go, as if its event had come (the store has news for its
+        readers: see ``RedisStore.let_readers_go``); the watches are left alone."""
+        for followed in self._followed.values():
+            for waiter in followed.waiters:
+                waiter.result = True
+                waiter.done.set()
+
     def _end(self, task_id: str, followed: _Followed) -> None:
         """The log has ended (or is gone): nothing more will come to its followers."""
         for watch in followed.watches:
