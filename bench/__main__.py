@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-workers", type=int, default=0, help="workers scenario: up to N (default: cores)"
     )
+    parser.add_argument(
+        "--followers-redis",
+        action="append",
+        type=_followers_setup,
+        metavar="SETUP",
+        help="followers scenario: the Redis of a pair of replicas (repeatable, each level runs "
+        "on each): one (the default), cluster, or cluster:N (TETHER_REDIS_FOLLOW_READS=N)",
+    )
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     # Measuring another deployment, or a peer gateway beside Tether (bench/remote_run.py).
@@ -71,6 +79,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="install this gateway pinned under .tools/ and measure it beside Tether",
     )
     return parser.parse_args(argv)
+
+
+def _followers_setup(spec: str) -> str:
+    from bench.scenarios.followers import parse_setup
+
+    try:
+        parse_setup(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
 
 
 async def until_signal(
@@ -148,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg: BenchConfig = FULL if args.full else QUICK
     if args.max_workers:
         cfg = dataclasses.replace(cfg, workers_max=args.max_workers)
+    if args.followers_redis:
+        cfg = dataclasses.replace(cfg, followers_redis=tuple(args.followers_redis))
     name = args.name or cfg.mode
     scenarios = args.scenario or list(RUN_ORDER)
     progress = Progress(args.quiet)

@@ -90,6 +90,9 @@ class BenchConfig:
     followers_tokens: int = 60  # 12 s at 5/s
     followers_on_a: int = 1  # per task: A's own followers (the floor)
     followers_on_b: tuple[int, ...] = (1, 10)  # per task, one level each: 100 and 1,000 on B
+    # The Redis of each pair of replicas, every level run on each: "one" (one redis-server),
+    # "cluster" (the tests' six-node Redis Cluster), "cluster:N" (TETHER_REDIS_FOLLOW_READS=N)
+    followers_redis: tuple[str, ...] = ("one",)
     # 11. workers: --workers N on Redis for N = 1, 2, ... up to the cores (or workers_max)
     workers_streams: int = 100  # per worker, at scale_rate: the load grows with N
     workers_tokens: int = 300  # 6 s at 50/s

@@ -145,6 +145,14 @@ class ProcessSet:
         self.procs.append(proc)
         return proc
 
+    def adopt(self, name: str, popen: subprocess.Popen[bytes], log_path: Path) -> Proc:
+        """Take in a child started elsewhere (the test suite's Redis Cluster starts its own
+        nodes), so that it is ended by its pid with the others and its CPU is counted. It
+        has no PR_SET_PDEATHSIG: a bench killed with SIGKILL leaves it behind."""
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
     async def start_fake(self, name: str, module: str, timeout: float = 20.0) -> Proc:
         """Start ``python -m <module> --port 0`` and wait for its ``READY <port>`` line."""
         proc = self.spawn(name, ["-m", module, "--port", "0", "--host", "127.0.0.1"])

@@ -915,6 +915,8 @@ def _followers(res: Results) -> list[str]:
     levels = fig.get("levels") or []
     if not levels:
         return []
+    setups = fig.get("redis") or ["one"]
+    named = setups != ["one"]
     out = [
         "## 10. Followers on another replica",
         "",
@@ -929,26 +931,32 @@ def _followers(res: Results) -> list[str]:
         "(before: the replay of what was written before they came). p50 / p99 in ms.",
         "",
     ]
+    if named:
+        out += [_followers_setups(fig), ""]
     rows = []
     for lv in levels:
         rc, a, b = lv["redis_clients"], lv["a"], lv["b"]
-        cpu = lv["cpu_percent_window"]
+        cpu = lv.get("cpu") or {}
+        connections = f"{rc['before']['b']} / {rc['during_b_min']}-{rc['during_b_max']} / "
+        connections += f"{rc['after']['b']}"
+        if lv.get("redis", "one") != "one":
+            connections += f" (at most {rc['during_b_node_max']} on one node)"
         rows.append(
-            [
+            ([f"`{lv['redis']}`"] if named else [])
+            + [
                 f"{lv['followers_b']:,} on B, {lv['followers_a']:,} on A",
-                f"{rc['before']['b']} / {rc['during_b_min']}-{rc['during_b_max']} / "
-                f"{rc['after']['b']}",
+                connections,
                 _pair(a["lag"]["p50"], a["lag"]["p99"]),
                 _pair(b["lag"]["p50"], b["lag"]["p99"]),
                 f"**{_pair(lv['ratio']['p50'], lv['ratio']['p99'], _x)}**",
                 f"{lv['redis_counters']['xread']:,} / {lv['redis_counters']['xrange']:,}",
-                f"{cpu.get('replica_a', 0):.0f} / {cpu.get('replica_b', 0):.0f} / "
-                f"{cpu.get('redis', 0):.0f}",
+                f"{cpu.get('a', 0):.0f} / {cpu.get('b', 0):.0f} / {cpu.get('redis', 0):.0f}",
                 f"{a['lost'] + a['out_of_order']} / {b['lost'] + b['out_of_order']}",
             ]
         )
     out += _table(
-        [
+        (["Redis"] if named else [])
+        + [
             "followers",
             "B's Redis connections",
             "lag on A ms",
@@ -960,7 +968,59 @@ def _followers(res: Results) -> list[str]:
         ],
         rows,
     )
+    if named:
+        out += ["", *_followers_compared(levels, setups)]
     return out + [""]
+
+
+def _followers_setups(fig: dict[str, Any]) -> str:
+    """What each Redis set-up of the followers scenario was."""
+    reads = fig.get("follow_reads") or {}
+    nodes = fig.get("nodes") or {}
+    said = []
+    for spec in fig["redis"]:
+        if spec == "one":
+            said.append("`one`: one redis-server")
+        else:
+            said.append(
+                f"`{spec}`: the tests' Redis Cluster ({len(nodes.get('cluster', []))} nodes, "
+                f"three primaries; `TETHER_REDIS_URL` names one), "
+                f"`TETHER_REDIS_FOLLOW_READS={reads.get(spec)}`"
+            )
+    return (
+        "Redis set-ups, each with a pair of replicas of its own (a key prefix each; the "
+        "cluster set-ups share one cluster): "
+        + "; ".join(said)
+        + ". Each level ran on every set-up in turn, in a random order per level. On a "
+        "cluster, B's connections and the calls are summed over every node, and each task's "
+        "keys are a hash slot of their own (`{<task id>}`), so B follows about as many slots "
+        "as tasks. CPU % of redis: every node's, summed."
+    )
+
+
+def _followers_compared(levels: list[dict[str, Any]], setups: list[str]) -> list[str]:
+    """B / A lag and B's connections of each set-up, side by side per follower count."""
+    by_count: dict[int, dict[str, dict[str, Any]]] = {}
+    for lv in levels:
+        by_count.setdefault(lv["followers_b"], {})[lv["redis"]] = lv
+    rows = []
+    for count, mine in by_count.items():
+        cells = [f"{count:,} on B"]
+        for spec in setups:
+            lv = mine.get(spec)
+            cells.append(
+                f"**{_pair(lv['ratio']['p50'], lv['ratio']['p99'], _x)}**, "
+                f"{lv['redis_clients']['during_b_max']} conn."
+                if lv
+                else "–"
+            )
+        rows.append(cells)
+    return [
+        "Side by side: B / A event lag p50 / p99, and the most Redis connections B held "
+        "while the tasks streamed.",
+        "",
+        *_table(["followers", *[f"`{spec}`" for spec in setups]], rows),
+    ]
 
 
 def _workers(res: Results) -> list[str]:

@@ -88,7 +88,8 @@ class RedisServer:
         return tuple(self._args() if callable(self._args) else self._args)
 
     @property
-    def _log(self) -> Path:
+    def log_path(self) -> Path:
+        """Where the server logs (removed with its directory by ``stop``)."""
         return Path(self._dir) / "redis.log"
 
     def start(self, timeout: float = 10.0) -> None:
@@ -112,7 +113,7 @@ class RedisServer:
             path.write_text(self._config() if callable(self._config) else self._config)
             config.append(str(path))
         cluster = [] if self.cluster_port is None else ["--cluster-port", str(self.cluster_port)]
-        self._log.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(
             [
                 redis_binary(),
@@ -134,7 +135,7 @@ class RedisServer:
                 "--loglevel",
                 "warning",
                 "--logfile",
-                str(self._log),
+                str(self.log_path),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -146,7 +147,7 @@ class RedisServer:
                 if self.process.stderr is not None:
                     err = self.process.stderr.read().decode()
                     self.process.stderr.close()
-                logged = self._log.read_text(errors="replace") if self._log.exists() else ""
+                logged = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
                 return (err + logged).strip() or f"exit status {self.process.returncode}"
             if time.monotonic() > deadline:
                 self.stop()

@@ -182,16 +182,24 @@ async def start_replicas(b: Bench, redis: Proc, started: dict[str, Proc]) -> Rep
     """Replicas A and B (``replica_a``, ``replica_b``) on one task space (one Redis, one key
     prefix), started side by side; each goes into ``started`` as soon as it is up, so that
     the caller can end what did start if the other failed."""
-    env = redis_env(redis, prefix())
+    return await start_pair(b, redis_env(redis, prefix()), started)
+
+
+async def start_pair(
+    b: Bench, env: dict[str, str], started: dict[str, Proc], name: str = "replica"
+) -> Replicas:
+    """Replicas A and B (``<name>_a``, ``<name>_b``) with the backend settings ``env``, as
+    ``start_replicas`` starts them."""
+    names = (f"{name}_a", f"{name}_b")
 
     async def start(name: str) -> None:
         # Under --profile, B: the replica that reads what the other writes.
-        started[name] = await b.start_tether(name, env, profile=name == "replica_b")
+        started[name] = await b.start_tether(name, env, profile=name == names[1])
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(start, "replica_a")
-        nursery.start_soon(start, "replica_b")
-    return Replicas(started["replica_a"], started["replica_b"])
+        for each in names:
+            nursery.start_soon(start, each)
+    return Replicas(started[names[0]], started[names[1]])
 
 
 def end_tether(b: Bench, proc: Proc, exits: dict[str, int | None]) -> None:
