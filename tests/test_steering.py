@@ -4,6 +4,7 @@ the skipped step's connection closed, the others open. On both task backends."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,37 @@ async def test_skipping_the_search_answers_from_what_it_found_and_closes_its_con
     again = await _skip(tether, task_id, "web_search")
     assert again.status_code == 409
     assert again.json()["step"] == {"task_id": task_id, "step": "web_search", "state": "skipped"}
+
+
+async def test_a_skip_answers_once_its_step_has_ended(tether: Tether, fakes: Fakes) -> None:
+    """The skip's answer is written after the step has unwound, its connection closed,
+    not before the step's tasks have run. The answer is read off a raw socket, and from its
+    first bytes to the manager's word on the step there is no checkpoint: the step's state
+    is the one the answer came in."""
+    fakes.search.configure(delay=30)
+    fakes.model.push(TextReply(["Answered without sources."]))
+    task_id = await tether.background(chat_body(features={"web_search": True}))
+    with trio.fail_after(WAIT):
+        request = await fakes.search.wait_for_request("/search")
+    body = b'{"step": "web_search"}'
+    head = (
+        f"POST /api/tasks/{task_id}/skip HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    host, port = tether.base_url.removeprefix("http://").split(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(head.encode() + body)
+        with trio.fail_after(WAIT):
+            answer = await stream.receive_some(65536)
+            step = await tether.runtime.manager.skip_step(task_id, "web_search", "local")
+            while not answer.endswith(b"}\n"):
+                answer += await stream.receive_some(65536)
+    assert step == ("skipped", False)  # it had ended
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["state"] == "skipped"
+    with trio.fail_after(WAIT):
+        await fakes.search.wait_connection_closed(request.conn_id)
+    assert assert_log_well_formed(await tether.events(task_id))["type"] == "task:completed"
 
 
 async def test_skipping_one_page_leaves_it_out_and_the_other_pages_open(

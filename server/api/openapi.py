@@ -251,7 +251,11 @@ def _paths() -> dict[str, Any]:
                 "Skip one step of a task (`web_search`, `page:<url>` or a tool call's id); "
                 "the task goes on without it",
                 {
-                    "200": _json("StepSkipped", "The step, skipped."),
+                    "200": _json(
+                        "StepSkipped",
+                        "The step, skipped; for a task run by the replica that answers, once "
+                        "the step has ended (its connections closed).",
+                    ),
                     **_errors(
                         400,
                         404,

@@ -28,9 +28,10 @@ class StepEnded(RequestError):
 
 
 async def skip_step(rt: Runtime, user: str, task_id: str, step: str) -> dict[str, Any]:
-    """Skip the user's task's step wherever the task runs; its state after it. Raises 404
-    for another user's or an unknown task and for a step the task never began, 409 for a
-    step that has ended (nothing changes). Cancelling it leaves the skip given or not."""
+    """Skip the user's task's step wherever the task runs; its state after it, once the
+    step has ended if the task runs here (``TaskManager.skip_step``). Raises 404 for another
+    user's or an unknown task and for a step the task never began, 409 for a step that has
+    ended (nothing changes). Cancelling it leaves the skip given or not."""
     if await rt.manager.get(user, task_id) is None:
         raise RequestError(404, "not_found", f"No task {task_id!r}.", param="task_id")
     outcome = await rt.manager.skip_step(task_id, step, user)

@@ -581,11 +581,23 @@ class TaskManager:
     async def skip_step(self, task_id: str, step_id: str, by: str) -> tuple[StepState, bool] | None:
         """Skip a step of a task wherever it runs: its state after and whether it was
         running (see ``Steps.skip``); None if the task has no such step. A task run here is
-        reached synchronously; one run elsewhere through the cluster, its steps read from
-        its log. Shielded, as a stop is: a caller that goes away has still given it."""
+        reached synchronously, and this returns once the step has ended (its connections
+        closed; its clean-up is its own to bound: an MCP call's cancel notification, 5 s
+        at most); one run elsewhere through the cluster, its steps read from its log, and
+        this returns once the skip is sent. Shielded, as a stop is: a caller that goes
+        away has still given it (here, cancelling it only ends the wait)."""
         running = self._running.get(task_id)
         if running is not None:
-            return running.steps.skip(step_id, by)
+            outcome = running.steps.skip(step_id, by)
+            # Cancelling the step's scope only makes its trio tasks runnable: they close
+            # the step's connections when they next run, and the caller would go on
+            # first, to its answer (a few hundred microseconds of the event loop to build
+            # and write it, before its next checkpoint), so a skip closed its step's
+            # connection about twice as late as a stop, whose caller waits for the task's
+            # end at once. Waiting for the step's end gives the loop to its unwinding
+            # straight away, and the answer then says the step has ended.
+            await running.steps.wait_ended(step_id)
+            return outcome
         with trio.CancelScope(shield=True) as step:
             step.relative_deadline = self.settings.backend_timeout_s
             events = await self.store.read(task_id, 0)

@@ -40,6 +40,8 @@ class Step:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     skipped_by: str | None = None
     state: StepState = "running"
+    # Set once the step's block has been left: its connections are closed by then.
+    ended: trio.Event = field(default_factory=trio.Event)
 
     @property
     def cut(self) -> Literal["skipped", "deadline"] | None:
@@ -89,6 +91,7 @@ class Steps:
                     else:
                         step.state = "completed"
                 self._ended[step_id] = step.state
+                step.ended.set()
                 cut = step.cut
                 if span is not None and cut is not None:
                     tracing.mark_cut(span, cut, step.skipped_by)
@@ -105,6 +108,13 @@ class Steps:
             return "skipped", True
         ended = self._ended.get(step_id)
         return None if ended is None else (ended, False)
+
+    async def wait_ended(self, step_id: str) -> None:
+        """Wait until the step ``step_id`` has ended, if it is running; at once if not.
+        Cancelling it only ends the wait."""
+        step = self._running.get(step_id)
+        if step is not None:
+            await step.ended.wait()
 
     def running(self) -> list[Step]:
         """The steps running now, oldest first."""
