@@ -254,7 +254,7 @@ def _paths() -> dict[str, Any]:
                     "200": _json(
                         "StepSkipped",
                         "The step, skipped; for a task run by the replica that answers, once "
-                        "the step has ended (its connections closed).",
+                        "the step has ended (its connections closed), or after 1 s at most.",
                     ),
                     **_errors(
                         400,

@@ -206,6 +206,11 @@ class RunningTask:
     lost: LogClosed | None = None
 
 
+# How long a skip's answer waits for its step to end (its connections closed): a step
+# ends within a millisecond, unless its clean-up waits on a server.
+SKIP_ANSWER_WAIT_S = 1.0
+
+
 def new_task_id(prefix: str = "task_") -> str:
     return prefix + secrets.token_hex(12)
 
@@ -582,9 +587,10 @@ class TaskManager:
         """Skip a step of a task wherever it runs: its state after and whether it was
         running (see ``Steps.skip``); None if the task has no such step. A task run here is
         reached synchronously, and this returns once the step has ended (its connections
-        closed; its clean-up is its own to bound: an MCP call's cancel notification, 5 s
-        at most); one run elsewhere through the cluster, its steps read from its log, and
-        this returns once the skip is sent. Shielded, as a stop is: a caller that goes
+        closed), or after ``SKIP_ANSWER_WAIT_S`` if its clean-up takes longer (an MCP
+        call's cancel notification to a server that does not answer); one run elsewhere
+        through the cluster, its steps read from its log, and this returns once the skip
+        is sent. Shielded, as a stop is: a caller that goes
         away has still given it (here, cancelling it only ends the wait)."""
         running = self._running.get(task_id)
         if running is not None:
@@ -596,7 +602,10 @@ class TaskManager:
             # connection about twice as late as a stop, whose caller waits for the task's
             # end at once. Waiting for the step's end gives the loop to its unwinding
             # straight away, and the answer then says the step has ended.
-            await running.steps.wait_ended(step_id)
+            # Bounded: a step whose clean-up is slow (an MCP call's cancel notification to
+            # a stuck server) does not hold the answer, nor a WebSocket's next command.
+            with trio.move_on_after(SKIP_ANSWER_WAIT_S):
+                await running.steps.wait_ended(step_id)
             return outcome
         with trio.CancelScope(shield=True) as step:
             step.relative_deadline = self.settings.backend_timeout_s
