@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _followers_setup(spec: str) -> str:
-    from bench.scenarios.followers import parse_setup
+    from bench.redis_clients import parse_setup
 
     try:
         parse_setup(spec)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from bench.scenarios.followers import RedisProbe, parse_setup, sum_clients, tally_clients
+from bench.redis_clients import RedisProbe, parse_setup, sum_clients, tally_clients
 from fakes.redis_cluster import RedisCluster
 from tests.conftest import WAIT
 
