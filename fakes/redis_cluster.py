@@ -12,49 +12,23 @@ failover does not wait long.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from fakes.redis_server import RedisServer
+from fakes.redis_server import RedisServer, ask
 
 SLOTS = 16384
 NODE_TIMEOUT_MS = 1000
 
 
-def _read_reply(file: Any) -> Any:
-    line = file.readline()
-    if not line:
-        raise ConnectionError("redis-server closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        if int(rest) < 0:
-            return None
-        data = file.read(int(rest) + 2)
-        return data[:-2].decode()
-    if kind == b"*":
-        return None if int(rest) < 0 else [_read_reply(file) for _ in range(int(rest))]
-    raise RuntimeError(f"unexpected reply {line!r}")
-
-
 def command(port: int, *args: str | int, timeout: float = 10.0) -> Any:
     """Send one command to the redis-server on ``port`` and return its reply (an error
     reply raises ``RuntimeError``). Blocking: call it from a thread in trio code."""
-    payload = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        data = str(arg).encode()
-        payload += b"$%d\r\n%s\r\n" % (len(data), data)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        with sock.makefile("rb") as file:
-            return _read_reply(file)
+    reply = ask(port, *(str(arg) for arg in args), timeout=timeout)
+    if isinstance(reply, RuntimeError):
+        raise reply
+    return reply
 
 
 def info(port: int, section: str) -> dict[str, str]:

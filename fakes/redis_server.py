@@ -40,6 +40,68 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ask(port: int, *words: str, timeout: float = 2.0, password: str | None = None) -> object:
+    """One command to the Redis (or sentinel) on ``port``, after ``AUTH password`` if
+    given; its reply parsed (an error reply is returned as a ``RuntimeError``, not raised)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        reply = _Reply(sock)
+        if password is not None:
+            sock.sendall(_command("AUTH", password))
+            if isinstance(authed := reply.read(), RuntimeError):
+                return authed
+        sock.sendall(_command(*words))
+        return reply.read()
+
+
+def _command(*words: str) -> bytes:
+    return (
+        f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
+    ).encode()
+
+
+class _Reply:
+    """The RESP2 replies a sentinel and INFO give: simple strings, errors, integers, bulk
+    strings and arrays."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            self._more()
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def _more(self) -> None:
+        data = self._sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection mid-reply")
+        self._buffer += data
+
+    def read(self) -> object:
+        line = self._line()
+        kind, rest = line[:1], line[1:].decode()
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return RuntimeError(rest)
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self._buffer) < size + 2:
+                self._more()
+            data, self._buffer = self._buffer[:size], self._buffer[size + 2 :]
+            return data.decode()
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self.read() for _ in range(size)]
+        raise ValueError(f"not a RESP reply: {line!r}")
+
+
 def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
