@@ -22,6 +22,10 @@ from server.tasks.manager import TaskManager
 
 log = logging.getLogger("tether.sessions")
 
+# The pauses between tries of a connection's count that the shared store did not take.
+_UNCOUNTED_PAUSE_S = 0.25
+_UNCOUNTED_PAUSE_MAX_S = 5.0
+
 
 class SessionConnection(Protocol):
     def auto_follow(self, task_id: str) -> None:
@@ -96,12 +100,30 @@ class SessionRegistry:
             self._nursery.start_soon(self._left, session)
 
     async def _left(self, session: Session) -> None:
-        try:
-            await self._manager.cluster.session_presence(session.id, session.user, -1)
-        except TaskRefused as exc:
-            log.warning(
-                "session %s: a closed connection was not counted: %s", session.id, exc.message
-            )
+        """Count the closed connection out, then start the grace if it was the last here.
+        A count the shared store does not take is given again until it does (a process
+        cut off from Redis closes its WebSockets just when it cannot count them out): a
+        count left behind would make every other process think the client is still here,
+        and its session's tasks would never be stopped."""
+        pause = _UNCOUNTED_PAUSE_S
+        while True:
+            try:
+                await self._manager.cluster.session_presence(session.id, session.user, -1)
+                break
+            except TaskRefused as exc:
+                if pause == _UNCOUNTED_PAUSE_S:
+                    log.warning(
+                        "session %s: a closed connection was not counted out yet: %s",
+                        session.id,
+                        exc.message,
+                    )
+                    self._grace_if_last(session)  # not held back by the count
+                await trio.sleep(pause)
+                pause = min(2 * pause, _UNCOUNTED_PAUSE_MAX_S)
+        if pause == _UNCOUNTED_PAUSE_S:
+            self._grace_if_last(session)
+
+    def _grace_if_last(self, session: Session) -> None:
         if not session.connections and session.grace is None:
             self._start_grace(session)
 

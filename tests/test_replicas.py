@@ -17,10 +17,10 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from fakes.model import HangReply, TextReply, ToolCallReply
-from fakes.redis_server import RedisServer
+from fakes.redis_server import RedisServer, ask
 from server.config import Settings
 from tests.conftest import WAIT, Fakes, base_settings
-from tests.helpers import assert_log_well_formed, chat_body
+from tests.helpers import assert_log_well_formed, chat_body, until
 from tests.pausing_proxy import PausingProxy
 from tests.replicas import ROOT, Replica
 from tests.test_ws import connect
@@ -285,7 +285,8 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
         task_id = await a.background(chat_body("read it", tool_ids=["fetch_url"]))
         with trio.fail_after(2 * WAIT):
             page = await fakes.pages.wait_for_request("/hang")
-            assert (await a.client.get("/readyz")).status_code == 200
+            ready = await a.client.get("/readyz")
+            assert ready.status_code == 200
             async with connect(cast(Any, a)) as on_ws:
                 await on_ws.send({"type": "subscribe", "task_id": task_id, "after": 0})
                 await on_ws.recv_type("event")
@@ -307,6 +308,15 @@ async def test_a_replica_taken_for_dead_stops_a_waiting_task_as_soon_as_it_is_he
             closed = await fakes.pages.wait_connection_closed(page.conn_id)
             await _readiness_becomes(a, 200)
             assert await _reachable_metric(a) == 1
+            # The WebSocket's count in its session, taken out while A was cut off, is out
+            # once A is heard: no other replica thinks the client is still on A.
+            session = f"{settings.redis_prefix}:session:{on_ws.session_id}"
+            counted = f"c:{ready.json()['replica']}"
+            await until(
+                lambda: trio.to_thread.run_sync(
+                    lambda: ask(redis_server.port, "HGET", session, counted) is None
+                )
+            )
         assert closed.closed_at is not None
         assert await _events(a, task_id) == on_b
 
@@ -382,6 +392,46 @@ async def test_streams_on_a_cut_off_replica_end_and_the_response_resumes_elsewhe
         whole = await _response_events(b, seen[0]["response"]["id"])
         assert seen + rest == whole
         assert whole[-1]["type"] == "response.failed"
+
+
+async def test_a_streamed_chat_let_go_by_a_lone_replica_leaves_its_task_running(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    """One replica, and its link to Redis silent past 0.8 TTL (no other replica to reap
+    it): its streamed chat is let go with ``backend_unavailable``, but the stream's end is
+    not the client leaving. The task is not stopped: when the link comes back (within
+    ``TETHER_BACKEND_TIMEOUT_S``, so that its writes were only held), it completes, its
+    whole answer readable by its id."""
+    settings = replica_settings(fakes, redis_server.url)
+    proxy = PausingProxy(redis_server.port)
+    words = [f"w{i} " for i in range(300)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        a = Replica(settings.with_overrides(redis_url=proxy.url), name="A")
+        try:
+            await a.start()
+            fakes.model.push(TextReply(words, interval=0.01))
+            chat: list[str] = []
+            with trio.fail_after(2 * WAIT):
+                async with a.client.stream(
+                    "POST", "/api/chat/completions", json=chat_body(stream=True)
+                ) as response:
+                    task_id = response.headers["X-Task-Id"]
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            chat.append(line[6:])
+                            if len(chat) == 3:
+                                proxy.pause()
+                proxy.resume()
+                await _readiness_becomes(a, 200)
+                events = await _events(a, task_id)
+            assert json.loads(chat[-2])["error"]["code"] == "backend_unavailable"
+            terminal = assert_log_well_formed(events)
+            assert terminal["type"] == "task:completed", terminal
+            assert terminal["data"]["content"] == "".join(words)
+        finally:
+            await a.close()
+            nursery.cancel_scope.cancel()
 
 
 async def test_the_admission_limit_holds_across_both_replicas(

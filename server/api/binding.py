@@ -40,10 +40,18 @@ def bind_to_connection(inner: ASGIApp) -> ASGIApp:
     return asgi
 
 
-def on_connection_close(callback: Callable[[], object]) -> None:
-    """Call ``callback`` when the current request's connection is done with, however."""
-    scope = cast(dict[str, Any], request.scope)
-    scope[ON_CLOSE].append(callback)
+def on_connection_close(callback: Callable[[], object]) -> Callable[[], None]:
+    """Call ``callback`` when the current request's connection is done with, however.
+    Returns what takes it back: an answer that ends on purpose before its task does (a
+    stream the task store let go, see ``RedisStore.let_readers_go``) leaves the task be."""
+    callbacks: list[Callable[[], object]] = cast(dict[str, Any], request.scope)[ON_CLOSE]
+    callbacks.append(callback)
+
+    def take_back() -> None:
+        if callback in callbacks:
+            callbacks.remove(callback)
+
+    return take_back
 
 
 def route_websocket(inner: ASGIApp, path: str, handler: ASGIApp) -> ASGIApp:

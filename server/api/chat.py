@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -52,9 +52,10 @@ async def chat_completions() -> Response:
     user = current_user()
     chat = await check_chat(rt, user, await read_json_body())
     record = await rt.manager.spawn(user, chat, trace_parent=request.headers.get("traceparent"))
+    unbind = None
     if record.mode != "background":
         # Bound to this connection however it ends (see app.bind_to_connection).
-        on_connection_close(partial(rt.manager.cancel, record.id, "disconnect"))
+        unbind = on_connection_close(partial(rt.manager.cancel, record.id, "disconnect"))
     rt.metrics.time_to_task_id.labels("http").observe(time.perf_counter() - arrived)
     headers = {"X-Task-Id": record.id}
     if record.mode == "background":
@@ -66,7 +67,7 @@ async def chat_completions() -> Response:
     if record.mode == "stream":
         include_usage = bool((chat.stream_options or {}).get("include_usage"))
         response = Response(
-            _stream(rt, record, include_usage, openai), headers=sse_headers(record.id)
+            _stream(rt, record, include_usage, openai, unbind), headers=sse_headers(record.id)
         )
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long stream
         return response
@@ -183,14 +184,19 @@ def _chunk_of(record: TaskRecord, choices: list[dict[str, Any]], **extra: Any) -
 
 
 async def _stream(
-    rt: Runtime, record: TaskRecord, include_usage: bool, openai: bool
+    rt: Runtime,
+    record: TaskRecord,
+    include_usage: bool,
+    openai: bool,
+    unbind: Callable[[], None] | None = None,
 ) -> AsyncIterator[str]:
     """The OpenAI chunk stream of one task.
 
     Status steps go out as SSE comment lines, which clients ignore and proxies see as
     traffic; a comment is also sent every ``sse_keepalive_s`` while nothing else happens.
     If the client goes away, the task is stopped by the connection binding that the
-    handler registered (``binding.bind_to_connection``), started or not.
+    handler registered (``binding.bind_to_connection``), started or not; ``unbind`` takes
+    that back, when the stream ends because the task store let its readers go.
     """
     store = rt.manager.store
     keepalive = rt.settings.sse_keepalive_s
@@ -243,9 +249,12 @@ async def _stream(
                     yield "".join(parts)
         except BackendUnavailable as exc:
             # The task store cannot be heard (this replica is cut off from it): the
-            # stream ends with the error, as a failed task's does; the task itself may
-            # go on elsewhere (its id is in the payload).
+            # stream ends with the error, as a failed task's does; the task goes on (it
+            # ends as its writes allow, or is ended by a replica that took this one for
+            # dead), readable by its id in the payload.
             log.warning("task=%s: its stream ended early: %s", record.id, exc)
+            if unbind is not None:
+                unbind()  # the client did not leave: the task goes on, or ends, by itself
             error = RequestError(503, "backend_unavailable", exc.message)
             yield sse.event(fastjson.dumps({**error.body(), "task_id": record.id})) + sse.DONE
 

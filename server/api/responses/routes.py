@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import nullcontext
 from functools import partial
 from typing import Any
@@ -183,12 +183,13 @@ async def create() -> Response:
         )
     chat = build_chat(rt, body, history, previous_response_id=body.previous_response_id)
     record = await rt.manager.spawn(user, chat, trace_parent=request.headers.get("traceparent"))
+    unbind = None
     if not body.background:
-        on_connection_close(partial(rt.manager.cancel, record.id, "disconnect"))
+        unbind = on_connection_close(partial(rt.manager.cancel, record.id, "disconnect"))
     rt.metrics.time_to_task_id.labels("http").observe(time.perf_counter() - arrived)
     headers = {"X-Task-Id": record.id}
     if body.stream:
-        return _sse(_stream(rt, record, 0), record.id)
+        return _sse(_stream(rt, record, 0, unbind=unbind), record.id)
     if body.background:
         return json_response(response_object(record, "queued", []), 200, headers)
     ended = await rt.manager.wait_ended(record.id)
@@ -205,13 +206,19 @@ def _sse(stream: AsyncIterator[str], task_id: str) -> Response:
 
 
 async def _stream(
-    rt: Runtime, record: TaskRecord, starting_after: int | None, *, resume: bool = False
+    rt: Runtime,
+    record: TaskRecord,
+    starting_after: int | None,
+    *,
+    resume: bool = False,
+    unbind: Callable[[], None] | None = None,
 ) -> AsyncIterator[str]:
     """The response's stream events past ``starting_after``: the log replayed through the
     translator from its start (the events up to the cursor are translated, not sent),
     then followed live until the terminal event. Closing the connection ends this reader;
     a stream bound to its response (not background) also stops the response. ``resume``:
-    a reader coming back (``GET``), traced as one (``TaskManager.resume_span``)."""
+    a reader coming back (``GET``), traced as one (``TaskManager.resume_span``). ``unbind``
+    takes the binding back when the stream ends because the task store let it go."""
     store = rt.manager.store
     translation = translator(record)
     after = -1 if starting_after is None else starting_after
@@ -241,6 +248,8 @@ async def _stream(
             # Cut off from the task store: the stream ends where it is, and the client
             # resumes (``starting_after``) from another replica.
             log.warning("task=%s: its response stream ended early: %s", record.id, exc)
+            if unbind is not None:
+                unbind()  # the client did not leave: the response goes on by itself
 
 
 @blueprint.get("/v1/responses/<response_id>")

@@ -54,6 +54,8 @@ class RedisCluster:
         self._heard = False
         # Whether the readers here were let go (``_reach``).
         self._cut_off = False
+        # Looks still to take, after a lapse, for tasks ended elsewhere.
+        self._looks_left = 0
 
     @property
     def reachable(self) -> bool:
@@ -145,11 +147,15 @@ class RedisCluster:
         while True:
             await trio.sleep(self._ttl_s / 5)
             try:
-                lapsed = await self._heartbeat_once()
-                self._reach(control, True)
-                if lapsed:
+                if await self._heartbeat_once():
                     log.warning("heartbeat lapsed: looking for tasks ended elsewhere")
+                    # Twice: a reaper that found the heartbeat gone may end the tasks
+                    # just after the first look. A look that fails is made again.
+                    self._looks_left = 2
+                self._reach(control, True)
+                if self._looks_left:
                     await self._stop_tasks_ended_elsewhere(control)
+                    self._looks_left -= 1
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 self._conn.noticed(exc)

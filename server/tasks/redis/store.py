@@ -394,7 +394,7 @@ class RedisStore:
         ``BackendUnavailable``, and so does every reader that comes to wait, until it is
         back (False). Its readers' clients resume elsewhere, where Redis can be heard.
         The waits are woken, not each guarded by a cancel scope: a wait costs nothing more."""
-        self._cut_off = cut_off
+        self._cut_off = self.tailer.cut_off = cut_off
         if cut_off:
             self._local.wake_all()
             self.tailer.wake_all()

@@ -124,6 +124,8 @@ class Tailer:
         self.peak_blocking = 0
         # Whether the cluster serves (watches are refused before and after).
         self.nursery: trio.Nursery | None = None
+        # This replica is cut off from Redis (``RedisStore.let_readers_go``).
+        self.cut_off = False
 
     def forget(self, task_id: str) -> None:
         self._identities.pop(task_id, None)
@@ -306,6 +308,9 @@ class Tailer:
         followed = self._follow(task_id, after)
         followed.waiters.append(waiter)
         try:
+            if self.cut_off:  # let go while Redis was asked above: not woken by wake_all
+                waiter.result = True
+                waiter.done.set()
             await waiter.done.wait()
         finally:
             if waiter in followed.waiters:
@@ -432,7 +437,8 @@ class Tailer:
 
     def wake_all(self) -> None:
         """Let every waiter go, as if its event had come (the store has news for its
-        readers: see ``RedisStore.let_readers_go``); the watches are left alone."""
+        readers: see ``RedisStore.let_readers_go``, which sets ``cut_off`` first); the
+        watches are left alone."""
         for followed in self._followed.values():
             for waiter in followed.waiters:
                 waiter.result = True
