@@ -2,7 +2,9 @@
 upstream until ``pause()``, then holds what it reads (in both directions, and from new
 connections too) without closing anything, until ``resume()`` sends it on. A process
 behind it sees a network partition: its connections stay open and go silent, and what it
-sent meanwhile arrives late, as after a partition heals."""
+sent meanwhile arrives late, as after a partition heals. ``refuse()`` is the other kind of
+partition: every connection is closed, and new ones are closed as they come, until
+``resume()``; what was sent is lost, and the process behind it sees its calls fail."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ class PausingProxy:
         self._flowing.set()
         self.port = 0
         self.connections = 0
+        self._refusing = False
+        self._open: set[trio.CancelScope] = set()
 
     @property
     def url(self) -> str:
@@ -32,7 +36,14 @@ class PausingProxy:
     def paused(self) -> bool:
         return not self._flowing.is_set()
 
+    def refuse(self) -> None:
+        """Close every connection, and each new one as it comes, until ``resume``."""
+        self._refusing = True
+        for scope in self._open:
+            scope.cancel()
+
     def resume(self) -> None:
+        self._refusing = False
         self._flowing.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -44,11 +55,22 @@ class PausingProxy:
 
     async def _forward(self, client: trio.SocketStream) -> None:
         self.connections += 1
-        async with client, await trio.open_tcp_stream("127.0.0.1", self._upstream_port) as up:
-            async with trio.open_nursery() as nursery:
-                done = partial(nursery.cancel_scope.cancel)
-                nursery.start_soon(self._pump, client, up, done)
-                nursery.start_soon(self._pump, up, client, done)
+        if self._refusing:
+            await client.aclose()
+            return
+        with trio.CancelScope() as scope:  # ``refuse`` cancels it: both sides close
+            self._open.add(scope)
+            try:
+                async with (
+                    client,
+                    await trio.open_tcp_stream("127.0.0.1", self._upstream_port) as up,
+                    trio.open_nursery() as nursery,
+                ):
+                    done = partial(nursery.cancel_scope.cancel)
+                    nursery.start_soon(self._pump, client, up, done)
+                    nursery.start_soon(self._pump, up, client, done)
+            finally:
+                self._open.discard(scope)
 
     async def _pump(
         self, source: trio.SocketStream, sink: trio.SocketStream, done: partial[None]

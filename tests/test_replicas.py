@@ -7,7 +7,7 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -392,6 +392,40 @@ async def test_streams_on_a_cut_off_replica_end_and_the_response_resumes_elsewhe
         whole = await _response_events(b, seen[0]["response"]["id"])
         assert seen + rest == whole
         assert whole[-1]["type"] == "response.failed"
+
+
+async def test_a_websocket_closed_while_redis_refuses_is_counted_out_of_its_session_later(
+    fakes: Fakes, redis_server: RedisServer
+) -> None:
+    """A's link to Redis refused (every connection closed, new ones too), the other kind of
+    partition: A closes its WebSocket with 1013 and cannot count it out of its session
+    meanwhile; once Redis takes A again, the count goes. (Here the client's own retries
+    carry the call over the partition; the session's retries cover a call that fails
+    outright.) A count left behind would make every other replica think the client is
+    still on A."""
+    settings = replica_settings(fakes, redis_server.url)
+    async with _a_behind_a_pausing_proxy(settings, redis_server) as (proxy, a, _b):
+        counted = "c:" + (await a.client.get("/readyz")).json()["replica"]
+
+        async def count(key: str) -> object:
+            return await trio.to_thread.run_sync(ask, redis_server.port, "HGET", key, counted)
+
+        with trio.fail_after(2 * WAIT):
+            async with connect(cast(Any, a)) as on_ws:
+                session = f"{settings.redis_prefix}:session:{on_ws.session_id}"
+                assert await count(session) == "1"
+                proxy.refuse()
+                with pytest.raises(ConnectionClosed) as let_go:
+                    while True:
+                        await on_ws.ws.get_message()
+            assert let_go.value.reason is not None and let_go.value.reason.code == 1013
+            assert await count(session) == "1"  # Redis refused A: not counted out
+            proxy.resume()
+            await until(lambda: _is_none(count(session)))
+
+
+async def _is_none(value: Awaitable[object]) -> bool:
+    return await value is None
 
 
 async def test_a_streamed_chat_let_go_by_a_lone_replica_leaves_its_task_running(
