@@ -87,7 +87,9 @@ async def test_paced_stream_hands_on_chunks_that_arrived_during_a_pause_as_one_d
         await ex.finish()
 
     upstream.route("POST", "/v1/chat/completions", handler)
-    async with paced(lambda: 0.2) as http:
+    # The pause is long enough that the three sends land within it on a busy machine too
+    # (at 0.2 s, CI once saw "d" come after the pause).
+    async with paced(lambda: 1.0) as http:
         with trio.fail_after(WAIT):
             await model_for(upstream, http).stream_chat(BODY, collected)
     assert [d.content for d in collected.deltas] == ["a ", "b c d"]
