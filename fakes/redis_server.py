@@ -203,7 +203,9 @@ class RedisServer:
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
-        while not _answers_ping(self.port):
+        # The server that answers must be this process: another one that holds the port
+        # would answer PING while this one fails to bind it and exits.
+        while not (_answers_ping(self.port) and self._answering_is_mine()):
             if self.process.poll() is not None:
                 err = ""
                 if self.process.stderr is not None:
@@ -216,6 +218,20 @@ class RedisServer:
                 raise RuntimeError("redis-server did not answer PING")
             time.sleep(0.02)
         return None
+
+    def _answering_is_mine(self) -> bool:
+        """Whether the server on ``port`` is this process (``INFO server``'s process_id)."""
+        assert self.process is not None
+        config = self._config() if callable(self._config) else (self._config or "")
+        words = [*self.args, *config.split()]
+        password = words[words.index("requirepass") + 1] if "requirepass" in words else None
+        if "--requirepass" in words:
+            password = words[words.index("--requirepass") + 1]
+        try:
+            info = ask(self.port, "INFO", "server", password=password, timeout=0.5)
+        except OSError:
+            return False
+        return isinstance(info, str) and f"process_id:{self.process.pid}\r" in info
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
